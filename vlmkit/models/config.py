@@ -1,0 +1,210 @@
+"""Model configuration: one small dataclass per component, validated in `__post_init__`.
+
+Every field has a default so that a config.json written by an older vlmkit (missing fields added
+later) still loads; `from_dict` rejects unknown keys so that typos fail loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vlmkit.errors import ConfigError
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _from_dict(cls, data: dict[str, Any] | None, where: str):
+    """Build dataclass `cls` from a dict; unknown keys raise, missing keys take defaults."""
+    if data is None:
+        return cls()
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+    return cls(**data)
+
+
+@dataclass
+class VisionConfig:
+    """ViT encoder (models/vision.py); field names follow HF SiglipVisionConfig / CLIPVisionConfig."""
+
+    style: Literal["siglip", "clip"] = "siglip"
+    """siglip: no class token, learned positions, post-layernorm. clip: class token, pre-layernorm."""
+    image_size: int = 48
+    """Side in pixels the encoder was built for; other sizes interpolate position embeddings."""
+    patch_size: int = 8
+    num_channels: int = 3
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_layers: int = 3
+    num_heads: int = 4
+    hidden_act: str = "gelu_pytorch_tanh"
+    """gelu_pytorch_tanh (SigLIP), quick_gelu (CLIP), gelu."""
+    layer_norm_eps: float = 1e-6
+    feature_layer: int = -1
+    """Which hidden state feeds the adapter, indexed like HF `hidden_states` (0 = embeddings,
+    -1 = last layer output before post-layernorm, -2 = second to last as LLaVA does)."""
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self):
+        self.image_mean = tuple(self.image_mean)
+        self.image_std = tuple(self.image_std)
+        _check(self.style in ("siglip", "clip"), f"vision.style must be 'siglip' or 'clip', got {self.style!r}")
+        _check(self.image_size % self.patch_size == 0,
+               f"vision.image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+        _check(self.hidden_size % self.num_heads == 0,
+               f"vision.hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        _check(-self.num_layers - 1 <= self.feature_layer <= self.num_layers,
+               f"vision.feature_layer {self.feature_layer} is outside the {self.num_layers + 1} hidden states")
+        _check(len(self.image_mean) == self.num_channels and len(self.image_std) == self.num_channels,
+               "vision.image_mean / image_std need one value per channel")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side at the native image size."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+
+@dataclass
+class AdapterConfig:
+    """Vision-to-LLM adapter (models/adapter.py)."""
+
+    kind: Literal["mlp", "pixel_shuffle", "resampler"] = "pixel_shuffle"
+    depth: int = 2
+    """Linear layers in the MLP (mlp, pixel_shuffle): 2 is LLaVA-1.5's mlp2x_gelu."""
+    hidden_act: str = "gelu"
+    scale_factor: int = 2
+    """pixel_shuffle: merge r x r neighbouring patches into one token (r^2 fewer tokens)."""
+    num_queries: int = 64
+    """resampler: fixed number of output tokens (learned queries)."""
+    num_heads: int = 4
+    """resampler: heads of the cross-attention."""
+
+    def __post_init__(self):
+        _check(self.kind in ("mlp", "pixel_shuffle", "resampler"),
+               f"adapter.kind must be mlp, pixel_shuffle or resampler, got {self.kind!r}")
+        _check(self.depth >= 1, "adapter.depth must be >= 1")
+        _check(self.scale_factor >= 1, "adapter.scale_factor must be >= 1")
+        _check(self.num_queries >= 1, "adapter.num_queries must be >= 1")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts FFN (DeepSeek-V3 style: routed top-k experts + shared experts)."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    num_shared_experts: int = 1
+    expert_intermediate_size: int = 256
+    score_func: Literal["softmax", "sigmoid"] = "sigmoid"
+    """Router affinity: DeepSeek-V3 uses sigmoid with normalised top-k weights."""
+    norm_topk_prob: bool = True
+    bias_update_rate: float = 1e-3
+    """Auxiliary-loss-free balancing: after each step, bias += rate * sign(mean_load - load).
+    0 disables it."""
+    aux_loss_coef: float = 0.0
+    """Weight of the optional auxiliary balance loss (Switch / DeepSeek style); 0 disables it."""
+    first_dense_layers: int = 0
+    """The first k decoder layers keep a dense FFN (DeepSeek-V3 keeps 3)."""
+
+    def __post_init__(self):
+        _check(1 <= self.top_k <= self.num_experts,
+               f"moe.top_k {self.top_k} must be between 1 and num_experts {self.num_experts}")
+        _check(self.score_func in ("softmax", "sigmoid"), "moe.score_func must be softmax or sigmoid")
+        _check(self.num_shared_experts >= 0, "moe.num_shared_experts must be >= 0")
+
+
+@dataclass
+class LLMConfig:
+    """Decoder LLM (models/llm.py): Llama / Qwen2 / Qwen3 / Mistral / SmolLM2 family."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 192
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 6
+    num_kv_heads: int | None = None
+    """Grouped-query attention: None means num_heads (plain multi-head)."""
+    head_dim: int | None = None
+    """None means hidden_size // num_heads (Qwen3 sets it explicitly)."""
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = False
+    """Qwen2: bias on q, k, v projections."""
+    qk_norm: bool = False
+    """Qwen3: RMSNorm over head_dim on q and k before RoPE."""
+    tie_embeddings: bool = False
+    hidden_act: str = "silu"
+    moe: MoEConfig | None = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if isinstance(self.moe, dict):
+            self.moe = _from_dict(MoEConfig, self.moe, "llm.moe")
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None:
+            _check(self.hidden_size % self.num_heads == 0,
+                   f"llm.hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+            self.head_dim = self.hidden_size // self.num_heads
+        _check(self.num_heads % self.num_kv_heads == 0,
+               f"llm.num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
+        _check(self.head_dim % 2 == 0, f"llm.head_dim {self.head_dim} must be even for RoPE")
+        _check(self.vocab_size > 0, "llm.vocab_size must be > 0")
+
+
+@dataclass
+class VLMConfig:
+    """The whole model: vision -> adapter -> llm (models/vlm.py). Saved as config.json."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    image_token_id: int = 0
+    """Token id that marks visual-token positions in input_ids (one per visual token)."""
+    max_tiles: int = 1
+    """Dynamic high-resolution tiling (InternVL): at most this many tiles per image; 1 = no tiling."""
+    use_thumbnail: bool = True
+    """With tiling (max_tiles > 1), add a global thumbnail tile after the grid tiles."""
+
+    def __post_init__(self):
+        self.vision = _from_dict(VisionConfig, self.vision, "vision")
+        self.adapter = _from_dict(AdapterConfig, self.adapter, "adapter")
+        self.llm = _from_dict(LLMConfig, self.llm, "llm")
+        _check(0 <= self.image_token_id < self.llm.vocab_size,
+               f"image_token_id {self.image_token_id} is outside the vocabulary ({self.llm.vocab_size})")
+        if self.adapter.kind == "pixel_shuffle":
+            _check(self.vision.grid_size % self.adapter.scale_factor == 0,
+                   f"pixel_shuffle scale_factor {self.adapter.scale_factor} must divide the patch grid "
+                   f"{self.vision.grid_size}x{self.vision.grid_size}")
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Visual tokens one image tile becomes in the LLM (at the encoder's native size)."""
+        if self.adapter.kind == "resampler":
+            return self.adapter.num_queries
+        if self.adapter.kind == "pixel_shuffle":
+            return self.vision.num_patches // self.adapter.scale_factor ** 2
+        return self.vision.num_patches
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VLMConfig":
+        return _from_dict(cls, data, "model config")

@@ -1,0 +1,125 @@
+"""Reading HF checkpoint directories: config.json + safetensors (one file or sharded with an index).
+
+Key maps are data: a list of (regex, replacement) pairs per family, applied to every HF tensor
+name; the first pattern that matches wins. A tensor no pattern matches is "unexpected". Loading is
+all-or-nothing: missing, unexpected and mis-shaped tensors are collected and reported together
+before any weight is copied, so a failed load never leaves a half-loaded model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+
+from vlmkit.errors import CheckpointError
+
+KeyMap = list[tuple[str, str]]
+
+
+def read_config(path: str | Path) -> dict:
+    path = Path(path)
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"{path}: no config.json; expected a HF model directory saved with save_pretrained")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
+
+
+def safetensors_files(path: str | Path) -> list[Path]:
+    """The weight files of a directory: model.safetensors, or the shards its index names."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({path / name for name in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that do not exist: {missing}")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(path.glob("*.safetensors"))
+    if found:
+        return found
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise CheckpointError(f"{path}: only pickle weights (.bin/.pt) found; vlmkit loads safetensors only. "
+                              "Convert with transformers: model.save_pretrained(dir, safe_serialization=True)")
+    raise CheckpointError(f"{path}: no safetensors weights (model.safetensors or an index json)")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a HF directory, by its HF name (CPU, stored dtype)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def rename(hf_names: Iterable[str], key_map: KeyMap, ignore: Iterable[str] = ()) -> tuple[dict[str, str], list[str]]:
+    """Map HF names to ours. Returns ({hf_name: our_name}, [unmatched hf names]).
+
+    Names matching a pattern in `ignore` (e.g. rotary inv_freq buffers) are dropped silently.
+    """
+    compiled = [(re.compile(p), r) for p, r in key_map]
+    ignored = [re.compile(p) for p in ignore]
+    mapping, unmatched = {}, []
+    for name in hf_names:
+        if any(p.fullmatch(name) for p in ignored):
+            continue
+        for pattern, repl in compiled:
+            if pattern.fullmatch(name):
+                mapping[name] = pattern.sub(repl, name)
+                break
+        else:
+            unmatched.append(name)
+    return mapping, unmatched
+
+
+def load_into(module: torch.nn.Module, hf_tensors: dict[str, torch.Tensor], key_map: KeyMap, *,
+              source: str, ignore: Iterable[str] = (), optional: Iterable[str] = ()) -> None:
+    """Copy HF tensors into `module` strictly, or raise CheckpointError listing every problem.
+
+    `optional` are regexes of our parameter names allowed to stay as initialised (e.g. lm_head
+    when embeddings are tied and the checkpoint omits it).
+    """
+    mapping, unexpected = rename(hf_tensors, key_map, ignore)
+    ours = module.state_dict()
+    optional_re = [re.compile(p) for p in optional]
+    problems = []
+    unknown_targets = sorted(n for n in mapping.values() if n not in ours)
+    unexpected = sorted(unexpected) + [f"{h} -> {o} (no such parameter)" for h, o in mapping.items() if o in unknown_targets]
+    provided = set(mapping.values())
+    missing = sorted(n for n in ours if n not in provided and not any(p.fullmatch(n) for p in optional_re))
+    shape_errors = [f"{h} {tuple(hf_tensors[h].shape)} -> {o} {tuple(ours[o].shape)}"
+                    for h, o in mapping.items() if o in ours and hf_tensors[h].shape != ours[o].shape]
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {missing[:20]}")
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {unexpected[:20]}")
+    if shape_errors:
+        problems.append(f"shape mismatches ({len(shape_errors)}): {shape_errors[:20]}")
+    if problems:
+        raise CheckpointError(f"cannot load {source}: " + "; ".join(problems))
+    with torch.no_grad():
+        for h, o in mapping.items():
+            ours[o].copy_(hf_tensors[h].to(ours[o].dtype))
+
+
+def architecture(config: dict, path: str | Path) -> str:
+    archs = config.get("architectures") or []
+    if archs:
+        return archs[0]
+    model_type = config.get("model_type")
+    if model_type:
+        return model_type
+    raise CheckpointError(f"{path}/config.json names no architecture (no 'architectures' or 'model_type')")
