@@ -1,0 +1,136 @@
+"""torchrun / FSDP2 / DCP glue, applied to a model built for one device (torchtitan's order:
+build, then activation checkpointing, then shard each block, then the root).
+
+    torchrun --nproc_per_node 2 -m vlmkit train configs/tiny.yaml --out runs/x
+
+A single process needs no torchrun and none of this: `Dist.single()` is a world of one.
+Backend: NCCL on CUDA, gloo on the CPU. Every rank holds a shard of each block's parameters;
+gradients are reduce-scattered with averaging. Checkpoints go through
+torch.distributed.checkpoint (each rank writes its shards; any world size can read them back).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Dist:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def single(cls) -> "Dist":
+        return cls(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        """Initialise the process group when launched by torchrun (WORLD_SIZE > 1)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls.single()
+        rank = int(os.environ["RANK"])
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            device, backend = torch.device("cuda", local), "nccl"
+        else:
+            device, backend = torch.device("cpu"), "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        return cls(rank, world, device)
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum a few scalars over ranks (float64 on the device)."""
+        if not self.is_distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier()
+
+    def broadcast_object(self, obj):
+        if not self.is_distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.is_distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """The stacks of repeated blocks (transformer layers of vision and LLM)."""
+    return [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+            and all(type(b) is type(m[0]) for b in m)]
+
+
+def shard_model(model: nn.Module, ctx: Dist) -> nn.Module:
+    """FSDP2: fully_shard every block, then the root (embeddings, norms, adapter, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for blocks in block_lists(model):
+        for block in blocks:
+            fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def full_state_dict(model: nn.Module, ctx: Dist) -> dict[str, torch.Tensor]:
+    """The unsharded CPU state dict, on rank 0 (empty elsewhere); a plain state dict alone."""
+    if not ctx.is_distributed:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def dcp_save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Every rank writes its shards of model (+ optimizer) into path (a directory)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict
+
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    else:
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(path))
+
+
+def dcp_load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_state_dict)
+
+    if optimizer is not None:  # a mid-stage checkpoint (stage-end ones hold the model only)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"])

@@ -1,0 +1,94 @@
+"""Per-stage policy: which modules learn, their optimizer, and the learning-rate schedule.
+
+A stage gives each of vision / adapter / llm its own peak learning rate; 0 freezes the module
+(requires_grad off, no optimizer state, no weight decay drift). The optimizer is AdamW over the
+trainable parameters only, one param group per (module, decay / no-decay), as nanoVLM and
+LLaVA do. Each stage builds a fresh optimizer: stage hand-off carries the weights, not the
+moments (LLaVA and DeepSeek-VL restart the schedule per stage).
+
+The schedule is a pure function of the step, so resuming needs only the step number.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vlmkit.config import MODULES, Stage
+
+
+def module_of(model: nn.Module, name: str) -> nn.Module:
+    return getattr(model, name)
+
+
+def apply_freezing(model: nn.Module, stage: Stage) -> dict[str, int]:
+    """Set requires_grad per module by the stage's lrs; returns trainable parameter counts."""
+    counts = {}
+    for name in MODULES:
+        trainable = stage.lr_of(name) > 0
+        params = list(module_of(model, name).parameters())
+        for p in params:
+            p.requires_grad_(trainable)
+        counts[name] = sum(p.numel() for p in params) if trainable else 0
+    return counts
+
+
+def _no_decay(name: str, p: nn.Parameter) -> bool:
+    # Norm weights, biases and 1-D scales are not decayed (AdamW practice since BERT / GPT-2).
+    return p.ndim < 2 or name.endswith(".bias")
+
+
+def param_groups(model: nn.Module, stage: Stage) -> list[dict]:
+    groups = []
+    for module in MODULES:
+        lr = stage.lr_of(module)
+        if lr <= 0:
+            continue
+        named = [(n, p) for n, p in module_of(model, module).named_parameters() if p.requires_grad]
+        decay = [p for n, p in named if not _no_decay(n, p)]
+        no_decay = [p for n, p in named if _no_decay(n, p)]
+        for params, wd, tag in ((decay, stage.weight_decay, "decay"), (no_decay, 0.0, "no_decay")):
+            if params:
+                groups.append({"params": params, "lr": lr, "peak_lr": lr, "weight_decay": wd,
+                               "name": f"{module}.{tag}"})
+    return groups
+
+
+def build_optimizer(model: nn.Module, stage: Stage) -> torch.optim.AdamW:
+    """AdamW over the stage's trainable parameters only."""
+    groups = param_groups(model, stage)
+    # foreach=False: the same kernel path every time, so a resumed run matches bit for bit.
+    return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=stage.betas, eps=stage.eps, foreach=False)
+
+
+def lr_factor(stage: Stage, step: int) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based) of the stage."""
+    if stage.warmup_steps and step < stage.warmup_steps:
+        return (step + 1) / stage.warmup_steps
+    if stage.schedule == "constant":
+        return 1.0
+    after = step - stage.warmup_steps
+    if stage.schedule == "step":
+        return stage.step_gamma ** (after // stage.step_every)
+    span = max(1, stage.steps - stage.warmup_steps)
+    progress = min(1.0, after / span)
+    return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, stage: Stage, step: int) -> float:
+    """Set every group's lr for `step`; returns the factor (for logging)."""
+    factor = lr_factor(stage, step)
+    for group in optimizer.param_groups:
+        group["lr"] = group["peak_lr"] * factor
+    return factor
+
+
+def image_share(stage: Stage, step: int, target: float) -> float:
+    """Modality warm-up (DeepSeek-VL): share of image batches at `step`, from
+    image_share_start to `target` (what the mixture weights imply) over modality_warmup_steps."""
+    if not stage.modality_warmup_steps or step >= stage.modality_warmup_steps:
+        return target
+    t = step / stage.modality_warmup_steps
+    return stage.image_share_start + (target - stage.image_share_start) * t
