@@ -1,0 +1,319 @@
+"""Benchmark readers: the files users bring, read into one item type.
+
+Formats (docs/evaluation.md has examples of each):
+  - MMBench-style TSV: index, question, hint, A, B, C, D (E...), answer (a letter), category,
+    image (base64; an all-digit value refers to the image of the row with that index, as the
+    MMBench dev files do for repeated images).
+  - JSONL (or a JSON list) of objects, one item each. Keys are read through the alias table
+    `JSONL_KEYS`, so one reader covers POPE (`image`, `text`, `label`), ScienceQA / SEED
+    (`choices` list or `choice_a`..; `answer` as an index or a letter) and the generic
+    vlmkit format `{id, images, question, choices?, answer, category?}` that
+    vlmkit.data.synth writes for its test split.
+
+Images are paths (relative to `image_root`, by default the benchmark file's folder), data URLs or
+bare base64. A row that cannot be used (missing field, missing image file, answer not among the
+choices, undecodable base64) becomes a `BadRow` with its index and reason and is counted; the
+rest of the file is still read.
+
+Gold answers are stored canonically: the option letter for multiple-choice items, "yes" / "no"
+for yes/no items, the text for open-ended items.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import json
+import re
+import string
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from vlmkit.data.types import ImageRef
+from vlmkit.errors import VlmkitError
+
+ItemKind = Literal["choice", "yesno", "open"]
+LETTERS = string.ascii_uppercase
+
+
+class BenchmarkError(VlmkitError):
+    """A benchmark file cannot be read at all (missing, unknown format, no usable header)."""
+
+
+class BadItem(ValueError):
+    """One row of a benchmark cannot be used; `reason` is a short stable key for counting."""
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(f"{reason}: {message}")
+
+
+@dataclass
+class BenchItem:
+    """One question. For choice items `answer` is the gold option's letter (A = choices[0])."""
+
+    id: str
+    question: str
+    answer: str
+    kind: ItemKind
+    choices: list[str] = field(default_factory=list)
+    images: list[ImageRef] = field(default_factory=list)
+    category: str = "all"
+    hint: str = ""
+    source_id: str = ""
+    """The id of the question this item was derived from (CircularEval rotations); else `id`."""
+    rotation: int = 0
+    """CircularEval: how many places the options were rotated (0 = as in the file)."""
+
+    def __post_init__(self):
+        self.source_id = self.source_id or self.id
+
+    @property
+    def answer_index(self) -> int:
+        return LETTERS.index(self.answer)
+
+
+@dataclass
+class BadRow:
+    """A row that was skipped: its 0-based position in the file, its id when known, and why."""
+
+    index: int
+    reason: str
+    message: str
+    id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "id": self.id, "reason": self.reason, "message": self.message}
+
+
+@dataclass
+class Benchmark:
+    name: str
+    items: list[BenchItem]
+    bad_rows: list[BadRow] = field(default_factory=list)
+    path: str | None = None
+
+    def head(self, limit: int | None) -> "Benchmark":
+        """The first `limit` items (all with None); bad rows are kept as read."""
+        return self if limit is None else replace(self, items=self.items[:limit])
+
+
+# --- field aliases: first key present wins ------------------------------------------------------
+JSONL_KEYS: dict[str, tuple[str, ...]] = {
+    "id": ("id", "question_id", "qid", "index", "pid"),
+    "question": ("question", "text", "prompt", "query"),
+    "answer": ("answer", "label", "gt_answer", "gt", "target"),
+    "choices": ("choices", "options", "candidates"),
+    "images": ("images", "image", "image_path", "img", "image_file"),
+    "category": ("category", "question_type", "question_type_id", "subject", "type", "task"),
+    "hint": ("hint", "context", "lecture_hint"),
+}
+SEED_CHOICE_KEYS = tuple(f"choice_{c}" for c in "abcdefgh")
+YES_NO = {"yes": "yes", "no": "no", "true": "yes", "false": "no"}
+_BASE64_RE = re.compile(r"^[A-Za-z0-9+/=\s]+$")
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"RIFF", b"II*", b"MM*")
+
+
+def _first(obj: dict, field_name: str) -> Any:
+    for key in JSONL_KEYS[field_name]:
+        if key in obj and obj[key] is not None:
+            return obj[key]
+    return None
+
+
+def _missing(value: Any) -> bool:
+    """pandas writes missing TSV cells as 'nan'; treat those and blanks as absent."""
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "nan", "none"))
+
+
+def image_ref(value: Any, root: Path) -> ImageRef:
+    """A path under `root`, a data URL or bare base64 -> ImageRef; raises BadItem otherwise."""
+    if not isinstance(value, str) or not value.strip():
+        raise BadItem("bad_image_field", f"image must be a non-empty string, got {value!r:.60}")
+    value = value.strip()
+    if value.startswith("data:"):
+        try:
+            return ImageRef(data=base64.b64decode(value.partition(",")[2], validate=False))
+        except (binascii.Error, ValueError) as e:
+            raise BadItem("bad_base64", f"data URL does not hold valid base64 ({e})") from None
+    path = Path(value) if Path(value).is_absolute() else root / value
+    if len(value) < 1024 and path.is_file():
+        return ImageRef(path=path)
+    if _BASE64_RE.match(value):  # bare base64 (MMBench TSV); accepted only if it decodes to an image
+        try:
+            data = base64.b64decode(value, validate=False)
+        except (binascii.Error, ValueError):
+            data = b""
+        if data.startswith(_IMAGE_MAGIC):
+            return ImageRef(data=data)
+    raise BadItem("missing_image", f"no image file at {path if len(value) < 1024 else '<long value>'} "
+                                   "and not base64 of an image")
+
+
+def resolve_answer(answer: Any, choices: list[str]) -> str:
+    """Canonical gold letter of a choice item: from an index, a letter, or the option text."""
+    from vlmkit.eval.extract import normalize_answer
+
+    if isinstance(answer, bool):
+        raise BadItem("bad_answer", f"answer {answer!r} is a boolean but the item has choices")
+    if isinstance(answer, int):
+        if 0 <= answer < len(choices):
+            return LETTERS[answer]
+        raise BadItem("answer_out_of_range", f"answer index {answer} with {len(choices)} choices")
+    text = str(answer).strip()
+    letter = text.strip("()").rstrip(".")
+    matches = [i for i, c in enumerate(choices) if normalize_answer(c) == normalize_answer(text)]
+    # "B" is a letter; "b" is a letter unless some option's text is "b".
+    if len(letter) == 1 and letter.upper() in LETTERS[: len(choices)] and (letter.isupper() or not matches):
+        return letter.upper()
+    if len(matches) == 1:
+        return LETTERS[matches[0]]
+    raise BadItem("answer_not_in_choices", f"answer {text!r:.40} is neither a letter nor one of {choices!r:.120}")
+
+
+def make_item(*, id: str, question: Any, answer: Any, choices: list[str] | None, images: list[ImageRef],
+              category: Any = None, hint: Any = None) -> BenchItem:
+    """Validate fields and decide the item's kind (choice / yesno / open)."""
+    if _missing(question) or not isinstance(question, str):
+        raise BadItem("missing_question", "no question text")
+    if _missing(answer) and not isinstance(answer, int):
+        raise BadItem("missing_answer", "no answer")
+    choices = [str(c) for c in (choices or [])]
+    if len(choices) > len(LETTERS):
+        raise BadItem("too_many_choices", f"{len(choices)} choices (at most {len(LETTERS)})")
+    if len(choices) == 1:
+        raise BadItem("one_choice", "a multiple-choice item needs at least two choices")
+    category = "all" if _missing(category) else str(category)
+    hint = "" if _missing(hint) else str(hint)
+    if choices:
+        return BenchItem(id=id, question=question, answer=resolve_answer(answer, choices), kind="choice",
+                         choices=choices, images=images, category=category, hint=hint)
+    text = str(answer).strip()
+    if isinstance(answer, bool):
+        text = "yes" if answer else "no"
+    yes_no = YES_NO.get(text.lower().rstrip("."))
+    if yes_no is not None:
+        return BenchItem(id=id, question=question, answer=yes_no, kind="yesno", images=images,
+                         category=category, hint=hint)
+    return BenchItem(id=id, question=question, answer=text, kind="open", images=images,
+                     category=category, hint=hint)
+
+
+def _jsonl_item(obj: Any, index: int, root: Path, default_category: str) -> BenchItem:
+    if not isinstance(obj, dict):
+        raise BadItem("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+    raw_id = _first(obj, "id")
+    choices = _first(obj, "choices")
+    if choices is None and any(k in obj for k in SEED_CHOICE_KEYS):
+        choices = [obj[k] for k in SEED_CHOICE_KEYS if not _missing(obj.get(k))]
+    if choices is not None and not isinstance(choices, list):
+        raise BadItem("bad_choices", f"choices must be a list, got {type(choices).__name__}")
+    images = _first(obj, "images")
+    if images is None:
+        images = []
+    elif not isinstance(images, list):
+        images = [images]
+    return make_item(id=str(index) if raw_id is None else str(raw_id), question=_first(obj, "question"),
+                     answer=_first(obj, "answer"), choices=choices, images=[image_ref(v, root) for v in images],
+                     category=_first(obj, "category") or default_category, hint=_first(obj, "hint"))
+
+
+def read_jsonl(path: str | Path, image_root: str | Path | None = None) -> Benchmark:
+    """POPE / ScienceQA / SEED / generic JSONL (or a .json list); see JSONL_KEYS."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BenchmarkError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(rows, list):
+            raise BenchmarkError(f"{path}: a .json benchmark must hold a list of objects")
+        lines = [json.dumps(r) for r in rows]
+    else:
+        lines = text.splitlines()
+    items, bad = [], []
+    for index, line in enumerate(lines):
+        if not line.strip():
+            continue
+        obj = None
+        try:
+            obj = json.loads(line)
+            items.append(_jsonl_item(obj, index, root, default_category="all"))
+        except json.JSONDecodeError as e:
+            bad.append(BadRow(index, "bad_json", f"line {index + 1}: {e}"))
+        except BadItem as e:
+            raw_id = _first(obj, "id") if isinstance(obj, dict) else None
+            bad.append(BadRow(index, e.reason, str(e), None if raw_id is None else str(raw_id)))
+    return Benchmark(name=path.stem, items=items, bad_rows=bad, path=str(path))
+
+
+def read_mmbench_tsv(path: str | Path) -> Benchmark:
+    """MMBench-style TSV with base64 images; options are the single-letter columns present."""
+    path = Path(path)
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images exceed the 128 KiB default
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    if not rows:
+        return Benchmark(name=path.stem, items=[], path=str(path))
+    header = list(rows[0].keys())
+    for need in ("question", "answer"):
+        if need not in header:
+            raise BenchmarkError(f"{path}: TSV header has no {need!r} column (header: {header})")
+    option_cols = [c for c in LETTERS if c in header]
+    images_by_index = {r.get("index"): r.get("image") for r in rows if not _missing(r.get("image"))}
+    items, bad = [], []
+    for i, row in enumerate(rows):
+        row_id = row.get("index") or str(i)
+        try:
+            if None in row:
+                raise BadItem("bad_columns", f"row has {len(header) + len(row[None])} cells, header has {len(header)}")
+            choices = []
+            for col in option_cols:  # options stop at the first empty column (A, B, C; D empty)
+                if _missing(row[col]):
+                    break
+                choices.append(row[col])
+            image = row.get("image")
+            if not _missing(image) and image.strip().isdigit():
+                image = images_by_index.get(image.strip())  # MMBench: a reference to another row's image
+            images = [] if _missing(image) else [image_ref(image, path.parent)]
+            items.append(make_item(id=row_id, question=row["question"], answer=row["answer"], choices=choices,
+                                   images=images, category=row.get("category"), hint=row.get("hint")))
+        except BadItem as e:
+            bad.append(BadRow(i, e.reason, str(e), row_id))
+    return Benchmark(name=path.stem, items=items, bad_rows=bad, path=str(path))
+
+
+def read_benchmark(path: str | Path, image_root: str | Path | None = None) -> Benchmark:
+    """Pick the reader by file extension (.tsv -> MMBench; .jsonl / .json -> JSONL)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchmarkError(f"benchmark file {path} does not exist")
+    if path.suffix == ".tsv":
+        return read_mmbench_tsv(path)
+    if path.suffix in (".jsonl", ".json"):
+        return read_jsonl(path, image_root)
+    raise BenchmarkError(f"{path}: unknown benchmark format {path.suffix!r}; use .tsv (MMBench) or .jsonl / .json")
+
+
+def circular_items(items: list[BenchItem]) -> list[BenchItem]:
+    """CircularEval (MMBench): every multiple-choice item once per rotation of its options.
+
+    Rotation r presents choices[r:] + choices[:r]; a question counts as right only when every
+    rotation is answered right (metrics.summarize groups by `source_id`). Other items pass through.
+    """
+    out = []
+    for item in items:
+        if item.kind != "choice":
+            out.append(item)
+            continue
+        k = len(item.choices)
+        for r in range(k):
+            out.append(replace(item, id=f"{item.id}@{r}", source_id=item.source_id, rotation=r,
+                               choices=item.choices[r:] + item.choices[:r],
+                               answer=LETTERS[(item.answer_index - r) % k]))
+    return out
