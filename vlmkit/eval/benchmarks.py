@@ -67,6 +67,8 @@ class BenchItem:
     """The id of the question this item was derived from (CircularEval rotations); else `id`."""
     rotation: int = 0
     """CircularEval: how many places the options were rotated (0 = as in the file)."""
+    row: int = -1
+    """0-based position of the item's row in its file (for error reports)."""
 
     def __post_init__(self):
         self.source_id = self.source_id or self.id
@@ -243,7 +245,7 @@ def read_jsonl(path: str | Path, image_root: str | Path | None = None) -> Benchm
         obj = None
         try:
             obj = json.loads(line)
-            items.append(_jsonl_item(obj, index, root, default_category="all"))
+            items.append(replace(_jsonl_item(obj, index, root, default_category="all"), row=index))
         except json.JSONDecodeError as e:
             bad.append(BadRow(index, "bad_json", f"line {index + 1}: {e}"))
         except BadItem as e:
@@ -281,8 +283,9 @@ def read_mmbench_tsv(path: str | Path) -> Benchmark:
             if not _missing(image) and image.strip().isdigit():
                 image = images_by_index.get(image.strip())  # MMBench: a reference to another row's image
             images = [] if _missing(image) else [image_ref(image, path.parent)]
-            items.append(make_item(id=row_id, question=row["question"], answer=row["answer"], choices=choices,
-                                   images=images, category=row.get("category"), hint=row.get("hint")))
+            items.append(replace(make_item(id=row_id, question=row["question"], answer=row["answer"],
+                                           choices=choices, images=images, category=row.get("category"),
+                                           hint=row.get("hint")), row=i))
         except BadItem as e:
             bad.append(BadRow(i, e.reason, str(e), row_id))
     return Benchmark(name=path.stem, items=items, bad_rows=bad, path=str(path))
