@@ -1,0 +1,293 @@
+"""One attention entry point for every way tokens are laid out, and the KV cache for decoding.
+
+`attention(q, k, v, spec)` takes queries, keys and values shaped (B, T, H, Dh) (the flash-attn
+layout) and an `AttnSpec` that says how tokens may attend:
+
+- packed: many samples concatenated into one flat sequence (B = 1 or no batch dim) with
+  `cu_seqlens`, no padding; attention never crosses a sample boundary. On the CPU one SDPA call per
+  group of equal-length samples is about 2x faster than one call with a block-diagonal mask over a
+  4k pack (measured, DESIGN.md); on CUDA `flash_attn_varlen_func` runs it when flash-attn is
+  installed (Dao, "FlashAttention-2", 2023).
+- padded: a (B, T) batch with an attention mask (1 = real token), causal + key padding.
+- causal: a (B, T) batch without padding.
+- mask: an explicit boolean mask (B, 1, Tq, Tk); the KV cache builds one for each decode step.
+
+`causal=False` (the vision encoder) drops the causal part and keeps only sample / padding limits.
+Grouped-query attention (fewer kv heads than query heads, Ainslie et al. 2023) is handled here:
+query head h reads kv head h // (H / Hkv), as transformers' `repeat_kv` does.
+
+`KVCache` holds per-layer keys / values of B rows with per-row lengths, so ragged prompts, one
+token per row per step, and rows joining or leaving between steps (continuous batching) all work.
+
+Shape suffixes: B batch rows, T tokens, H query heads, Hkv kv heads, Dh head dim, L cache length.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Backend = Literal["auto", "sdpa", "flash"]
+
+
+@functools.cache
+def _flash_varlen():
+    """flash_attn_varlen_func, or None when flash-attn is not installed."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def flash_available(device: torch.device) -> bool:
+    return device.type == "cuda" and _flash_varlen() is not None
+
+
+@dataclass(frozen=True, eq=False)
+class AttnSpec:
+    """How tokens attend to each other. Build it with one of the constructors."""
+
+    kind: Literal["causal", "packed", "padded", "mask"]
+    cu_seqlens: torch.Tensor | None = None  # (S+1,) int32, packed
+    max_seqlen: int = 0  # packed
+    attention_mask: torch.Tensor | None = None  # (B, T) 1 = real token, padded
+    mask: torch.Tensor | None = None  # (B, 1, Tq, Tk) bool, True = may attend, mask
+
+    @classmethod
+    def causal(cls) -> "AttnSpec":
+        return cls("causal")
+
+    @classmethod
+    def packed(cls, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> "AttnSpec":
+        cu_seqlens = cu_seqlens.to(torch.int32)
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        return cls("packed", cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen))
+
+    @classmethod
+    def padded(cls, attention_mask: torch.Tensor) -> "AttnSpec":
+        if attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be (B, T), got shape {tuple(attention_mask.shape)}")
+        return cls("padded", attention_mask=attention_mask)
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "AttnSpec":
+        """An explicit boolean mask (B, 1, Tq, Tk), True where a query may attend; `causal` is ignored."""
+        return cls("mask", mask=mask)
+
+    @functools.cached_property
+    def seqlens(self) -> list[int]:
+        """Sample lengths of a packed spec (one host sync, computed once)."""
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+
+    def token_mask(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
+        """(B, T) bool, True for real tokens (everything but padding)."""
+        if self.kind == "padded":
+            return self.attention_mask.to(device=device, dtype=torch.bool)
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+
+    def position_ids(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
+        """Default positions (B, T): 0.. per row, per packed sample, or per real token of a padded row."""
+        if self.kind == "packed":
+            seqlens = torch.diff(self.cu_seqlens.to(device=device, dtype=torch.long))
+            starts = torch.repeat_interleave(self.cu_seqlens[:-1].to(device=device, dtype=torch.long), seqlens)
+            return (torch.arange(length, device=device) - starts).unsqueeze(0)  # (1, T)
+        if self.kind == "padded":
+            return (self.attention_mask.to(device).long().cumsum(-1) - 1).clamp(min=0)
+        return torch.arange(length, device=device).unsqueeze(0).expand(batch, length)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, causal: bool = True,
+              backend: Backend = "auto") -> torch.Tensor:
+    """Scaled dot-product attention (scale 1/sqrt(Dh)) as `spec` allows.
+
+    q (B, T, H, Dh), k / v (B, Tk, Hkv, Dh) -> (B, T, H, Dh). Packed specs also take (T, H, Dh).
+    backend: auto = flash-attn varlen for packed specs on CUDA when installed, SDPA otherwise.
+    """
+    if backend not in ("auto", "sdpa", "flash"):
+        raise ValueError(f"attention backend must be auto, sdpa or flash, got {backend!r}")
+    if spec.kind == "packed":
+        flat = q.dim() == 3
+        if not flat:
+            if q.shape[0] != 1:
+                raise ValueError(f"packed attention takes one flat sequence (B = 1), got B = {q.shape[0]}")
+            q, k, v = q[0], k[0], v[0]
+        use_flash = backend == "flash" or (backend == "auto" and flash_available(q.device)
+                                            and q.dtype in (torch.float16, torch.bfloat16))
+        if use_flash:
+            if _flash_varlen() is None:
+                raise RuntimeError("attention backend 'flash' requested but flash-attn is not installed")
+            cu = spec.cu_seqlens.to(device=q.device, dtype=torch.int32)
+            out = _flash_varlen()(q, k, v, cu, cu, spec.max_seqlen, spec.max_seqlen, causal=causal)
+        else:
+            out = _packed_sdpa(q, k, v, spec.seqlens, causal)
+        return out if flat else out.unsqueeze(0)
+    if backend == "flash":
+        raise ValueError(f"the flash backend runs packed specs only, got a {spec.kind} spec")
+    if spec.kind == "causal":
+        return _sdpa(q, k, v, mask=None, causal=causal and q.shape[1] > 1)
+    if spec.kind == "padded":
+        return _sdpa(q, k, v, mask=padding_mask(spec.attention_mask.to(q.device), causal), causal=False)
+    return _sdpa(q, k, v, mask=spec.mask, causal=False)
+
+
+def padding_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B, T) 1 = real -> (B, 1, T, T) bool. Every query also sees itself, so that a pad query never
+    has an empty row (SDPA would return NaN there); real queries always see themselves anyway."""
+    T = attention_mask.shape[1]
+    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+    eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    if causal:
+        keys = keys & torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    return keys | eye
+
+
+def _sdpa(q, k, v, mask, causal: bool) -> torch.Tensor:
+    # (B, T, H, Dh) -> SDPA's (B, H, T, Dh) and back.
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.shape[1] != k.shape[1]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+def _packed_sdpa(q, k, v, seqlens: list[int], causal: bool) -> torch.Tensor:
+    """q (T, H, Dh): one SDPA call per group of samples of equal length (a view when alone)."""
+    out = torch.empty_like(q)
+    starts, groups = 0, {}
+    for n in seqlens:
+        groups.setdefault(n, []).append(starts)
+        starts += n
+    for n, group in groups.items():
+        if n == 0:
+            continue
+        if len(group) == 1:
+            s = group[0]
+            out[s:s + n] = _sdpa(q[None, s:s + n], k[None, s:s + n], v[None, s:s + n], None, causal)[0]
+        else:
+            idx = (torch.tensor(group, device=q.device)[:, None] + torch.arange(n, device=q.device)).flatten()
+            G = len(group)
+            o = _sdpa(q[idx].unflatten(0, (G, n)), k[idx].unflatten(0, (G, n)), v[idx].unflatten(0, (G, n)),
+                      None, causal)
+            out[idx] = o.flatten(0, 1)
+    return out
+
+
+class KVCache:
+    """Keys and values of every layer for B rows, each row with its own length.
+
+    A forward step with a cache: `begin(valid)` with the step's (B, T) mask of real tokens (ragged
+    prompts are right- or left-padded; each row's real tokens are stored contiguously after its
+    previous ones), then each layer calls `update(layer, k, v)` and attends with `spec`, then
+    `end()` advances the lengths. Between steps, `keep_rows` / `remove_rows` drop finished rows and
+    `add_rows(other)` appends rows prefilled in another cache (continuous batching).
+
+    Storage per layer: k, v (B, Hkv, L, Dh), allocated on first use and grown by doubling.
+    """
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.lengths = torch.zeros(0, dtype=torch.long)  # (B,) tokens stored per row
+        self._step: dict | None = None
+
+    def __len__(self) -> int:
+        """Number of rows."""
+        return int(self.lengths.numel())
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def position_ids(self, valid: torch.Tensor | None = None, length: int = 1) -> torch.Tensor:
+        """Positions (B, T) of the next tokens: each row continues from its own length.
+        valid (B, T) bool marks real tokens (pads get a clamped, unused position)."""
+        lengths = self.lengths.to(valid.device if valid is not None else self.lengths.device)
+        if valid is None:
+            return lengths[:, None] + torch.arange(length, device=lengths.device)
+        return lengths[:, None] + (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+    def begin(self, valid: torch.Tensor) -> AttnSpec:
+        """Start a step that adds the real tokens of valid (B, T) bool; returns the spec to attend with."""
+        B, T = valid.shape
+        if len(self) == 0 and self.k[0] is None:
+            self.lengths = torch.zeros(B, dtype=torch.long, device=valid.device)
+        if B != len(self):
+            raise ValueError(f"KV cache holds {len(self)} rows but the step has {B}")
+        lengths = self.lengths.to(valid.device)
+        slot = lengths[:, None] + valid.long().cumsum(-1) - 1  # (B, T) where each new token goes
+        new_lengths = lengths + valid.long().sum(-1)
+        L = int(new_lengths.max()) if B else 0
+        key_pos = torch.arange(L, device=valid.device)
+        # a real query sees stored keys up to its own slot; a pad query sees slot 0 only (finite, unused)
+        q_slot = torch.where(valid, slot, torch.zeros_like(slot))
+        mask = key_pos[None, None, :] <= q_slot[:, :, None]  # (B, T, L)
+        self._step = dict(rows=valid.nonzero(as_tuple=True), slots=slot[valid], new_lengths=new_lengths, L=L)
+        return AttnSpec.from_mask(mask[:, None])  # (B, 1, T, L)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k / v (B, T, Hkv, Dh) of `layer`; return all keys / values (B, L, Hkv, Dh)."""
+        step = self._step
+        if step is None:
+            raise RuntimeError("KVCache.update called outside begin() / end()")
+        self._reserve(layer, k, step["L"])
+        b, t = step["rows"]
+        self.k[layer][b, :, step["slots"]] = k[b, t]
+        self.v[layer][b, :, step["slots"]] = v[b, t]
+        L = step["L"]
+        return self.k[layer][:, :, :L].transpose(1, 2), self.v[layer][:, :, :L].transpose(1, 2)
+
+    def end(self) -> None:
+        self.lengths = self._step["new_lengths"]
+        self._step = None
+
+    def _reserve(self, layer: int, like: torch.Tensor, needed: int) -> None:
+        B, _, Hkv, Dh = like.shape
+        cur = self.k[layer]
+        if cur is not None and cur.shape[2] >= needed:
+            return
+        cap = max(needed, 2 * (cur.shape[2] if cur is not None else 0), 16)
+        for store in (self.k, self.v):
+            new = like.new_zeros(B, Hkv, cap, Dh)
+            if store[layer] is not None:
+                new[:, :, :store[layer].shape[2]] = store[layer]
+            store[layer] = new
+
+    def keep_rows(self, rows: list[int] | torch.Tensor) -> None:
+        """Keep only `rows` (in that order), e.g. drop finished sequences."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
+        self.lengths = self.lengths[idx]
+        L = int(self.lengths.max()) if len(self) else 0
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                if t is not None:
+                    store[i] = t[idx.to(t.device), :, :max(L, 1)]
+
+    def remove_rows(self, rows: list[int] | torch.Tensor) -> None:
+        drop = set(torch.as_tensor(rows).tolist())
+        self.keep_rows([i for i in range(len(self)) if i not in drop])
+
+    def add_rows(self, other: "KVCache") -> None:
+        """Append the rows of `other` (e.g. freshly prefilled prompts) after this cache's rows."""
+        if other.num_layers != self.num_layers:
+            raise ValueError(f"cannot merge a {other.num_layers}-layer cache into a {self.num_layers}-layer one")
+        if self.k[0] is None:
+            self.k, self.v, self.lengths = list(other.k), list(other.v), other.lengths.clone()
+            return
+        if other.k[0] is None:
+            return
+        L = max(self.capacity, other.capacity)
+        for store, theirs in ((self.k, other.k), (self.v, other.v)):
+            for i in range(self.num_layers):
+                store[i] = torch.cat([_pad_to(store[i], L), _pad_to(theirs[i].to(store[i].device), L)])
+        self.lengths = torch.cat([self.lengths, other.lengths.to(self.lengths.device)])
+
+
+def _pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad the cache length dim of (B, Hkv, L, Dh) to `length`."""
+    return F.pad(t, (0, 0, 0, length - t.shape[2])) if t.shape[2] < length else t

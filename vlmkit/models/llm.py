@@ -1,0 +1,227 @@
+"""Decoder-only LLM of the Llama family: Llama / SmolLM2, Mistral, Qwen2, Qwen3, with optional MoE.
+
+Pre-norm blocks x + attn(norm(x)), x + ffn(norm(x)) with RMSNorm (Zhang & Sennrich 2019), rotary
+positions (Su et al. 2021, the "rotate half" layout of transformers' modeling_llama.py), grouped-query
+attention, SwiGLU FFN; Qwen2's q/k/v bias, Qwen3's RMSNorm over head_dim on q and k before RoPE,
+tied input / output embeddings, and DeepSeek-V3-style MoE FFNs (models/moe.py).
+
+The model takes embeddings and an `AttnSpec` (models/attention.py), so one code path serves packed
+training (positions restart per sample), padded batches and KV-cache decoding. Parameter names
+follow transformers' with the `model.` prefix dropped (`layers.{i}.attn.q_proj`, `layers.{i}.mlp.gate_proj`)
+so that HF key maps stay one line per tensor kind (models/hf/llm.py).
+
+Shape suffixes: B batch, T tokens, D hidden, H heads, Hkv kv heads, Dh head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from vlmkit.models.attention import AttnSpec, KVCache, attention
+from vlmkit.models.config import LLMConfig
+from vlmkit.models.moe import MoE, SwiGLU
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 like the reference."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """position_ids (B, T) -> cos, sin (B, T, 1, Dh), computed in fp32 then cast."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, Dh/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # (B, T, 1, Dh)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, Dh): rotate pairs (i, i + Dh/2) by the position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        D = cfg.hidden_size
+        self.q_proj = nn.Linear(D, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, D, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x, cos, sin, spec: AttnSpec, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, Dh)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, Dh)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, L, Hkv, Dh): every stored key of each row
+        out = attention(q, k, v, spec, causal=True)  # (B, T, H, Dh)
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        moe = cfg.moe is not None and layer >= cfg.moe.first_dense_layers
+        self.mlp = MoE(cfg.hidden_size, cfg.moe) if moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, spec: AttnSpec, cache: KVCache | None):
+        """x (B, T, D) -> (x (B, T, D), aux loss scalar, expert counts (E,) or None)."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, spec, cache, self.layer)
+        if isinstance(self.mlp, MoE):
+            y, aux, counts = self.mlp(self.mlp_norm(x))
+            return x + y, aux, counts
+        return x + self.mlp(self.mlp_norm(x)), x.new_zeros(()), None
+
+
+class LLM(nn.Module):
+    """The decoder. `forward(input_ids, attention_mask)` is the HF-style call; training and decoding
+    go through `embed` -> `decode` -> `logits`."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"llm.hidden_act {cfg.hidden_act!r} is not supported; the SwiGLU FFN uses silu")
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Tied: no lm_head module at all, so the state dict holds the matrix once (safetensors refuses
+        # shared tensors) and logits read embed_tokens.weight.
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self._aux_loss: torch.Tensor | None = None
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """All initialisation in one place.
+
+        Linear and embedding weights ~ N(0, initializer_range) as in transformers' Llama; the two
+        projections that write into the residual stream (attn.o_proj, mlp.down_proj and each
+        expert's down_proj) are further scaled by 1/sqrt(2 * num_layers) (GPT-2, Radford et al.
+        2019) so the residual variance does not grow with depth. Biases start at 0, norms at 1,
+        MoE selection biases at 0.
+        """
+        std = self.config.initializer_range
+        residual_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual = name.endswith("o_proj") or name.endswith("down_proj")
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, MoE):
+                nn.init.normal_(module.router.weight, mean=0.0, std=std)
+                module.router.score_bias.zero_()
+
+    # --- the three stages -------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (...) -> (..., D)."""
+        return self.embed_tokens(input_ids)
+
+    def decode(self, inputs_embeds: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+               spec: AttnSpec | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Run the blocks and the final norm. inputs_embeds (B, T, D), or (T, D) for a packed spec.
+
+        position_ids (B, T) or (T,); None derives them from the spec (restarting per packed sample,
+        counting real tokens of padded rows) or from the cache (each row continues from its length).
+        With a cache, spec must be causal or padded (ragged prompts): the step's real tokens are
+        appended to each row. Returns the final-normed hidden states, shaped like inputs_embeds.
+        """
+        spec = spec or AttnSpec.causal()
+        flat = inputs_embeds.dim() == 2
+        x = inputs_embeds[None] if flat else inputs_embeds  # (B, T, D)
+        B, T, _ = x.shape
+        if position_ids is not None and position_ids.dim() == 1:
+            position_ids = position_ids[None]
+        if cache is not None:
+            if spec.kind not in ("causal", "padded"):
+                raise ValueError(f"decoding with a KV cache takes a causal or padded spec, got {spec.kind}")
+            valid = spec.token_mask(B, T, x.device)
+            spec = cache.begin(valid)
+            if position_ids is None:
+                position_ids = cache.position_ids(valid)
+        elif position_ids is None:
+            position_ids = spec.position_ids(B, T, x.device)
+        cos, sin = rope_cos_sin(position_ids.to(x.device).expand(B, T), self.config.head_dim,
+                                self.config.rope_theta, x.dtype)
+        aux = x.new_zeros((), dtype=torch.float32)
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        for block in self.layers:
+            if use_ckpt:
+                x, block_aux, counts = checkpoint(block, x, cos, sin, spec, None, use_reentrant=False)
+            else:
+                x, block_aux, counts = block(x, cos, sin, spec, cache)
+            aux = aux + block_aux
+            if counts is not None:
+                block.mlp.record_load(counts)  # outside the checkpoint: a recompute is not counted
+        if cache is not None:
+            cache.end()
+        self._aux_loss = aux
+        x = self.norm(x)
+        return x[0] if flat else x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., D) -> (..., V)."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """HF-style call: input_ids (B, T), attention_mask (B, T) 1 = real token -> logits (B, T, V)."""
+        spec = AttnSpec.causal() if attention_mask is None else AttnSpec.padded(attention_mask)
+        return self.logits(self.decode(self.embed(input_ids), spec=spec))
+
+    # --- decoding and MoE -------------------------------------------------------------------------
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.num_layers)
+
+    def aux_loss(self) -> torch.Tensor:
+        """MoE balance loss of the last forward (0 without MoE or with aux_loss_coef = 0)."""
+        if self._aux_loss is None:
+            return self.embed_tokens.weight.new_zeros(())
+        return self._aux_loss
+
+    def moe_layers(self) -> dict[str, MoE]:
+        return {f"layers.{i}": b.mlp for i, b in enumerate(self.layers) if isinstance(b.mlp, MoE)}
+
+    def moe_load(self) -> dict[str, list[float]]:
+        """Per MoE layer, the fraction of routed picks each expert got in the last forward."""
+        return {name: (m.last_load / m.last_load.sum().clamp(min=1)).tolist() for name, m in self.moe_layers().items()}
+
+    def update_moe_bias(self) -> None:
+        """Auxiliary-loss-free balancing step; call after each optimiser step (no-op without MoE)."""
+        for m in self.moe_layers().values():
+            m.update_bias()
