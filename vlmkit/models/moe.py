@@ -65,7 +65,7 @@ class MoE(nn.Module):
         self.shared_experts = (SwiGLU(dim, cfg.expert_intermediate_size * cfg.num_shared_experts)
                                if cfg.num_shared_experts else None)
         self.register_buffer("load_since_update", torch.zeros(cfg.num_experts), persistent=False)
-        self.last_load = torch.zeros(cfg.num_experts)  # (E,) tokens per expert, last forward
+        self.last_load = torch.zeros(cfg.num_experts, device="cpu")  # (E,) tokens per expert, last forward
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (..., D) -> (output (..., D), aux loss scalar, tokens per expert (E,)).

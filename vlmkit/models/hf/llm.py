@@ -1,0 +1,181 @@
+"""Load HF decoder checkpoints (Llama / SmolLM2, Mistral, Qwen2, Qwen3) into `LLM`, and export back.
+
+`llm_config_from_hf` reads a transformers config.json (4.x keeps `rope_theta` at the top level,
+5.x writes it under `rope_parameters`) and refuses what `LLM` would compute differently: RoPE
+scaling, biased output projections, MLP bias, non-silu activations. `load_llm` builds the model on
+the meta device, checks every tensor against the key map (common.load_into: missing, unexpected and
+mis-shaped tensors are all reported together) and only then materialises weights, so a failed load
+leaves nothing half-built. The key maps are data, one table per direction, shared by the four
+families because they name their tensors alike (transformers' modeling_llama.py and its copies).
+
+Sliding-window attention (Mistral, Qwen2 with use_sliding_window) is not implemented: such a
+checkpoint loads, with a warning, and matches the reference for sequences up to the window length;
+longer sequences attend to the whole prefix where the reference would not.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmkit.errors import CheckpointError, ConfigError
+from vlmkit.models.config import LLMConfig
+from vlmkit.models.hf.common import KeyMap, architecture, load_into, read_config, read_state_dict
+from vlmkit.models.llm import LLM
+
+# architectures / model_type -> family. The four share tensor names; they differ in config only.
+FAMILIES = {
+    "LlamaForCausalLM": "llama", "llama": "llama",
+    "MistralForCausalLM": "mistral", "mistral": "mistral",
+    "Qwen2ForCausalLM": "qwen2", "qwen2": "qwen2",
+    "Qwen3ForCausalLM": "qwen3", "qwen3": "qwen3",
+}
+
+# HF name -> our name (first full match wins; see common.rename).
+HF_TO_OURS: KeyMap = [
+    (r"model\.embed_tokens\.weight", r"embed_tokens.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)", r"layers.\1.attn.\2_proj.\3"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qk])_norm\.weight", r"layers.\1.attn.\2_norm.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers.\1.mlp.\2_proj.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.mlp_norm.weight"),
+    (r"model\.norm\.weight", r"norm.weight"),
+    (r"lm_head\.weight", r"lm_head.weight"),
+]
+IGNORED = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq"]
+
+# Our name -> HF name, for export (llava-hf and plain HF directories).
+OURS_TO_HF: KeyMap = [
+    (r"embed_tokens\.weight", r"model.embed_tokens.weight"),
+    (r"layers\.(\d+)\.attn\.([qkvo])_proj\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
+    (r"layers\.(\d+)\.attn\.([qk])_norm\.weight", r"model.layers.\1.self_attn.\2_norm.weight"),
+    (r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"model.layers.\1.mlp.\2_proj.weight"),
+    (r"layers\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"layers\.(\d+)\.mlp_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"norm\.weight", r"model.norm.weight"),
+    (r"lm_head\.weight", r"lm_head.weight"),
+]
+
+
+def _rope_theta(cfg: dict[str, Any], where: str) -> float:
+    """rope_theta from a 4.x (top level, rope_scaling) or 5.x (rope_parameters) config; rejects scaling."""
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" in params and isinstance(params["full_attention"], dict):  # per-layer-type form
+        params = params["full_attention"]
+    scaling = cfg.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise CheckpointError(f"{where}: RoPE scaling {rope_type!r} is not supported (only the default rotary "
+                              "embedding); the logits would differ from the reference")
+    theta = params.get("rope_theta", cfg.get("rope_theta"))
+    return float(theta) if theta is not None else 10000.0
+
+
+def llm_config_from_hf(hf_config: dict[str, Any], where: str = "config.json") -> LLMConfig:
+    """Translate a transformers config dict of a supported family into an LLMConfig."""
+    arch = hf_config.get("architectures", [None])[0] if hf_config.get("architectures") else hf_config.get("model_type")
+    family = FAMILIES.get(arch)
+    if family is None:
+        raise CheckpointError(f"{where}: architecture {arch!r} is not supported; vlmkit loads "
+                              f"{sorted(k for k in FAMILIES if k[0].isupper())}")
+    get = hf_config.get
+    act = get("hidden_act", "silu")
+    if act != "silu":
+        raise CheckpointError(f"{where}: hidden_act {act!r} is not supported (SwiGLU with silu only)")
+    if get("mlp_bias"):
+        raise CheckpointError(f"{where}: mlp_bias=true is not supported")
+    # Qwen2 always biases q/k/v and never o; Llama / Mistral / Qwen3 `attention_bias` biases all four.
+    if family != "qwen2" and get("attention_bias"):
+        raise CheckpointError(f"{where}: attention_bias=true (a bias on o_proj) is not supported")
+    window = get("sliding_window") if (family == "mistral" or get("use_sliding_window")) else None
+    if window is not None and window < get("max_position_embeddings", 0):
+        warnings.warn(f"{where}: sliding-window attention (window {window}) is not implemented; results match "
+                      f"the reference only for sequences of at most {window} tokens", stacklevel=2)
+    heads = get("num_attention_heads")
+    try:
+        return LLMConfig(
+            vocab_size=get("vocab_size"),
+            hidden_size=get("hidden_size"),
+            intermediate_size=get("intermediate_size"),
+            num_layers=get("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=get("num_key_value_heads") or heads,
+            head_dim=get("head_dim") or None,
+            rope_theta=_rope_theta(hf_config, where),
+            rms_norm_eps=get("rms_norm_eps", 1e-6),
+            max_position_embeddings=get("max_position_embeddings", 4096),
+            qkv_bias=family == "qwen2",
+            qk_norm=family == "qwen3",
+            tie_embeddings=bool(get("tie_word_embeddings", False)),
+            initializer_range=get("initializer_range", 0.02),
+        )
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{where}: cannot build an LLM config: {e}") from None
+
+
+def load_llm(path: str | Path, dtype: torch.dtype = torch.float32) -> LLM:
+    """A HF decoder directory (config.json + safetensors, single or sharded) -> LLM in eval mode."""
+    path = Path(path)
+    hf_config = read_config(path)
+    arch = architecture(hf_config, path)
+    cfg = llm_config_from_hf(hf_config, where=f"{path}/config.json ({arch})")
+    tensors = read_state_dict(path)
+    with torch.device("meta"):
+        model = LLM(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    ignore = IGNORED + ([r"lm_head\.weight"] if cfg.tie_embeddings else [])  # HF ties and ignores it too
+    load_into(model, tensors, HF_TO_OURS, source=str(path), ignore=ignore)
+    with torch.no_grad():  # buffers no checkpoint holds: the MoE selection biases (none for these families)
+        for m in model.moe_layers().values():
+            m.router.score_bias.zero_()
+            m.load_since_update.zero_()
+    return model.eval()
+
+
+def llm_state_dict_to_hf(llm: LLM) -> dict[str, torch.Tensor]:
+    """Our state dict under HF Llama / Qwen2 / Qwen3 names (tied models carry no lm_head)."""
+    if llm.config.moe is not None:
+        raise ConfigError("an MoE LLM has no Llama-family HF layout to export to")
+    compiled = [(re.compile(p), r) for p, r in OURS_TO_HF]
+    out = {}
+    for name, tensor in llm.state_dict().items():
+        for pattern, repl in compiled:
+            if pattern.fullmatch(name):
+                out[pattern.sub(repl, name)] = tensor
+                break
+        else:
+            raise ConfigError(f"no HF name for parameter {name!r}")
+    return out
+
+
+def llm_config_to_hf(cfg: LLMConfig) -> dict[str, Any]:
+    """An HF config dict for our config: Qwen3 with qk-norm, Qwen2 with qkv bias, Llama otherwise."""
+    if cfg.moe is not None:
+        raise ConfigError("an MoE LLM has no Llama-family HF config to export to")
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise ConfigError("qk_norm together with qkv_bias matches no HF family (Qwen3 has no q/k/v-only bias)")
+    arch, model_type = (("Qwen3ForCausalLM", "qwen3") if cfg.qk_norm else
+                        ("Qwen2ForCausalLM", "qwen2") if cfg.qkv_bias else ("LlamaForCausalLM", "llama"))
+    return {
+        "architectures": [arch],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.initializer_range,
+    }
