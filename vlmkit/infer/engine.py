@@ -1,0 +1,291 @@
+"""The generation engine: prompts in, tokens and text deltas out. Kept apart from the model.
+
+The model (models/vlm.py) only maps token ids (+ pixel values) to logits through a KV cache;
+this engine owns the cache, the sampling and the stopping rules (nanochat's engine split). It
+runs a batch of sequences that can change between decode steps:
+
+    add(prompt, params)  prefill one prompt (its own forward, so its logits never depend on
+                         what else is running), sample its first token, and add its K/V as a new
+                         row of the running cache
+    step()               one decode step for every running row: (B, 1) ids at per-row positions
+    remove(seq)          drop a row (finished or cancelled) from the cache
+
+`generate_messages` (what `VLM.generate` calls) and `stream_messages` drive it for a fixed set
+of conversations; the server's scheduler (serve/scheduler.py) drives it with requests that come
+and go (continuous batching).
+
+Shape suffixes: B = rows in the decode batch, T = prompt tokens, V = vocabulary, D = model width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from vlmkit.errors import VlmkitError
+from vlmkit.infer.sampling import SamplingParams, next_token
+from vlmkit.infer.streaming import TextStream
+from vlmkit.models.attention import AttnSpec, KVCache
+
+
+class PromptError(VlmkitError, ValueError):
+    """A conversation cannot be turned into a prompt (bad structure, image count, too long)."""
+
+
+@dataclass
+class Prompt:
+    """A tokenised conversation ready for prefill."""
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None = None  # (N, 3, H, W) tiles of all images, in order
+
+
+@dataclass
+class Sequence:
+    """One generation in flight: its ids, sampling state and the text not yet handed out."""
+
+    prompt: Prompt
+    params: SamplingParams
+    stream: TextStream
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length"
+    _pending: str = ""
+    _seen: torch.Tensor | None = None  # ids the repetition penalty looks at (prompt + output)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt.input_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_ids)
+
+    def take_delta(self) -> str:
+        """Text that became final since the last call (never half a character or a stop string)."""
+        out, self._pending = self._pending, ""
+        return out
+
+    def push(self, token_id: int) -> None:
+        """Record a sampled token and decide whether the sequence is done."""
+        self.output_ids.append(token_id)
+        if token_id in self.stop_ids:
+            self._finish("stop")
+            return
+        if self.params.repetition_penalty != 1.0:
+            self._seen = torch.cat([self._seen, torch.tensor([token_id])])
+        self._pending += self.stream.push(token_id)
+        if self.stream.stopped:
+            self._finish("stop")
+        elif len(self.output_ids) >= self.params.max_new_tokens:
+            self._finish("length")
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self._pending += self.stream.finish()
+
+
+class Engine:
+    """Runs sequences of one model; not thread-safe (one owner thread drives it)."""
+
+    def __init__(self, vlm, tokenizer=None):
+        self.vlm = vlm
+        self.tokenizer = tokenizer if tokenizer is not None else vlm.tokenizer
+        if self.tokenizer is None:
+            raise VlmkitError("this model has no tokenizer; generation needs one (save the checkpoint "
+                              "with its tokenizer, or pass tokenizer=)")
+        self.device = next(vlm.parameters()).device
+        self.max_positions = vlm.config.llm.max_position_embeddings
+        self.rows: list[Sequence] = []  # row i of the cache belongs to rows[i]
+        self.cache: KVCache | None = None
+
+    # ---- prompts -------------------------------------------------------------------------------
+
+    def prepare(self, messages: list[dict]) -> Prompt:
+        """Tokenise an OpenAI-style conversation; images are decoded and tiled here."""
+        return prepare_prompt(self.vlm, self.tokenizer, messages)
+
+    # ---- running sequences ---------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def add(self, prompt: Prompt, params: SamplingParams) -> Sequence:
+        """Prefill `prompt`, sample its first token, and (unless already done) join the batch."""
+        n = len(prompt.input_ids)
+        if n == 0:
+            raise PromptError("empty prompt")
+        if n + params.max_new_tokens > self.max_positions:
+            raise PromptError(f"prompt of {n} tokens + max_new_tokens {params.max_new_tokens} exceeds the "
+                              f"model's context of {self.max_positions} tokens")
+        stop_ids = frozenset(self.tokenizer.stop_ids) | frozenset(params.stop_token_ids)
+        seq = Sequence(prompt, params, TextStream(self.tokenizer, params.stop), stop_ids,
+                       params.make_generator(self.device))
+        if params.repetition_penalty != 1.0:
+            seq._seen = torch.tensor(prompt.input_ids)
+        ids_1T = torch.tensor([prompt.input_ids], device=self.device)
+        pixels = prompt.pixel_values.to(self.device) if prompt.pixel_values is not None else None
+        row_cache = self.vlm.llm.new_cache()
+        embeds_1TD = self.vlm.embed_inputs(ids_1T, pixels)
+        hidden_1TD = self.vlm.llm.decode(embeds_1TD, spec=AttnSpec.causal(), cache=row_cache)
+        logits_V = self.vlm.llm.logits(hidden_1TD[0, -1])
+        seq.push(self._sample(logits_V, seq))
+        if not seq.finished:
+            if self.cache is None:
+                self.cache = row_cache
+            else:
+                self.cache.add_rows(row_cache)
+            self.rows.append(seq)
+        return seq
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One decode step: every running row gets one new token."""
+        if not self.rows:
+            return
+        last_B1 = torch.tensor([[s.output_ids[-1]] for s in self.rows], device=self.device)
+        embeds_B1D = self.vlm.llm.embed(last_B1)
+        # positions come from the cache: each row continues from its own length
+        hidden_B1D = self.vlm.llm.decode(embeds_B1D, spec=AttnSpec.causal(), cache=self.cache)
+        logits_BV = self.vlm.llm.logits(hidden_B1D[:, -1])
+        for seq, logits_V in zip(self.rows, logits_BV):
+            seq.push(self._sample(logits_V, seq))
+
+    def remove(self, seq: Sequence | None) -> None:
+        """Drop a sequence's row from the batch (no-op when it never joined or already left)."""
+        if seq is None or not any(s is seq for s in self.rows):
+            return
+        i = next(i for i, s in enumerate(self.rows) if s is seq)
+        del self.rows[i]
+        if self.rows:
+            self.cache.remove_rows([i])
+        else:
+            self.cache = None
+
+    def _sample(self, logits_V: torch.Tensor, seq: Sequence) -> int:
+        seen = seq._seen if seq._seen is not None else torch.empty(0, dtype=torch.long)
+        return next_token(logits_V, seq.params, seen.to(logits_V.device), seq.generator)
+
+    # ---- a fixed set of conversations ----------------------------------------------------------
+
+    def run(self, prompts: list[Prompt], params: SamplingParams, max_batch: int | None = None) -> Iterator[
+            tuple[int, str]]:
+        """Generate for every prompt, at most `max_batch` rows at once; yield (prompt index, delta)."""
+        waiting = list(enumerate(prompts))
+        active: list[tuple[int, Sequence]] = []
+        limit = max_batch or len(prompts)
+        while waiting or active:
+            while waiting and len(active) < limit:
+                index, prompt = waiting.pop(0)
+                seq = self.add(prompt, params)
+                active.append((index, seq))
+            self.step()
+            still = []
+            for index, seq in active:
+                delta = seq.take_delta()
+                if delta:
+                    yield index, delta
+                if seq.finished:
+                    self.remove(seq)
+                else:
+                    still.append((index, seq))
+            active = still
+
+
+# ---- conversations -> prompts ------------------------------------------------------------------
+
+def normalize_messages(messages: list[dict]) -> tuple[list[Any], list[Any]]:
+    """OpenAI-style messages -> (data.types.Message list with image placeholders, images in order).
+
+    Content may be a string or a list of parts {"type": "text", "text"} / {"type": "image",
+    "image": PIL.Image | path}; each image becomes one IMAGE_PLACEHOLDER in the text.
+    """
+    from vlmkit.constants import IMAGE_PLACEHOLDER
+    from vlmkit.data.types import Message
+
+    if not isinstance(messages, list) or not messages:
+        raise PromptError("messages must be a non-empty list of {'role', 'content'} dicts")
+    out, images = [], []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or "role" not in msg:
+            raise PromptError(f"messages[{i}] must be a dict with 'role' and 'content'")
+        role = "system" if msg["role"] == "developer" else msg["role"]
+        if role not in ("system", "user", "assistant"):
+            raise PromptError(f"messages[{i}].role must be system, user or assistant, got {msg['role']!r}")
+        content = msg.get("content") or ""
+        if isinstance(content, str):
+            out.append(Message(role, content))
+            continue
+        pieces = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                pieces.append(part.get("text", ""))
+            elif kind == "image":
+                images.append(part.get("image"))
+                pieces.append(IMAGE_PLACEHOLDER)
+            else:
+                raise PromptError(f"messages[{i}].content[{j}] must be {{'type': 'text'}} or {{'type': 'image'}}, "
+                                  f"got {kind!r}")
+        out.append(Message(role, "\n".join(p for p in pieces if p != "")))
+    return out, images
+
+
+def prepare_prompt(vlm, tokenizer, messages: list[dict]) -> Prompt:
+    """Tokenise a conversation with the model's template, decoding and tiling its images."""
+    from vlmkit.data.images import load_image
+    from vlmkit.data.template import encode_prompt
+
+    msgs, images = normalize_messages(messages)
+    tiles = []
+    if images:
+        processor = vlm.image_processor()
+        for image in images:
+            pil = load_image(Path(image) if isinstance(image, str) else image)
+            tiles.append(processor(pil))  # (n_tiles, 3, S, S)
+    per_tile = vlm.config.tokens_per_image
+    visual_tokens = [t.shape[0] * per_tile for t in tiles]
+    input_ids = encode_prompt(msgs, tokenizer, visual_tokens)
+    pixel_values = torch.cat(tiles) if tiles else None
+    return Prompt(list(input_ids), pixel_values)
+
+
+def _is_batch(messages) -> bool:
+    return isinstance(messages, list) and bool(messages) and isinstance(messages[0], list)
+
+
+def _params(kw: dict) -> tuple[SamplingParams, int | None]:
+    kw = dict(kw)
+    max_batch = kw.pop("max_batch", None)
+    return SamplingParams(**kw), max_batch
+
+
+def generate_messages(vlm, messages, **kw) -> str | list[str]:
+    """Answer one conversation (-> str) or a list of conversations (-> list[str], batched).
+
+    Keyword arguments are SamplingParams fields (max_new_tokens, temperature, top_p, top_k,
+    repetition_penalty, seed, stop, stop_token_ids) and max_batch (rows decoded together).
+    """
+    params, max_batch = _params(kw)
+    engine = Engine(vlm)
+    conversations = messages if _is_batch(messages) else [messages]
+    prompts = [engine.prepare(m) for m in conversations]
+    texts = [""] * len(prompts)
+    for index, delta in engine.run(prompts, params, max_batch):
+        texts[index] += delta
+    return texts if _is_batch(messages) else texts[0]
+
+
+def stream_messages(vlm, messages: list[dict], **kw) -> Iterator[str]:
+    """Answer one conversation as a stream of text deltas."""
+    params, _ = _params(kw)
+    engine = Engine(vlm)
+    prompt = engine.prepare(messages)
+    for _, delta in engine.run([prompt], params):
+        yield delta

@@ -1,0 +1,49 @@
+"""`vlmkit serve --model DIR`: the OpenAI-compatible server with its web chat page."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vlmkit.errors import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors, tokenizer)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    parser.add_argument("--allow-dir", default=None,
+                        help="allow image_url file:// paths inside this directory (refused otherwise)")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="requests decoded together (continuous batching); 1 = one at a time")
+    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    parser.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask")
+    parser.add_argument("--name", default=None, help="model id reported by /v1/models (default: the directory name)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from vlmkit.api import VLM
+    from vlmkit.infer.engine import Engine
+    from vlmkit.serve.app import ServerSettings, create_app
+    from vlmkit.serve.images import ImageLimits
+
+    if args.max_batch < 1 or args.max_queue < 1:
+        raise ConfigError("--max-batch and --max-queue must be >= 1")
+    allow_dir = Path(args.allow_dir) if args.allow_dir else None
+    if allow_dir is not None and not allow_dir.is_dir():
+        raise ConfigError(f"--allow-dir {allow_dir} is not a directory")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = VLM.from_pretrained(args.model).to(device).eval()
+    settings = ServerSettings(model_name=args.name or Path(args.model).resolve().name, api_key=args.api_key,
+                              max_batch=args.max_batch, max_queue=args.max_queue,
+                              max_tokens_cap=args.max_tokens_cap, images=ImageLimits(allow_dir=allow_dir))
+    app = create_app(Engine(model), settings)
+    print(f"vlmkit serve: {settings.model_name} on http://{args.host}:{args.port}/ "
+          f"(max batch {settings.max_batch})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
