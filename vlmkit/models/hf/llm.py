@@ -24,7 +24,7 @@ import torch
 
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.config import LLMConfig
-from vlmkit.models.hf.common import KeyMap, architecture, load_into, read_config, read_state_dict
+from vlmkit.models.hf.common import KeyMap, architecture, load_into, read_config, read_state_dict, rename
 from vlmkit.models.llm import LLM
 
 # architectures / model_type -> family. The four share tensor names; they differ in config only.
@@ -35,30 +35,35 @@ FAMILIES = {
     "Qwen3ForCausalLM": "qwen3", "qwen3": "qwen3",
 }
 
-# HF name -> our name (first full match wins; see common.rename).
-HF_TO_OURS: KeyMap = [
-    (r"model\.embed_tokens\.weight", r"embed_tokens.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)", r"layers.\1.attn.\2_proj.\3"),
-    (r"model\.layers\.(\d+)\.self_attn\.([qk])_norm\.weight", r"layers.\1.attn.\2_norm.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers.\1.mlp.\2_proj.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.mlp_norm.weight"),
-    (r"model\.norm\.weight", r"norm.weight"),
-    (r"lm_head\.weight", r"lm_head.weight"),
+# One table of (HF name, our name) templates; both key maps are generated from it. A `{field}`
+# stands for the regex in NAME_FIELDS and is carried across by name.
+NAMES = [
+    ("model.embed_tokens.weight", "embed_tokens.weight"),
+    ("model.layers.{i}.self_attn.{qkvo}_proj.{wb}", "layers.{i}.attn.{qkvo}_proj.{wb}"),
+    ("model.layers.{i}.self_attn.{qk}_norm.weight", "layers.{i}.attn.{qk}_norm.weight"),
+    ("model.layers.{i}.mlp.{ffn}_proj.weight", "layers.{i}.mlp.{ffn}_proj.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight"),
+    ("model.norm.weight", "norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
 ]
+NAME_FIELDS = {"i": r"\d+", "qkvo": "[qkvo]", "qk": "[qk]", "wb": "weight|bias", "ffn": "gate|up|down"}
 IGNORED = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq"]
 
-# Our name -> HF name, for export (llava-hf and plain HF directories).
-OURS_TO_HF: KeyMap = [
-    (r"embed_tokens\.weight", r"model.embed_tokens.weight"),
-    (r"layers\.(\d+)\.attn\.([qkvo])_proj\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
-    (r"layers\.(\d+)\.attn\.([qk])_norm\.weight", r"model.layers.\1.self_attn.\2_norm.weight"),
-    (r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"model.layers.\1.mlp.\2_proj.weight"),
-    (r"layers\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"layers\.(\d+)\.mlp_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"norm\.weight", r"model.norm.weight"),
-    (r"lm_head\.weight", r"lm_head.weight"),
-]
+
+def key_map(names: list[tuple[str, str]], reverse: bool = False) -> KeyMap:
+    """(regex, replacement) pairs from name templates: HF -> ours, or ours -> HF with reverse."""
+    out = []
+    for hf, ours in names:
+        src, dst = (ours, hf) if reverse else (hf, ours)
+        parts = re.split(r"\{(\w+)\}", src)  # literal, field, literal, field, ...
+        pattern = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{NAME_FIELDS[p]})" for i, p in enumerate(parts))
+        out.append((pattern, re.sub(r"\{(\w+)\}", r"\\g<\1>", dst)))
+    return out
+
+
+HF_TO_OURS: KeyMap = key_map(NAMES)
+OURS_TO_HF: KeyMap = key_map(NAMES, reverse=True)
 
 
 def _rope_theta(cfg: dict[str, Any], where: str) -> float:
@@ -140,16 +145,11 @@ def llm_state_dict_to_hf(llm: LLM) -> dict[str, torch.Tensor]:
     """Our state dict under HF Llama / Qwen2 / Qwen3 names (tied models carry no lm_head)."""
     if llm.config.moe is not None:
         raise ConfigError("an MoE LLM has no Llama-family HF layout to export to")
-    compiled = [(re.compile(p), r) for p, r in OURS_TO_HF]
-    out = {}
-    for name, tensor in llm.state_dict().items():
-        for pattern, repl in compiled:
-            if pattern.fullmatch(name):
-                out[pattern.sub(repl, name)] = tensor
-                break
-        else:
-            raise ConfigError(f"no HF name for parameter {name!r}")
-    return out
+    state = llm.state_dict()
+    mapping, unmatched = rename(state, OURS_TO_HF)
+    if unmatched:
+        raise ConfigError(f"no HF name for parameter(s) {unmatched}")
+    return {hf: state[ours] for ours, hf in mapping.items()}
 
 
 def llm_config_to_hf(cfg: LLMConfig) -> dict[str, Any]:
