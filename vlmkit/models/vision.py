@@ -1,0 +1,219 @@
+"""ViT vision encoder, compatible with HF `SiglipVisionModel` and `CLIPVisionModel`.
+
+Follows transformers' modeling_siglip.py / modeling_clip.py (vision towers) so that their weights
+load by renaming alone (models/hf/vision.py):
+
+- siglip (Zhai et al., "Sigmoid Loss for Language Image Pre-Training", 2023): patch conv with bias,
+  learned position embeddings, no class token, gelu-tanh MLP, `post_layernorm` applied to the last
+  hidden state.
+- clip (Radford et al., 2021): patch conv without bias, a class token in front, `pre_layernorm`
+  ("pre_layrnorm" in HF) on the embeddings, quick-gelu MLP. HF's `last_hidden_state` is the last
+  layer's output as is (CLIP's post-layernorm only feeds the pooled output, which vlmkit does not
+  use), so the CLIP encoder here has no post-layernorm.
+
+Other image sizes work: the learned position grid is resized bicubically (align_corners=False), as
+HF's `interpolate_pos_encoding=True` does (from DINO). The adapter gets `features()`: the hidden
+state `cfg.feature_layer` in HF `hidden_states` indexing (0 = embeddings), CLIP's class token
+dropped (LLaVA's "default" feature-select strategy).
+
+Shape suffixes: N images (tiles), P patches (+1 with a class token), Dv hidden, H heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from vlmkit.models.attention import AttnSpec, attention
+from vlmkit.models.config import VisionConfig
+
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# Activation names as transformers' ACT2FN spells them.
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_new": _gelu_tanh,
+    "quick_gelu": _quick_gelu,
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+def activation(name: str):
+    """The activation function called `name` (HF ACT2FN names)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+@torch.no_grad()
+def init_dense_and_norms(root: nn.Module, std: float = 0.02) -> None:
+    """Linear / conv weights: truncated normal (ViT); biases 0; layer norms: weight 1, bias 0."""
+    for module in root.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class VisionEmbeddings(nn.Module):
+    """Patches -> tokens, plus (for clip) a class token, plus learned position embeddings."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.has_class_token = cfg.style == "clip"
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size,
+                                         stride=cfg.patch_size, bias=not self.has_class_token)
+        if self.has_class_token:
+            self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.position_embedding = nn.Embedding(cfg.num_patches + int(self.has_class_token), cfg.hidden_size)
+
+    def patch_positions(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """(grid_h * grid_w, Dv) position embeddings of the patches, resized bicubically off-native."""
+        weight = self.position_embedding.weight
+        patch_pos = weight[1:] if self.has_class_token else weight  # (g*g, Dv)
+        g = self.cfg.grid_size
+        if (grid_h, grid_w) == (g, g):
+            return patch_pos
+        grid = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, Dv, g, g)
+        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        return grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (N, Dv, gh, gw)
+        grid_h, grid_w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (N, gh*gw, Dv)
+        x = x + self.patch_positions(grid_h, grid_w)
+        if self.has_class_token:
+            cls = (self.class_embedding + self.position_embedding.weight[0]).expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, x], dim=1)  # (N, 1 + gh*gw, Dv)
+        return x
+
+
+class VisionAttention(nn.Module):
+    """Bidirectional multi-head self-attention (all patches of an image see each other)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        D = cfg.hidden_size
+        self.q_proj = nn.Linear(D, D)
+        self.k_proj = nn.Linear(D, D)
+        self.v_proj = nn.Linear(D, D)
+        self.out_proj = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, P, D = x.shape
+        shape = (N, P, self.num_heads, D // self.num_heads)
+        q = self.q_proj(x).view(shape)  # (N, P, H, Dh)
+        k = self.k_proj(x).view(shape)
+        v = self.v_proj(x).view(shape)
+        out = attention(q, k, v, AttnSpec.causal(), causal=False)  # (N, P, H, Dh)
+        return self.out_proj(out.reshape(N, P, D))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = VisionAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionEncoder(nn.Module):
+    """The ViT. `forward` gives HF's `last_hidden_state`; `features` gives what the adapter reads."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = VisionEmbeddings(cfg)
+        is_clip = cfg.style == "clip"
+        self.pre_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if is_clip else None
+        self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
+        self.post_layernorm = None if is_clip else nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialisation for training from scratch (loading a checkpoint overwrites it).
+
+        Linear and conv weights: truncated normal, std 0.02 (ViT); biases 0; position and class
+        embeddings: normal, std 0.02; layer norms: weight 1, bias 0.
+        """
+        init_dense_and_norms(self)
+        nn.init.normal_(self.embeddings.position_embedding.weight, std=0.02)
+        if self.embeddings.has_class_token:
+            nn.init.normal_(self.embeddings.class_embedding, std=0.02)
+
+    def grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """(patches down, patches across) for these pixel values."""
+        H, W = pixel_values.shape[-2:]
+        p = self.config.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
+        return H // p, W // p
+
+    def _run(self, pixel_values: torch.Tensor, num_layers: int) -> torch.Tensor:
+        """hidden_states[num_layers] in HF indexing: embeddings, then `num_layers` blocks."""
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(f"pixel_values must be (N, {self.config.num_channels}, H, W), "
+                             f"got shape {tuple(pixel_values.shape)}")
+        self.grid(pixel_values)
+        x = self.embeddings(pixel_values)  # (N, P, Dv)
+        if self.pre_layernorm is not None:
+            x = self.pre_layernorm(x)
+        use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.layers[:num_layers]:
+            x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
+        return x
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, P, Dv): HF `last_hidden_state` (post-layernormed for siglip)."""
+        x = self._run(pixel_values, len(self.layers))
+        return self.post_layernorm(x) if self.post_layernorm is not None else x
+
+    def feature_layer_index(self) -> int:
+        """`cfg.feature_layer` as a non-negative index into the num_layers + 1 hidden states."""
+        layer = self.config.feature_layer
+        return layer if layer >= 0 else len(self.layers) + 1 + layer
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, P', Dv): hidden state `cfg.feature_layer`, class token dropped.
+
+        Blocks after the feature layer do not change the result, so they are not run.
+        """
+        x = self._run(pixel_values, self.feature_layer_index())
+        return x[:, 1:] if self.embeddings.has_class_token else x
