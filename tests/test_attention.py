@@ -1,0 +1,179 @@
+"""attention(): packed == block-diagonal reference, padded == unpadded rows, GQA, the KV cache's
+bookkeeping; and on CUDA, flash-attn varlen == SDPA packed == padded."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlmkit.models.attention import AttnSpec, KVCache, attention, padding_mask
+
+
+def qkv(T, H=4, Hkv=2, Dh=8, B=None, seed=0, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    lead = (T,) if B is None else (B, T)
+    return [torch.randn(*lead, h, Dh, generator=g).to(device, dtype) for h in (H, Hkv, Hkv)]
+
+
+def reference(q, k, v, allowed):
+    """Plain softmax attention with an explicit (Tq, Tk) bool mask; q (T, H, Dh), GQA by repetition."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def block_diagonal(seqlens, causal):
+    T = sum(seqlens)
+    sample = torch.repeat_interleave(torch.arange(len(seqlens)), torch.tensor(seqlens))
+    allowed = sample[:, None] == sample[None, :]
+    return allowed & torch.ones(T, T, dtype=torch.bool).tril() if causal else allowed
+
+
+@pytest.mark.parametrize("seqlens", [[5, 3, 7], [4, 4, 4, 2, 2], [1, 6]])
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_matches_block_diagonal_reference(seqlens, causal):
+    q, k, v = qkv(sum(seqlens))
+    cu = torch.tensor([0] + seqlens).cumsum(0)
+    out = attention(q, k, v, AttnSpec.packed(cu), causal=causal)
+    torch.testing.assert_close(out, reference(q, k, v, block_diagonal(seqlens, causal)), atol=1e-5, rtol=1e-5)
+    # the batched (1, T, H, Dh) layout gives the same
+    out_b = attention(q[None], k[None], v[None], AttnSpec.packed(cu), causal=causal)
+    torch.testing.assert_close(out_b[0], out)
+
+
+def test_packed_spec_fields():
+    spec = AttnSpec.packed(torch.tensor([0, 3, 10, 12]))
+    assert spec.max_seqlen == 7 and spec.seqlens == [3, 7, 2] and spec.cu_seqlens.dtype == torch.int32
+    assert spec.position_ids(1, 12, torch.device("cpu")).tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 0, 1]]
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_padded_rows_match_unpadded(left):
+    lengths = [7, 4, 1]
+    B, T = len(lengths), max(lengths)
+    q, k, v = qkv(T, B=B)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, T - n:] = 1 if left else 0
+        mask[b, :n] = 0 if left else 1
+    out = attention(q, k, v, AttnSpec.padded(mask))
+    assert torch.isfinite(out).all()  # pad queries must not produce NaN
+    for b in range(B):
+        real = mask[b].bool()
+        alone = attention(q[b:b + 1, real], k[b:b + 1, real], v[b:b + 1, real], AttnSpec.causal())
+        torch.testing.assert_close(out[b, real], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_causal_matches_reference_and_noncausal_padded():
+    q, k, v = qkv(6, B=1)
+    T = 6
+    out = attention(q, k, v, AttnSpec.causal())
+    torch.testing.assert_close(out[0], reference(q[0], k[0], v[0], torch.ones(T, T, dtype=torch.bool).tril()),
+                               atol=1e-5, rtol=1e-5)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    out = attention(q, k, v, AttnSpec.padded(mask), causal=False)
+    allowed = mask.bool()[0][None, :].expand(T, T)
+    torch.testing.assert_close(out[0, :4], reference(q[0], k[0], v[0], allowed)[:4], atol=1e-5, rtol=1e-5)
+    assert padding_mask(mask, causal=False)[0, 0, 5].tolist() == [True] * 4 + [False, True]
+
+
+def test_bad_backend_and_batch():
+    q, k, v = qkv(4, B=2)
+    with pytest.raises(ValueError, match="B = 1"):
+        attention(q, k, v, AttnSpec.packed(torch.tensor([0, 4])))
+    with pytest.raises(ValueError, match="backend"):
+        attention(q, k, v, AttnSpec.causal(), backend="xformers")
+    with pytest.raises(ValueError, match="packed"):
+        attention(q, k, v, AttnSpec.causal(), backend="flash")
+
+
+def test_kv_cache_ragged_prefill_then_decode():
+    """Row 0 holds 3 prompt tokens, row 1 holds 1 (left-padded); both grow by one per step."""
+    cache = KVCache(num_layers=1)
+    valid = torch.tensor([[True, True, True], [False, False, True]])
+    spec = cache.begin(valid)
+    k = torch.arange(6, dtype=torch.float32).view(2, 3, 1, 1)
+    keys, _ = cache.update(0, k, k)
+    cache.end()
+    assert cache.lengths.tolist() == [3, 1]
+    assert keys[1, 0, 0, 0] == 5.0  # row 1's only real token went to slot 0
+    assert spec.mask[1, 0, 2].tolist() == [True, False, False]  # and only sees itself
+    assert cache.position_ids().tolist() == [[3], [1]]
+    spec = cache.begin(torch.ones(2, 1, dtype=torch.bool))
+    cache.update(0, torch.full((2, 1, 1, 1), 9.0), torch.zeros(2, 1, 1, 1))
+    cache.end()
+    assert cache.lengths.tolist() == [4, 2] and spec.mask[:, 0, 0].tolist() == [[True] * 4, [True, True, False, False]]
+    assert cache.k[0][1, 0, :2, 0].tolist() == [5.0, 9.0]
+
+
+def test_kv_cache_rows_leave_and_join():
+    def filled(values):
+        c = KVCache(num_layers=2)
+        c.begin(torch.ones(len(values), 2, dtype=torch.bool))
+        for layer in range(2):
+            t = torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 2, 1, 1)
+            c.update(layer, t, t)
+        c.end()
+        return c
+
+    cache = filled([1.0, 2.0, 3.0])
+    cache.remove_rows([1])
+    assert len(cache) == 2 and cache.k[1][:, 0, 0, 0].tolist() == [1.0, 3.0]
+    cache.add_rows(filled([7.0]))
+    assert len(cache) == 3 and cache.lengths.tolist() == [2, 2, 2]
+    assert cache.v[0][:, 0, 1, 0].tolist() == [1.0, 3.0, 7.0]
+    cache.keep_rows([2, 0])
+    assert cache.k[0][:, 0, 0, 0].tolist() == [7.0, 1.0]
+    with pytest.raises(ValueError, match="2 rows"):
+        cache.begin(torch.ones(3, 1, dtype=torch.bool))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _pad(q, k, v, cu, seqlens):
+    """The packed (T, H, Dh) tensors right-padded into (B, Tmax, H, Dh) + mask."""
+    B, T = len(seqlens), max(seqlens)
+    pq, pk, pv = (x.new_zeros(B, T, *x.shape[1:]) for x in (q, k, v))
+    mask = torch.zeros(B, T, dtype=torch.long, device=q.device)
+    for b, (s, n) in enumerate(zip(cu[:-1].tolist(), seqlens)):
+        pq[b, :n], pk[b, :n], pv[b, :n], mask[b, :n] = q[s:s + n], k[s:s + n], v[s:s + n], 1
+    return pq, pk, pv, mask
+
+
+SEQLENS = [37, 5, 128, 64, 1, 64]
+
+
+@pytest.mark.cuda
+@cuda
+def test_sdpa_packed_matches_padded_on_cuda():
+    cu = torch.tensor([0] + SEQLENS).cumsum(0).cuda()
+    q, k, v = qkv(sum(SEQLENS), H=8, Hkv=2, Dh=64, device="cuda", dtype=torch.bfloat16)
+    packed = attention(q, k, v, AttnSpec.packed(cu), backend="sdpa")
+    pq, pk, pv, mask = _pad(q, k, v, cu, SEQLENS)
+    padded = attention(pq, pk, pv, AttnSpec.padded(mask))
+    for b, (s, n) in enumerate(zip(cu[:-1].tolist(), SEQLENS)):
+        torch.testing.assert_close(padded[b, :n].float(), packed[s:s + n].float(), atol=2e-2, rtol=2e-2)
+    ref = reference(q.float(), k.float(), v.float(), block_diagonal(SEQLENS, True).cuda())
+    torch.testing.assert_close(packed.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.cuda
+@cuda
+def test_flash_varlen_matches_sdpa_packed_and_padded_on_cuda():
+    pytest.importorskip("flash_attn")
+    cu = torch.tensor([0] + SEQLENS).cumsum(0).cuda()
+    q, k, v = qkv(sum(SEQLENS), H=8, Hkv=2, Dh=64, device="cuda", dtype=torch.bfloat16)
+    spec = AttnSpec.packed(cu)
+    flash = attention(q, k, v, spec, backend="flash")
+    sdpa = attention(q, k, v, spec, backend="sdpa")
+    torch.testing.assert_close(attention(q, k, v, spec), flash, atol=0, rtol=0)  # auto picks flash-attn here
+    torch.testing.assert_close(flash.float(), sdpa.float(), atol=2e-2, rtol=2e-2)
+    pq, pk, pv, mask = _pad(q, k, v, cu, SEQLENS)
+    padded = attention(pq, pk, pv, AttnSpec.padded(mask))
+    for b, (s, n) in enumerate(zip(cu[:-1].tolist(), SEQLENS)):
+        torch.testing.assert_close(padded[b, :n].float(), flash[s:s + n].float(), atol=2e-2, rtol=2e-2)
+    noncausal = attention(q, k, v, spec, causal=False, backend="flash")
+    torch.testing.assert_close(noncausal.float(), attention(q, k, v, spec, causal=False, backend="sdpa").float(),
+                               atol=2e-2, rtol=2e-2)
