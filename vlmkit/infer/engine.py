@@ -98,7 +98,7 @@ class Engine:
 
     def __init__(self, vlm, tokenizer=None):
         self.vlm = vlm
-        self.tokenizer = tokenizer if tokenizer is not None else vlm.tokenizer
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(vlm, "tokenizer", None)
         if self.tokenizer is None:
             raise VlmkitError("this model has no tokenizer; generation needs one (save the checkpoint "
                               "with its tokenizer, or pass tokenizer=)")
@@ -124,7 +124,8 @@ class Engine:
         if n + params.max_new_tokens > self.max_positions:
             raise PromptError(f"prompt of {n} tokens + max_new_tokens {params.max_new_tokens} exceeds the "
                               f"model's context of {self.max_positions} tokens")
-        stop_ids = frozenset(self.tokenizer.stop_ids) | frozenset(params.stop_token_ids)
+        eos_ids = () if params.ignore_eos else self.tokenizer.stop_ids
+        stop_ids = frozenset(eos_ids) | frozenset(params.stop_token_ids)
         seq = Sequence(prompt, params, TextStream(self.tokenizer, params.stop), stop_ids,
                        params.make_generator(self.device))
         if params.repetition_penalty != 1.0:

@@ -38,7 +38,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     """Strings that end generation; the text returned stops before the first of them."""
     stop_token_ids: list[int] = field(default_factory=list)
-    """Extra token ids that end generation (the tokenizer's end-of-turn ids always do)."""
+    """Extra token ids that end generation (besides the tokenizer's end-of-turn ids)."""
+    ignore_eos: bool = False
+    """Do not stop at the tokenizer's end-of-turn ids (benchmarks: always max_new_tokens tokens)."""
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -201,7 +201,7 @@ def _prepare(engine: Engine, settings: ServerSettings, body: ChatCompletionReque
                           "context_length_exceeded")
     params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                             top_k=body.top_k, repetition_penalty=body.repetition_penalty, seed=body.seed,
-                            stop=stop)
+                            stop=stop, ignore_eos=body.ignore_eos)
     return prompt, params
 
 

@@ -3,8 +3,8 @@
 The request models follow the public OpenAI API reference (POST /v1/chat/completions): messages
 whose content is a string or a list of `text` / `image_url` parts, `max_tokens` (or its newer
 name `max_completion_tokens`), `temperature`, `top_p`, `stop`, `seed`, `stream` and
-`stream_options.include_usage`. `top_k` and `repetition_penalty` are vlmkit extensions (as in
-vLLM). Unknown fields are ignored, as OpenAI-compatible servers usually do, so newer clients
+`stream_options.include_usage`. `top_k`, `repetition_penalty` and `ignore_eos` are vlmkit extensions
+(as in vLLM). Unknown fields are ignored, as OpenAI-compatible servers usually do, so newer clients
 keep working. Pydantic checks types and ranges; a failure becomes a 422 with the field's path.
 """
 
@@ -56,6 +56,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
+    ignore_eos: bool = False
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(default=1, ge=1)
