@@ -1,0 +1,216 @@
+"""`vlmkit.VLM`: the model with its tokenizer, and the ways to make, save and load one.
+
+    VLM(config)                                  a fresh model (weights initialised for training)
+    VLM.from_pretrained(dir)                     a vlmkit checkpoint directory
+    VLM.from_hf(vision=dir, llm=dir, adapter=)   a HF SigLIP / CLIP tower + a HF decoder, new adapter
+    VLM.from_hf_llava(dir)                       a llava-hf LlavaForConditionalGeneration directory
+    model.save_pretrained(dir, meta=None)        the checkpoint directory format (DESIGN.md)
+    model.generate(messages, ...)                chat generation (infer/engine.py)
+
+Checkpoint directory: config.json (VLMConfig.to_dict, every field written), model.safetensors,
+the tokenizer's files when the model has a tokenizer, vlmkit.json (vlmkit version and whatever
+`meta` the caller passes: stage history, data fingerprint). Safetensors cannot hold two names for
+one storage; vlmkit's LLM keeps tied embeddings as a single tensor, and saving drops any other
+alias, which loading restores by construction.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from vlmkit import __version__
+from vlmkit.constants import CONFIG_FILE, META_FILE, WEIGHTS_FILE
+from vlmkit.errors import CheckpointError, ConfigError
+from vlmkit.models.adapter import build_adapter
+from vlmkit.models.config import AdapterConfig, VLMConfig
+from vlmkit.models.hf.llava import build_empty, export_hf_llava, load_llava
+from vlmkit.models.vlm import VLMModel
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class VLM(VLMModel):
+    """VLMModel plus `.tokenizer` (vlmkit.data.tokenizer.Tokenizer, or None)."""
+
+    def __init__(self, cfg: VLMConfig, tokenizer=None):
+        super().__init__(cfg)
+        self.tokenizer = tokenizer
+
+    # --- vlmkit checkpoints ---------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "VLM":
+        """Load a checkpoint directory written by `save_pretrained` (eval mode, stored dtype)."""
+        path = Path(path)
+        config_file = path / CONFIG_FILE
+        if not config_file.is_file():
+            raise CheckpointError(f"{path}: no {CONFIG_FILE}; not a vlmkit checkpoint directory "
+                                  "(for HF directories use VLM.from_hf or VLM.from_hf_llava)")
+        try:
+            cfg = VLMConfig.from_dict(json.loads(config_file.read_text()))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+        except ConfigError as e:
+            raise CheckpointError(f"{config_file}: {e}") from None
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise CheckpointError(f"{path}: no {WEIGHTS_FILE}")
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{weights}: cannot read safetensors ({e})") from None
+        model = build_empty(cls, cfg)
+        floats = [t.dtype for t in state.values() if t.is_floating_point()]
+        if floats:
+            model.to(floats[0])
+        load_exact(model, state, str(weights))
+        model.tokenizer = _load_tokenizer(path)
+        return model.eval()
+
+    def save_pretrained(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+        """Write the checkpoint directory; `meta` (JSON-able) goes into vlmkit.json."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        save_file(unique_tensors(self), str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+        if self.tokenizer is not None:
+            self.tokenizer.save(path)
+        info = {"version": __version__, **(meta or {})}
+        (path / META_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        return path
+
+    # --- HF imports -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, vision: str | Path, llm: str | Path, adapter: str | dict | AdapterConfig = "mlp", *,
+                feature_layer: int = -2) -> "VLM":
+        """A new VLM from a HF vision tower and a HF decoder; only the adapter is initialised.
+
+        feature_layer: the vision hidden state the adapter reads (LLaVA reads the second to last).
+        The LLM directory's tokenizer is attached when it has one; when its vocabulary has no image
+        token, one is added (and the embeddings grow by a row). Without a tokenizer the image
+        token is a new last row of the vocabulary.
+        """
+        from vlmkit.models.hf.llm import load_llm
+        from vlmkit.models.hf.vision import load_vision
+
+        encoder = load_vision(vision, feature_layer=feature_layer)
+        decoder = load_llm(llm)
+        tokenizer = _load_tokenizer(Path(llm))
+        image_token_id = getattr(tokenizer, "image_token_id", None) if tokenizer is not None else None
+        if image_token_id is None:
+            image_token_id = _add_image_token(tokenizer, decoder.config.vocab_size)
+        if image_token_id >= decoder.config.vocab_size:
+            grow_vocab(decoder, image_token_id + 1)
+        if isinstance(adapter, str):
+            adapter = AdapterConfig(kind=adapter)
+        cfg = VLMConfig(vision=encoder.config, adapter=adapter, llm=decoder.config, image_token_id=image_token_id)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.vision, model.llm = encoder, decoder
+        model.adapter = build_adapter(cfg.adapter, cfg.vision.hidden_size, cfg.llm.hidden_size)
+        model.tokenizer = tokenizer
+        return model.eval()
+
+    @classmethod
+    def from_hf_llava(cls, path: str | Path) -> "VLM":
+        """A llava-hf LlavaForConditionalGeneration directory (with its tokenizer when present)."""
+        model = load_llava(path, model_cls=cls)
+        model.tokenizer = _load_tokenizer(Path(path))
+        return model
+
+    def export_hf_llava(self, path: str | Path) -> Path:
+        """Write a directory transformers' LlavaForConditionalGeneration loads (models/hf/llava.py)."""
+        return export_hf_llava(self, path)
+
+    # --- use ----------------------------------------------------------------------------------------
+
+    def image_processor(self):
+        """The data.images.ImageProcessor that prepares images for this model."""
+        from vlmkit.data.images import ImageProcessor
+
+        v = self.config.vision
+        return ImageProcessor(image_size=v.image_size, mean=v.image_mean, std=v.image_std,
+                              max_tiles=self.config.max_tiles, use_thumbnail=self.config.use_thumbnail)
+
+    def generate(self, messages, **kw):
+        from vlmkit.infer.engine import generate_messages
+
+        return generate_messages(self, messages, **kw)
+
+
+def distinct_names(model: torch.nn.Module) -> list[str]:
+    """State-dict names, without the aliases of an earlier tensor (same storage, offset and shape)."""
+    names, seen = [], set()
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            names.append(name)
+    return names
+
+
+def unique_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict on the CPU, contiguous, without aliases (safetensors refuses shared storage)."""
+    state = model.state_dict()
+    return {name: state[name].detach().to("cpu").contiguous() for name in distinct_names(model)}
+
+
+def load_exact(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state` into `model` bitwise, or raise CheckpointError listing every problem."""
+    ours = model.state_dict()
+    aliases = set(ours) - set(distinct_names(model))
+    missing = sorted(set(ours) - set(state) - aliases)
+    unexpected = sorted(set(state) - set(ours))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(ours[k].shape)}"
+              for k in state if k in ours and state[k].shape != ours[k].shape]
+    problems = [f"{label} ({len(items)}): {items[:20]}"
+                for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                                     ("shape mismatches", shapes)) if items]
+    if problems:
+        raise CheckpointError(f"cannot load {source}: " + "; ".join(problems))
+    with torch.no_grad():
+        for k, t in state.items():
+            ours[k].copy_(t)
+
+
+def grow_vocab(llm: torch.nn.Module, vocab_size: int) -> None:
+    """Grow the LLM's embedding (and untied output) matrix to `vocab_size` rows; new rows are the
+    mean of the old ones, so the new token starts as an average, never a likely, prediction."""
+    old = llm.config.vocab_size
+    if vocab_size <= old:
+        return
+    with torch.no_grad():
+        for module in (llm.embed_tokens, llm.lm_head):
+            if module is None:
+                continue
+            weight = module.weight
+            extra = weight.mean(0, keepdim=True).expand(vocab_size - old, -1)
+            module.weight = torch.nn.Parameter(torch.cat([weight, extra]), requires_grad=weight.requires_grad)
+            if isinstance(module, torch.nn.Embedding):
+                module.num_embeddings = vocab_size
+            else:
+                module.out_features = vocab_size
+    llm.config.vocab_size = vocab_size
+
+
+def _load_tokenizer(path: Path):
+    """The tokenizer saved in `path`, or None when the directory has none."""
+    if not (path / TOKENIZER_FILE).is_file():
+        return None
+    from vlmkit.data.tokenizer import Tokenizer
+
+    return Tokenizer.load(path)
+
+
+def _add_image_token(tokenizer, vocab_size: int) -> int:
+    """Add the image token to `tokenizer` (when there is one) and return its id."""
+    if tokenizer is None:
+        return vocab_size
+    return tokenizer.add_image_token()

@@ -1,0 +1,30 @@
+"""`vlmkit export`: write a vlmkit checkpoint in another format.
+
+    vlmkit export --model DIR --to hf-llava OUT
+
+hf-llava: a directory transformers' LlavaForConditionalGeneration loads (models/hf/llava.py says
+which models it can express and refuses the others with the reason).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+FORMATS = ("hf-llava",)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="vlmkit checkpoint directory (VLM.from_pretrained)")
+    parser.add_argument("--to", required=True, choices=FORMATS, help="target format")
+    parser.add_argument("out", help="directory to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlmkit.api import VLM
+    from vlmkit.models.hf.llava import check_llava_exportable
+
+    model = VLM.from_pretrained(args.model)
+    check_llava_exportable(model.config)
+    out = model.export_hf_llava(args.out)
+    print(f"wrote {out} ({args.to})")
+    return 0
