@@ -70,17 +70,23 @@ def test_import_module_layout_names(tmp_path):
     assert _max_diff(ref, load_llava(tmp_path), *_inputs(16)) <= 1e-4
 
 
-@pytest.mark.parametrize("style", ["siglip", "clip"])
-def test_export_loads_in_transformers(tmp_path, style):
+@pytest.mark.parametrize("style,llm", [("siglip", {}), ("clip", dict(tie_embeddings=True)),
+                                       ("siglip", dict(qk_norm=True))], ids=["siglip-llama", "clip-llama-tied",
+                                                                            "siglip-qwen3"])
+def test_export_loads_in_transformers(tmp_path, style, llm):
     torch.manual_seed(0)
     cfg = VLMConfig(vision=dict(style=style, image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                                 num_layers=2, num_heads=4, feature_layer=-2,
                                 hidden_act="quick_gelu" if style == "clip" else "gelu_pytorch_tanh"),
                     adapter=dict(kind="mlp"),
                     llm=dict(vocab_size=100, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
-                             num_kv_heads=2, tie_embeddings=style == "clip"),
+                             num_kv_heads=2, **llm),
                     image_token_id=IMG)
     ours = VLMModel(cfg).eval()
+    with torch.no_grad():  # non-trivial norms, so that a norm left out of the export would show
+        for name, p in ours.named_parameters():
+            if "norm" in name:
+                p.normal_()
     export_hf_llava(ours, tmp_path)
     ref = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert _max_diff(ref, ours, *_inputs(16)) <= 1e-4
