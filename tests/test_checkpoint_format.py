@@ -133,3 +133,15 @@ def test_export_cli_refusal_is_one_clear_line(tmp_path, capsys):
     VLM(_config()).save_pretrained(tmp_path / "vlm")
     assert main(["export", "--model", str(tmp_path / "vlm"), "--to", "hf-llava", str(tmp_path / "out")]) == 2
     assert "adapter is 'pixel_shuffle'" in capsys.readouterr().err
+
+
+def test_image_processor_follows_the_config():
+    pytest.importorskip("vlmkit.data.images")
+    from PIL import Image
+
+    model = VLM(_config(max_tiles=4, use_thumbnail=True))
+    processor = model.image_processor()
+    tiles = processor(Image.new("RGB", (64, 32), (255, 0, 0)))  # wide: a grid of tiles plus a thumbnail
+    assert tiles.shape[1:] == (3, 16, 16) and 1 < tiles.shape[0] <= 5
+    # red, normalised with the encoder's mean / std (0.5, 0.5): (1 - 0.5) / 0.5 and (0 - 0.5) / 0.5
+    assert torch.allclose(tiles[0, :, 0, 0], torch.tensor([1.0, -1.0, -1.0]), atol=1e-2)
