@@ -182,3 +182,23 @@ def test_init_weights_scales():
 def test_non_silu_rejected():
     with pytest.raises(ValueError, match="gelu"):
         LLM(LLMConfig(vocab_size=V, hidden_size=48, num_heads=4, hidden_act="gelu"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_packed_padded_and_cache_agree_on_cuda_bf16():
+    model = tiny().cuda().to(torch.bfloat16)
+    seqs = [s.cuda() for s in samples([33, 7, 64, 1])]
+    ids, mask = right_padded(seqs)
+    padded = model(ids.cuda(), attention_mask=mask.cuda()).float()
+    cu = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0).cuda()
+    packed = model.logits(model.decode(model.embed(torch.cat(seqs)), spec=AttnSpec.packed(cu))).float()
+    cache = model.new_cache()
+    prefill = model.logits(model.decode(model.embed(ids[:, :-1].cuda()), spec=AttnSpec.padded(mask[:, :-1].cuda()),
+                                        cache=cache))
+    for b, s in enumerate(seqs):
+        n = len(s)
+        torch.testing.assert_close(packed[cu[b]:cu[b] + n], padded[b, :n], atol=5e-2, rtol=5e-2)
+        if n > 1:
+            torch.testing.assert_close(prefill[b, :n - 1].float(), padded[b, :n - 1], atol=5e-2, rtol=5e-2)

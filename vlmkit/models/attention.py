@@ -156,25 +156,26 @@ def _sdpa(q, k, v, mask, causal: bool) -> torch.Tensor:
 
 
 def _packed_sdpa(q, k, v, seqlens: list[int], causal: bool) -> torch.Tensor:
-    """q (T, H, Dh): one SDPA call per group of samples of equal length (a view when alone)."""
-    out = torch.empty_like(q)
-    starts, groups = 0, {}
-    for n in seqlens:
-        groups.setdefault(n, []).append(starts)
-        starts += n
-    for n, group in groups.items():
+    """q (T, H, Dh): one SDPA call per group of samples of equal length.
+
+    split / stack / unbind / cat keep the backward O(T): slicing each sample out of the pack or
+    writing into a preallocated output would make autograd build a full-size gradient per sample."""
+    qs, ks, vs = q.split(seqlens), k.split(seqlens), v.split(seqlens)
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(seqlens):
+        groups.setdefault(n, []).append(i)
+    pieces: list[torch.Tensor] = list(qs)  # zero-length samples stay as they are
+    for n, members in groups.items():
         if n == 0:
             continue
-        if len(group) == 1:
-            s = group[0]
-            out[s:s + n] = _sdpa(q[None, s:s + n], k[None, s:s + n], v[None, s:s + n], None, causal)[0]
-        else:
-            idx = (torch.tensor(group, device=q.device)[:, None] + torch.arange(n, device=q.device)).flatten()
-            G = len(group)
-            o = _sdpa(q[idx].unflatten(0, (G, n)), k[idx].unflatten(0, (G, n)), v[idx].unflatten(0, (G, n)),
-                      None, causal)
-            out[idx] = o.flatten(0, 1)
-    return out
+        if len(members) == 1:
+            i = members[0]
+            pieces[i] = _sdpa(qs[i][None], ks[i][None], vs[i][None], None, causal)[0]
+            continue
+        o = _sdpa(*(torch.stack([xs[i] for i in members]) for xs in (qs, ks, vs)), None, causal)  # (G, n, H, Dh)
+        for i, oi in zip(members, o.unbind(0)):
+            pieces[i] = oi
+    return torch.cat(pieces)
 
 
 class KVCache:
