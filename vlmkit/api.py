@@ -29,7 +29,7 @@ from vlmkit.constants import CONFIG_FILE, META_FILE, WEIGHTS_FILE
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.adapter import build_adapter
 from vlmkit.models.config import AdapterConfig, VLMConfig
-from vlmkit.models.hf.llava import build_empty, export_hf_llava, load_llava
+from vlmkit.models.hf.llava import export_hf_llava, load_llava
 from vlmkit.models.vlm import VLMModel
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -65,7 +65,7 @@ class VLM(VLMModel):
             state = load_file(str(weights))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{weights}: cannot read safetensors ({e})") from None
-        model = build_empty(cls, cfg)
+        model = cls.empty(cfg)
         floats = [t.dtype for t in state.values() if t.is_floating_point()]
         if floats:
             model.to(floats[0])

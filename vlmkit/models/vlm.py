@@ -71,6 +71,20 @@ class VLMModel(nn.Module):
         self.adapter = build_adapter(cfg.adapter, cfg.vision.hidden_size, cfg.llm.hidden_size)
         self.llm = LLM(cfg.llm)
 
+    @classmethod
+    def empty(cls, cfg: VLMConfig) -> "VLMModel":
+        """The model with storage allocated but not initialised, for weights that come from a
+        checkpoint (no time spent on random init); buffers no checkpoint holds are zeroed."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device="cpu")
+        persistent = set(model.state_dict())
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if name not in persistent:
+                    buf.zero_()
+        return model
+
     # --- images -> visual tokens ------------------------------------------------------------------
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

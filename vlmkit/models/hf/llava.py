@@ -104,8 +104,8 @@ def load_llava(path: str | Path, model_cls: type[VLMModel] = VLMModel) -> VLMMod
     if arch not in ("LlavaForConditionalGeneration", "llava"):
         raise CheckpointError(f"{path}: architecture {arch!r} is not LlavaForConditionalGeneration")
     cfg = llava_config(hf, path)
-    tensors, _ = _normalise(read_state_dict(path))
-    model = build_empty(model_cls, cfg)
+    tensors = _normalise(read_state_dict(path))
+    model = model_cls.empty(cfg)
     key_map, ignore = llava_key_map(cfg.vision.style)
     if cfg.llm.tie_embeddings:
         ignore.append(r"language_model\.lm_head\.weight")
@@ -113,23 +113,10 @@ def load_llava(path: str | Path, model_cls: type[VLMModel] = VLMModel) -> VLMMod
     return model.eval()
 
 
-def build_empty(model_cls: type[VLMModel], cfg: VLMConfig) -> VLMModel:
-    """`model_cls(cfg)` with storage allocated but not initialised (weights come from a checkpoint);
-    buffers that no checkpoint holds (non-persistent) are zeroed."""
-    with torch.device("meta"):
-        model = model_cls(cfg)
-    model = model.to_empty(device="cpu")
-    persistent = set(model.state_dict())
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if name not in persistent:
-                buf.zero_()
-    return model
-
-
-def _normalise(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _normalise(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors renamed to the older llava-hf layout (LAYOUTS)."""
     mapping, _ = rename(tensors, LAYOUTS)
-    return {new: tensors[old] for old, new in mapping.items()}, mapping
+    return {new: tensors[old] for old, new in mapping.items()}
 
 
 # --- export ------------------------------------------------------------------------------------------
