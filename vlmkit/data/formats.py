@@ -1,0 +1,385 @@
+"""Readers: data files on disk -> a stream of Record (data/types.py), one reader per format.
+
+Formats (DataSource.format in vlmkit/config.py):
+- llava       LLaVA JSON (a list) or JSONL: {"id", "image": path | [paths], "conversations":
+              [{"from": "human"|"gpt"|"user"|"assistant"|"system", "value": "...<image>..."}]}.
+              A record with images but no `<image>` placeholder gets one per image prepended to
+              its first user turn, as LLaVA's preprocessing does.
+- messages    OpenAI-style chat JSONL: {"messages": [{"role", "content": str | [parts]}]} where a
+              part is {"type": "text", "text"}, {"type": "image", "image": path} or
+              {"type": "image_url", "image_url": {"url": path | file:// | data: URL}}.
+- text        language data JSONL: {"text": "..."} (every token supervised).
+- parquet     parquet files (one, or a directory of them), rows in any of the shapes above, or
+              caption rows {"image", "caption"|"text"}; an image cell is bytes, a path, or an
+              HF-datasets struct {"bytes", "path"} (or a list of those).
+- hf_dataset  a directory written by `datasets.Dataset.save_to_disk`: its .arrow files are read
+              with pyarrow directly (no `datasets` import), rows as for parquet.
+- webdataset  WebDataset tar shards, streamed with tarfile: members `KEY.jpg|png|...` plus
+              `KEY.txt` (the caption) or `KEY.json` ({"caption"|"text"} or a conversation).
+
+Every reader yields Record or BadRecord and never raises on one bad row: malformed JSON is named
+by file:line, a bad image path by record. Image paths resolve under a root (the file's directory
+unless stated); a path that leaves it (`..`, an absolute path elsewhere, a symlink pointing out)
+makes the record bad ("path_escapes_root"). Images are not opened here (data/images.py does).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import tarfile
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlmkit.constants import IMAGE_PLACEHOLDER
+from vlmkit.data.types import ImageRef, Message, Record
+from vlmkit.errors import BadRecordError, ConfigError
+
+FORMATS = ("llava", "messages", "text", "parquet", "hf_dataset", "webdataset")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class BadRecord:
+    """A row that cannot become a Record; `reason` is a stable key for counting."""
+
+    reason: str
+    message: str
+    where: str  # file:line, file#row or shard/key
+    record_id: str | None = None
+
+    def __str__(self) -> str:
+        rid = f" (record {self.record_id})" if self.record_id else ""
+        return f"{self.where}{rid}: {self.reason}: {self.message}"
+
+
+Item = Record | BadRecord
+
+
+# --- format detection ----------------------------------------------------------------------------
+
+def detect_format(path: str | Path) -> str:
+    """Guess the format of a file or directory from its extension, then from its first row."""
+    path = Path(path)
+    if path.is_dir():
+        files = _data_files(path)
+        if not files:
+            raise ConfigError(f"{path}: no data files (.json, .jsonl, .parquet, .arrow, .tar) in this directory")
+        return detect_format(files[0]) if files[0].suffix != ".arrow" else "hf_dataset"
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix == ".arrow":
+        return "hf_dataset"
+    if suffix in (".tar", ".tgz") or path.name.endswith(".tar.gz"):
+        return "webdataset"
+    if suffix in (".json", ".jsonl"):
+        return _shape_of(_first_row(path)) or "llava"
+    raise ConfigError(f"{path}: cannot tell the data format from the name; set format to one of {FORMATS}")
+
+
+def _shape_of(row) -> str | None:
+    if not isinstance(row, dict):
+        return None
+    if "conversations" in row:
+        return "llava"
+    if "messages" in row:
+        return "messages"
+    if "text" in row:
+        return "text"
+    return None
+
+
+def _first_row(path: Path):
+    with path.open("rb") as f:
+        head = f.read(1 << 16).decode("utf-8", errors="replace").lstrip()
+    if head.startswith("["):  # a JSON array: find the first object without loading it all
+        head = head[1:].lstrip()
+    try:
+        return json.JSONDecoder().raw_decode(head)[0]
+    except ValueError:
+        return None
+
+
+def _data_files(directory: Path) -> list[Path]:
+    wanted = (".json", ".jsonl", ".parquet", ".arrow", ".tar")
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in wanted
+                  and not p.name.startswith(("dataset_info", "state", "dataset_dict")))
+
+
+# --- entry point ---------------------------------------------------------------------------------
+
+def read_records(path: str | Path, format: str = "auto", *, root: str | Path | None = None,
+                 kind: str | None = None, source: str | None = None) -> Iterator[Item]:
+    """Every row of a file or directory, in file order, as Record or BadRecord.
+
+    root: directory image paths resolve under (default: the data file's directory).
+    kind: override the records' supervision kind (chat | caption | text).
+    source: name carried by each record (default: the file or directory stem).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"data path {path} does not exist")
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown data format {format!r}; choose one of {FORMATS} or auto")
+    files = _data_files(path) if path.is_dir() else [path]
+    if path.is_dir() and fmt == "webdataset":
+        files = [f for f in files if f.suffix == ".tar"]
+    source = source or path.stem
+    for file in files:
+        base = Path(root) if root is not None else (path if path.is_dir() else file.parent)
+        ctx = _Context(file, base.resolve(), source, kind)
+        if fmt == "webdataset":
+            yield from _read_webdataset(ctx)
+        elif fmt in ("parquet", "hf_dataset"):
+            yield from _read_arrow(ctx)
+        else:
+            yield from _read_json(ctx)
+
+
+@dataclass
+class _Context:
+    file: Path
+    root: Path
+    source: str
+    kind: str | None
+
+
+def _convert(ctx: _Context, row, where: str, default_id: str) -> Item:
+    """One parsed row -> Record, or BadRecord naming what is wrong and where."""
+    rid = str(row.get("id", default_id)) if isinstance(row, dict) else default_id
+    try:
+        if not isinstance(row, dict):
+            raise BadRecordError("malformed_record", f"expected a JSON object, got {type(row).__name__}")
+        record = record_from_row(row, ctx.root, rid, ctx.source)
+    except BadRecordError as e:
+        return BadRecord(e.reason, str(e).split(": ", 1)[-1], where, rid)
+    if ctx.kind is not None:
+        record.kind = ctx.kind
+    record.meta.setdefault("where", where)
+    return record
+
+
+def _read_json(ctx: _Context) -> Iterator[Item]:
+    if ctx.file.suffix.lower() == ".json" and _starts_with_array(ctx.file):
+        try:
+            rows = json.loads(ctx.file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            line = getattr(e, "lineno", 0)
+            yield BadRecord("malformed_json", f"the JSON array cannot be parsed: {e}", f"{ctx.file}:{line}")
+            return
+        for i, row in enumerate(rows):
+            yield _convert(ctx, row, f"{ctx.file}#{i}", f"{ctx.file.stem}:{i}")
+        return
+    with ctx.file.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"{ctx.file}:{lineno}"
+            try:
+                row = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as e:
+                yield BadRecord("malformed_json", f"line is not valid JSON: {e}", where)
+                continue
+            yield _convert(ctx, row, where, f"{ctx.file.stem}:{lineno}")
+
+
+def _starts_with_array(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4096).lstrip().startswith(b"[")
+
+
+def _read_arrow(ctx: _Context) -> Iterator[Item]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if ctx.file.suffix == ".parquet":
+        batches = pq.ParquetFile(ctx.file).iter_batches(batch_size=256)
+    else:  # datasets.save_to_disk writes the IPC stream format; older versions the file format
+        try:
+            batches = iter(pa.ipc.open_stream(pa.memory_map(str(ctx.file))))
+        except pa.ArrowInvalid:
+            batches = iter(pa.ipc.open_file(pa.memory_map(str(ctx.file))).to_batches())
+    index = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            yield _convert(ctx, row, f"{ctx.file}#{index}", f"{ctx.file.stem}:{index}")
+            index += 1
+
+
+def _read_webdataset(ctx: _Context) -> Iterator[Item]:
+    group: dict[str, bytes] = {}
+    key = None
+    try:
+        with tarfile.open(ctx.file, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                directory, _, base = member.name.rpartition("/")
+                stem, dot, ext = base.partition(".")
+                member_key = f"{directory}/{stem}" if directory else stem
+                if member_key != key and group:
+                    yield _webdataset_sample(ctx, key, group)
+                    group = {}
+                key = member_key
+                group[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        yield BadRecord("malformed_shard", f"tar shard cannot be read further: {e}", f"{ctx.file}/{key}")
+    if group:
+        yield _webdataset_sample(ctx, key, group)
+
+
+def _webdataset_sample(ctx: _Context, key: str, group: dict[str, bytes]) -> Item:
+    where = f"{ctx.file}/{key}"
+    image = next((group[e] for e in ("jpg", "jpeg", "png", "webp", "bmp") if e in group), None)
+    row: dict = {"id": key}
+    try:
+        if "json" in group:
+            meta = json.loads(group["json"])
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
+            row.update(meta)
+            row["id"] = key
+        if "txt" in group:
+            row["caption"] = group["txt"].decode("utf-8")
+    except (ValueError, UnicodeDecodeError) as e:
+        return BadRecord("malformed_json", f"sample metadata cannot be parsed: {e}", where, key)
+    if image is not None:
+        row["image"] = image
+    return _convert(ctx, row, where, key)
+
+
+# --- rows -> Record ------------------------------------------------------------------------------
+
+def record_from_row(row: dict, root: Path, rid: str, source: str) -> Record:
+    """Interpret one row of any supported shape; raises BadRecordError."""
+    images = [_image_ref(v, root) for v in _as_list(row.get("image", row.get("images")))]
+    if "conversations" in row:
+        messages = _llava_messages(row["conversations"])
+        return Record(rid, source, "chat", _with_placeholders(messages, len(images)), images)
+    if "messages" in row:
+        messages, part_images = _openai_messages(row["messages"], root)
+        return Record(rid, source, "chat", _with_placeholders(messages, len(images + part_images)),
+                      images + part_images)
+    caption = row.get("caption", row.get("text"))
+    if images:
+        if not isinstance(caption, str) or not caption.strip():
+            raise BadRecordError("no_caption", "an image row needs a non-empty caption / text")
+        messages = [Message("user", IMAGE_PLACEHOLDER * len(images)), Message("assistant", caption)]
+        return Record(rid, source, "caption", messages, images)
+    if isinstance(caption, str):
+        if not caption.strip():
+            raise BadRecordError("empty_text", "text is empty")
+        return Record(rid, source, "text", text=caption)
+    raise BadRecordError("malformed_record", "row has none of conversations / messages / text / image+caption; "
+                         f"keys: {sorted(row)[:8]}")
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _llava_messages(turns) -> list[Message]:
+    if not isinstance(turns, list):
+        raise BadRecordError("malformed_record", "conversations must be a list of turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise BadRecordError("malformed_record", f"conversations[{i}] is not an object")
+        who = turn.get("from", turn.get("role"))
+        text = turn.get("value", turn.get("content"))
+        if who not in ROLES:
+            raise BadRecordError("unknown_role", f"conversations[{i}] has role {who!r}; expected one of {sorted(ROLES)}")
+        if not isinstance(text, str):
+            raise BadRecordError("malformed_record", f"conversations[{i}] has no text value")
+        messages.append(Message(ROLES[who], text))
+    return messages
+
+
+def _openai_messages(turns, root: Path) -> tuple[list[Message], list[ImageRef]]:
+    if not isinstance(turns, list):
+        raise BadRecordError("malformed_record", "messages must be a list")
+    messages, images = [], []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise BadRecordError("malformed_record", f"messages[{i}] is not an object")
+        role, content = turn.get("role"), turn.get("content")
+        if role not in ROLES:
+            raise BadRecordError("unknown_role", f"messages[{i}] has role {role!r}; expected user / assistant / system")
+        if isinstance(content, str):
+            messages.append(Message(ROLES[role], content))
+            continue
+        if not isinstance(content, list):
+            raise BadRecordError("malformed_record", f"messages[{i}].content must be a string or a list of parts")
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                texts.append(str(part.get("text", "")))
+            elif kind in ("image", "image_url"):
+                value = part.get(kind)
+                url = value.get("url") if isinstance(value, dict) else value
+                if not isinstance(url, str):
+                    raise BadRecordError("malformed_record", f"messages[{i}].content[{j}] has no image path / url")
+                images.append(_image_from_url(url, root))
+                texts.append(IMAGE_PLACEHOLDER)
+            else:
+                raise BadRecordError("malformed_record", f"messages[{i}].content[{j}] has unknown type {kind!r}")
+        messages.append(Message(ROLES[role], "\n".join(texts)))
+    return messages, images
+
+
+def _with_placeholders(messages: list[Message], n_images: int) -> list[Message]:
+    """LLaVA convention: images without any placeholder go before the first user turn's text."""
+    if n_images == 0 or any(IMAGE_PLACEHOLDER in m.content for m in messages):
+        return messages
+    for m in messages:
+        if m.role == "user":
+            m.content = (IMAGE_PLACEHOLDER + "\n") * n_images + m.content
+            break
+    return messages
+
+
+def _image_ref(value, root: Path) -> ImageRef:
+    if isinstance(value, (bytes, bytearray)):
+        return ImageRef(data=bytes(value))
+    if isinstance(value, dict):  # HF datasets Image feature: {"bytes": ..., "path": ...}
+        if value.get("bytes"):
+            return ImageRef(data=bytes(value["bytes"]))
+        value = value.get("path")
+    if isinstance(value, str) and value:
+        return ImageRef(path=resolve_image_path(value, root))
+    raise BadRecordError("malformed_record", f"image entry {str(value)[:60]!r} is neither a path nor bytes")
+
+
+def _image_from_url(url: str, root: Path) -> ImageRef:
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        try:
+            data = base64.b64decode(payload, validate=True) if ";base64" in header else urllib.parse.unquote_to_bytes(payload)
+        except (binascii.Error, ValueError):
+            raise BadRecordError("malformed_record", "image data URL is not valid base64") from None
+        return ImageRef(data=data)
+    if url.startswith(("http://", "https://")):
+        raise BadRecordError("remote_image", f"{url[:80]}: remote images are not fetched; download them and "
+                             "refer to local paths")
+    if url.startswith("file://"):
+        url = urllib.parse.unquote(urllib.parse.urlparse(url).path)
+    return ImageRef(path=resolve_image_path(url, root))
+
+
+def resolve_image_path(value: str, root: Path) -> Path:
+    """`value` under `root` (symlinks followed); raises BadRecordError if it leaves the root."""
+    root = root.resolve()
+    resolved = (root / value).resolve()  # an absolute `value` replaces root, as intended
+    if not resolved.is_relative_to(root):
+        raise BadRecordError("path_escapes_root", f"image path {value!r} resolves to {resolved}, outside the "
+                             f"image root {root}")
+    return resolved
