@@ -134,3 +134,12 @@ def test_prompt_errors(vlm):
         normalize_messages([{"role": "user", "content": [{"type": "video"}]}])
     with pytest.raises(PromptError, match="role"):
         normalize_messages([{"role": "robot", "content": "hi"}])
+
+
+def test_engine_without_tokenizer_generates_ids(vlm):
+    prompt = make_prompts(vlm)[1]
+    with_tok = generate_ids(Engine(vlm, ByteTokenizer()), [prompt], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    engine = Engine(vlm)  # VLMModel has no tokenizer
+    assert generate_ids(engine, [prompt], SamplingParams(max_new_tokens=6)) == with_tok
+    with pytest.raises(PromptError, match="tokenizer"):
+        engine.add(prompt, SamplingParams(stop=["x"]))

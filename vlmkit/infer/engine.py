@@ -20,7 +20,6 @@ Shape suffixes: B = rows in the decode batch, T = prompt tokens, V = vocabulary,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -49,7 +48,7 @@ class Sequence:
 
     prompt: Prompt
     params: SamplingParams
-    stream: TextStream
+    stream: TextStream | None  # None: ids only (an engine without a tokenizer)
     stop_ids: frozenset[int]
     generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
@@ -82,26 +81,29 @@ class Sequence:
             return
         if self.params.repetition_penalty != 1.0:
             self._seen = torch.cat([self._seen, torch.tensor([token_id])])
-        self._pending += self.stream.push(token_id)
-        if self.stream.stopped:
+        if self.stream is not None:
+            self._pending += self.stream.push(token_id)
+        if self.stream is not None and self.stream.stopped:
             self._finish("stop")
         elif len(self.output_ids) >= self.params.max_new_tokens:
             self._finish("length")
 
     def _finish(self, reason: str) -> None:
         self.finish_reason = reason
-        self._pending += self.stream.finish()
+        if self.stream is not None:
+            self._pending += self.stream.finish()
 
 
 class Engine:
-    """Runs sequences of one model; not thread-safe (one owner thread drives it)."""
+    """Runs sequences of one model; not thread-safe (one owner thread drives it).
+
+    Without a tokenizer (none given and the model has none) it generates token ids only: no
+    text, no stop strings, no end-of-turn ids, and `prepare` is unavailable.
+    """
 
     def __init__(self, vlm, tokenizer=None):
         self.vlm = vlm
         self.tokenizer = tokenizer if tokenizer is not None else getattr(vlm, "tokenizer", None)
-        if self.tokenizer is None:
-            raise VlmkitError("this model has no tokenizer; generation needs one (save the checkpoint "
-                              "with its tokenizer, or pass tokenizer=)")
         self.device = next(vlm.parameters()).device
         self.max_positions = vlm.config.llm.max_position_embeddings
         self.rows: list[Sequence] = []  # row i of the cache belongs to rows[i]
@@ -111,6 +113,9 @@ class Engine:
 
     def prepare(self, messages: list[dict]) -> Prompt:
         """Tokenise an OpenAI-style conversation; images are decoded and tiled here."""
+        if self.tokenizer is None:
+            raise VlmkitError("this model has no tokenizer, so it cannot read messages; save the checkpoint "
+                              "with its tokenizer, or pass tokenizer=")
         return prepare_prompt(self.vlm, self.tokenizer, messages)
 
     # ---- running sequences ---------------------------------------------------------------------
@@ -124,9 +129,12 @@ class Engine:
         if n + params.max_new_tokens > self.max_positions:
             raise PromptError(f"prompt of {n} tokens + max_new_tokens {params.max_new_tokens} exceeds the "
                               f"model's context of {self.max_positions} tokens")
-        eos_ids = () if params.ignore_eos else self.tokenizer.stop_ids
+        if self.tokenizer is None and params.stop:
+            raise PromptError("stop strings need a tokenizer; this engine generates token ids only")
+        eos_ids = () if params.ignore_eos or self.tokenizer is None else self.tokenizer.stop_ids
         stop_ids = frozenset(eos_ids) | frozenset(params.stop_token_ids)
-        seq = Sequence(prompt, params, TextStream(self.tokenizer, params.stop), stop_ids,
+        stream = TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        seq = Sequence(prompt, params, stream, stop_ids,
                        params.make_generator(self.device))
         if params.repetition_penalty != 1.0:
             seq._seen = torch.tensor(prompt.input_ids)
@@ -248,7 +256,7 @@ def prepare_prompt(vlm, tokenizer, messages: list[dict]) -> Prompt:
     if images:
         processor = vlm.image_processor()
         for image in images:
-            pil = load_image(Path(image) if isinstance(image, str) else image)
+            pil = load_image(image)
             tiles.append(processor(pil))  # (n_tiles, 3, S, S)
     per_tile = vlm.config.tokens_per_image
     visual_tokens = [t.shape[0] * per_tile for t in tiles]

@@ -3,22 +3,21 @@
 The server fetches nothing: an image arrives inline as a data URL (base64) or, when the server
 was started with --allow-dir, as a file:// path inside that directory. Remote http(s) URLs are
 refused with a message saying how to send the image instead. Byte size is checked before
-decoding and pixel count from the header before the pixels are decompressed (decompression
-bombs), then data/images.py's `load_image` decodes and converts to RGB with its own checks.
+decoding; data/images.py's `load_image` then checks the pixel count from the header before the
+pixels are decompressed (decompression bombs), decodes and converts to RGB.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from vlmkit.data.types import ImageRef
+from vlmkit.data.images import load_image
 from vlmkit.errors import BadRecordError
 from vlmkit.serve.schemas import bad_request, too_large
 
@@ -41,19 +40,10 @@ def resolve_image(url: str, limits: ImageLimits, param: str) -> Image.Image:
     if len(raw) > limits.max_bytes:
         raise too_large(f"{param}: image is {len(raw)} bytes; the limit is {limits.max_bytes}", param)
     try:
-        with Image.open(io.BytesIO(raw)) as probe:
-            width, height = probe.size
-    except Exception:
-        raise bad_request(f"{param}: not a readable image (PNG, JPEG, WebP, GIF, BMP ...)", param,
-                          "invalid_image") from None
-    if width * height > limits.max_pixels:
-        raise too_large(f"{param}: image is {width}x{height} = {width * height} pixels; "
-                        f"the limit is {limits.max_pixels}", param)
-    from vlmkit.data.images import load_image
-
-    try:
-        return load_image(ImageRef(data=raw))
+        return load_image(raw, max_pixels=limits.max_pixels)
     except BadRecordError as e:
+        if e.reason == "image_too_large":
+            raise too_large(f"{param}: {e}", param) from None
         raise bad_request(f"{param}: {e}", param, "invalid_image") from None
 
 

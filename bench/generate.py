@@ -1,0 +1,117 @@
+"""Decode speed: vlmkit's engine vs transformers' `generate` on the same llava-hf weights.
+
+Builds a random LlavaForConditionalGeneration (SigLIP tower + Llama decoder) from a config,
+saves it, imports the directory with `VLM.from_hf_llava`, and times greedy decoding of
+the same prompts (one image + text each) at batch 1 and batch 8 on both sides. Decode speed is
+generated tokens per second excluding prefill: (time for N new tokens - time for 1) / (N - 1)
+per row. Both sides must produce the same tokens (checked and printed).
+
+    .venv/bin/python bench/generate.py [--new-tokens 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlmkit.infer.engine import Engine, Prompt  # noqa: E402
+from vlmkit.infer.sampling import SamplingParams  # noqa: E402
+from vlmkit.api import VLM  # noqa: E402
+
+IMAGE_TOKEN = 3
+
+
+def build_llava(out: Path):
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    torch.manual_seed(0)
+    # the scale of `vlmkit demo`'s model: ViT 3x128 on 48 px images, decoder 4x192
+    vision = SiglipVisionConfig(image_size=48, patch_size=8, hidden_size=128, intermediate_size=512,
+                                num_hidden_layers=3, num_attention_heads=4)
+    text = LlamaConfig(vocab_size=2048, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                       num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=1024)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                      vision_feature_layer=-1, vision_feature_select_strategy="full")
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.save_pretrained(out)
+    return model
+
+
+def make_batch(batch: int, patches: int, text_len: int = 24):
+    g = torch.Generator().manual_seed(batch)
+    text = torch.randint(10, 2048, (batch, text_len), generator=g)
+    ids = torch.cat([torch.full((batch, patches), IMAGE_TOKEN), text], dim=1)  # (B, T)
+    pixels = torch.randn(batch, 3, 48, 48, generator=g)
+    return ids, pixels
+
+
+def hf_generate(model, ids, pixels, new_tokens: int) -> torch.Tensor:
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
+    return out[:, ids.shape[1]:]
+
+
+def vlmkit_generate(vlm, ids, pixels, new_tokens: int) -> torch.Tensor:
+    engine = Engine(vlm)  # no tokenizer: token ids only, like the transformers side
+    params = SamplingParams(max_new_tokens=new_tokens)
+    seqs = [engine.add(Prompt(ids[b].tolist(), pixels[b:b + 1]), params) for b in range(ids.shape[0])]
+    while engine.rows:
+        engine.step()
+        for s in [s for s in engine.rows if s.finished]:
+            engine.remove(s)
+    return torch.tensor([s.output_ids for s in seqs])
+
+
+def best_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def decode_rate(fn, batch: int, new_tokens: int, repeats: int) -> float:
+    """Generated tokens per second of the decode phase (prefill time subtracted)."""
+    full = best_time(lambda: fn(new_tokens), repeats)
+    prefill = best_time(lambda: fn(1), repeats)
+    return batch * (new_tokens - 1) / max(full - prefill, 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: steadiest timings on a shared 2-core machine)")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = build_llava(Path(tmp))
+        vlm = VLM.from_hf_llava(tmp)
+    patches = vlm.config.tokens_per_image
+    print(f"model: SigLIP 3x128 (48 px, {patches} visual tokens) + Llama 4x192, "
+          f"{sum(p.numel() for p in vlm.parameters()) / 1e6:.1f}M params; torch threads {torch.get_num_threads()}")
+    for batch in args.batches:
+        ids, pixels = make_batch(batch, patches)
+        same = torch.equal(hf_generate(hf, ids, pixels, args.new_tokens),
+                           vlmkit_generate(vlm, ids, pixels, args.new_tokens))
+        ours = decode_rate(lambda n: vlmkit_generate(vlm, ids, pixels, n), batch, args.new_tokens, args.repeats)
+        theirs = decode_rate(lambda n: hf_generate(hf, ids, pixels, n), batch, args.new_tokens, args.repeats)
+        print(f"batch {batch}: vlmkit {ours:.0f} tok/s, transformers {theirs:.0f} tok/s, ratio {ours / theirs:.2f}x "
+              f"(target >= 1.5x); same tokens: {same}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
