@@ -145,3 +145,33 @@ def test_image_processor_follows_the_config():
     assert tiles.shape[1:] == (3, 16, 16) and 1 < tiles.shape[0] <= 5
     # red, normalised with the encoder's mean / std (0.5, 0.5): (1 - 0.5) / 0.5 and (0 - 0.5) / 0.5
     assert torch.allclose(tiles[0, :, 0, 0], torch.tensor([1.0, -1.0, -1.0]), atol=1e-2)
+
+
+def _wordlevel_tokenizer_dir(path, size):
+    """A ChatML word-level HF tokenizer directory of exactly `size` tokens, without an image token."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    words = ["[UNK]", "hello", "world"] + [f"w{i}" for i in range(size - 6)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+
+
+def test_from_hf_adds_image_token_to_the_llm_tokenizer_and_round_trips_it(tmp_path):
+    pytest.importorskip("vlmkit.data.tokenizer")
+    _save_hf_parts(tmp_path)
+    _wordlevel_tokenizer_dir(tmp_path / "llm", 64)
+    model = VLM.from_hf(vision=tmp_path / "vision", llm=tmp_path / "llm", adapter="mlp")
+    assert model.tokenizer.image_token_id == 64 == model.config.image_token_id
+    assert model.config.llm.vocab_size == 65 and model.llm.embed_tokens.weight.shape[0] == 65
+    model.save_pretrained(tmp_path / "vlm")
+    loaded = VLM.from_pretrained(tmp_path / "vlm")
+    assert loaded.tokenizer.image_token_id == 64
+    assert loaded.tokenizer.encode("hello <image> world") == model.tokenizer.encode("hello <image> world")
+    ids = torch.tensor([[1, 2] + [64] * 16 + [5]])
+    pixels = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, pixels), model(ids, pixels))

@@ -147,3 +147,32 @@ def test_export_refusals(tmp_path, changes, match):
     with pytest.raises(ConfigError, match=match):
         export_hf_llava(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_with_tokenizer_loads_in_transformers_processor(tmp_path):
+    """AutoProcessor reads the exported directory; its inputs give our logits through transformers."""
+    tokenizer_mod = pytest.importorskip("vlmkit.data.tokenizer")
+    from PIL import Image
+
+    from vlmkit.api import VLM
+
+    tok = tokenizer_mod.Tokenizer.train(["a red square and a blue circle, hello world"] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    cfg = VLMConfig(vision=dict(style="siglip", image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                num_layers=2, num_heads=4),
+                    adapter=dict(kind="mlp"),
+                    llm=dict(vocab_size=tok.vocab_size, hidden_size=48, num_heads=4, num_layers=2),
+                    image_token_id=tok.image_token_id)
+    ours = VLM(cfg, tokenizer=tok).eval()
+    ours.export_hf_llava(tmp_path)
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hello world"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    torch.manual_seed(2)
+    image = Image.fromarray((torch.rand(40, 56, 3) * 255).byte().numpy())
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    assert int((inputs["input_ids"] == tok.image_token_id).sum()) == cfg.tokens_per_image
+    ref = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        diff = (ref(**inputs).logits - ours(inputs["input_ids"], inputs["pixel_values"])).abs().max()
+    assert diff <= 1e-4

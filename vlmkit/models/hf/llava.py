@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from vlmkit.constants import IMAGE_TOKEN
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.config import AdapterConfig, VLMConfig
 from vlmkit.models.hf.common import KeyMap, architecture, load_into, read_config, read_state_dict, rename
@@ -203,9 +204,10 @@ def _preprocessor_config(cfg: VLMConfig) -> dict[str, Any]:
             "size": {"height": v.image_size, "width": v.image_size}}
 
 
-def export_hf_llava(model: VLMModel, out_dir: str | Path, image_token: str = "<image>") -> Path:
-    """Write `model` (and its tokenizer, when it has one) as a directory LlavaForConditionalGeneration
-    loads: config.json, model.safetensors, preprocessor_config.json, processor_config.json."""
+def export_hf_llava(model: VLMModel, out_dir: str | Path) -> Path:
+    """Write `model` as a directory LlavaForConditionalGeneration loads: config.json,
+    model.safetensors, preprocessor_config.json; and when the model has a tokenizer, its files plus
+    processor_config.json and chat_template.jinja, so that AutoProcessor loads the directory too."""
     cfg = model.config
     check_llava_exportable(cfg)
     out = Path(out_dir)
@@ -220,9 +222,13 @@ def export_hf_llava(model: VLMModel, out_dir: str | Path, image_token: str = "<i
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.save(out)
+        image_token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
         processor = {"processor_class": "LlavaProcessor", "image_token": image_token,
                      "patch_size": cfg.vision.patch_size,
                      "vision_feature_select_strategy": hf_config["vision_feature_select_strategy"],
                      "num_additional_image_tokens": 1 if cfg.vision.style == "clip" else 0}
         (out / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+        template = getattr(tokenizer, "chat_template", None)
+        if isinstance(template, str):  # the processor reads its own copy (AutoProcessor.apply_chat_template)
+            (out / "chat_template.jinja").write_text(template)
     return out
