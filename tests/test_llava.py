@@ -176,3 +176,9 @@ def test_export_with_tokenizer_loads_in_transformers_processor(tmp_path):
     with torch.no_grad():
         diff = (ref(**inputs).logits - ours(inputs["input_ids"], inputs["pixel_values"])).abs().max()
     assert diff <= 1e-4
+    # our import of the export brings the tokenizer back
+    again = VLM.from_hf_llava(tmp_path)
+    assert again.tokenizer is not None and again.tokenizer.image_token_id == tok.image_token_id
+    with torch.no_grad():
+        assert torch.equal(again(inputs["input_ids"], inputs["pixel_values"]),
+                           ours(inputs["input_ids"], inputs["pixel_values"]))
