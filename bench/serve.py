@@ -1,0 +1,145 @@
+"""Serving throughput: continuous batching vs one request at a time, 8 concurrent clients.
+
+Starts `vlmkit serve` twice on the same checkpoint (a random VLM built here unless --model is
+given): with --max-batch 8 and with --max-batch 1. Each run, 8 client threads (the official
+`openai` client) send requests back to back, each with an image as a data URL; the bench
+reports generated tokens per second over the whole run and prints the ratio.
+
+    .venv/bin/python bench/serve.py [--model DIR] [--clients 8] [--requests 3] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_checkpoint(out: Path) -> Path:
+    """A random VLM (ViT 2x128 on 64 px, pixel shuffle, decoder 4x256) with a tokenizer trained here."""
+    import pydoc_data.topics
+
+    import torch
+
+    from vlmkit.api import VLM
+    from vlmkit.data.tokenizer import Tokenizer
+    from vlmkit.models.config import AdapterConfig, LLMConfig, VisionConfig, VLMConfig
+
+    torch.manual_seed(0)
+    texts = [t for t in pydoc_data.topics.topics.values()][:200]
+    tok = Tokenizer.train(texts, vocab_size=2048)
+    cfg = VLMConfig(vision=VisionConfig(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512,
+                                        num_layers=2, num_heads=4),
+                    adapter=AdapterConfig(kind="pixel_shuffle", scale_factor=2),
+                    llm=LLMConfig(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=768, num_layers=4,
+                                  num_heads=8, num_kv_heads=4, max_position_embeddings=1024),
+                    image_token_id=tok.image_token_id)
+    model = VLM(cfg)
+    model.tokenizer = tok
+    model.save_pretrained(out)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def image_data_url(seed: int) -> str:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def start_server(model: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "vlmkit", "serve", "--model", str(model), "--port", str(port),
+                             "--max-batch", str(max_batch)], cwd=ROOT, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"vlmkit serve exited with {proc.returncode}")
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("vlmkit serve did not come up in 120 s")
+
+
+def run_clients(url: str, clients: int, requests: int, max_tokens: int) -> tuple[int, float]:
+    import openai
+
+    tokens = [0] * clients
+    barrier = threading.Barrier(clients + 1)
+
+    def client(i: int) -> None:
+        api = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+        barrier.wait()
+        for r in range(requests):
+            out = api.chat.completions.create(
+                model="bench", temperature=0, max_tokens=max_tokens, extra_body={"ignore_eos": True},
+                messages=[{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": image_data_url(i * 100 + r)}},
+                    {"type": "text", "text": f"Describe picture number {i * 100 + r} in detail."}]}])
+            tokens[i] += out.usage.completion_tokens
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    return sum(tokens), time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: build a random one)")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=3, help="requests per client")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(args.model) if args.model else build_checkpoint(Path(tmp) / "model")
+        results = {}
+        for max_batch in (args.clients, 1):
+            proc, url = start_server(model, max_batch)
+            try:
+                run_clients(url, 2, 1, 4)  # warm-up
+                tokens, seconds = run_clients(url, args.clients, args.requests, args.max_tokens)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+            results[max_batch] = tokens / seconds
+            print(f"--max-batch {max_batch}: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tokens/s "
+                  f"({args.clients} clients x {args.requests} requests x {args.max_tokens} tokens)", flush=True)
+    ratio = results[args.clients] / results[1]
+    print(f"continuous batching / one at a time: {ratio:.2f}x (target >= 3x)")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

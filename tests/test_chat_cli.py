@@ -1,0 +1,75 @@
+"""`vlmkit chat`: one-shot and an interactive session fed through a pipe."""
+
+import io
+import subprocess
+import sys
+
+import pytest
+
+from tests.serving_support import build_checkpoint, png_bytes
+
+# the tokenizer and chat template are part of the data package; skip until it provides them
+pytest.importorskip("vlmkit.data.tokenizer", reason="vlmkit.data.tokenizer is not available yet")
+pytest.importorskip("vlmkit.data.template", reason="vlmkit.data.template is not available yet")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("chat") / "model")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "a.png"
+    path.write_bytes(png_bytes(3))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    from vlmkit.api import VLM
+
+    return VLM.from_pretrained(model_dir)
+
+
+def chat(*args, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlmkit", "chat", *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_one_shot_with_image_matches_generate(model_dir, image, model):
+    out = chat("--model", model_dir, "--image", image, "--max-new-tokens", "16", "what", "is", "it?")
+    assert out.returncode == 0, out.stderr
+    expected = model.generate([{"role": "user", "content": [{"type": "image", "image": str(image)},
+                                                            {"type": "text", "text": "what is it?"}]}],
+                              max_new_tokens=16)
+    assert out.stdout == expected + "\n"
+
+
+def test_interactive_session_through_a_pipe(model_dir, image, model):
+    from vlmkit.infer.chat import ChatSession
+
+    script = f"describe\n/image {image}\nwhat colour?\n/image /no/such.png\n/reset\ndescribe\n/bogus\n/exit\nnever\n"
+    out = chat("--model", model_dir, "--max-new-tokens", "12", stdin=script)
+    assert out.returncode == 0, out.stderr
+    # the same turns through the session object, with its own output buffer
+    session = ChatSession(model, dict(max_new_tokens=12))
+    buf = io.StringIO()
+    first = session.ask("describe", buf)
+    session.attach(str(image))
+    second = session.ask("what colour?", buf)
+    assert len(session.messages) == 4  # two turns of history
+    session.reset()
+    third = session.ask("describe", buf)
+    assert third == first  # /reset forgets the conversation
+    head = f"{first}\n[image attached: {image}]\n{second}\n[cannot use image: "
+    tail = f"[conversation reset]\n{third}\n[unknown command '/bogus'"
+    assert out.stdout.startswith(head)
+    bad_image_line, _, rest = out.stdout[len(head):].partition("\n")
+    assert "/no/such.png" in bad_image_line
+    assert rest.startswith(tail) and rest.count("\n") == tail.count("\n") + 1  # /exit stopped before "never"
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    out = chat("--model", tmp_path / "nothing", "hi")
+    assert out.returncode == 2 and "config.json" in out.stderr and "Traceback" not in out.stderr
