@@ -57,6 +57,18 @@ def _open_bytes(src: ImageSource) -> tuple[io.BytesIO | Path, str]:
     return path, str(path)
 
 
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _has_image_signature(fp: io.BytesIO | Path) -> bool:
+    if isinstance(fp, Path):
+        with fp.open("rb") as f:
+            head = f.read(12)
+    else:
+        head = fp.getvalue()[:12]
+    return head.startswith(IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
 def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode `src` into an 8-bit RGB PIL image with EXIF orientation applied."""
     if isinstance(src, Image.Image):
@@ -69,7 +81,9 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
             image = Image.open(fp)  # reads the header only
         except Image.DecompressionBombError as e:
             raise BadRecordError("image_too_large", f"{name}: {e}") from None
-        except (UnidentifiedImageError, SyntaxError, ValueError):
+        except (UnidentifiedImageError, SyntaxError, ValueError, EOFError):
+            if _has_image_signature(fp):  # an image's first bytes, cut off before the header ends
+                raise BadRecordError("truncated_image", f"{name} is cut off inside its header") from None
             raise BadRecordError("not_an_image", f"{name} is not a readable image (PNG, JPEG, WebP, ...)") from None
         except OSError as e:
             raise BadRecordError("truncated_image", f"{name}: {e}") from None

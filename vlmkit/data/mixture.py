@@ -98,3 +98,50 @@ class Mixture:
         self.calls = int(state["calls"])
         for s in self.sources:
             s.packer.load_state_dict(state["sources"][s.name])
+
+
+# --- from the run config (vlmkit/config.py: RunConfig.data, Stage) --------------------------------
+
+def source_modality(source) -> Modality:
+    """"text" for language data (format text, or kind text), else "image"."""
+    from vlmkit.data.formats import detect_format
+
+    if source.kind == "text":
+        return "text"
+    fmt = source.format
+    if fmt == "auto":
+        try:
+            fmt = detect_format(source.path)
+        except ConfigError:
+            return "image"
+    return "text" if fmt == "text" else "image"
+
+
+def open_source(cfg, name: str, tokenizer, processor, tokens_per_image: int, budget: int, *, rank: int = 0,
+                world: int = 1, seed: int = 0, loop: bool = True, buffer_size: int = 256) -> Packer:
+    """A Packer over the RunConfig source `name` (its path, format, root, kind) for one rank.
+
+    loop=False with the default arguments is the evaluation pass: one epoch, then the buffer drains.
+    """
+    from vlmkit.data.pipeline import SamplePipeline
+
+    src = cfg.data[name]
+    path = cfg.resolve(src.path)
+    stream = SourceStream(path, src.format, root=cfg.resolve(src.root), kind=src.kind, name=name,
+                          rank=rank, world=world, seed=seed, shuffle_block=1024 if loop else 1, loop=loop)
+    pipeline = SamplePipeline(tokenizer, processor, tokens_per_image, max_length=budget,
+                              max_bad_fraction=cfg.max_bad_fraction, name=name)
+    return Packer(stream, pipeline, budget, buffer_size=buffer_size)
+
+
+def build_mixture(cfg, stage_index: int, tokenizer, processor, tokens_per_image: int, *, rank: int = 0,
+                  world: int = 1, buffer_size: int = 256) -> Mixture:
+    """The training mixture of stage `stage_index` of a RunConfig, for data-parallel `rank` of `world`."""
+    stage = cfg.stages[stage_index]
+    seed = stage.seed * 1000 + stage_index
+    sources = [MixtureSource(name, open_source(cfg, name, tokenizer, processor, tokens_per_image, stage.token_budget,
+                                               rank=rank, world=world, seed=seed, buffer_size=buffer_size),
+                             weight, source_modality(cfg.data[name]))
+               for name, weight in cfg.stage_mixture(stage_index).items() if weight > 0]
+    warmup = stage.modality_warmup_steps
+    return Mixture(sources, seed=seed, warmup_steps=warmup, image_share_start=stage.image_share_start if warmup else None)

@@ -1,0 +1,119 @@
+"""data/pipeline.py: Record -> Sample with every kind of bad record skipped, counted and named,
+truncation vs drop, the max_bad_fraction stop, and visual-token counts that follow the tiles."""
+
+import json
+import logging
+
+import pytest
+from PIL import Image
+
+from vlmkit.constants import IGNORE_INDEX
+from vlmkit.data.formats import read_records
+from vlmkit.data.images import ImageProcessor
+from vlmkit.data.pipeline import SamplePipeline, TooManyBadRecords
+from test_images import bomb_png
+
+pytest.importorskip("vlmkit.data.template")
+pytest.importorskip("vlmkit.data.tokenizer")
+
+from vlmkit.data.tokenizer import Tokenizer  # noqa: E402
+
+TEXTS = ["What color is the square? The square is red.", "Describe the picture in a few words."] * 30
+TPI = 4  # visual tokens per tile
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(TEXTS, vocab_size=300)
+
+
+def chat(image, question="<image>\nWhat color?", answer="Red.", rid="r"):
+    row = {"id": rid, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    if image is not None:
+        row["image"] = image
+    return row
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    Image.new("RGB", (64, 32), (255, 0, 0)).save(root / "wide.png")
+    good = (root / "wide.png").read_bytes()
+    (root / "trunc.png").write_bytes(good[: len(good) // 2])
+    (root / "empty.png").write_bytes(b"")
+    (root / "fake.png").write_text("not an image at all")
+    (root / "bomb.png").write_bytes(bomb_png())
+    (tmp_path / "secret.png").write_bytes(good)
+    rows = [
+        chat("wide.png", rid="ok1"),
+        chat("missing.png", rid="missing"),
+        chat("trunc.png", rid="trunc"),
+        chat("empty.png", rid="empty"),
+        chat("fake.png", rid="fake"),
+        chat("bomb.png", rid="bomb"),
+        chat("../secret.png", rid="escape"),
+        "{broken json",
+        {"id": "role", "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}]},
+        {"id": "noasst", "conversations": [{"from": "human", "value": "hi"}]},
+        chat("wide.png", question="<image><image> two?", rid="mismatch"),
+        chat(None, question="Say it.", answer="Red. " * 200, rid="long"),
+        chat(None, question="Describe " * 200, answer="Red.", rid="cut"),
+        chat(None, question="Plain text question?", rid="ok2"),
+    ]
+    path = root / "d.jsonl"
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def run(path, tok, **kw):
+    proc = ImageProcessor(16, (0.5,) * 3, (0.5,) * 3, max_tiles=4)
+    pipe = SamplePipeline(tok, proc, TPI, max_length=120, max_bad_fraction=1.0, **kw)
+    samples = [s for s in map(pipe.encode, read_records(path)) if s is not None]
+    return pipe, samples
+
+
+def test_every_bad_kind_is_counted_and_named(data_dir, tok, caplog):
+    with caplog.at_level(logging.WARNING, logger="vlmkit.data"):
+        pipe, samples = run(data_dir, tok)
+    st = pipe.stats
+    assert dict(st.bad) == {"missing_image": 1, "truncated_image": 1, "empty_image": 1, "not_an_image": 1,
+                            "image_too_large": 1, "path_escapes_root": 1, "malformed_json": 1, "unknown_role": 1,
+                            "no_assistant_turn": 1, "placeholder_mismatch": 1, "no_supervised_tokens": 1}
+    assert [s.id for s in samples] == ["ok1", "long", "ok2"]  # good records are never dropped
+    assert st.seen == 14 and st.ok == 3 and st.truncated == 2
+    assert "d.jsonl:8" in caplog.text and "(record bomb)" in caplog.text
+    assert "d.jsonl:2 (record missing)" in st.examples["missing_image"][0]
+    assert "14 records, 3 ok, 11 skipped" in pipe.log_summary()
+
+
+def test_samples_carry_tiles_and_visual_tokens(data_dir, tok):
+    _, samples = run(data_dir, tok)
+    wide = samples[0]
+    assert wide.tiles_per_image == [3] and wide.pixel_values.shape == (3, 3, 16, 16)  # 2x1 grid + thumbnail
+    assert wide.input_ids.count(tok.image_token_id) == 3 * TPI
+    assert len(wide.labels) == len(wide.input_ids) and any(t != IGNORE_INDEX for t in wide.labels)
+    long = samples[1]
+    assert len(long) == 120 and long.pixel_values is None and long.modality == "text"
+
+
+def test_drop_instead_of_truncate(data_dir, tok):
+    pipe, samples = run(data_dir, tok, overflow="drop")
+    assert [s.id for s in samples] == ["ok1", "ok2"]
+    assert pipe.stats.bad["too_long"] == 2 and pipe.stats.truncated == 0
+
+
+def test_truncation_never_splits_an_image(tmp_path, tok):
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    (tmp_path / "d.jsonl").write_text(json.dumps(chat("a.png", question="Hello " * 100 + "<image>")) + "\n")
+    pipe, samples = run(tmp_path / "d.jsonl", tok)
+    assert samples == [] and pipe.stats.bad["too_long"] == 1
+
+
+def test_too_many_bad_records_stops_with_examples(data_dir, tok):
+    proc = ImageProcessor(16, (0.5,) * 3, (0.5,) * 3)
+    pipe = SamplePipeline(tok, proc, TPI, max_bad_fraction=0.2, min_records=5, name="mydata")
+    items = iter(read_records(data_dir))
+    with pytest.raises(TooManyBadRecords, match=r"source 'mydata': \d+ of 5 records are unusable.*missing_image"):
+        for item in items:
+            pipe.encode(item)
