@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmkit.models.attention import AttnSpec, KVCache, attention, padding_mask
+from vlmkit.models.attention import AttnSpec, KVCache, attention, flash_available, padding_mask
 
 
 def qkv(T, H=4, Hkv=2, Dh=8, B=None, seed=0, device="cpu", dtype=torch.float32):
@@ -86,6 +86,9 @@ def test_bad_backend_and_batch():
         attention(q, k, v, AttnSpec.causal(), backend="xformers")
     with pytest.raises(ValueError, match="packed"):
         attention(q, k, v, AttnSpec.causal(), backend="flash")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            attention(q[:1], k[:1], v[:1], AttnSpec.packed(torch.tensor([0, 4])), backend="flash")
 
 
 def test_kv_cache_ragged_prefill_then_decode():
@@ -162,7 +165,8 @@ def test_sdpa_packed_matches_padded_on_cuda():
 @pytest.mark.cuda
 @cuda
 def test_flash_varlen_matches_sdpa_packed_and_padded_on_cuda():
-    pytest.importorskip("flash_attn")
+    if not flash_available(torch.device("cuda")):
+        pytest.skip("no varlen flash kernel: needs flash-attn or PyTorch >= 2.10 on an Ampere+ GPU")
     cu = torch.tensor([0] + SEQLENS).cumsum(0).cuda()
     q, k, v = qkv(sum(SEQLENS), H=8, Hkv=2, Dh=64, device="cuda", dtype=torch.bfloat16)
     spec = AttnSpec.packed(cu)

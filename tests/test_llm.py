@@ -186,9 +186,10 @@ def test_non_silu_rejected():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("hidden", [48, 64])  # head_dim 12: SDPA; 16: the flash varlen kernel where present
 @torch.no_grad()
-def test_packed_padded_and_cache_agree_on_cuda_bf16():
-    model = tiny().cuda().to(torch.bfloat16)
+def test_packed_padded_and_cache_agree_on_cuda_bf16(hidden):
+    model = tiny(hidden_size=hidden).cuda().to(torch.bfloat16)
     seqs = [s.cuda() for s in samples([33, 7, 64, 1])]
     ids, mask = right_padded(seqs)
     padded = model(ids.cuda(), attention_mask=mask.cuda()).float()

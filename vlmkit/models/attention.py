@@ -6,8 +6,8 @@ layout) and an `AttnSpec` that says how tokens may attend:
 - packed: many samples concatenated into one flat sequence (B = 1 or no batch dim) with
   `cu_seqlens`, no padding; attention never crosses a sample boundary. On the CPU one SDPA call per
   group of equal-length samples is about 2x faster than one call with a block-diagonal mask over a
-  4k pack (measured, DESIGN.md); on CUDA `flash_attn_varlen_func` runs it when flash-attn is
-  installed (Dao, "FlashAttention-2", 2023).
+  4k pack (measured, DESIGN.md); on CUDA a FlashAttention varlen kernel runs it: flash-attn's
+  `flash_attn_varlen_func` when installed, else PyTorch's `varlen_attn` (Dao, "FlashAttention-2", 2023).
 - padded: a (B, T) batch with an attention mask (1 = real token), causal + key padding.
 - causal: a (B, T) batch without padding.
 - mask: an explicit boolean mask (B, 1, Tq, Tk); the KV cache builds one for each decode step.
@@ -25,6 +25,7 @@ Shape suffixes: B batch rows, T tokens, H query heads, Hkv kv heads, Dh head dim
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,16 +37,40 @@ Backend = Literal["auto", "sdpa", "flash"]
 
 @functools.cache
 def _flash_varlen():
-    """flash_attn_varlen_func, or None when flash-attn is not installed."""
+    """A FlashAttention varlen kernel (q, k, v, cu_seqlens, max_seqlen, causal) -> out, or None.
+
+    The flash-attn package's `flash_attn_varlen_func` when installed, else PyTorch's own
+    `torch.nn.attention.varlen.varlen_attn` (PyTorch >= 2.10; older releases take `is_causal`,
+    newer ones a `window_size` and `enable_gqa`)."""
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
+        pass
+    else:
+        return lambda q, k, v, cu, n, causal: flash_attn_varlen_func(q, k, v, cu, cu, n, n, causal=causal)
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
         return None
-    return flash_attn_varlen_func
+    params = inspect.signature(varlen_attn).parameters
+
+    def run(q, k, v, cu, n, causal):
+        kw = {"is_causal": causal} if "is_causal" in params else {"window_size": (-1, 0) if causal else (-1, -1)}
+        if k.shape[1] != q.shape[1]:
+            if "enable_gqa" in params:
+                kw["enable_gqa"] = True
+            else:
+                rep = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        return varlen_attn(q, k, v, cu, cu, n, n, **kw)
+
+    return run
 
 
 def flash_available(device: torch.device) -> bool:
-    return device.type == "cuda" and _flash_varlen() is not None
+    """A varlen flash kernel exists and the device runs it (CUDA, Ampere or newer)."""
+    return (device.type == "cuda" and _flash_varlen() is not None
+            and torch.cuda.get_device_capability(device)[0] >= 8)
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,7 +132,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec,
     """Scaled dot-product attention (scale 1/sqrt(Dh)) as `spec` allows.
 
     q (B, T, H, Dh), k / v (B, Tk, Hkv, Dh) -> (B, T, H, Dh). Packed specs also take (T, H, Dh).
-    backend: auto = flash-attn varlen for packed specs on CUDA when installed, SDPA otherwise.
+    backend: auto = a flash varlen kernel for fp16 / bf16 packed specs on CUDA when one exists
+    (head dim a multiple of 8, at most 256), SDPA otherwise; "sdpa" / "flash" force one.
     """
     if backend not in ("auto", "sdpa", "flash"):
         raise ValueError(f"attention backend must be auto, sdpa or flash, got {backend!r}")
@@ -118,12 +144,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec,
                 raise ValueError(f"packed attention takes one flat sequence (B = 1), got B = {q.shape[0]}")
             q, k, v = q[0], k[0], v[0]
         use_flash = backend == "flash" or (backend == "auto" and flash_available(q.device)
-                                            and q.dtype in (torch.float16, torch.bfloat16))
+                                            and q.dtype in (torch.float16, torch.bfloat16)
+                                            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)  # kernel limits
         if use_flash:
-            if _flash_varlen() is None:
-                raise RuntimeError("attention backend 'flash' requested but flash-attn is not installed")
+            if not flash_available(q.device):
+                raise RuntimeError("attention backend 'flash' needs a CUDA GPU (Ampere or newer) and flash-attn "
+                                   "or PyTorch >= 2.10 (torch.nn.attention.varlen)")
             cu = spec.cu_seqlens.to(device=q.device, dtype=torch.int32)
-            out = _flash_varlen()(q, k, v, cu, cu, spec.max_seqlen, spec.max_seqlen, causal=causal)
+            out = _flash_varlen()(q, k, v, cu, spec.max_seqlen, causal)
         else:
             out = _packed_sdpa(q, k, v, spec.seqlens, causal)
         return out if flat else out.unsqueeze(0)
