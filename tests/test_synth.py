@@ -1,0 +1,187 @@
+"""The synthetic world: determinism, disjoint splits, every category present with balanced answers,
+questions answerable and unambiguous, pixels where the scene says, files that parse, the text corpus."""
+
+import hashlib
+import json
+import random
+import re
+from collections import Counter
+
+import pytest
+
+from vlmkit.constants import IMAGE_PLACEHOLDER
+from vlmkit.data import corpus, synth
+from vlmkit.data.synth import (CATEGORIES, COLORS, DIRECTIONS, GRID, POSITIONS, SHAPES, answer_space, chance_accuracy,
+                               generate, questions, render, sample_scene)
+
+SMALL = dict(n_train=60, n_val=20, n_test=30, text_corpus=False)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("world"), **SMALL)
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_generate_is_deterministic(world, tmp_path):
+    again = generate(tmp_path, **SMALL)
+    root, other = synth.Path(world["dir"]), synth.Path(again["dir"])
+    for name in ("qa_train.json", "qa_val.jsonl", "captions_train.json", "synth.jsonl"):
+        assert digest(root / name) == digest(other / name), name
+    for image in sorted((root / "images").iterdir())[::17]:
+        assert digest(image) == digest(other / "images" / image.name)
+    assert digest(root / "qa_test.json") != digest(synth.Path(generate(tmp_path / "s1", seed=1, **SMALL)["dir"])
+                                                   / "qa_test.json")
+
+
+def test_splits_are_disjoint_and_test_does_not_depend_on_train():
+    splits = synth.split_scenes(0, {"train": 400, "val": 100, "test": 200}, 0.35)
+    signatures = {name: {s.signature() for s in scenes} for name, scenes in splits.items()}
+    assert not signatures["train"] & signatures["test"]
+    assert not signatures["train"] & signatures["val"] and not signatures["val"] & signatures["test"]
+    bigger = synth.split_scenes(0, {"train": 900, "val": 100, "test": 200}, 0.35)
+    assert [s.signature() for s in bigger["test"]] == [s.signature() for s in splits["test"]]
+
+
+def test_files_parse_and_reference_existing_images(world):
+    root = synth.Path(world["dir"])
+    for key in ("captions_train", "captions_val", "qa_train", "qa_val", "qa_test"):
+        records = json.loads(synth.Path(world[key]).read_text())
+        assert records and len({r["id"] for r in records}) == len(records)
+        for r in records:
+            assert (root / r["image"]).is_file()
+            conv = r["conversations"]
+            assert [c["from"] for c in conv] == ["human", "gpt"] * (len(conv) // 2)
+            assert conv[0]["value"].startswith(IMAGE_PLACEHOLDER + "\n")
+            assert sum(c["value"].count(IMAGE_PLACEHOLDER) for c in conv) == 1
+    for key in ("qa_train_messages", "qa_val_messages", "qa_test_messages"):
+        for line in open(world[key]):
+            r = json.loads(line)
+            first = r["messages"][0]["content"]
+            assert first[0] == {"type": "image", "image": first[0]["image"]} and (root / first[0]["image"]).is_file()
+            assert [m["role"] for m in r["messages"]] == ["user", "assistant"] * (len(r["messages"]) // 2)
+    items = [json.loads(line) for line in open(world["test"])]
+    assert {i["category"] for i in items} == set(CATEGORIES)
+    for item in items:
+        assert set(item) >= {"id", "images", "question", "answer", "category"}
+        if item["category"] == "multiple_choice":
+            assert len(item["choices"]) == 4 and item["answer"] in "ABCD"
+        else:
+            assert "choices" not in item and item["answer"] in answer_space(item["category"])
+    meta = json.loads((root / "world.json").read_text())
+    assert meta["categories"]["ocr"]["chance"] == pytest.approx(0.1)
+    assert meta["counts"]["test"]["scenes"] == SMALL["n_test"]
+
+
+def test_benchmark_file_reads_with_the_eval_reader(world):
+    benchmarks = pytest.importorskip("vlmkit.eval.benchmarks")
+    bench = benchmarks.read_benchmark(world["test"])
+    assert not bench.bad_rows and len(bench.items) == sum(1 for _ in open(world["test"]))
+    kinds = Counter(item.kind for item in bench.items)
+    assert kinds["choice"] and kinds["yesno"] and kinds["open"]
+
+
+def many_questions(n=3000):
+    rng = random.Random(7)
+    scenes = [sample_scene(rng, str(i), 0.35) for i in range(n)]
+    return scenes, [(scene, qa) for scene in scenes for qa in questions(scene, rng)]
+
+
+def test_answers_are_balanced_per_category():
+    _, qas = many_questions()
+    by_category = {}
+    for _, qa in qas:
+        by_category.setdefault(qa.category, Counter())[qa.answer] += 1
+    assert set(by_category) == set(CATEGORIES)
+    for category, counts in by_category.items():
+        assert set(counts) == set(answer_space(category)), category
+        assert min(counts.values()) / max(counts.values()) > 0.5, (category, counts)
+    yes = by_category["existence"]["yes"] / sum(by_category["existence"].values())
+    assert 0.45 < yes < 0.55
+
+
+def test_questions_have_unique_correct_answers():
+    scenes, qas = many_questions(1500)
+    name = "(" + "|".join(COLORS) + ") (" + "|".join(SHAPES) + ")"
+    for scene, qa in qas:
+        objs = scene.objects
+        q = qa.question
+        if m := re.fullmatch(r"What color is the (\w+)\?", q):
+            [o] = [o for o in objs if o.shape == m[1]]
+            assert qa.answer == o.color or qa.category == "multiple_choice"
+        elif m := re.fullmatch(r"What color is the shape in the (.+)\?", q):
+            assert scene.at(POSITIONS.index(m[1])).color in (qa.answer, *qa.choices)
+        elif m := re.fullmatch(r"What shape is the (\w+) object\?", q):
+            [o] = [o for o in objs if o.color == m[1]]
+            assert o.shape in (qa.answer, *qa.choices)
+        elif m := re.fullmatch(rf"Where is the {name}\?", q):
+            [o] = [o for o in objs if (o.color, o.shape) == (m[1], m[2])]
+            assert POSITIONS[o.cell] in (qa.answer, *qa.choices)
+        elif m := re.fullmatch(rf"What is (directly .+?) the {name}\?", q):
+            [o] = [o for o in objs if (o.color, o.shape) == (m[2], m[3])]
+            [(dr, dc)] = [(dr, dc) for dr, dc, phrase in DIRECTIONS.values() if phrase == m[1]]
+            row, col = divmod(o.cell, GRID)
+            other = scene.at((row + dr) * GRID + col + dc)
+            assert 0 <= row + dr < GRID and 0 <= col + dc < GRID and other is not None
+            assert other.name in (qa.answer, *qa.choices)
+        elif m := re.fullmatch(rf"Is there an? {name}( in the image)?\?", q):
+            present = any((o.color, o.shape) == (m[1], m[2]) for o in objs)
+            assert qa.answer == ("yes" if present else "no")
+        elif qa.category == "count":
+            assert qa.answer == str(len(objs))
+        elif qa.category == "ocr":
+            assert qa.answer == scene.digit
+        else:
+            assert re.fullmatch(r"What shape is in the (.+)\?", q), q
+        if qa.category == "multiple_choice":
+            assert len(set(qa.choices)) == 4 and qa.prompt().endswith(f"D. {qa.choices[3]}")
+        else:
+            assert not qa.choices and qa.prompt() == q
+
+
+def test_render_puts_each_object_in_its_cell():
+    rng = random.Random(3)
+    for i in range(50):
+        scene = sample_scene(rng, str(i), 0.5)
+        image = render(scene, 48)
+        assert image.size == (48, 48) and image.mode == "RGB"
+        for cell in range(GRID * GRID):
+            row, col = divmod(cell, GRID)
+            box = image.crop((col * 16, row * 16, col * 16 + 16, row * 16 + 16))
+            colors = {c for _, c in box.getcolors(256)}
+            obj = scene.at(cell)
+            if obj is not None:
+                assert box.getpixel((8, 9)) == COLORS[obj.color]
+                assert colors <= {synth.BACKGROUND, COLORS[obj.color]}
+            elif cell == scene.digit_cell:
+                assert synth.TILE in colors and synth.INK in colors
+            else:
+                assert colors == {synth.BACKGROUND}
+
+
+def test_chance_accuracy():
+    assert chance_accuracy("existence") == 0.5 and chance_accuracy("multiple_choice") == 0.25
+    assert chance_accuracy("relation") == pytest.approx(1 / 24)
+    with pytest.raises(KeyError, match="unknown category"):
+        chance_accuracy("size")
+
+
+def test_text_corpus_is_split_by_unit_and_prose(tmp_path):
+    paths = corpus.write_corpus(tmp_path)
+    train = [json.loads(line)["text"] for line in open(paths["train"])]
+    heldout = [json.loads(line)["text"] for line in open(paths["heldout"])]
+    assert sum(map(len, train)) > 300_000 and 5_000 < sum(map(len, heldout)) < sum(map(len, train)) / 5
+    assert not set(train) & set(heldout)
+    assert not any(">>>" in t or "::=" in t for t in train + heldout)
+    assert paths["counts"]["heldout"]["documents"] == len(heldout)
+    assert corpus.clean_paragraphs("Title\n*****\n\nUse :func:`len` and ``x`` to count the items of any sized "
+                                   "container.\n\n   code = 1\n", min_chars=20) == ["Use len and x to count the items of any sized container."]
+
+
+def test_tokenizer_texts_cover_corpus_captions_and_questions(world):
+    texts = list(synth.tokenizer_texts(world))
+    assert any("What color" in t for t in texts) and any(t.endswith("shape.") or "shapes:" in t for t in texts)
+    assert not any(IMAGE_PLACEHOLDER in t for t in texts)

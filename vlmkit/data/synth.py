@@ -1,0 +1,483 @@
+"""The synthetic visual world: the data of `vlmkit demo`, written in the formats users bring.
+
+A scene is a 3x3 grid of cells on a dark background (48 px images: 16 px cells, so with patch 8
+and a 2x2 pixel shuffle every visual token covers exactly one cell). 1-6 cells hold a shape
+(circle, square, triangle, cross) in one of six well-separated colours, small or large; some
+scenes also hold a digit drawn on a light tile in a free cell (OCR). One object per cell, so
+objects never overlap and every position has a name ("top left" ... "bottom right").
+
+Each scene yields a dense caption (adapter alignment) and short-answer questions by category
+(answers: one or two words, a digit, yes/no, or an option letter):
+
+    color            What color is the circle? / ... the shape in the top left?
+    shape            What shape is the red object? / What shape is in the center?
+    count            How many shapes are there?                       (1-6, uniform)
+    position         Where is the red circle?                         (9 cell names)
+    relation         What is directly to the left of the red circle?  ("blue square")
+    existence        Is there a red circle?  balanced yes / no; negatives are POPE-style hard
+                     negatives (Li et al. 2023, "Evaluating Object Hallucination in LVLMs"):
+                     an absent object that shares its colour or its shape with a present one
+    ocr              What number is written in the image?            (0-9)
+    multiple_choice  a color / shape / position / relation question with options A-D
+
+A question is asked only when its answer is unique (a reference like "the circle" names one object;
+a relation asks for the adjacent cell), and each category's answers are close to uniform, so a
+model that does not look at the image stays near chance (`chance_accuracy`).
+
+On disk (`generate`): images/*.png, LLaVA JSON (captions and QA), messages JSONL (OpenAI-style
+content parts), the test split as the generic benchmark JSONL, the text corpus (data/corpus.py)
+as text JSONL, and world.json (counts, answer sets, chance per category). Everything is a function
+of the seed; test, val and train scenes are disjoint (no scene appears in two splits).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from PIL import Image, ImageDraw
+
+from vlmkit.constants import IMAGE_PLACEHOLDER
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "orange": (245, 150, 30),
+    "yellow": (235, 225, 50),
+    "green": (50, 180, 70),
+    "blue": (50, 100, 235),
+    "purple": (160, 70, 215),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES = ("small", "large")
+GRID = 3
+POSITIONS = ("top left", "top middle", "top right",
+             "middle left", "center", "middle right",
+             "bottom left", "bottom middle", "bottom right")  # cell index = row * GRID + col
+DIGITS = "0123456789"
+MAX_OBJECTS = 6
+BACKGROUND = (28, 28, 32)
+TILE = (235, 235, 235)
+INK = (15, 15, 15)
+LETTERS = "ABCD"
+DIRECTIONS = {"left": (0, -1, "directly to the left of"), "right": (0, 1, "directly to the right of"),
+              "above": (-1, 0, "directly above"), "below": (1, 0, "directly below")}
+CATEGORIES = ("color", "shape", "count", "position", "relation", "existence", "ocr", "multiple_choice")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+
+# 5x7 digit glyphs, drawn on a light tile and scaled to the cell (no font files involved, so the
+# pixels are the same on every machine).
+GLYPHS = {
+    "0": (" ### ", "#   #", "#  ##", "# # #", "##  #", "#   #", " ### "),
+    "1": ("  #  ", " ##  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### "),
+    "2": (" ### ", "#   #", "    #", "   # ", "  #  ", " #   ", "#####"),
+    "3": (" ### ", "#   #", "    #", "  ## ", "    #", "#   #", " ### "),
+    "4": ("   # ", "  ## ", " # # ", "#  # ", "#####", "   # ", "   # "),
+    "5": ("#####", "#    ", "#### ", "    #", "    #", "#   #", " ### "),
+    "6": (" ### ", "#    ", "#    ", "#### ", "#   #", "#   #", " ### "),
+    "7": ("#####", "    #", "   # ", "  #  ", "  #  ", "  #  ", "  #  "),
+    "8": (" ### ", "#   #", "#   #", " ### ", "#   #", "#   #", " ### "),
+    "9": (" ### ", "#   #", "#   #", " ####", "    #", "    #", " ### "),
+}
+
+CAPTION_PROMPTS = ("Describe the image.", "What is in the picture?", "Give a short description of the image.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    color: str
+    size: str
+    cell: int  # row * GRID + col
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.shape}"
+
+
+@dataclass
+class Scene:
+    id: str
+    objects: list[Obj]  # in reading order (by cell)
+    digit: str | None = None
+    digit_cell: int | None = None
+
+    def signature(self) -> tuple:
+        return tuple((o.shape, o.color, o.size, o.cell) for o in self.objects) + (self.digit, self.digit_cell)
+
+    def at(self, cell: int) -> Obj | None:
+        return next((o for o in self.objects if o.cell == cell), None)
+
+
+def sample_scene(rng: random.Random, scene_id: str, ocr_fraction: float) -> Scene:
+    """1-6 objects (uniform count) in distinct cells; a digit in a free cell with p=ocr_fraction."""
+    n = rng.randint(1, MAX_OBJECTS)
+    has_digit = rng.random() < ocr_fraction
+    cells = rng.sample(range(GRID * GRID), n + has_digit)
+    objects = sorted((Obj(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(SIZES), c) for c in cells[:n]),
+                     key=lambda o: o.cell)
+    if has_digit:
+        return Scene(scene_id, objects, rng.choice(DIGITS), cells[n])
+    return Scene(scene_id, objects)
+
+
+def render(scene: Scene, image_size: int = 48) -> Image.Image:
+    """Draw the scene; every object stays inside its cell (cell = image_size / 3)."""
+    img = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    cell = image_size / GRID
+    for o in scene.objects:
+        row, col = divmod(o.cell, GRID)
+        cx, cy = (col + 0.5) * cell, (row + 0.5) * cell
+        r = cell * (0.44 if o.size == "large" else 0.3)
+        color = COLORS[o.color]
+        if o.shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
+        elif o.shape == "square":
+            h = r * 0.85
+            draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=color)
+        elif o.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=color)
+        else:  # cross
+            t = r * 0.36
+            draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=color)
+            draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=color)
+    if scene.digit is not None:
+        row, col = divmod(scene.digit_cell, GRID)
+        x0, y0 = col * cell, row * cell
+        draw.rectangle((x0 + 1, y0 + 1, x0 + cell - 2, y0 + cell - 2), fill=TILE)
+        glyph = Image.new("L", (5, 7))
+        glyph.putdata([255 if ch == "#" else 0 for line in GLYPHS[scene.digit] for ch in line])
+        h = max(7, round(cell * 0.72))
+        w = max(5, round(h * 5 / 7))
+        mask = glyph.resize((w, h), Image.BOX)
+        img.paste(INK, (round(x0 + (cell - w) / 2), round(y0 + (cell - h) / 2)), mask)
+    return img
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions and questions
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QA:
+    category: str
+    question: str  # without the options of a multiple-choice item
+    answer: str  # for multiple choice: the letter
+    choices: list[str] = field(default_factory=list)
+
+    def prompt(self) -> str:
+        """The user turn's text as asked in training (options as "A. text" lines, no instruction)."""
+        if not self.choices:
+            return self.question
+        return "\n".join([self.question] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(self.choices)])
+
+
+def answer_space(category: str) -> list[str]:
+    """Every answer a question of `category` can have."""
+    spaces = {
+        "color": list(COLORS), "shape": list(SHAPES), "count": [str(n) for n in range(1, MAX_OBJECTS + 1)],
+        "position": list(POSITIONS), "relation": [f"{c} {s}" for c in COLORS for s in SHAPES],
+        "existence": ["yes", "no"], "ocr": list(DIGITS), "multiple_choice": list(LETTERS),
+    }
+    if category not in spaces:
+        raise KeyError(f"unknown category {category!r}; expected one of {', '.join(CATEGORIES)}")
+    return spaces[category]
+
+
+def chance_accuracy(category: str) -> float:
+    """Accuracy of a uniform guess over the category's answers (answers are balanced per category)."""
+    return 1.0 / len(answer_space(category))
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def caption(scene: Scene) -> str:
+    """Dense caption: how many shapes, each in reading order with size, colour and place; the digit."""
+    n = len(scene.objects)
+    parts = [f"{article(o.size)} {o.size} {o.color} {o.shape} in the {POSITIONS[o.cell]}" for o in scene.objects]
+    listed = parts[0] if n == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    text = f"{NUMBER_WORDS[n].capitalize()} shape{'s' if n > 1 else ''}: {listed}."
+    if scene.digit is not None:
+        text += f" The number {scene.digit} is written in the {POSITIONS[scene.digit_cell]}."
+    return text
+
+
+def _unique(scene: Scene, key) -> list[Obj]:
+    """Objects whose key (shape, colour, or colour+shape) no other object shares."""
+    keys = [key(o) for o in scene.objects]
+    return [o for o, k in zip(scene.objects, keys) if keys.count(k) == 1]
+
+
+def _ask_attribute(scene: Scene, rng: random.Random, attribute: str, other: str, by_other: str,
+                   by_place: str) -> QA:
+    """Ask an object's `attribute` (color or shape), naming the object by its `other` attribute
+    when that is unique in the scene (half of the time), else by its place."""
+    named = _unique(scene, lambda o: getattr(o, other))
+    if named and rng.random() < 0.5:
+        o = rng.choice(named)
+        return QA(attribute, by_other.format(getattr(o, other)), getattr(o, attribute))
+    o = rng.choice(scene.objects)
+    return QA(attribute, by_place.format(POSITIONS[o.cell]), getattr(o, attribute))
+
+
+def ask_color(scene: Scene, rng: random.Random) -> QA:
+    return _ask_attribute(scene, rng, "color", "shape", "What color is the {}?", "What color is the shape in the {}?")
+
+
+def ask_shape(scene: Scene, rng: random.Random) -> QA:
+    return _ask_attribute(scene, rng, "shape", "color", "What shape is the {} object?", "What shape is in the {}?")
+
+
+def ask_count(scene: Scene, rng: random.Random) -> QA:
+    q = rng.choice(("How many shapes are there?", "How many shapes are in the image?"))
+    return QA("count", q, str(len(scene.objects)))
+
+
+def ask_position(scene: Scene, rng: random.Random) -> QA | None:
+    named = _unique(scene, lambda o: o.name)
+    if not named:
+        return None
+    o = rng.choice(named)
+    return QA("position", f"Where is the {o.name}?", POSITIONS[o.cell])
+
+
+def relations(scene: Scene) -> list[tuple[Obj, str, Obj]]:
+    """(reference, direction, answer) for every uniquely named object with an adjacent neighbour."""
+    out = []
+    for o in _unique(scene, lambda o: o.name):
+        row, col = divmod(o.cell, GRID)
+        for direction, (dr, dc, _) in DIRECTIONS.items():
+            r, c = row + dr, col + dc
+            if 0 <= r < GRID and 0 <= c < GRID and (other := scene.at(r * GRID + c)) is not None:
+                out.append((o, direction, other))
+    return out
+
+
+def ask_relation(scene: Scene, rng: random.Random) -> QA | None:
+    found = relations(scene)
+    if not found:
+        return None
+    ref, direction, other = rng.choice(found)
+    return QA("relation", f"What is {DIRECTIONS[direction][2]} the {ref.name}?", other.name)
+
+
+def ask_existence(scene: Scene, rng: random.Random) -> QA:
+    """Balanced yes / no. A "no" asks about an absent object sharing a colour or a shape with a
+    present one (POPE's adversarial negatives), falling back to any absent object."""
+    present = {o.name for o in scene.objects}
+    if rng.random() < 0.5:
+        name, answer = rng.choice(sorted(present)), "yes"
+    else:
+        colors = {o.color for o in scene.objects}
+        shapes = {o.shape for o in scene.objects}
+        every = [f"{c} {s}" for c in COLORS for s in SHAPES]
+        hard = [n for n in every if n not in present and (n.split()[0] in colors or n.split()[1] in shapes)]
+        name, answer = rng.choice(hard or [n for n in every if n not in present]), "no"
+    q = rng.choice((f"Is there {article(name)} {name}?", f"Is there {article(name)} {name} in the image?"))
+    return QA("existence", q, answer)
+
+
+def ask_ocr(scene: Scene, rng: random.Random) -> QA | None:
+    if scene.digit is None:
+        return None
+    q = rng.choice(("What number is written in the image?", "Which digit is shown in the image?"))
+    return QA("ocr", q, scene.digit)
+
+
+def ask_choice(scene: Scene, rng: random.Random) -> QA | None:
+    """An open question of another category, with its answer and three distractors as options."""
+    asker = rng.choice((ask_color, ask_shape, ask_position, ask_relation))
+    qa = asker(scene, rng)
+    if qa is None:
+        qa = ask_color(scene, rng)
+    wrong = [a for a in answer_space(qa.category) if a != qa.answer]
+    if qa.category == "relation":  # prefer distractors that are in the scene
+        near = sorted({o.name for o in scene.objects} - {qa.answer})
+        rng.shuffle(near)
+        rest = [a for a in wrong if a not in near]
+        distractors = near[:3] + rng.sample(rest, 3 - len(near[:3]))
+    else:
+        distractors = rng.sample(wrong, 3)
+    letter = rng.randrange(4)
+    choices = distractors[:letter] + [qa.answer] + distractors[letter:]
+    return QA("multiple_choice", qa.question, LETTERS[letter], choices)
+
+
+ASKERS = {"color": ask_color, "shape": ask_shape, "count": ask_count, "position": ask_position,
+          "relation": ask_relation, "existence": ask_existence, "ocr": ask_ocr, "multiple_choice": ask_choice}
+
+
+def questions(scene: Scene, rng: random.Random, categories: Iterable[str] = CATEGORIES) -> list[QA]:
+    """At most one question per category (a category is skipped when the scene cannot answer it).
+    A multiple-choice question never repeats an open question of the same scene word for word."""
+    out: list[QA] = []
+    for category in categories:
+        for _ in range(4):
+            qa = ASKERS[category](scene, rng)
+            if qa is None or all(qa.question != other.question for other in out):
+                break
+        if qa is not None and all(qa.question != other.question for other in out):
+            out.append(qa)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits and files
+# ---------------------------------------------------------------------------------------------
+
+
+def split_scenes(seed: int, counts: dict[str, int], ocr_fraction: float) -> dict[str, list[Scene]]:
+    """Scenes per split, each split from its own seeded stream; a later split resamples any scene
+    an earlier one holds, so test scenes do not depend on the size of train."""
+    seen: set[tuple] = set()
+    out = {}
+    for split in ("test", "val", "train"):
+        rng = random.Random(f"vlmkit-synth/{seed}/{split}/scenes")
+        scenes = []
+        while len(scenes) < counts.get(split, 0):
+            scene = sample_scene(rng, f"{split}_{len(scenes):06d}", ocr_fraction)
+            if scene.signature() not in seen:
+                seen.add(scene.signature())
+                scenes.append(scene)
+        out[split] = scenes
+    return out
+
+
+def _llava(rid: str, image: str, turns: list[tuple[str, str]]) -> dict:
+    conv = []
+    for i, (q, a) in enumerate(turns):
+        conv.append({"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q}" if i == 0 else q})
+        conv.append({"from": "gpt", "value": a})
+    return {"id": rid, "image": image, "conversations": conv}
+
+
+def _messages(rid: str, image: str, turns: list[tuple[str, str]]) -> dict:
+    msgs = []
+    for i, (q, a) in enumerate(turns):
+        parts = ([{"type": "image", "image": image}] if i == 0 else []) + [{"type": "text", "text": q}]
+        msgs.append({"role": "user", "content": parts})
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+    return {"id": rid, "messages": msgs}
+
+
+def _write_json_list(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:  # one record per line: diffable, and still a JSON list
+        f.write("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def tokenizer_texts(world: dict) -> Iterator[str]:
+    """The demo tokenizer's training texts from a generated world (`generate`'s result): the
+    train-split prose, captions and QA turns."""
+    if "text_train" in world:
+        with open(world["text_train"]) as f:
+            for line in f:
+                yield json.loads(line)["text"]
+    for key in ("captions_train", "qa_train"):
+        for record in json.loads(Path(world[key]).read_text()):
+            for turn in record["conversations"]:
+                yield turn["value"].replace(IMAGE_PLACEHOLDER, "")
+
+
+def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_test: int = 1000,
+             image_size: int = 48, seed: int = 0, ocr_fraction: float = 0.35, turns_per_record: int = 8,
+             text_corpus: bool = True, progress: bool = False) -> dict:
+    """Write the synthetic world into `out_dir`; return the file paths and counts.
+
+    n_*: scenes per split. Train QA records are conversations of up to `turns_per_record` questions
+    about one image (the first turn carries the image); val and test records hold one question.
+    Layout (paths relative to out_dir; image paths inside files are relative to out_dir):
+
+        images/{split}_{index}.png                 one PNG per scene
+        captions_{train,val}.json                  LLaVA JSON, one caption per scene (kind caption)
+        qa_{train,val,test}.json                   LLaVA JSON, QA conversations (kind chat)
+        qa_{train,val,test}.jsonl                  the same as messages JSONL (OpenAI content parts)
+        synth.jsonl                                the test split as the generic benchmark JSONL
+        text_train.jsonl, text_heldout.jsonl       the language corpus (data/corpus.py), text JSONL
+        world.json                                 settings, counts, answer sets, chance per category
+    """
+    from tqdm import tqdm
+
+    if image_size < 24:
+        raise ValueError(f"image_size {image_size} is too small for a 3x3 grid of legible objects (>= 24)")
+    if turns_per_record < 1:
+        raise ValueError(f"turns_per_record must be >= 1, got {turns_per_record}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    splits = split_scenes(seed, counts, ocr_fraction)
+    bar = tqdm(total=sum(counts.values()), desc="synth scenes", unit="scene", disable=not progress)
+    files: dict[str, str] = {}
+    stats: dict[str, dict] = {}
+    for split, scenes in splits.items():
+        rng = random.Random(f"vlmkit-synth/{seed}/{split}/questions")
+        captions, llava, messages, bench = [], [], [], []
+        per_category: dict[str, int] = {}
+        for scene in scenes:
+            image = f"images/{scene.id}.png"
+            render(scene, image_size).save(out / image, compress_level=1)
+            prompt = rng.choice(CAPTION_PROMPTS)
+            captions.append(_llava(f"{scene.id}-cap", image, [(prompt, caption(scene))]))
+            qas = questions(scene, rng)
+            for qa in qas:
+                per_category[qa.category] = per_category.get(qa.category, 0) + 1
+            if split == "train":
+                rng.shuffle(qas)
+                groups = [qas[i:i + turns_per_record] for i in range(0, len(qas), turns_per_record)]
+            else:
+                groups = [[qa] for qa in qas]
+            for k, group in enumerate(groups):
+                rid = f"{scene.id}-{k}" if split == "train" else f"{scene.id}-{group[0].category}"
+                turns = [(qa.prompt(), qa.answer) for qa in group]
+                llava.append(_llava(rid, image, turns))
+                messages.append(_messages(rid, image, turns))
+            if split == "test":
+                for qa in qas:
+                    item = {"id": f"{scene.id}-{qa.category}", "images": [image], "question": qa.question,
+                            "answer": qa.answer, "category": qa.category}
+                    if qa.choices:
+                        item["choices"] = qa.choices
+                    bench.append(item)
+            bar.update(1)
+        if split != "test":
+            _write_json_list(out / f"captions_{split}.json", captions)
+            files[f"captions_{split}"] = str(out / f"captions_{split}.json")
+        _write_json_list(out / f"qa_{split}.json", llava)
+        _write_jsonl(out / f"qa_{split}.jsonl", messages)
+        files[f"qa_{split}"] = str(out / f"qa_{split}.json")
+        files[f"qa_{split}_messages"] = str(out / f"qa_{split}.jsonl")
+        if split == "test":
+            _write_jsonl(out / "synth.jsonl", bench)
+            files["test"] = str(out / "synth.jsonl")
+        stats[split] = {"scenes": len(scenes), "records": len(llava), "questions": per_category}
+    bar.close()
+    if text_corpus:
+        from vlmkit.data.corpus import write_corpus
+
+        corpus = write_corpus(out, seed=seed)
+        files.update({"text_train": corpus["train"], "text_heldout": corpus["heldout"]})
+        stats["text"] = corpus["counts"]
+    world = {
+        "seed": seed, "image_size": image_size, "grid": GRID, "ocr_fraction": ocr_fraction,
+        "turns_per_record": turns_per_record, "counts": stats,
+        "categories": {c: {"answers": answer_space(c), "chance": chance_accuracy(c)} for c in CATEGORIES},
+        "files": {k: str(Path(v).relative_to(out)) for k, v in files.items()},
+    }
+    (out / "world.json").write_text(json.dumps(world, indent=2) + "\n")
+    return {"dir": str(out), **files, "world": str(out / "world.json"), "counts": stats}

@@ -1,0 +1,289 @@
+"""Tokenizers: train the built-in byte-level BPE, or load any local HF tokenizer directory.
+
+`Tokenizer.train(texts, vocab_size)` trains a byte-level BPE (GPT-2's byte-to-unicode pre-tokenizer
+and decoder, via HF `tokenizers`) whose first ids are the special tokens of vlmkit.constants
+(pad, end of text, the ChatML role markers, the image token). `save(dir)` writes the HF layout
+(tokenizer.json, tokenizer_config.json with the chat template as a jinja string, special_tokens_map.json),
+so transformers' AutoTokenizer loads the directory as a PreTrainedTokenizerFast.
+
+`Tokenizer.load(dir)` reads any such directory (the built-in one, Qwen2 / SmolLM2 ChatML ones, Llama-3
+ones) and works out the chat format from the special tokens it holds:
+
+    builtin   ChatML markers, no default system prompt (vlmkit's own tokenizer)
+    chatml    <|im_start|>role\\n ... <|im_end|>\\n    (Qwen2, Qwen3, SmolLM2)
+    llama3    <|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\n ... <|eot_id|>
+
+The system text that the directory's own jinja template adds (a default system prompt when a
+conversation has none, as Qwen2's; a prefix before a given one, as Llama-3.1's date lines) is read
+by rendering the template around probe strings, so data/template.py produces the same text.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import AddedToken, Tokenizer as _Backend, decoders, models, pre_tokenizers, trainers
+
+from vlmkit.constants import (BUILTIN_SPECIAL_TOKENS, EOS_TOKEN, IM_END, IM_START, IMAGE_TOKEN, PAD_TOKEN)
+from vlmkit.errors import ConfigError
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_MAP_FILE = "special_tokens_map.json"
+
+# Image tokens recognised in loaded vocabularies, in order of preference.
+IMAGE_TOKENS = (IMAGE_TOKEN, "<|image_pad|>")
+
+LLAMA3_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+# The built-in chat template, ChatML without a default system prompt. Message content is a string
+# (IMAGE_PLACEHOLDER marks images) or a list of {"type": "text" | "image"} parts joined by newlines,
+# as vlmkit's engine joins them.
+BUILTIN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if not loop.first -%}{{- '\n' -}}{%- endif -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<image>' -}}{%- else -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+
+class Tokenizer:
+    """A HF `tokenizers` backend plus what vlmkit's templates need: special ids and the chat format."""
+
+    def __init__(self, backend: _Backend, config: dict, template: str):
+        if template not in ("builtin", "chatml", "llama3"):
+            raise ConfigError(f"unknown chat template {template!r}; expected builtin, chatml or llama3")
+        self.backend = backend
+        self.config = config  # the tokenizer_config.json mapping, written back by save()
+        self.template = template
+        self.default_system: str | None = None
+        """System prompt the chat template adds when a conversation has none."""
+        self.system_prefix = ""
+        """Text the chat template puts before a given system prompt (Llama-3.1's date lines)."""
+
+    # --- making one --------------------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> "Tokenizer":
+        """Train the built-in byte-level BPE on `texts` (deterministic for the same texts)."""
+        if vocab_size < 256 + len(BUILTIN_SPECIAL_TOKENS):
+            raise ConfigError(f"vocab_size {vocab_size} is below 256 bytes + {len(BUILTIN_SPECIAL_TOKENS)} special tokens")
+        backend = _Backend(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                      special_tokens=list(BUILTIN_SPECIAL_TOKENS),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        # The role names of the chat headers are frequent in every chat sample: make them whole tokens.
+        headers = ["system\nuser\nassistant\n"] * 1000
+        backend.train_from_iterator(itertools.chain(texts, headers), trainer=trainer)
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BUILTIN_SPECIAL_TOKENS])
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": EOS_TOKEN,
+            "pad_token": PAD_TOKEN,
+            "unk_token": None,
+            "additional_special_tokens": [IM_START, IM_END, IMAGE_TOKEN],
+            "chat_template": BUILTIN_CHAT_TEMPLATE,
+            "model_max_length": 1_000_000,
+            "clean_up_tokenization_spaces": False,
+            "vlmkit_template": "builtin",
+        }
+        return cls(backend, config, "builtin")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """A HF tokenizer directory: tokenizer.json (+ tokenizer_config.json)."""
+        path = Path(path)
+        file = path / TOKENIZER_FILE
+        if not file.is_file():
+            raise ConfigError(f"{path}: no {TOKENIZER_FILE}; vlmkit loads fast (tokenizer.json) tokenizers only")
+        try:
+            backend = _Backend.from_file(str(file))
+        except Exception as e:  # the Rust side raises its own exception type
+            raise ConfigError(f"{file}: cannot read tokenizer ({e})") from None
+        config = {}
+        if (path / CONFIG_FILE).is_file():
+            try:
+                config = json.loads((path / CONFIG_FILE).read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path / CONFIG_FILE}: not valid JSON ({e})") from None
+        tok = cls(backend, config, _template_kind(backend, config, path))
+        if tok.template != "builtin":
+            tok.default_system, tok.system_prefix = _system_text(tok)
+        return tok
+
+    def save(self, path: str | Path) -> Path:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `path`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(path / TOKENIZER_FILE))
+        (path / CONFIG_FILE).write_text(json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
+        names = ("bos_token", "eos_token", "pad_token", "unk_token", "additional_special_tokens")
+        special = {k: self.config[k] for k in names if self.config.get(k) is not None}
+        (path / SPECIAL_MAP_FILE).write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+        return path
+
+    def add_image_token(self) -> int:
+        """The image token's id, adding IMAGE_TOKEN as a special token when the vocabulary has none."""
+        if self.image_token_id is not None:
+            return self.image_token_id
+        self.backend.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
+        extra = list(self.config.get("additional_special_tokens") or [])
+        self.config["additional_special_tokens"] = extra + [IMAGE_TOKEN]
+        token_id = self.token_id(IMAGE_TOKEN)
+        if isinstance(self.config.get("added_tokens_decoder"), dict):
+            self.config["added_tokens_decoder"][str(token_id)] = {
+                "content": IMAGE_TOKEN, "lstrip": False, "normalized": False, "rstrip": False,
+                "single_word": False, "special": True}
+        return token_id
+
+    # --- use ---------------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; no special tokens are added (special-token strings in it are matched)."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a single token string, or None when the vocabulary lacks it."""
+        return self.backend.token_to_id(token)
+
+    def require(self, token: str) -> int:
+        token_id = self.token_id(token)
+        if token_id is None:
+            raise ConfigError(f"the {self.template} chat format needs token {token!r}, which this tokenizer lacks")
+        return token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.config.get("chat_template")
+
+    @property
+    def image_token(self) -> str | None:
+        return next((t for t in IMAGE_TOKENS if self.token_id(t) is not None), None)
+
+    @property
+    def image_token_id(self) -> int | None:
+        token = self.image_token
+        return None if token is None else self.token_id(token)
+
+    @property
+    def eos_id(self) -> int:
+        """End of a text document (the id appended to text records)."""
+        for token in (_token_str(self.config.get("eos_token")), EOS_TOKEN, "<|end_of_text|>"):
+            if token and self.token_id(token) is not None and token not in ("<|im_end|>", "<|eot_id|>"):
+                return self.token_id(token)
+        return self.end_of_turn_id
+
+    @property
+    def bos_id(self) -> int | None:
+        """The id put at the start of every sequence (Llama-3's <|begin_of_text|>), or None."""
+        return self.token_id("<|begin_of_text|>") if self.template == "llama3" else None
+
+    @property
+    def end_of_turn_id(self) -> int:
+        return self.require("<|eot_id|>" if self.template == "llama3" else IM_END)
+
+    @property
+    def pad_id(self) -> int:
+        token = _token_str(self.config.get("pad_token"))
+        if token and self.token_id(token) is not None:
+            return self.token_id(token)
+        return self.eos_id
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end an assistant turn in generation: end of turn, then end of text."""
+        ids = [self.end_of_turn_id, self.eos_id]
+        if self.template == "llama3" and self.token_id("<|eom_id|>") is not None:
+            ids.append(self.token_id("<|eom_id|>"))
+        return list(dict.fromkeys(ids))
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(template={self.template!r}, vocab_size={self.vocab_size}, image_token_id={self.image_token_id})"
+
+
+def _token_str(value) -> str | None:
+    """tokenizer_config.json writes special tokens as strings or as AddedToken dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _template_kind(backend: _Backend, config: dict, path: Path) -> str:
+    if config.get("vlmkit_template") == "builtin":
+        return "builtin"
+    if all(backend.token_to_id(t) is not None for t in LLAMA3_TOKENS):
+        return "llama3"
+    if backend.token_to_id(IM_START) is not None and backend.token_to_id(IM_END) is not None:
+        return "chatml"
+    raise ConfigError(f"{path}: unsupported chat format: the vocabulary has neither ChatML markers "
+                      f"({IM_START}, {IM_END}) nor Llama-3 headers ({', '.join(LLAMA3_TOKENS)})")
+
+
+# Rendering the directory's own template around probe strings shows the system text it adds.
+_PROBE = "\x00probe\x00"
+_SYSTEM_PROBE = "\x00system\x00"
+
+
+def _render_own_template(tok: Tokenizer, messages: list[dict]) -> str | None:
+    template = tok.chat_template
+    if isinstance(template, list):  # a list of named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if not isinstance(template, str):
+        return None
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=False, raise_exception=_raise, strftime_now=_strftime,
+            bos_token=_token_str(tok.config.get("bos_token")) or "",
+            eos_token=_token_str(tok.config.get("eos_token")) or "")
+    except Exception:  # a template we cannot render offline: assume it adds no system text
+        return None
+
+
+def _system_text(tok: Tokenizer) -> tuple[str | None, str]:
+    """(default system prompt when a conversation has none, prefix put before a given system prompt)."""
+    opener = "<|start_header_id|>system<|end_header_id|>\n\n" if tok.template == "llama3" else f"{IM_START}system\n"
+    closer = "<|eot_id|>" if tok.template == "llama3" else IM_END
+    default, prefix = None, ""
+    alone = _render_own_template(tok, [{"role": "user", "content": _PROBE}])
+    if alone is not None and opener in alone.split(_PROBE)[0]:
+        default = alone.split(_PROBE)[0].split(opener, 1)[1].split(closer, 1)[0]
+    given = _render_own_template(tok, [{"role": "system", "content": _SYSTEM_PROBE},
+                                       {"role": "user", "content": _PROBE}])
+    if given is not None and opener in given.split(_SYSTEM_PROBE)[0]:
+        prefix = given.split(_SYSTEM_PROBE)[0].split(opener, 1)[1]
+    return default, prefix
+
+
+def _raise(message):
+    raise ValueError(message)
+
+
+def _strftime(fmt: str) -> str:
+    import time
+
+    return time.strftime(fmt)
