@@ -9,7 +9,7 @@ import torch
 
 from vlmkit.config import Stage
 from vlmkit.train import checkpoint as ckpt
-from vlmkit.train.stages import image_share, lr_factor
+from vlmkit.train.stages import lr_factor
 
 
 def stage(**kw) -> Stage:
@@ -31,14 +31,6 @@ def test_constant_and_step_schedules():
     assert lr_factor(stage(schedule="constant"), 77) == 1.0
     s = stage(schedule="step", step_every=30, step_gamma=0.5)
     assert [lr_factor(s, i) for i in (0, 29, 30, 60, 99)] == [1.0, 1.0, 0.5, 0.25, 0.125]
-
-
-def test_modality_warmup_ramps_to_the_mixture_share():
-    s = stage(modality_warmup_steps=10, image_share_start=0.0)
-    assert image_share(s, 0, 0.3) == 0.0
-    assert image_share(s, 5, 0.3) == pytest.approx(0.15)
-    assert image_share(s, 10, 0.3) == 0.3
-    assert image_share(stage(), 0, 0.3) == 0.3
 
 
 def test_optimizer_state_round_trips_bitwise():

@@ -100,6 +100,34 @@ class TokenizerSpec:
 
 
 @dataclass
+class WorldSpec:
+    """The synthetic world (vlmkit.data.synth) as the data of a run: generated, with a tokenizer
+    trained on its text, the first time a run needs it, then reused. With a world, relative data
+    paths resolve inside `dir`, and a model built from `config` takes the tokenizer's vocabulary
+    size and image token id."""
+
+    dir: str = "runs/world"
+    """Where the world is written (relative to the working directory)."""
+    n_train: int = 2000
+    """Training scenes (each gives a caption and a conversation of several questions)."""
+    n_val: int = 100
+    """Validation scenes."""
+    n_test: int = 300
+    """Held-out test scenes (the benchmark file `synth.jsonl`)."""
+    seed: int = 0
+    """Seed of the world (scenes, questions, splits)."""
+    vocab_size: int = 2048
+    """Size of the tokenizer trained on the world's text (captions, QA and the text corpus)."""
+
+    def __post_init__(self):
+        for name in ("n_train", "n_test", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"world.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_val < 0:
+            raise ConfigError(f"world.n_val must be >= 0, got {self.n_val}")
+
+
+@dataclass
 class DataSource:
     """One data file or directory, read by a format reader of vlmkit.data.formats."""
 
@@ -225,6 +253,8 @@ class RunConfig:
     """Where the model comes from."""
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
     """Which tokenizer to use."""
+    world: WorldSpec | None = None
+    """A synthetic world to generate (once) and train on; None for data of your own."""
     data: dict[str, DataSource] = field(default_factory=dict)
     """Named data sources; stages refer to them by name in their mixtures."""
     eval_sources: list[str] = field(default_factory=list)
@@ -233,6 +263,8 @@ class RunConfig:
     """Packed micro-batches of each eval source per eval point."""
     stages: list[Stage] = field(default_factory=list)
     """The curriculum, in order; the model hands over from one stage to the next."""
+    seed: int = 0
+    """Seeds the initialisation of new weights (a fresh model, a fresh adapter)."""
     max_bad_fraction: float = 0.01
     """Stop when more than this fraction of records of a source cannot be used (counted, skipped)."""
     num_threads: int = 0
@@ -264,11 +296,12 @@ class RunConfig:
             raise ConfigError(f"num_threads must be >= 0, got {self.num_threads}")
 
     def resolve(self, path: str | None) -> str | None:
-        """A path from the config, made absolute against base_dir."""
+        """A path from the config, made absolute against the world's dir or base_dir."""
         if path is None:
             return None
         p = Path(path).expanduser()
-        return str(p if p.is_absolute() or not self.base_dir else Path(self.base_dir) / p)
+        base = self.world.dir if self.world is not None else self.base_dir
+        return str(p if p.is_absolute() or not base else Path(base).absolute() / p)
 
     def stage_mixture(self, index: int) -> dict[str, float]:
         stage = self.stages[index]

@@ -84,11 +84,3 @@ def set_lr(optimizer: torch.optim.Optimizer, stage: Stage, step: int) -> float:
         group["lr"] = group["peak_lr"] * factor
     return factor
 
-
-def image_share(stage: Stage, step: int, target: float) -> float:
-    """Modality warm-up (DeepSeek-VL): share of image batches at `step`, from
-    image_share_start to `target` (what the mixture weights imply) over modality_warmup_steps."""
-    if not stage.modality_warmup_steps or step >= stage.modality_warmup_steps:
-        return target
-    t = step / stage.modality_warmup_steps
-    return stage.image_share_start + (target - stage.image_share_start) * t

@@ -1,0 +1,119 @@
+"""The step loop on a tiny real VLM: freezing per stage, the optimizer over trainable parameters
+only, and loss normalisation across micro-batches of different target counts."""
+
+import copy
+
+import pytest
+import torch
+
+from vlmkit.config import Stage
+from vlmkit.constants import IGNORE_INDEX
+from vlmkit.data.packing import collate
+from vlmkit.data.types import Sample
+from vlmkit.models.config import VLMConfig
+from vlmkit.models.vlm import VLMModel
+from vlmkit.train.loop import targets_per_sample
+from vlmkit.train.stages import apply_freezing, build_optimizer
+
+IMG = 5
+
+
+def tiny_model() -> VLMModel:
+    torch.manual_seed(0)
+    cfg = VLMConfig(vision=dict(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=1,
+                                num_heads=2),
+                    adapter=dict(kind="mlp"), llm=dict(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                       num_layers=2, num_heads=2),
+                    image_token_id=IMG)
+    return VLMModel(cfg)
+
+
+def sample(i: int, n: int, image: bool, gen: torch.Generator) -> Sample:
+    ids = torch.randint(6, 64, (n,), generator=gen).tolist()
+    labels = list(ids)
+    labels[0] = IGNORE_INDEX
+    pixels = None
+    tiles = []
+    if image:  # 4 visual tokens (2x2 patches, mlp adapter) after the first token
+        ids[1:5] = [IMG] * 4
+        labels[1:5] = [IGNORE_INDEX] * 4
+        pixels = torch.randn(1, 3, 16, 16, generator=gen)
+        tiles = [1]
+    return Sample(id=f"s{i}", source="a" if i % 2 else "b", input_ids=ids, labels=labels, pixel_values=pixels,
+                  tiles_per_image=tiles)
+
+
+def step(model, stage: Stage, steps: int = 2):
+    gen = torch.Generator().manual_seed(1)
+    apply_freezing(model, stage)
+    opt = build_optimizer(model, stage)
+    for _ in range(steps):
+        batch = collate([sample(i, 12 + i, True, gen) for i in range(3)], 64)
+        model.compute_loss(batch.input_ids, batch.labels, batch.position_ids, batch.cu_seqlens,
+                           pixel_values=batch.pixel_values).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return opt
+
+
+@pytest.mark.parametrize("lrs, trained", [
+    ({"adapter_lr": 1e-2}, {"adapter"}),
+    ({"adapter_lr": 0.0, "llm_lr": 1e-2}, {"llm"}),
+    ({"vision_lr": 1e-2, "adapter_lr": 1e-2, "llm_lr": 1e-2}, {"vision", "adapter", "llm"}),
+])
+def test_frozen_modules_stay_unchanged_and_trainable_ones_change(lrs, trained):
+    model = tiny_model()
+    before = copy.deepcopy(model.state_dict())
+    opt = step(model, Stage(**lrs))
+    in_optimizer = {id(p) for g in opt.param_groups for p in g["params"]}
+    for module in ("vision", "adapter", "llm"):
+        for name, p in getattr(model, module).named_parameters():
+            key = f"{module}.{name}"
+            if module in trained:
+                assert id(p) in in_optimizer
+            else:
+                assert id(p) not in in_optimizer and not p.requires_grad
+                assert torch.equal(p, before[key]), key
+        changed = any(not torch.equal(p, before[f"{module}.{n}"]) for n, p in getattr(model, module).named_parameters())
+        assert changed == (module in trained), module
+
+
+def test_stage_hand_off_keeps_weights_and_refreezes():
+    model = tiny_model()
+    step(model, Stage(adapter_lr=1e-2))
+    after_align = copy.deepcopy(model.state_dict())
+    step(model, Stage(adapter_lr=0.0, llm_lr=1e-2), steps=1)
+    assert all(torch.equal(p, after_align[f"adapter.{n}"]) for n, p in model.adapter.named_parameters())
+    assert all(p.requires_grad for p in model.llm.parameters())
+    assert not any(p.requires_grad for p in model.adapter.parameters())
+
+
+def test_targets_per_sample_matches_the_model():
+    gen = torch.Generator().manual_seed(3)
+    model = tiny_model()
+    batch = collate([sample(i, n, i % 2 == 0, gen) for i, n in enumerate((7, 13, 9))], 64)
+    out = model.compute_loss(batch.input_ids, batch.labels, batch.position_ids, batch.cu_seqlens,
+                             pixel_values=batch.pixel_values)
+    per = targets_per_sample(batch)
+    assert int(per.sum()) == int(out.num_targets)
+    cu = batch.cu_seqlens.tolist()
+    for i in range(3):  # token_loss of a sample sums over exactly its own targets
+        assert (out.token_loss[cu[i]:cu[i + 1]] > 0).sum() == per[i]
+
+
+def test_loss_over_micro_batches_is_normalised_by_total_targets():
+    """Two micro-batches with different target counts: the accumulated gradient equals the
+    gradient of the mean over all targets (one pack holding both), not the mean of means."""
+    gen = torch.Generator().manual_seed(4)
+    samples = [sample(0, 30, False, gen), sample(1, 8, False, gen), sample(2, 6, False, gen)]
+    model = tiny_model()
+    whole = collate(samples, 64)
+    model.compute_loss(whole.input_ids, whole.labels, whole.position_ids, whole.cu_seqlens).loss.backward()
+    expected = [p.grad.clone() for p in model.llm.parameters()]
+    model.zero_grad()
+    micro = [collate(samples[:1], 64), collate(samples[1:], 64)]
+    total = sum(int(targets_per_sample(b).sum()) for b in micro)
+    for b in micro:
+        (model.compute_loss(b.input_ids, b.labels, b.position_ids, b.cu_seqlens).loss_sum / total).backward()
+    for g, e in zip((p.grad for p in model.llm.parameters()), expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
