@@ -5,7 +5,7 @@ given): with --max-batch 8 and with --max-batch 1. Each run, 8 client threads (t
 `openai` client) send requests back to back, each with an image as a data URL; the bench
 reports generated tokens per second over the whole run and prints the ratio.
 
-    .venv/bin/python bench/serve.py [--model DIR] [--clients 8] [--requests 3] [--max-tokens 64]
+    .venv/bin/python bench/serve.py [--model DIR] [--clients 8] [--requests 3] [--max-tokens 64] [--threads 1]
 """
 
 from __future__ import annotations
@@ -69,10 +69,11 @@ def image_data_url(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def start_server(model: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "vlmkit", "serve", "--model", str(model), "--port", str(port),
-                             "--max-batch", str(max_batch)], cwd=ROOT, stdout=subprocess.DEVNULL)
+                             "--max-batch", str(max_batch), "--threads", str(threads)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -121,12 +122,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=3, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="the server's torch threads (1: steadiest on a shared 2-core machine)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else build_checkpoint(Path(tmp) / "model")
         results = {}
         for max_batch in (args.clients, 1):
-            proc, url = start_server(model, max_batch)
+            proc, url = start_server(model, max_batch, args.threads)
             try:
                 run_clients(url, 2, 1, 4)  # warm-up
                 tokens, seconds = run_clients(url, args.clients, args.requests, args.max_tokens)

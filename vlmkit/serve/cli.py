@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask")
     parser.add_argument("--name", default=None, help="model id reported by /v1/models (default: the directory name)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); fewer avoids oversubscribing shared cores")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     allow_dir = Path(args.allow_dir) if args.allow_dir else None
     if allow_dir is not None and not allow_dir.is_dir():
         raise ConfigError(f"--allow-dir {allow_dir} is not a directory")
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = VLM.from_pretrained(args.model).to(device).eval()
     settings = ServerSettings(model_name=args.name or Path(args.model).resolve().name, api_key=args.api_key,
