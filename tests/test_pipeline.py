@@ -5,6 +5,7 @@ import json
 import logging
 
 import pytest
+import torch
 from PIL import Image
 
 from vlmkit.constants import IGNORE_INDEX
@@ -117,3 +118,35 @@ def test_too_many_bad_records_stops_with_examples(data_dir, tok):
     with pytest.raises(TooManyBadRecords, match=r"source 'mydata': \d+ of 5 records are unusable.*missing_image"):
         for item in items:
             pipe.encode(item)
+
+
+def test_packs_of_real_samples_redo_pixels_and_resume(tmp_path, tok):
+    from vlmkit.data.packing import Packer, SourceStream
+
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    rows = []
+    for i in range(24):
+        Image.new("RGB", (32 + 16 * (i % 3), 32), colors[i % 4]).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps(chat(f"{i}.png", answer="Red. " * (i % 5 + 1), rid=str(i))))
+    (tmp_path / "d.jsonl").write_text("\n".join(rows) + "\n")
+    proc = ImageProcessor(16, (0.5,) * 3, (0.5,) * 3, max_tiles=4)
+
+    def packer():
+        stream = SourceStream(tmp_path / "d.jsonl", seed=3, shuffle_block=8)
+        return Packer(stream, SamplePipeline(tok, proc, TPI, max_length=200), 200, buffer_size=8)
+
+    direct = SamplePipeline(tok, proc, TPI)
+    alone = {s.id: s for s in map(direct.encode, read_records(tmp_path / "d.jsonl"))}
+    a = packer()
+    first = a.next_pack()
+    assert all(e.sample.pixel_values is None for e in a.buffer)  # the buffer holds no pixels
+    want = torch.cat([alone[i].pixel_values for i in first.sample_ids])
+    assert torch.equal(first.pixel_values, want)
+    assert first.tiles_per_image == [n for i in first.sample_ids for n in alone[i].tiles_per_image]
+    assert int((first.input_ids == tok.image_token_id).sum()) == first.pixel_values.shape[0] * TPI
+    cursor = json.loads(json.dumps(a.state_dict()))
+    expected = [a.next_pack() for _ in range(6)]
+    b = packer()
+    b.load_state_dict(cursor)
+    for want_pack, got in zip(expected, (b.next_pack() for _ in range(6))):
+        assert got.sample_ids == want_pack.sample_ids and torch.equal(got.pixel_values, want_pack.pixel_values)

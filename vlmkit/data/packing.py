@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -103,8 +103,9 @@ class SourceStream:
 @dataclass
 class _Entry:
     pos: Position
-    sample: Sample
+    sample: Sample  # pixel_values dropped while buffered when the pipeline can redo them
     wait: int = 0
+    item: Item | None = None  # the record whose pixels are redone at pack time
 
 
 class Packer:
@@ -112,6 +113,8 @@ class Packer:
 
     `pipeline` is anything with `encode(item) -> Sample | None` (None: skipped and counted) and
     `state_dict()` / `load_state_dict()` for its counters (data/pipeline.py's SamplePipeline).
+    If it also has `pixels(record) -> (N, 3, S, S)`, buffered samples hold no pixels (a buffer of
+    hundreds of multi-tile images would take gigabytes): the tiles are made again when packed.
     """
 
     def __init__(self, stream: SourceStream, pipeline, budget: int, *, buffer_size: int = 256, max_wait: int = 64):
@@ -142,7 +145,18 @@ class Packer:
             if len(sample) > self.budget:
                 raise ConfigError(f"sample {sample.id} has {len(sample)} tokens, more than the packing budget "
                                   f"{self.budget}; set the pipeline's max_length <= the budget")
-            self.buffer.append(_Entry(pos, sample))
+            self.buffer.append(self._entry(pos, sample, item))
+
+    def _entry(self, pos: Position, sample: Sample, item: Item, wait: int = 0) -> _Entry:
+        """Buffer a sample; its image tiles are dropped (and redone when packed) if the pipeline can."""
+        if sample.pixel_values is not None and hasattr(self.pipeline, "pixels"):
+            return _Entry(pos, replace(sample, pixel_values=None), wait, item)
+        return _Entry(pos, sample, wait)
+
+    def _unbuffer(self, entry: _Entry) -> Sample:
+        if entry.item is None:
+            return entry.sample
+        return replace(entry.sample, pixel_values=self.pipeline.pixels(entry.item))  # (N, 3, S, S)
 
     # --- packing -------------------------------------------------------------------------------
     def next_pack(self) -> PackedBatch:
@@ -163,7 +177,7 @@ class Packer:
             e.wait += 1
         self.packs += 1
         chosen.sort(key=lambda e: e.pos)
-        return collate([e.sample for e in chosen], self.budget)
+        return collate([self._unbuffer(e) for e in chosen], self.budget)
 
     def __iter__(self) -> Iterator[PackedBatch]:
         while True:
@@ -193,7 +207,7 @@ class Packer:
                     if sample is None:
                         raise ConfigError(f"cannot restore the data cursor: buffered item {pos} of source "
                                           f"{self.stream.name!r} no longer encodes (did the data change?)")
-                    self.buffer.append(_Entry(pos, sample, waits[pos]))
+                    self.buffer.append(self._entry(pos, sample, item, waits[pos]))
             if len(self.buffer) != len(waits):
                 raise ConfigError(f"cannot restore the data cursor of source {self.stream.name!r}: "
                                   f"{len(waits) - len(self.buffer)} buffered items are gone (did the data change?)")

@@ -135,16 +135,8 @@ class SamplePipeline:
         from vlmkit.data.template import encode_record
 
         check_record(record)
-        tiles, tiles_per_image = [], []
-        for ref in record.images:
-            if self.processor is None:
-                raise BadRecordError("unexpected_image", "this pipeline has no image processor", record.id)
-            try:
-                pixels = self.processor(self.processor.load(ref))  # (N, 3, S, S)
-            except BadRecordError as e:
-                raise BadRecordError(e.reason, str(e), record.id) from None
-            tiles.append(pixels)
-            tiles_per_image.append(pixels.shape[0])
+        tiles = self._tiles(record)
+        tiles_per_image = [t.shape[0] for t in tiles]
         visual = [n * self.tokens_per_image for n in tiles_per_image]
         input_ids, labels = encode_record(record, self.tokenizer, visual)
         input_ids, labels = self._fit(record, list(input_ids), list(labels))
@@ -152,6 +144,25 @@ class SamplePipeline:
             raise BadRecordError("no_supervised_tokens", "no supervised token is left after templating", record.id)
         return Sample(record.id, record.source, input_ids, labels,
                       torch.cat(tiles) if tiles else None, tiles_per_image)
+
+    def _tiles(self, record: Record) -> list[torch.Tensor]:
+        """Each image of the record decoded, checked and tiled: a list of (N_i, 3, S, S)."""
+        tiles = []
+        for ref in record.images:
+            if self.processor is None:
+                raise BadRecordError("unexpected_image", "this source is read without an image processor",
+                                     record.id)
+            try:
+                tiles.append(self.processor(self.processor.load(ref)))  # (N_i, 3, S, S)
+            except BadRecordError as e:
+                raise BadRecordError(e.reason, str(e), record.id) from None
+        return tiles
+
+    def pixels(self, record: Record) -> torch.Tensor | None:
+        """The (N, 3, S, S) tiles of a record that encode() accepted, made again (the packer's buffer
+        holds none)."""
+        tiles = self._tiles(record)
+        return torch.cat(tiles) if tiles else None
 
     def _fit(self, record: Record, input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         limit = self.max_length
