@@ -5,12 +5,14 @@ import json
 import math
 import random
 
+import pytest
 import torch
 
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.formats import BadRecord
 from vlmkit.data.packing import Packer, SourceStream, collate, packing_efficiency
 from vlmkit.data.types import Record, Sample
+from vlmkit.errors import ConfigError
 
 
 class LengthEncoder:
@@ -124,3 +126,23 @@ def test_no_sample_starves():
     packer = Packer(stream_of(records, loop=False, shuffle_block=1), LengthEncoder(), 100, buffer_size=50, max_wait=5)
     first_ids = [p.sample_ids for _, p in zip(range(7), packer)]
     assert ["0"] in first_ids
+
+
+def test_a_source_without_usable_records_stops():
+    records = [BadRecord("malformed_json", "x", f"f:{i}") for i in range(5)]
+    with pytest.raises(ConfigError, match="no usable record"):
+        Packer(stream_of(records), LengthEncoder(), 100).next_pack()
+
+
+def test_shard_directories_are_split_by_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for k in range(4):
+        pq.write_table(pa.table({"text": [f"{k}-{i}" for i in range(5)]}), tmp_path / f"part-{k}.parquet")
+    shares = [[item.text for _, item in SourceStream(tmp_path, rank=r, world=2, loop=False).iter_from()]
+              for r in range(2)]
+    assert {t.split("-")[0] for t in shares[0]} == {"0", "2"} and {t.split("-")[0] for t in shares[1]} == {"1", "3"}
+    rows = [[item.text for _, item in SourceStream(tmp_path, rank=r, world=8, loop=False).iter_from()]
+            for r in range(8)]  # fewer files than ranks: rows are split instead
+    assert sum(map(len, rows)) == 20 and len(set().union(*rows)) == 20

@@ -113,14 +113,8 @@ def _data_files(directory: Path) -> list[Path]:
 
 # --- entry point ---------------------------------------------------------------------------------
 
-def read_records(path: str | Path, format: str = "auto", *, root: str | Path | None = None,
-                 kind: str | None = None, source: str | None = None) -> Iterator[Item]:
-    """Every row of a file or directory, in file order, as Record or BadRecord.
-
-    root: directory image paths resolve under (default: the data file's directory).
-    kind: override the records' supervision kind (chat | caption | text).
-    source: name carried by each record (default: the file or directory stem).
-    """
+def data_files(path: str | Path, format: str = "auto") -> tuple[str, list[Path]]:
+    """(format, the files read for `path`, in order): the file itself, or a directory's data files."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"data path {path} does not exist")
@@ -130,6 +124,22 @@ def read_records(path: str | Path, format: str = "auto", *, root: str | Path | N
     files = _data_files(path) if path.is_dir() else [path]
     if path.is_dir() and fmt == "webdataset":
         files = [f for f in files if f.suffix == ".tar"]
+    return fmt, files
+
+
+def read_records(path: str | Path, format: str = "auto", *, root: str | Path | None = None,
+                 kind: str | None = None, source: str | None = None,
+                 files: list[Path] | None = None) -> Iterator[Item]:
+    """Every row of a file or directory, in file order, as Record or BadRecord.
+
+    root: directory image paths resolve under (default: the data file's directory).
+    kind: override the records' supervision kind (chat | caption | text).
+    source: name carried by each record (default: the file or directory stem).
+    files: read only these of the directory's files (a data-parallel rank's shards).
+    """
+    path = Path(path)
+    fmt, all_files = data_files(path, format)
+    files = all_files if files is None else files
     source = source or path.stem
     for file in files:
         base = Path(root) if root is not None else (path if path.is_dir() else file.parent)

@@ -5,8 +5,10 @@ marking where each sample starts, position ids restarting at 0 per sample and ev
 in sample order, so attention and positions never cross samples and no compute goes to padding.
 A sample's length already counts its visual tokens (every tile), so the budget bounds real cost.
 
-`SourceStream` reads one source for one data-parallel rank (every world-th row, a disjoint share),
-epoch after epoch, shuffled in blocks by (seed, epoch, block). Each item carries its position
+`SourceStream` reads one source for one data-parallel rank, a disjoint share: every world-th
+row, or for a directory of at least `world` shard files (WebDataset, parquet, arrow) every
+world-th file, so no rank reads another's bytes. Epoch after epoch, shuffled in blocks by (seed,
+epoch, block). Each item carries its position
 (epoch, index), which is what a cursor stores.
 
 `Packer` keeps a buffer of encoded samples and fills each pack first-fit-decreasing: longest
@@ -28,10 +30,11 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.data.formats import Item, read_records
+from vlmkit.data.formats import Item, data_files, read_records
 from vlmkit.data.types import PackedBatch, Sample
 from vlmkit.errors import ConfigError
 
+SHARDED_FORMATS = ("webdataset", "parquet", "hf_dataset")  # directories of similar-sized shard files
 Position = tuple[int, int]  # (epoch, index of the item in this rank's shuffled epoch)
 
 
@@ -64,15 +67,22 @@ class SourceStream:
         if not 0 <= rank < world:
             raise ConfigError(f"rank {rank} is outside world size {world}")
         self.name = name or Path(path).stem
-        self._read = reader or (lambda: read_records(path, format, root=root, kind=kind, source=self.name))
         self.rank, self.world, self.seed = rank, world, seed
+        self.row_shards = True  # every world-th row; or whole shard files per rank (below)
+        files = None
+        if reader is None:
+            fmt, all_files = data_files(path, format)
+            if fmt in SHARDED_FORMATS and world > 1 and len(all_files) >= world:
+                files, self.row_shards = all_files[rank::world], False
+        self._read = reader or (lambda: read_records(path, format, root=root, kind=kind, source=self.name,
+                                                     files=files))
         self.shuffle_block, self.loop = shuffle_block, loop
 
     def _epoch(self, epoch: int) -> Iterator[Item]:
         block: list[Item] = []
         n_blocks = 0
         for i, item in enumerate(self._read()):
-            if i % self.world != self.rank:
+            if self.row_shards and i % self.world != self.rank:
                 continue
             block.append(item)
             if len(block) == self.shuffle_block:
@@ -127,6 +137,7 @@ class Packer:
         self.packs = 0
         self._items: Iterator[tuple[Position, Item]] | None = None
         self._exhausted = False
+        self._barren_epochs = 0  # epoch starts since the last usable sample
 
     # --- filling -------------------------------------------------------------------------------
     def _fill(self) -> None:
@@ -138,10 +149,16 @@ class Packer:
             except StopIteration:
                 self._exhausted = True
                 break
+            if pos[0] != self.next_pos[0]:  # a new epoch began
+                self._barren_epochs += 1
+                if self._barren_epochs >= 2:
+                    raise ConfigError(f"data source {self.stream.name!r}: a whole epoch gave no usable record "
+                                      "(see the skipped-record log)")
             self.next_pos = (pos[0], pos[1] + 1)
             sample = self.pipeline.encode(item)
             if sample is None:
                 continue
+            self._barren_epochs = 0
             if len(sample) > self.budget:
                 raise ConfigError(f"sample {sample.id} has {len(sample)} tokens, more than the packing budget "
                                   f"{self.budget}; set the pipeline's max_length <= the budget")
