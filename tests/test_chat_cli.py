@@ -8,10 +8,6 @@ import pytest
 
 from tests.serving_support import build_checkpoint, png_bytes
 
-# the tokenizer and chat template are part of the data package; skip until it provides them
-pytest.importorskip("vlmkit.data.tokenizer", reason="vlmkit.data.tokenizer is not available yet")
-pytest.importorskip("vlmkit.data.template", reason="vlmkit.data.template is not available yet")
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):

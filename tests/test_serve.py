@@ -13,10 +13,6 @@ from PIL import Image
 
 from tests.serving_support import build_checkpoint, data_url, live_server, png_bytes
 
-# the tokenizer and chat template are part of the data package; skip until it provides them
-pytest.importorskip("vlmkit.data.tokenizer", reason="vlmkit.data.tokenizer is not available yet")
-pytest.importorskip("vlmkit.data.template", reason="vlmkit.data.template is not available yet")
-
 KEY = "test-key"
 
 

@@ -11,10 +11,6 @@ import pytest
 
 from tests.serving_support import build_checkpoint, live_server, png_bytes
 
-# the tokenizer and chat template are part of the data package; skip until it provides them
-pytest.importorskip("vlmkit.data.tokenizer", reason="vlmkit.data.tokenizer is not available yet")
-pytest.importorskip("vlmkit.data.template", reason="vlmkit.data.template is not available yet")
-
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
