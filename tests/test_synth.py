@@ -138,6 +138,7 @@ def test_questions_have_unique_correct_answers():
             assert re.fullmatch(r"What shape is in the (.+)\?", q), q
         if qa.category == "multiple_choice":
             assert len(set(qa.choices)) == 4 and qa.prompt().endswith(f"D. {qa.choices[3]}")
+            assert not any(choice in q for choice in qa.choices)  # nothing a blind model could rule out
         else:
             assert not qa.choices and qa.prompt() == q
 

@@ -301,9 +301,11 @@ def ask_choice(scene: Scene, rng: random.Random) -> QA | None:
     qa = asker(scene, rng)
     if qa is None:
         qa = ask_color(scene, rng)
-    wrong = [a for a in answer_space(qa.category) if a != qa.answer]
+    # Never offer what the question itself names (the reference of a relation): a blind model
+    # could rule it out.
+    wrong = [a for a in answer_space(qa.category) if a != qa.answer and a not in qa.question]
     if qa.category == "relation":  # prefer distractors that are in the scene
-        near = sorted({o.name for o in scene.objects} - {qa.answer})
+        near = sorted({o.name for o in scene.objects if o.name in wrong})
         rng.shuffle(near)
         rest = [a for a in wrong if a not in near]
         distractors = near[:3] + rng.sample(rest, 3 - len(near[:3]))
