@@ -3,7 +3,6 @@
 import base64
 import io
 import json
-import os
 import tarfile
 
 import pyarrow as pa

@@ -18,7 +18,6 @@ import argparse
 import json
 import sys
 from collections import Counter
-from pathlib import Path
 
 from vlmkit.constants import IMAGE_PLACEHOLDER
 from vlmkit.data.formats import FORMATS, Item
