@@ -1,0 +1,241 @@
+"""`evaluate`: a checkpoint on a benchmark, in one of two modes.
+
+  gen  greedy generation, batched through the inference engine (vlmkit.infer.engine), then
+       answer extraction (eval/extract.py) and exact match.
+  ppl  multiple choice by length-normalised log-likelihood of each option (eval/ppl.py).
+
+`blind=True` evaluates the same model with every image replaced by a blank one of the same size
+(the mean colour of the encoder's normalisation, i.e. all-zero pixel values), so that the prompt
+and the number of visual tokens are unchanged and only the visual information is gone: the
+image-free baseline a model that really sees must beat.
+
+Rows whose images cannot be decoded are reported as bad rows (with their file row and reason)
+and left out; the rest are evaluated.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+from vlmkit.errors import BadRecordError, VlmkitError
+from vlmkit.eval.benchmarks import LETTERS, Benchmark, BadRow, BenchItem, circular_items, read_benchmark
+from vlmkit.eval.metrics import RowResult, score_reply, summarize
+from vlmkit.eval.ppl import length_normalised, sequence_logprobs
+from vlmkit.eval.prompts import LLAVA_PROMPTS, PLAIN_PROMPTS, PromptFormat, chat_messages
+
+Mode = Literal["gen", "ppl"]
+
+
+@dataclass
+class EvalResult:
+    benchmark: str
+    mode: str
+    circular: bool
+    blind: bool
+    summary: dict[str, Any]
+    """n, correct, accuracy, per_category, unparsed; yes_no and vanilla when they apply."""
+    rows: list[RowResult] = field(default_factory=list)
+    bad_rows: list[BadRow] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def accuracy(self) -> float:
+        return self.summary["accuracy"]
+
+    @property
+    def per_category(self) -> dict[str, dict[str, Any]]:
+        return self.summary["per_category"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report: settings, the summary, the bad rows (all of them) and the time taken."""
+        return {"benchmark": self.benchmark, "mode": self.mode, "circular": self.circular, "blind": self.blind,
+                **self.summary,
+                "bad_rows": {"count": len(self.bad_rows), "rows": [b.to_dict() for b in self.bad_rows]},
+                "seconds": round(self.seconds, 3)}
+
+
+def blank_like(image: Image.Image, mean: tuple[float, ...]) -> Image.Image:
+    """An image of the same size filled with the normalisation mean (all-zero pixel values)."""
+    return Image.new("RGB", image.size, tuple(round(255 * m) for m in mean))
+
+
+def _load_images(item: BenchItem, blind: bool, mean: tuple[float, ...]) -> list[Image.Image]:
+    from vlmkit.data.images import load_image
+
+    images = [load_image(ref) for ref in item.images]
+    return [blank_like(im, mean) for im in images] if blind else images
+
+
+def _chunks(seq: list, size: int):
+    for start in range(0, len(seq), size):
+        yield seq[start:start + size]
+
+
+def _generate_rows(model, items: list[tuple[BenchItem, list[Image.Image]]], *, batch_size: int,
+                   fmt: PromptFormat, max_new_tokens: int, bar) -> tuple[list[RowResult], list[BadRow]]:
+    """Greedy replies through the engine, `batch_size` rows decoding together (rows that finish
+    leave and the next prompts join, as in the server); prompts are prefilled one by one, so a
+    reply never depends on its batch."""
+    from vlmkit.infer.engine import Engine, PromptError
+    from vlmkit.infer.sampling import SamplingParams
+
+    engine = Engine(model)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    rows, bad = [], []
+    for chunk in _chunks(items, 4 * batch_size):  # a chunk at a time keeps the progress bar moving
+        ready, prompts = [], []
+        for item, images in chunk:
+            try:
+                prompts.append(engine.prepare(chat_messages(item, images, fmt, list_options=True)))
+                ready.append(item)
+            except (PromptError, BadRecordError) as e:
+                bad.append(BadRow(item.row, getattr(e, "reason", "bad_prompt"), str(e), item.id))
+        replies = [""] * len(prompts)
+        for index, delta in engine.run(prompts, params, max_batch=batch_size):
+            replies[index] += delta
+        rows += [score_reply(item, reply) for item, reply in zip(ready, replies)]
+        bar.update(len(chunk))
+    return rows, bad
+
+
+def option_set(item: BenchItem, answers_by_category: dict[str, list[str]]) -> tuple[list[str], int]:
+    """The options a ppl-mode item is scored over, and the index of the gold one."""
+    if item.kind == "choice":
+        return item.choices, item.answer_index
+    if item.kind == "yesno":
+        return ["yes", "no"], ["yes", "no"].index(item.answer)
+    options = answers_by_category[item.category]
+    return options, options.index(item.answer)
+
+
+def _ppl_rows(model, items: list[tuple[BenchItem, list[Image.Image]]], *, batch_size: int, fmt: PromptFormat,
+              answers_by_category: dict[str, list[str]], bar) -> tuple[list[RowResult], list[BadRow]]:
+    from vlmkit.data.template import encode_record
+    from vlmkit.data.types import Message, Record, Sample
+    from vlmkit.infer.engine import normalize_messages
+
+    tok, processor = model.tokenizer, model.image_processor()
+    per_tile = model.config.tokens_per_image
+    rows, bad = [], []
+    for chunk in _chunks(items, batch_size):
+        seqs, spans = [], []  # spans[i]: (item, options, gold, first sequence index)
+        for item, images in chunk:
+            options, gold = option_set(item, answers_by_category)
+            if len(options) < 2:
+                bad.append(BadRow(item.row, "no_options", f"category {item.category!r} has a single answer", item.id))
+                continue
+            tiles = [processor(im) for im in images]  # each (n_tiles, 3, S, S)
+            pixel_values = torch.cat(tiles) if tiles else None
+            visual_tokens = [t.shape[0] * per_tile for t in tiles]
+            spans.append((item, options, gold, len(seqs)))
+            # The user turn exactly as generation builds it, options not listed (cloze).
+            user, _ = normalize_messages(chat_messages(item, images, fmt, list_options=False))
+            for option in options:
+                record = Record(id=item.id, source="eval", kind="chat",
+                                messages=user + [Message(role="assistant", content=option)])
+                ids, labels = encode_record(record, tok, visual_tokens)
+                seqs.append(Sample(id=item.id, source="eval", input_ids=list(ids), labels=list(labels),
+                                   pixel_values=pixel_values, tiles_per_image=[t.shape[0] for t in tiles]))
+        scores = length_normalised(sequence_logprobs(model, seqs))
+        for item, options, gold, start in spans:
+            mine = scores[start:start + len(options)]
+            best = max(range(len(options)), key=mine.__getitem__)
+            parsed = LETTERS[best] if item.kind == "choice" else options[best]
+            rows.append(RowResult(id=item.id, source_id=item.source_id, category=item.category, kind=item.kind,
+                                  answer=item.answer, prediction=options[best], parsed=parsed, correct=best == gold,
+                                  rotation=item.rotation, scores=mine))
+        bar.update(len(chunk))
+    return rows, bad
+
+
+def load_benchmark(bench: Benchmark | str | Path, *, image_root: str | Path | None = None,
+                   cache_dir: str | Path | None = None) -> Benchmark:
+    """A Benchmark, a file path, or a built-in name ("synth": the synthetic world's test split)."""
+    if isinstance(bench, Benchmark):
+        return bench
+    if str(bench) in BUILTIN:
+        return BUILTIN[str(bench)](cache_dir)
+    return read_benchmark(bench, image_root)
+
+
+def synth_test_split(cache_dir: str | Path | None, n_test: int = 1000, seed: int = 0) -> Path:
+    """The synthetic world's test split as benchmark JSONL, generated once into `cache_dir`."""
+    from vlmkit.data.synth import generate
+
+    root = Path(cache_dir if cache_dir is not None else Path.home() / ".cache" / "vlmkit") / f"synth-{seed}-{n_test}"
+    path = root / "synth.jsonl"
+    if not path.is_file():
+        files = generate(root, n_train=0, n_val=0, n_test=n_test, seed=seed, text_corpus=False)
+        path = Path(files["test"])
+    return path
+
+
+BUILTIN = {"synth": lambda cache_dir: read_benchmark(synth_test_split(cache_dir))}
+# Prompt wording per benchmark name: the synthetic split is asked exactly as its training data asks.
+FORMATS: dict[str, PromptFormat] = {"synth": PLAIN_PROMPTS}
+
+
+def evaluate(model, bench: Benchmark | str | Path, *, mode: Mode = "gen", circular: bool = False,
+             limit: int | None = None, batch_size: int = 8, blind: bool = False, max_new_tokens: int = 16,
+             prompt_format: PromptFormat | None = None, image_root: str | Path | None = None,
+             cache_dir: str | Path | None = None, progress: bool = True) -> EvalResult:
+    """Evaluate `model` (a vlmkit VLM with its tokenizer) on `bench`; see the module docstring.
+
+    bench: a Benchmark, a file (.tsv / .jsonl / .json) or "synth". `limit` keeps the first N
+    questions (before CircularEval expands them into rotations). `prompt_format` defaults to
+    LLaVA's wording, and to the plain training wording for the synthetic benchmark.
+    """
+    from tqdm import tqdm
+
+    if mode not in ("gen", "ppl"):
+        raise VlmkitError(f"unknown eval mode {mode!r}; use 'gen' or 'ppl'")
+    if batch_size < 1:
+        raise VlmkitError(f"batch_size must be >= 1, got {batch_size}")
+    if getattr(model, "tokenizer", None) is None:
+        raise VlmkitError("the model has no tokenizer; evaluate a checkpoint saved with one")
+    start = time.perf_counter()
+    benchmark = load_benchmark(bench, image_root=image_root, cache_dir=cache_dir)
+    fmt = prompt_format or FORMATS.get(benchmark.name, LLAVA_PROMPTS)
+    answers_by_category: dict[str, list[str]] = {}  # ppl mode: the option set of open questions
+    for item in benchmark.items:  # (the whole benchmark's answers, also under --limit)
+        if item.kind == "open" and item.answer not in answers_by_category.setdefault(item.category, []):
+            answers_by_category[item.category].append(item.answer)
+    benchmark = benchmark.head(limit)
+
+    bad_rows = list(benchmark.bad_rows)
+    ready: list[tuple[BenchItem, list[Image.Image]]] = []
+    for item in benchmark.items:
+        try:
+            images = _load_images(item, blind, model.config.vision.image_mean)
+        except BadRecordError as e:
+            bad_rows.append(BadRow(item.row, e.reason, str(e), item.id))
+            continue
+        ready += [(variant, images) for variant in (circular_items([item]) if circular else [item])]
+
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(ready), desc=f"eval {benchmark.name} ({mode})", unit="q", disable=not progress)
+    try:
+        if mode == "gen":
+            rows, more_bad = _generate_rows(model, ready, batch_size=batch_size, fmt=fmt,
+                                            max_new_tokens=max_new_tokens, bar=bar)
+        else:
+            rows, more_bad = _ppl_rows(model, ready, batch_size=batch_size, fmt=fmt,
+                                       answers_by_category=answers_by_category, bar=bar)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return EvalResult(benchmark=benchmark.name, mode=mode, circular=circular, blind=blind, summary=summarize(rows),
+                      rows=rows, bad_rows=bad_rows + more_bad, seconds=time.perf_counter() - start)
+
+
+def evaluate_with_blind(model, bench: Benchmark | str | Path, **kw) -> dict[str, EvalResult]:
+    """The model and its blind baseline on the same benchmark: {"model": ..., "blind": ...}."""
+    benchmark = load_benchmark(bench, image_root=kw.pop("image_root", None), cache_dir=kw.pop("cache_dir", None))
+    return {"model": evaluate(model, benchmark, **kw), "blind": evaluate(model, benchmark, blind=True, **kw)}
