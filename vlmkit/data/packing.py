@@ -180,6 +180,8 @@ class Packer:
         """The next pack; raises StopIteration when a finite stream is used up."""
         self._fill()
         if not self.buffer:
+            if hasattr(self.pipeline, "log_summary"):
+                self.pipeline.log_summary()  # the end of a finite pass: what was skipped, and why
             raise StopIteration
         overdue = sorted((e for e in self.buffer if e.wait >= self.max_wait), key=lambda e: e.pos)
         rest = sorted((e for e in self.buffer if e.wait < self.max_wait), key=lambda e: (-len(e.sample), e.pos))
