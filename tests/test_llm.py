@@ -203,3 +203,20 @@ def test_packed_padded_and_cache_agree_on_cuda_bf16(hidden):
         torch.testing.assert_close(packed[cu[b]:cu[b] + n], padded[b, :n], atol=5e-2, rtol=5e-2)
         if n > 1:
             torch.testing.assert_close(prefill[b, :n - 1].float(), padded[b, :n - 1], atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_packed_equals_padded_under_bf16_autocast_on_cuda():
+    """fp32 weights under bf16 autocast (training on GPUs): packed (a flash kernel where present)
+    and padded agree, forward and backward runs."""
+    model = tiny(hidden_size=64, moe=MoEConfig(num_experts=4, top_k=2, expert_intermediate_size=32)).cuda().train()
+    seqs = [s.cuda() for s in samples([33, 7, 64, 1])]
+    ids, mask = right_padded(seqs)
+    cu = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        padded = model(ids.cuda(), attention_mask=mask.cuda()).float()
+        packed = model.logits(model.decode(model.embed(torch.cat(seqs)), spec=AttnSpec.packed(cu))).float()
+    packed.logsumexp(-1).mean().backward()
+    for b, s in enumerate(seqs):
+        torch.testing.assert_close(packed[cu[b]:cu[b] + len(s)], padded[b, :len(s)], atol=5e-2, rtol=5e-2)

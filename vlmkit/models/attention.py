@@ -137,6 +137,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec,
     """
     if backend not in ("auto", "sdpa", "flash"):
         raise ValueError(f"attention backend must be auto, sdpa or flash, got {backend!r}")
+    if torch.is_autocast_enabled(q.device.type):
+        # RoPE leaves q / k in fp32 under autocast while v is in half precision; SDPA would cast all
+        # three to the autocast dtype, so do it here for every backend (flash kernels need it).
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if spec.kind == "packed":
         flat = q.dim() == 3
         if not flat:

@@ -44,7 +44,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, D) -> gate weights (N, K), expert indices (N, K), affinities (N, E)."""
-        logits = F.linear(x.float(), self.weight.float())  # (N, E), fp32 for stable routing
+        with torch.autocast(x.device.type, enabled=False):  # fp32 routing, also under autocast
+            logits = F.linear(x.float(), self.weight.float())  # (N, E)
         scores = logits.sigmoid() if self.cfg.score_func == "sigmoid" else logits.softmax(-1)
         _, idx = torch.topk(scores.detach() + self.score_bias, self.cfg.top_k, dim=-1)  # (N, K)
         weights = scores.gather(-1, idx)
@@ -81,8 +82,8 @@ class MoE(nn.Module):
             if n == 0:
                 continue
             token, slot = torch.where(idx == e)
-            y = self.experts[e](x[token]) * weights[token, slot, None].to(x.dtype)
-            out = out.index_add(0, token, y)
+            y = self.experts[e](x[token]) * weights[token, slot, None]
+            out = out.index_add(0, token, y.to(out.dtype))  # dtypes differ under autocast
         return out.reshape(shape), self.balance_loss(scores, counts), counts
 
     @torch.no_grad()
