@@ -163,6 +163,14 @@ def test_render_puts_each_object_in_its_cell():
                 assert colors == {synth.BACKGROUND}
 
 
+def test_bad_settings_fail_clearly(tmp_path):
+    from vlmkit.errors import ConfigError
+
+    for bad in (dict(image_size=16), dict(n_train=-1), dict(ocr_fraction=1.5), dict(turns_per_record=0)):
+        with pytest.raises(ConfigError):
+            generate(tmp_path, **{**SMALL, **bad})
+
+
 def test_chance_accuracy():
     assert chance_accuracy("existence") == 0.5 and chance_accuracy("multiple_choice") == 0.25
     assert chance_accuracy("relation") == pytest.approx(1 / 24)

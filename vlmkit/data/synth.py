@@ -41,6 +41,7 @@ from typing import Iterable, Iterator
 from PIL import Image, ImageDraw
 
 from vlmkit.constants import IMAGE_PLACEHOLDER
+from vlmkit.errors import ConfigError
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -417,9 +418,13 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
     from tqdm import tqdm
 
     if image_size < 24:
-        raise ValueError(f"image_size {image_size} is too small for a 3x3 grid of legible objects (>= 24)")
+        raise ConfigError(f"image_size {image_size} is too small for a 3x3 grid of legible objects (use >= 24)")
     if turns_per_record < 1:
-        raise ValueError(f"turns_per_record must be >= 1, got {turns_per_record}")
+        raise ConfigError(f"turns_per_record must be >= 1, got {turns_per_record}")
+    if min(n_train, n_val, n_test) < 0:
+        raise ConfigError(f"scene counts must be >= 0, got n_train={n_train} n_val={n_val} n_test={n_test}")
+    if not 0.0 <= ocr_fraction <= 1.0:
+        raise ConfigError(f"ocr_fraction must be in [0, 1], got {ocr_fraction}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     counts = {"train": n_train, "val": n_val, "test": n_test}
