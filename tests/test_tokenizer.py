@@ -82,6 +82,15 @@ def test_load_chatml_directory(tmp_path):
     assert tok.image_token_id is None and tok.bos_id is None
 
 
+def test_chat_template_beside_the_config(tmp_path):
+    path = chatml_dir(tmp_path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "chat_template.jinja").write_text(config.pop("chat_template"))
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer.load(path)
+    assert tok.default_system == "You are a helpful assistant." and "im_start" in tok.chat_template
+
+
 def test_load_llama3_directory(tmp_path):
     tok = Tokenizer.load(llama3_dir(tmp_path))
     assert tok.template == "llama3" and tok.default_system is None

@@ -33,6 +33,7 @@ from vlmkit.errors import ConfigError
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_MAP_FILE = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 # Image tokens recognised in loaded vocabularies, in order of preference.
 IMAGE_TOKENS = (IMAGE_TOKEN, "<|image_pad|>")
@@ -118,6 +119,9 @@ class Tokenizer:
                 config = json.loads((path / CONFIG_FILE).read_text())
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path / CONFIG_FILE}: not valid JSON ({e})") from None
+        jinja = path / CHAT_TEMPLATE_FILE  # newer HF directories keep the template beside the config
+        if "chat_template" not in config and jinja.is_file():
+            config["chat_template"] = jinja.read_text()
         tok = cls(backend, config, _template_kind(backend, config, path))
         if tok.template != "builtin":
             tok.default_system, tok.system_prefix = _system_text(tok)
