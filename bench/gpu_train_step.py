@@ -48,6 +48,8 @@ def make_pack(lengths: list[int], cfg: VLMConfig, n_images: int, device, gen):
     ids, pos, cu = [], [], [0]
     tpi = cfg.tokens_per_image
     for i, n in enumerate(lengths):
+        if i < n_images:
+            n = lengths[i] = max(n, tpi + 16)  # an image sample holds all of its visual tokens
         t = torch.randint(0, cfg.llm.vocab_size - 1, (n,), generator=gen)
         if i < n_images:
             t[1:1 + tpi] = cfg.image_token_id
@@ -74,6 +76,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--budget", type=int, default=16384, help="tokens per packed micro-batch")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--verbose", action="store_true", help="print every step")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("gpu_train_step: needs a CUDA device; nothing measured")
@@ -117,6 +120,11 @@ def main() -> int:
             opt.zero_grad(set_to_none=True)
             tokens += sum(lengths)
             flops += step_flops(n_params, lengths, cfg)
+            if args.verbose:
+                torch.cuda.synchronize()
+                print(f"  {'packed' if packed else 'padded'} step: {len(lengths)} samples, {sum(lengths)} tokens, "
+                      f"max {max(lengths)}, {time.perf_counter() - t0:.2f}s since start, alloc retries "
+                      f"{torch.cuda.memory_stats().get('num_alloc_retries', 0)}")
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         return tokens / dt, flops / dt / 1e12, torch.cuda.max_memory_allocated() // 2**20

@@ -52,7 +52,9 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, T, H, Dh): rotate pairs (i, i + Dh/2) by the position's angle."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    # The product is taken in cos/sin's precision but returned in x's, so that under autocast the
+    # bf16 q / k stay bf16 (fp32 here would push attention off the flash kernels onto slow paths).
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
