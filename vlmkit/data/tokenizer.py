@@ -261,7 +261,8 @@ def _render_own_template(tok: Tokenizer, messages: list[dict]) -> str | None:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         return env.from_string(template).render(
-            messages=messages, add_generation_prompt=False, raise_exception=_raise, strftime_now=_strftime,
+            messages=messages, tools=None, documents=None, add_generation_prompt=False,
+            raise_exception=_raise, strftime_now=_strftime,
             bos_token=_token_str(tok.config.get("bos_token")) or "",
             eos_token=_token_str(tok.config.get("eos_token")) or "")
     except Exception:  # a template we cannot render offline: assume it adds no system text
