@@ -7,7 +7,8 @@ Sources (read, never imported or executed):
 
 Cleaning keeps prose paragraphs only: blocks separated by blank lines, with indented blocks (code,
 grammar), doctests, headings and markup-heavy or symbol-heavy blocks dropped, reST roles and
-literal quotes unwrapped, lines joined, and repeated paragraphs dropped. Paragraphs of one unit (a topic or a module) are
+literal quotes unwrapped, lines joined, and repeated paragraphs dropped. Paragraphs of one unit
+(a topic or a module) are
 grouped in order into documents of at most `max_chars`. The train / held-out split is by unit
 (a hash of the seed and the unit's name), so no topic or module is in both.
 """

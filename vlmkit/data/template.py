@@ -17,8 +17,9 @@ Chat formats (the tokenizer's `template`): builtin and chatml render
 `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content stripped}<|eot_id|>` after
 `<|begin_of_text|>`. The text equals what the tokenizer's jinja chat template produces (tests
 compare with transformers' apply_chat_template); a loaded template's default system prompt (when
-a conversation has none) and system prefix (Llama-3.1's date lines) are inserted the same way. Headers, contents and images are tokenised as separate pieces, so the
-assistant's first token is the same in training as after the generation prompt.
+a conversation has none) and system prefix (Llama-3.1's date lines) are inserted the same way.
+Headers, contents and images are tokenised as separate pieces, so the assistant's first token
+is the same in training as after the generation prompt.
 
 Each IMAGE_PLACEHOLDER in message content becomes visual_tokens[i] copies of the tokenizer's image
 token id, for the i-th placeholder in reading order. Bad records raise BadRecordError with reasons

@@ -77,7 +77,8 @@ class Tokenizer:
     def train(cls, texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> "Tokenizer":
         """Train the built-in byte-level BPE on `texts` (deterministic for the same texts)."""
         if vocab_size < 256 + len(BUILTIN_SPECIAL_TOKENS):
-            raise ConfigError(f"vocab_size {vocab_size} is below 256 bytes + {len(BUILTIN_SPECIAL_TOKENS)} special tokens")
+            raise ConfigError(f"vocab_size {vocab_size} is below 256 bytes + "
+                              f"{len(BUILTIN_SPECIAL_TOKENS)} special tokens")
         backend = _Backend(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
@@ -224,7 +225,8 @@ class Tokenizer:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return f"Tokenizer(template={self.template!r}, vocab_size={self.vocab_size}, image_token_id={self.image_token_id})"
+        return (f"Tokenizer(template={self.template!r}, vocab_size={self.vocab_size}, "
+                f"image_token_id={self.image_token_id})")
 
 
 def _token_str(value) -> str | None:
