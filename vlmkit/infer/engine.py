@@ -163,8 +163,11 @@ class Engine:
         # positions come from the cache: each row continues from its own length
         hidden_B1D = self.vlm.llm.decode(embeds_B1D, spec=AttnSpec.causal(), cache=self.cache)
         logits_BV = self.vlm.llm.logits(hidden_B1D[:, -1])
-        for seq, logits_V in zip(self.rows, logits_BV):
-            seq.push(self._sample(logits_V, seq))
+        plain_greedy = [s.params.greedy and s.params.repetition_penalty == 1.0 for s in self.rows]
+        # one argmax and one device-to-host copy for every plain greedy row
+        greedy_ids = logits_BV.argmax(-1).tolist() if any(plain_greedy) else []
+        for i, (seq, logits_V) in enumerate(zip(list(self.rows), logits_BV)):
+            seq.push(greedy_ids[i] if plain_greedy[i] else self._sample(logits_V, seq))
 
     def remove(self, seq: Sequence | None) -> None:
         """Drop a sequence's row from the batch (no-op when it never joined or already left)."""
