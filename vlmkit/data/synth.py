@@ -33,7 +33,9 @@ of the seed; test, val and train scenes are disjoint (no scene appears in two sp
 from __future__ import annotations
 
 import json
+import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -374,6 +376,10 @@ def _messages(rid: str, image: str, turns: list[tuple[str, str]]) -> dict:
     return {"id": rid, "messages": msgs}
 
 
+def _write_image(scene: Scene, image_size: int, path: Path) -> None:
+    render(scene, image_size).save(path, format="PNG", compress_level=1)
+
+
 def _write_json_list(path: Path, rows: list[dict]) -> None:
     with open(path, "w") as f:  # one record per line: diffable, and still a JSON list
         f.write("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
@@ -430,6 +436,9 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
     counts = {"train": n_train, "val": n_val, "test": n_test}
     splits = split_scenes(seed, counts, ocr_fraction)
     bar = tqdm(total=sum(counts.values()), desc="synth scenes", unit="scene", disable=not progress)
+    # PNG encoding and file writes release the GIL: threads overlap them with the question writing.
+    pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+    pending = []
     files: dict[str, str] = {}
     stats: dict[str, dict] = {}
     for split, scenes in splits.items():
@@ -438,7 +447,7 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
         per_category: dict[str, int] = {}
         for scene in scenes:
             image = f"images/{scene.id}.png"
-            render(scene, image_size).save(out / image, compress_level=1)
+            pending.append(pool.submit(_write_image, scene, image_size, out / image))
             prompt = rng.choice(CAPTION_PROMPTS)
             captions.append(_llava(f"{scene.id}-cap", image, [(prompt, caption(scene))]))
             qas = questions(scene, rng)
@@ -473,6 +482,9 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
             _write_jsonl(out / "synth.jsonl", bench)
             files["test"] = str(out / "synth.jsonl")
         stats[split] = {"scenes": len(scenes), "records": len(llava), "questions": per_category}
+    for job in pending:
+        job.result()  # re-raises a failed write
+    pool.shutdown()
     bar.close()
     if text_corpus:
         from vlmkit.data.corpus import write_corpus
