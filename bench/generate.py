@@ -6,7 +6,7 @@ the same prompts (one image + text each) at batch 1 and batch 8 on both sides. D
 generated tokens per second excluding prefill: (time for N new tokens - time for 1) / (N - 1)
 per row. Both sides must produce the same tokens (checked and printed).
 
-    .venv/bin/python bench/generate.py [--new-tokens 64] [--repeats 3]
+    .venv/bin/python bench/generate.py [--new-tokens 48] [--repeats 5] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def vlmkit_generate(vlm, ids, pixels, new_tokens: int) -> torch.Tensor:
         engine.step()
         for s in [s for s in engine.rows if s.finished]:
             engine.remove(s)
-    return torch.tensor([s.output_ids for s in seqs])
+    return torch.tensor([s.output_ids for s in seqs], device=ids.device)
 
 
 def best_time(fn, repeats: int) -> float:
@@ -76,6 +76,8 @@ def best_time(fn, repeats: int) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -89,9 +91,10 @@ def decode_rate(fn, batch: int, new_tokens: int, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both models run there, fp32)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: steadiest timings on a shared 2-core machine)")
     args = parser.parse_args()
@@ -100,11 +103,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf = build_llava(Path(tmp))
         vlm = VLM.from_hf_llava(tmp)
+    hf, vlm = hf.to(args.device), vlm.to(args.device)
     patches = vlm.config.tokens_per_image
     print(f"model: SigLIP 3x128 (48 px, {patches} visual tokens) + Llama 4x192, "
-          f"{sum(p.numel() for p in vlm.parameters()) / 1e6:.1f}M params; torch threads {torch.get_num_threads()}")
+          f"{sum(p.numel() for p in vlm.parameters()) / 1e6:.1f}M params; {args.device}, "
+          f"torch threads {torch.get_num_threads()}")
     for batch in args.batches:
-        ids, pixels = make_batch(batch, patches)
+        ids, pixels = (t.to(args.device) for t in make_batch(batch, patches))
         same = torch.equal(hf_generate(hf, ids, pixels, args.new_tokens),
                            vlmkit_generate(vlm, ids, pixels, args.new_tokens))
         ours = decode_rate(lambda n: vlmkit_generate(vlm, ids, pixels, n), batch, args.new_tokens, args.repeats)
