@@ -247,3 +247,37 @@ def test_unknown_path_and_web_page(server):
     assert page.status_code == 200 and "vlmkit chat" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # no external resources
     assert json.loads(httpx.get(server[0] + "/health").text)["status"] == "ok"
+
+
+def test_failing_request_does_not_disturb_its_neighbours(model):
+    """A prompt that fails inside the engine (image tokens without pixels) fails alone."""
+    from vlmkit.infer.engine import Engine
+    from vlmkit.infer.sampling import SamplingParams
+    from vlmkit.serve.scheduler import Scheduler
+
+    engine = Engine(model)
+    good = engine.prepare([{"role": "user", "content": "describe the image"}])
+    bad = type(good)([model.config.image_token_id] * 3 + good.input_ids, None)
+    expected = model.generate([{"role": "user", "content": "describe the image"}], max_new_tokens=20)
+    scheduler = Scheduler(engine, max_batch=4).start()
+    try:
+        results = {name: [] for name in ("good1", "bad", "good2")}
+        done = threading.Semaphore(0)
+
+        def collect(name):
+            def on_event(event):
+                results[name].append(event)
+                if event.error is not None or event.finish_reason is not None:
+                    done.release()
+            return on_event
+
+        for name, prompt in (("good1", good), ("bad", bad), ("good2", good)):
+            scheduler.submit(prompt, SamplingParams(max_new_tokens=20), collect(name))
+        for _ in range(3):
+            done.acquire()
+    finally:
+        scheduler.stop()
+    assert "placeholder" in results["bad"][-1].error
+    for name in ("good1", "good2"):
+        assert results[name][-1].error is None
+        assert "".join(e.delta for e in results[name]) == expected
