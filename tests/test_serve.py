@@ -281,3 +281,22 @@ def test_failing_request_does_not_disturb_its_neighbours(model):
     for name in ("good1", "good2"):
         assert results[name][-1].error is None
         assert "".join(e.delta for e in results[name]) == expected
+
+
+def test_python_api_batch_and_stream_agree(model):
+    from PIL import Image as PILImage
+
+    from vlmkit.infer.engine import stream_messages
+
+    picture = PILImage.open(io.BytesIO(png_bytes(4)))
+    conversations = [
+        [{"role": "user", "content": "what colour is the circle?"}],
+        [{"role": "system", "content": "answer briefly"},
+         {"role": "user", "content": [{"type": "image", "image": picture}, {"type": "text", "text": "describe"}]}],
+        [{"role": "user", "content": "how many shapes?"}, {"role": "assistant", "content": "three"},
+         {"role": "user", "content": "and colours?"}],
+    ]
+    alone = [model.generate(c, max_new_tokens=16) for c in conversations]
+    assert model.generate(conversations, max_new_tokens=16) == alone
+    assert model.generate(conversations, max_new_tokens=16, max_batch=2) == alone
+    assert "".join(stream_messages(model, conversations[1], max_new_tokens=16)) == alone[1]
