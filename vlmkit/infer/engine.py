@@ -166,7 +166,9 @@ class Engine:
         plain_greedy = [s.params.greedy and s.params.repetition_penalty == 1.0 for s in self.rows]
         # one argmax and one device-to-host copy for every plain greedy row
         greedy_ids = logits_BV.argmax(-1).tolist() if any(plain_greedy) else []
-        for i, (seq, logits_V) in enumerate(zip(list(self.rows), logits_BV)):
+        for i, (seq, logits_V) in enumerate(zip(self.rows, logits_BV)):
+            if seq.finished:  # done but not yet removed by its owner: its row idles
+                continue
             seq.push(greedy_ids[i] if plain_greedy[i] else self._sample(logits_V, seq))
 
     def remove(self, seq: Sequence | None) -> None:
