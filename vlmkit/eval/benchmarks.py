@@ -204,7 +204,7 @@ def make_item(*, id: str, question: Any, answer: Any, choices: list[str] | None,
                      category=category, hint=hint)
 
 
-def _jsonl_item(obj: Any, index: int, root: Path, default_category: str) -> BenchItem:
+def _jsonl_item(obj: Any, index: int, root: Path) -> BenchItem:
     if not isinstance(obj, dict):
         raise BadItem("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
     raw_id = _first(obj, "id")
@@ -220,7 +220,7 @@ def _jsonl_item(obj: Any, index: int, root: Path, default_category: str) -> Benc
         images = [images]
     return make_item(id=str(index) if raw_id is None else str(raw_id), question=_first(obj, "question"),
                      answer=_first(obj, "answer"), choices=choices, images=[image_ref(v, root) for v in images],
-                     category=_first(obj, "category") or default_category, hint=_first(obj, "hint"))
+                     category=_first(obj, "category"), hint=_first(obj, "hint"))
 
 
 def read_jsonl(path: str | Path, image_root: str | Path | None = None) -> Benchmark:
@@ -245,7 +245,7 @@ def read_jsonl(path: str | Path, image_root: str | Path | None = None) -> Benchm
         obj = None
         try:
             obj = json.loads(line)
-            items.append(replace(_jsonl_item(obj, index, root, default_category="all"), row=index))
+            items.append(replace(_jsonl_item(obj, index, root), row=index))
         except json.JSONDecodeError as e:
             bad.append(BadRow(index, "bad_json", f"line {index + 1}: {e}"))
         except BadItem as e:
