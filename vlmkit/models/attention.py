@@ -184,6 +184,13 @@ def _sdpa(q, k, v, mask, causal: bool) -> torch.Tensor:
     # (B, T, H, Dh) -> SDPA's (B, H, T, Dh) and back.
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q.shape[1] != k.shape[1]
+    if gqa and mask is not None:
+        # SDPA's GQA runs in the flash and math kernels only, and flash takes no mask: with a mask it
+        # would fall back to math, which materialises (B, H, T, T) scores. With kv heads repeated,
+        # cuDNN / memory-efficient kernels run (H100, B 8, T 2047, 14 / 2 heads, bf16, forward +
+        # backward: 2.9 ms and 0.3 GiB against 21 ms and 7.4 GiB in math).
+        rep = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), False
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
     return out.transpose(1, 2)
 
