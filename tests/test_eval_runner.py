@@ -238,10 +238,14 @@ def test_cli_eval_writes_reports(tmp_path, tokenizer, capsys):
     model.save_pretrained(tmp_path / "ckpt")
     bench = write_bench(tmp_path, MIXED_ROWS + [{"id": "bad", "question": "no answer"}])
     out = tmp_path / "report"
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(json.dumps({"text": "red circle in the image"}) + "\n")
     code = main(["eval", "--model", str(tmp_path / "ckpt"), "--bench", str(bench), "--batch-size", "4",
-                 "--max-new-tokens", "3", "--out", str(out), "--json", "--no-progress", "--circular"])
+                 "--max-new-tokens", "3", "--out", str(out), "--json", "--no-progress", "--circular",
+                 "--text", str(heldout)])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["text_perplexity"]["documents"] == 1 and report["text_perplexity"]["perplexity"] > 1
     assert report["n"] == len(MIXED_ROWS) and report["circular"] is True
     assert set(report["per_category"]) == {"colour", "exist", "count", "text"}
     assert report["bad_rows"]["count"] == 1 and report["bad_rows"]["rows"][0]["reason"] == "missing_answer"
@@ -263,3 +267,14 @@ def test_cli_builtin_synth(tmp_path, tokenizer, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["benchmark"] == "synth" and report["n"] == 6 and report["bad_rows"]["count"] == 0
     assert (out / "cache").is_dir() and (out / "eval.png").is_file()
+
+
+def test_cli_errors_are_one_line(tmp_path, tokenizer, capsys):
+    from vlmkit.cli import main
+
+    tiny_vlm(tokenizer).save_pretrained(tmp_path / "ckpt")
+    assert main(["eval", "--model", str(tmp_path / "ckpt")]) == 2
+    assert "give --bench" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "ckpt"), "--bench", str(tmp_path / "nope.tsv"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
