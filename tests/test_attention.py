@@ -49,8 +49,8 @@ def test_packed_spec_fields():
 
 
 @pytest.mark.parametrize("left", [False, True])
-def test_padded_rows_match_unpadded(left):
-    lengths = [7, 4, 1]
+@pytest.mark.parametrize("lengths", [[7, 4, 1], [40, 23, 1]])  # short / long queries take different GQA paths
+def test_padded_rows_match_unpadded(left, lengths):
     B, T = len(lengths), max(lengths)
     q, k, v = qkv(T, B=B)
     mask = torch.zeros(B, T, dtype=torch.long)
