@@ -92,10 +92,17 @@ def _generate_rows(model, items: list[tuple[BenchItem, list[Image.Image]]], *, b
         ready, prompts = [], []
         for item, images in chunk:
             try:
-                prompts.append(engine.prepare(chat_messages(item, images, fmt, list_options=True)))
-                ready.append(item)
+                prompt = engine.prepare(chat_messages(item, images, fmt, list_options=True))
             except (PromptError, BadRecordError) as e:
                 bad.append(BadRow(item.row, getattr(e, "reason", "bad_prompt"), str(e), item.id))
+                continue
+            if len(prompt.input_ids) + max_new_tokens > engine.max_positions:
+                bad.append(BadRow(item.row, "too_long", f"prompt of {len(prompt.input_ids)} tokens + "
+                                  f"{max_new_tokens} new tokens exceeds the context of {engine.max_positions}",
+                                  item.id))
+                continue
+            prompts.append(prompt)
+            ready.append(item)
         replies = [""] * len(prompts)
         for index, delta in engine.run(prompts, params, max_batch=batch_size):
             replies[index] += delta
@@ -133,23 +140,29 @@ def _ppl_rows(model, items: list[tuple[BenchItem, list[Image.Image]]], *, batch_
             tiles = [processor(im) for im in images]  # each (n_tiles, 3, S, S)
             pixel_values = torch.cat(tiles) if tiles else None
             visual_tokens = [t.shape[0] * per_tile for t in tiles]
-            spans.append((item, options, gold, len(seqs)))
             # The user turn exactly as generation builds it, options not listed (cloze).
             user, _ = normalize_messages(chat_messages(item, images, fmt, list_options=False))
-            for option in options:
-                record = Record(id=item.id, source="eval", kind="chat",
-                                messages=user + [Message(role="assistant", content=option)])
-                ids, labels = encode_record(record, tok, visual_tokens)
-                seqs.append(Sample(id=item.id, source="eval", input_ids=list(ids), labels=list(labels),
-                                   pixel_values=pixel_values, tiles_per_image=[t.shape[0] for t in tiles]))
+            mine = []
+            try:
+                for option in options:
+                    record = Record(id=item.id, source="eval", kind="chat",
+                                    messages=user + [Message(role="assistant", content=option)])
+                    ids, labels = encode_record(record, tok, visual_tokens)
+                    mine.append(Sample(id=item.id, source="eval", input_ids=list(ids), labels=list(labels),
+                                       pixel_values=pixel_values, tiles_per_image=[t.shape[0] for t in tiles]))
+            except BadRecordError as e:
+                bad.append(BadRow(item.row, e.reason, str(e), item.id))
+                continue
+            spans.append((item, options, gold, len(seqs)))
+            seqs += mine
         scores = length_normalised(sequence_logprobs(model, seqs))
         for item, options, gold, start in spans:
-            mine = scores[start:start + len(options)]
-            best = max(range(len(options)), key=mine.__getitem__)
+            option_scores = scores[start:start + len(options)]
+            best = max(range(len(options)), key=option_scores.__getitem__)
             parsed = LETTERS[best] if item.kind == "choice" else options[best]
             rows.append(RowResult(id=item.id, source_id=item.source_id, category=item.category, kind=item.kind,
                                   answer=item.answer, prediction=options[best], parsed=parsed, correct=best == gold,
-                                  rotation=item.rotation, scores=mine))
+                                  rotation=item.rotation, scores=option_scores))
         bar.update(len(chunk))
     return rows, bad
 
