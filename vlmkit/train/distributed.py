@@ -90,12 +90,15 @@ def block_lists(model: nn.Module) -> list[nn.ModuleList]:
 
 def shard_model(model: nn.Module, ctx: Dist) -> nn.Module:
     """FSDP2: fully_shard every block, then the root (embeddings, norms, adapter, head)."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for blocks in block_lists(model):
         for block in blocks:
             fully_shard(block)
     fully_shard(model)
+    # Training calls compute_loss, not forward: give it the root's unshard / reshard hooks too.
+    if hasattr(model, "compute_loss"):
+        register_fsdp_forward_method(model, "compute_loss")
     return model
 
 
