@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     out = Path(args.out).resolve()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # training picks the same
     torch.manual_seed(0)
     raw = yaml.safe_load(find_config("demo").read_text())
     raw["base_dir"] = str(out)
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     world = out / "world"
     heldout = world / "text_heldout.jsonl"
     bench = world / "synth.jsonl"
-    base = VLM.from_pretrained(base_final)
+    base = VLM.from_pretrained(base_final).to(device)
     results = {"base": {"text_perplexity": text_perplexity(base, heldout, limit=args.ppl_docs)["perplexity"],
                         "accuracy": evaluate(base, bench, batch_size=32, progress=False).accuracy}}
     print(f"base: {results['base']}", flush=True)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         arm_dir = out / f"text-{share:g}"
         t = time.perf_counter()
         final = train(_config(raw, [dict(sft, mixture=mixture)]), arm_dir, model=VLM.from_pretrained(base_final))
-        model = VLM.from_pretrained(final)
+        model = VLM.from_pretrained(final).to(device)
         result = evaluate(model, bench, batch_size=32, progress=False)
         results[f"{share:g}"] = {
             "text_share": share,
