@@ -99,6 +99,19 @@ def test_ragged_cache_decode_equals_full_forward(pad):
             torch.testing.assert_close(steps[t][b], full[len(p) + t], atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_cache_grows_past_its_first_allocation():
+    model = tiny()
+    seq = samples([40])[0]
+    full = model(seq[None])[0]
+    cache = model.new_cache()
+    got = [model.logits(model.decode(model.embed(seq[None, :3]), cache=cache))[0]]
+    for t in range(3, 40):
+        got.append(model.logits(model.decode(model.embed(seq[None, t:t + 1]), cache=cache))[0])
+    assert cache.capacity >= 40 and cache.lengths.tolist() == [40]
+    torch.testing.assert_close(torch.cat(got), full, atol=1e-5, rtol=1e-5)
+
+
 def greedy(model, prompt, n):
     out = list(prompt.tolist())
     with torch.no_grad():

@@ -80,9 +80,10 @@ def _rope_theta(cfg: dict[str, Any], where: str) -> float:
     return float(theta) if theta is not None else 10000.0
 
 
-def llm_config_from_hf(hf_config: dict[str, Any], where: str = "config.json") -> LLMConfig:
-    """Translate a transformers config dict of a supported family into an LLMConfig."""
-    arch = hf_config.get("architectures", [None])[0] if hf_config.get("architectures") else hf_config.get("model_type")
+def llm_config_from_hf(hf_config: dict[str, Any], where: str = "config") -> LLMConfig:
+    """Translate a transformers config dict of a supported family into an LLMConfig.
+    `where` names the source in error messages (load_llm passes the directory)."""
+    arch = architecture(hf_config, where)
     family = FAMILIES.get(arch)
     if family is None:
         raise CheckpointError(f"{where}: architecture {arch!r} is not supported; vlmkit loads "
@@ -125,9 +126,7 @@ def llm_config_from_hf(hf_config: dict[str, Any], where: str = "config.json") ->
 def load_llm(path: str | Path, dtype: torch.dtype = torch.float32) -> LLM:
     """A HF decoder directory (config.json + safetensors, single or sharded) -> LLM in eval mode."""
     path = Path(path)
-    hf_config = read_config(path)
-    arch = architecture(hf_config, path)
-    cfg = llm_config_from_hf(hf_config, where=f"{path}/config.json ({arch})")
+    cfg = llm_config_from_hf(read_config(path), where=str(path))
     tensors = read_state_dict(path)
     with torch.device("meta"):
         model = LLM(cfg)
