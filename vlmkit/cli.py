@@ -20,8 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("vlmkit.eval.cli", "evaluate a checkpoint on a benchmark"),
     "chat": ("vlmkit.infer.chat", "chat with a checkpoint in the terminal"),
     "serve": ("vlmkit.serve.cli", "OpenAI-compatible HTTP server with a web chat page"),
-    "export": ("vlmkit.models.hf.export_cli", "export a checkpoint to another format (hf-llava)"),
-    "build": ("vlmkit.models.hf.build_cli", "assemble a VLM from local HF vision and LLM checkpoints"),
+    "export": ("vlmkit.export_cli", "export a checkpoint to another format (hf-llava)"),
+    "build": ("vlmkit.build_cli", "assemble a VLM from local HF vision and LLM checkpoints"),
     "data": ("vlmkit.data.cli", "generate the synthetic world, inspect data files"),
 }
 
