@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from vlmkit.config import load_config
     from vlmkit.eval.benchmarks import read_benchmark
     from vlmkit.eval.ppl import text_perplexity
+    from vlmkit.eval.prompts import PLAIN_PROMPTS
     from vlmkit.eval.runner import evaluate
     from vlmkit.train.data import prepare_world
     from vlmkit.train.loop import train
@@ -160,8 +161,10 @@ def run(args: argparse.Namespace) -> int:
     trained = VLM.from_pretrained(final)
     bench = read_benchmark(world / "synth.jsonl")
     progress = not args.quick
-    seen = evaluate(trained, bench, mode="gen", batch_size=64, max_new_tokens=8, progress=progress)
-    blind = evaluate(trained, bench, mode="gen", batch_size=64, max_new_tokens=8, blind=True, progress=progress)
+    # The world's questions are asked as trained: no added "answer with a single word" instruction.
+    kw = dict(mode="gen", batch_size=64, max_new_tokens=8, prompt_format=PLAIN_PROMPTS, progress=progress)
+    seen = evaluate(trained, bench, **kw)
+    blind = evaluate(trained, bench, blind=True, **kw)
     timings["eval"] = time.perf_counter() - t
     chance, chance_per_cat = chance_accuracy(bench.items)
 
