@@ -10,7 +10,8 @@ layout) and an `AttnSpec` that says how tokens may attend:
   `flash_attn_varlen_func` when installed, else PyTorch's `varlen_attn` (Dao, "FlashAttention-2", 2023).
 - padded: a (B, T) batch with an attention mask (1 = real token), causal + key padding.
 - causal: a (B, T) batch without padding.
-- mask: an explicit boolean mask (B, 1, Tq, Tk); the KV cache builds one for each decode step.
+- mask: an explicit boolean mask (B, 1, Tq, Tk); the KV cache builds one for steps whose rows
+  hold different numbers of tokens (a decode step over equal-length rows needs none).
 
 `causal=False` (the vision encoder) drops the causal part and keeps only sample / padding limits.
 Grouped-query attention (fewer kv heads than query heads, Ainslie et al. 2023) is handled here:
@@ -242,15 +243,21 @@ class KVCache:
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = torch.zeros(0, dtype=torch.long)  # (B,) tokens stored per row
+        self._host_lengths: list[int] = []  # the same lengths on the host, so a step never reads them back
         self._step: dict | None = None
 
     def __len__(self) -> int:
         """Number of rows."""
-        return int(self.lengths.numel())
+        return len(self._host_lengths)
 
     @property
     def capacity(self) -> int:
         return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    @property
+    def max_length(self) -> int:
+        """Tokens stored in the longest row (known on the host, no device read)."""
+        return max(self._host_lengths, default=0)
 
     def position_ids(self, valid: torch.Tensor | None = None, length: int = 1) -> torch.Tensor:
         """Positions (B, T) of the next tokens: each row continues from its own length.
@@ -260,38 +267,59 @@ class KVCache:
             return lengths[:, None] + torch.arange(length, device=lengths.device)
         return lengths[:, None] + (valid.long().cumsum(-1) - 1).clamp(min=0)
 
-    def begin(self, valid: torch.Tensor) -> AttnSpec:
-        """Start a step that adds the real tokens of valid (B, T) bool; returns the spec to attend with."""
+    def begin(self, valid: torch.Tensor, all_valid: bool = False) -> AttnSpec:
+        """Start a step that adds the real tokens of valid (B, T) bool; returns the spec to attend with.
+
+        all_valid: every token of the step is real (a causal spec, e.g. a decode step), so `valid`
+        is never read back. When every row also holds the same number of tokens, the new keys go
+        to one slice of the cache, and a single-token query (or a fresh cache) needs no mask."""
         B, T = valid.shape
         if len(self) == 0 and self.k[0] is None:
             self.lengths = torch.zeros(B, dtype=torch.long, device=valid.device)
+            self._host_lengths = [0] * B
         if B != len(self):
             raise ValueError(f"KV cache holds {len(self)} rows but the step has {B}")
         lengths = self.lengths.to(valid.device)
+        host = self._host_lengths
+        if all_valid and B and all(n == host[0] for n in host):
+            start = host[0]
+            self._step = dict(start=start, new_lengths=lengths + T, host=[start + T] * B, L=start + T)
+            if start == 0 or T == 1:  # plain causal from slot 0, or one query that sees every key
+                return AttnSpec.causal()
+            slot = start + torch.arange(T, device=valid.device).expand(B, T)  # (B, T)
+            return AttnSpec.from_mask(_slot_mask(slot, start + T))
         slot = lengths[:, None] + valid.long().cumsum(-1) - 1  # (B, T) where each new token goes
-        new_lengths = lengths + valid.long().sum(-1)
-        L = int(new_lengths.max()) if B else 0
-        key_pos = torch.arange(L, device=valid.device)
-        # a real query sees stored keys up to its own slot; a pad query sees slot 0 only (finite, unused)
-        q_slot = torch.where(valid, slot, torch.zeros_like(slot))
-        mask = key_pos[None, None, :] <= q_slot[:, :, None]  # (B, T, L)
-        self._step = dict(rows=valid.nonzero(as_tuple=True), slots=slot[valid], new_lengths=new_lengths, L=L)
-        return AttnSpec.from_mask(mask[:, None])  # (B, 1, T, L)
+        counts = [T] * B if all_valid else valid.long().sum(-1).tolist()
+        new_host = [n + c for n, c in zip(host, counts)]
+        if all_valid:
+            rows, q_slot = (torch.arange(B, device=valid.device)[:, None].expand(B, T), slot), slot
+        else:
+            rows = (valid.nonzero(as_tuple=True)[0], slot[valid])
+            # a pad query sees slot 0 only (finite, unused)
+            q_slot = torch.where(valid, slot, torch.zeros_like(slot))
+        self._step = dict(rows=rows, valid=None if all_valid else valid, host=new_host, L=max(new_host, default=0),
+                          new_lengths=lengths + torch.tensor(counts, dtype=torch.long, device=valid.device))
+        return AttnSpec.from_mask(_slot_mask(q_slot, self._step["L"]))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k / v (B, T, Hkv, Dh) of `layer`; return all keys / values (B, L, Hkv, Dh)."""
         step = self._step
         if step is None:
             raise RuntimeError("KVCache.update called outside begin() / end()")
-        self._reserve(layer, k, step["L"])
-        b, t = step["rows"]
-        self.k[layer][b, :, step["slots"]] = k[b, t]
-        self.v[layer][b, :, step["slots"]] = v[b, t]
         L = step["L"]
+        self._reserve(layer, k, L)
+        if "start" in step:  # every row writes the same slots
+            self.k[layer][:, :, step["start"]:L] = k.transpose(1, 2)
+            self.v[layer][:, :, step["start"]:L] = v.transpose(1, 2)
+        else:
+            b, slot = step["rows"]
+            valid = step["valid"]
+            self.k[layer][b, :, slot] = k if valid is None else k[valid]
+            self.v[layer][b, :, slot] = v if valid is None else v[valid]
         return self.k[layer][:, :, :L].transpose(1, 2), self.v[layer][:, :, :L].transpose(1, 2)
 
     def end(self) -> None:
-        self.lengths = self._step["new_lengths"]
+        self.lengths, self._host_lengths = self._step["new_lengths"], self._step["host"]
         self._step = None
 
     def _reserve(self, layer: int, like: torch.Tensor, needed: int) -> None:
@@ -308,9 +336,11 @@ class KVCache:
 
     def keep_rows(self, rows: list[int] | torch.Tensor) -> None:
         """Keep only `rows` (in that order), e.g. drop finished sequences."""
-        idx = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
+        rows = torch.as_tensor(rows, dtype=torch.long).tolist()
+        idx = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
         self.lengths = self.lengths[idx]
-        L = int(self.lengths.max()) if len(self) else 0
+        self._host_lengths = [self._host_lengths[i] for i in rows]
+        L = max(self._host_lengths, default=0)
         for store in (self.k, self.v):
             for i, t in enumerate(store):
                 if t is not None:
@@ -326,6 +356,7 @@ class KVCache:
             raise ValueError(f"cannot merge a {other.num_layers}-layer cache into a {self.num_layers}-layer one")
         if self.k[0] is None:
             self.k, self.v, self.lengths = list(other.k), list(other.v), other.lengths.clone()
+            self._host_lengths = list(other._host_lengths)
             return
         if other.k[0] is None:
             return
@@ -334,6 +365,13 @@ class KVCache:
             for i in range(self.num_layers):
                 store[i] = torch.cat([_pad_to(store[i], L), _pad_to(theirs[i].to(store[i].device), L)])
         self.lengths = torch.cat([self.lengths, other.lengths.to(self.lengths.device)])
+        self._host_lengths = self._host_lengths + other._host_lengths
+
+
+def _slot_mask(q_slot: torch.Tensor, length: int) -> torch.Tensor:
+    """q_slot (B, T) cache slot of each query -> (B, 1, T, length) bool: keys up to that slot."""
+    key_pos = torch.arange(length, device=q_slot.device)
+    return (key_pos[None, None, :] <= q_slot[:, :, None])[:, None]
 
 
 def _pad_to(t: torch.Tensor, length: int) -> torch.Tensor:

@@ -49,6 +49,29 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype:
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+class RopeTable:
+    """cos / sin of every position up to a bound, built once (per device) and indexed each step.
+
+    The table holds exactly what `rope_cos_sin` computes (position * inv_freq in fp32, then cos /
+    sin), so looking positions up gives the same values as computing them; it grows by doubling
+    when a position past its end is asked for."""
+
+    def __init__(self, head_dim: int, theta: float):
+        self.head_dim, self.theta = head_dim, theta
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, position_ids: torch.Tensor, bound: int, dtype: torch.dtype):
+        """position_ids (B, T), every one < bound -> cos, sin (B, T, 1, Dh) in dtype."""
+        device = position_ids.device
+        table = self._tables.get(device)
+        if table is None or table[0].shape[0] < bound:
+            size = max(bound, 2 * (table[0].shape[0] if table is not None else 0), 256)
+            cos, sin = rope_cos_sin(torch.arange(size, device=device)[None], self.head_dim, self.theta, torch.float32)
+            table = self._tables[device] = (cos[0, :, 0], sin[0, :, 0])  # (N, Dh) each
+        cos, sin = table[0][position_ids], table[1][position_ids]  # (B, T, Dh)
+        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, T, H, Dh): rotate pairs (i, i + Dh/2) by the position's angle."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -118,6 +141,7 @@ class LLM(nn.Module):
         # shared tensors) and logits read embed_tokens.weight.
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.rope = RopeTable(cfg.head_dim, cfg.rope_theta)
         self._aux_loss: torch.Tensor | None = None
         self.init_weights()
 
@@ -168,17 +192,23 @@ class LLM(nn.Module):
         B, T, _ = x.shape
         if position_ids is not None and position_ids.dim() == 1:
             position_ids = position_ids[None]
+        bound = None if position_ids is not None else T  # every position < bound (None: not known)
         if cache is not None:
             if spec.kind not in ("causal", "padded"):
                 raise ValueError(f"decoding with a KV cache takes a causal or padded spec, got {spec.kind}")
+            all_valid = spec.kind == "causal"
             valid = spec.token_mask(B, T, x.device)
-            spec = cache.begin(valid)
+            attend = cache.begin(valid, all_valid=all_valid)
             if position_ids is None:
-                position_ids = cache.position_ids(valid)
+                position_ids = cache.position_ids(None if all_valid else valid, T)
+                bound = cache.max_length + T
+            spec = attend
         elif position_ids is None:
             position_ids = spec.position_ids(B, T, x.device)
-        cos, sin = rope_cos_sin(position_ids.to(x.device).expand(B, T), self.config.head_dim,
-                                self.config.rope_theta, x.dtype)
+        position_ids = position_ids.to(x.device)
+        if bound is None:  # positions given by the caller: one read of their maximum
+            bound = int(position_ids.max()) + 1 if position_ids.numel() else 1
+        cos, sin = self.rope(position_ids.expand(B, T), bound, x.dtype)
         aux = x.new_zeros((), dtype=torch.float32)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for block in self.layers:
