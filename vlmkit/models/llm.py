@@ -36,6 +36,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # the same arithmetic without two no-op casts (decode steps are call-bound)
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -117,12 +119,12 @@ class Block(nn.Module):
         self.mlp = MoE(cfg.hidden_size, cfg.moe) if moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, spec: AttnSpec, cache: KVCache | None):
-        """x (B, T, D) -> (x (B, T, D), aux loss scalar, expert counts (E,) or None)."""
+        """x (B, T, D) -> (x (B, T, D), aux loss scalar or None, expert counts (E,) or None); None for a dense FFN."""
         x = x + self.attn(self.attn_norm(x), cos, sin, spec, cache, self.layer)
         if isinstance(self.mlp, MoE):
             y, aux, counts = self.mlp(self.mlp_norm(x))
             return x + y, aux, counts
-        return x + self.mlp(self.mlp_norm(x)), x.new_zeros(()), None
+        return x + self.mlp(self.mlp_norm(x)), None, None
 
 
 class LLM(nn.Module):
@@ -216,7 +218,8 @@ class LLM(nn.Module):
                 x, block_aux, counts = checkpoint(block, x, cos, sin, spec, None, use_reentrant=False)
             else:
                 x, block_aux, counts = block(x, cos, sin, spec, cache)
-            aux = aux + block_aux
+            if block_aux is not None:
+                aux = aux + block_aux
             if counts is not None:
                 block.mlp.record_load(counts)  # outside the checkpoint: a recompute is not counted
         if cache is not None:
