@@ -61,3 +61,12 @@ def test_resampler_is_position_aware():
     assert not torch.allclose(resampler(feats), resampler(flipped), atol=1e-4)
     with pytest.raises(ValueError, match="must divide the LLM width"):
         build_adapter(AdapterConfig(kind="resampler", num_heads=5), Dv, D)
+
+
+def test_pixel_shuffle_normalises_its_input():
+    # InternVL's projector: a LayerNorm over the r^2 * Dv channels before the MLP, so the scale of the
+    # vision features (which grows in training) does not reach the LLM's embeddings
+    torch.manual_seed(0)
+    adapter = build_adapter(AdapterConfig(kind="pixel_shuffle"), Dv, D)
+    feats = torch.randn(2, 16, Dv)
+    assert torch.allclose(adapter(feats), adapter(100.0 * feats + 3.0), atol=1e-4)

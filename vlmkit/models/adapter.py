@@ -5,8 +5,11 @@ Three kinds (AdapterConfig.kind):
 - mlp: LLaVA-1.5's `mlp2x_gelu` (Liu et al., "Improved Baselines with Visual Instruction Tuning",
   2023): Linear -> GELU -> Linear, one token per patch. Layers are named `linear_1`, `linear_2`, ...
   as llava-hf's `multi_modal_projector` names them.
-- pixel_shuffle: space-to-depth by r, then the MLP: each r x r block of neighbouring patches becomes
-  one token of r^2 * Dv channels, so r^2 fewer tokens (InternVL, Idefics3, nanoVLM).
+- pixel_shuffle: space-to-depth by r, then LayerNorm and the MLP: each r x r block of neighbouring
+  patches becomes one token of r^2 * Dv channels, so r^2 fewer tokens (InternVL, Idefics3, nanoVLM).
+  The LayerNorm over the r^2 * Dv channels is InternVL's projector (`mlp1`: LayerNorm -> Linear ->
+  GELU -> Linear): without it the raw vision features carry a large image-independent component
+  that the MLP passes on, and after the LLM's RMSNorm the part that differs between images is tiny.
 - resampler: a fixed number of learned queries read the patches through one cross-attention layer
   (Qwen-VL, Bai et al. 2023, section 2.1; MiniCPM-V). Fixed 2-D sin-cos position embeddings of the
   patch grid are added to the keys, so any grid size works, and the output is always num_queries
@@ -74,11 +77,12 @@ class MLPAdapter(nn.Module):
 
 
 class PixelShuffleAdapter(nn.Module):
-    """Space-to-depth by `scale_factor` r, then an MLP: (N, h*w, Dv) -> (N, h/r * w/r, D)."""
+    """Space-to-depth by `scale_factor` r, LayerNorm, then an MLP: (N, h*w, Dv) -> (N, h/r * w/r, D)."""
 
     def __init__(self, cfg: AdapterConfig, vision_dim: int, llm_dim: int):
         super().__init__()
         self.scale_factor = cfg.scale_factor
+        self.norm = nn.LayerNorm(vision_dim * cfg.scale_factor ** 2)
         self.mlp = MLP(vision_dim * cfg.scale_factor ** 2, llm_dim, cfg.depth, cfg.hidden_act)
 
     def shuffle(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -96,7 +100,7 @@ class PixelShuffleAdapter(nn.Module):
 
     def forward(self, features: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         grid = grid or square_grid(features.shape[1])
-        return self.mlp(self.shuffle(features, grid))  # (N, P / r^2, D)
+        return self.mlp(self.norm(self.shuffle(features, grid)))  # (N, P / r^2, D)
 
 
 def sincos_2d(grid: tuple[int, int], dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
