@@ -166,7 +166,8 @@ def test_render_puts_each_object_in_its_cell():
 def test_bad_settings_fail_clearly(tmp_path):
     from vlmkit.errors import ConfigError
 
-    for bad in (dict(image_size=16), dict(n_train=-1), dict(ocr_fraction=1.5), dict(turns_per_record=0)):
+    for bad in (dict(image_size=16), dict(n_train=-1), dict(ocr_fraction=1.5), dict(turns_per_record=0),
+                dict(train_questions={"size": 2}), dict(train_questions={"color": -1})):
         with pytest.raises(ConfigError):
             generate(tmp_path, **{**SMALL, **bad})
 
@@ -194,3 +195,27 @@ def test_tokenizer_texts_cover_corpus_captions_and_questions(world):
     texts = list(synth.tokenizer_texts(world))
     assert any("What color" in t for t in texts) and any(t.endswith("shape.") or "shapes:" in t for t in texts)
     assert not any(IMAGE_PLACEHOLDER in t for t in texts)
+
+
+def test_train_questions_ask_more_of_a_category_without_repeats():
+    rng = random.Random(0)
+    scenes = [sample_scene(rng, f"s{i}", 0.35) for i in range(300)]
+    more = {"color": 3, "relation": 2, "count": 0}
+    for scene in scenes:
+        asked = questions(scene, random.Random(scene.id), per_category=more)
+        by_cat = Counter(qa.category for qa in asked)
+        assert by_cat["count"] == 0 and by_cat["color"] <= 3 and by_cat["relation"] <= 2
+        assert by_cat["shape"] == 1  # categories not named keep one question
+        assert len({qa.question for qa in asked}) == len(asked)
+    total = Counter(qa.category for s in scenes for qa in questions(s, random.Random(s.id), per_category=more))
+    assert total["color"] > 2.5 * len(scenes)  # nearly every scene has three distinct colour questions
+
+
+def test_train_questions_change_train_only(tmp_path):
+    base = generate(tmp_path / "base", **SMALL)
+    more = generate(tmp_path / "more", train_questions={"color": 3}, turns_per_record=1, **SMALL)
+    root, other = synth.Path(base["dir"]), synth.Path(more["dir"])
+    assert digest(root / "synth.jsonl") == digest(other / "synth.jsonl")
+    records = json.loads((other / "qa_train.json").read_text())
+    assert all(len(r["conversations"]) == 2 for r in records)  # one question a record
+    assert more["counts"]["train"]["questions"]["color"] > 2 * base["counts"]["train"]["questions"]["color"]

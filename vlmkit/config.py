@@ -118,6 +118,10 @@ class WorldSpec:
     """Seed of the world (scenes, questions, splits)."""
     vocab_size: int = 2048
     """Size of the tokenizer trained on the world's text (captions, QA and the text corpus)."""
+    turns_per_record: int = 8
+    """Questions per train QA record (a conversation about one image; 1 = one question a record)."""
+    train_questions: dict[str, int] | None = None
+    """Distinct questions asked per category of each train scene (None: one per category)."""
 
     def __post_init__(self):
         for name in ("n_train", "n_test", "vocab_size"):
@@ -125,6 +129,8 @@ class WorldSpec:
                 raise ConfigError(f"world.{name} must be >= 1, got {getattr(self, name)}")
         if self.n_val < 0:
             raise ConfigError(f"world.n_val must be >= 0, got {self.n_val}")
+        if self.turns_per_record < 1:
+            raise ConfigError(f"world.turns_per_record must be >= 1, got {self.turns_per_record}")
 
 
 @dataclass

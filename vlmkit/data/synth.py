@@ -323,16 +323,23 @@ ASKERS = {"color": ask_color, "shape": ask_shape, "count": ask_count, "position"
           "relation": ask_relation, "existence": ask_existence, "ocr": ask_ocr, "multiple_choice": ask_choice}
 
 
-def questions(scene: Scene, rng: random.Random, categories: Iterable[str] = CATEGORIES) -> list[QA]:
-    """At most one question per category (a category is skipped when the scene cannot answer it).
-    A multiple-choice question never repeats an open question of the same scene word for word."""
+def questions(scene: Scene, rng: random.Random, categories: Iterable[str] = CATEGORIES,
+              per_category: dict[str, int] | None = None) -> list[QA]:
+    """Up to `per_category[c]` distinct questions of each category c (default one; a category is
+    skipped when the scene cannot answer it, and asks fewer when it runs out of distinct questions).
+    No question repeats another of the same scene word for word (so a multiple-choice question never
+    wraps an open question already asked)."""
     out: list[QA] = []
     for category in categories:
-        for _ in range(4):
-            qa = ASKERS[category](scene, rng)
-            if qa is None or all(qa.question != other.question for other in out):
+        want = 1 if per_category is None else per_category.get(category, 1)
+        for _ in range(want):
+            qa = None
+            for _ in range(4):
+                qa = ASKERS[category](scene, rng)
+                if qa is None or all(qa.question != other.question for other in out):
+                    break
+            if qa is None or any(qa.question == other.question for other in out):
                 break
-        if qa is not None and all(qa.question != other.question for other in out):
             out.append(qa)
     return out
 
@@ -406,11 +413,15 @@ def tokenizer_texts(world: dict) -> Iterator[str]:
 
 def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_test: int = 1000,
              image_size: int = 48, seed: int = 0, ocr_fraction: float = 0.35, turns_per_record: int = 8,
-             text_corpus: bool = True, progress: bool = False) -> dict:
+             train_questions: dict[str, int] | None = None, text_corpus: bool = True,
+             progress: bool = False) -> dict:
     """Write the synthetic world into `out_dir`; return the file paths and counts.
 
     n_*: scenes per split. Train QA records are conversations of up to `turns_per_record` questions
     about one image (the first turn carries the image); val and test records hold one question.
+    `train_questions` asks up to that many distinct questions per category of each train scene
+    (default: one per category, as val and test always do), so a run can see more of the
+    categories that take longest to learn.
     Layout (paths relative to out_dir; image paths inside files are relative to out_dir):
 
         images/{split}_{index}.png                 one PNG per scene
@@ -429,6 +440,10 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
         raise ConfigError(f"turns_per_record must be >= 1, got {turns_per_record}")
     if min(n_train, n_val, n_test) < 0:
         raise ConfigError(f"scene counts must be >= 0, got n_train={n_train} n_val={n_val} n_test={n_test}")
+    unknown = sorted(set(train_questions or {}) - set(CATEGORIES))
+    if unknown or any(int(n) < 0 for n in (train_questions or {}).values()):
+        raise ConfigError(f"train_questions takes a count >= 0 per category of {', '.join(CATEGORIES)}; "
+                          f"got {train_questions}")
     if not 0.0 <= ocr_fraction <= 1.0:
         raise ConfigError(f"ocr_fraction must be in [0, 1], got {ocr_fraction}")
     out = Path(out_dir)
@@ -450,7 +465,7 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
             pending.append(pool.submit(_write_image, scene, image_size, out / image))
             prompt = rng.choice(CAPTION_PROMPTS)
             captions.append(_llava(f"{scene.id}-cap", image, [(prompt, caption(scene))]))
-            qas = questions(scene, rng)
+            qas = questions(scene, rng, per_category=train_questions if split == "train" else None)
             for qa in qas:
                 per_category[qa.category] = per_category.get(qa.category, 0) + 1
             if split == "train":
@@ -494,7 +509,7 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
         stats["text"] = corpus["counts"]
     world = {
         "seed": seed, "image_size": image_size, "grid": GRID, "ocr_fraction": ocr_fraction,
-        "turns_per_record": turns_per_record, "counts": stats,
+        "turns_per_record": turns_per_record, "train_questions": train_questions, "counts": stats,
         "categories": {c: {"answers": answer_space(c), "chance": chance_accuracy(c)} for c in CATEGORIES},
         "files": {k: str(Path(v).relative_to(out)) for k, v in files.items()},
     }

@@ -19,6 +19,7 @@ from vlmkit.data.mixture import Mixture, MixtureSource
 from vlmkit.data.packing import Packer, SourceStream
 from vlmkit.data.pipeline import SamplePipeline
 from vlmkit.data.types import Modality, PackedBatch
+from vlmkit.errors import ConfigError
 
 
 def source_modality(src: DataSource) -> Modality:
@@ -107,9 +108,11 @@ def prepare_world(spec: WorldSpec, progress: bool = True) -> Path:
     from vlmkit.data.tokenizer import Tokenizer
 
     world_dir = Path(spec.dir)
-    if not (world_dir / "world.json").is_file():
+    if (world_dir / "world.json").is_file():
+        _check_world(spec, json.loads((world_dir / "world.json").read_text()), world_dir)
+    else:
         generate(world_dir, n_train=spec.n_train, n_val=spec.n_val, n_test=spec.n_test, seed=spec.seed,
-                 progress=progress)
+                 turns_per_record=spec.turns_per_record, train_questions=spec.train_questions, progress=progress)
     tok_dir = world_dir / TOKENIZER_DIR
     if not (tok_dir / "tokenizer.json").is_file():
         tmp = world_dir / f".{TOKENIZER_DIR}-tmp"
@@ -117,3 +120,17 @@ def prepare_world(spec: WorldSpec, progress: bool = True) -> Path:
         Tokenizer.train(world_texts(world_dir), vocab_size=spec.vocab_size).save(tmp)
         os.replace(tmp, tok_dir)
     return world_dir
+
+
+def _check_world(spec: WorldSpec, world: dict, world_dir: Path) -> None:
+    """A world on disk is reused only when it was generated with the spec's settings."""
+    counts = world.get("counts", {})
+    have = {"seed": world.get("seed"), "n_train": counts.get("train", {}).get("scenes"),
+            "n_val": counts.get("val", {}).get("scenes"), "n_test": counts.get("test", {}).get("scenes"),
+            "turns_per_record": world.get("turns_per_record"), "train_questions": world.get("train_questions")}
+    want = {"seed": spec.seed, "n_train": spec.n_train, "n_val": spec.n_val, "n_test": spec.n_test,
+            "turns_per_record": spec.turns_per_record, "train_questions": spec.train_questions}
+    differ = [f"{k}: {have[k]!r} on disk, {want[k]!r} in the config" for k in want if have[k] != want[k]]
+    if differ:
+        raise ConfigError(f"{world_dir} holds a world generated with other settings ({'; '.join(differ)}); "
+                          "delete it or point world.dir elsewhere")
