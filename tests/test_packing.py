@@ -146,3 +146,32 @@ def test_shard_directories_are_split_by_file(tmp_path):
     rows = [[item.text for _, item in SourceStream(tmp_path, rank=r, world=8, loop=False).iter_from()]
             for r in range(8)]  # fewer files than ranks: rows are split instead
     assert sum(map(len, rows)) == 20 and len(set().union(*rows)) == 20
+
+
+class RedoingEncoder(LengthEncoder):
+    """Can make a record's pixels again, and counts how often it is asked to."""
+
+    def __init__(self):
+        super().__init__()
+        self.redone = 0
+
+    def pixels(self, item):
+        self.redone += 1
+        return torch.full((1, 3, 2, 2), float(int(item.id)))
+
+
+def test_buffered_tiles_kept_under_the_byte_cap_and_redone_past_it():
+    records = log_uniform_records(300, seed=4, images=True)
+    packs = {}
+    for cap in (1 << 20, 0, 3 * 48):  # everything kept / nothing kept / three tiles of 48 bytes kept
+        encoder = RedoingEncoder()
+        packer = Packer(stream_of(records, loop=False, shuffle_block=1), encoder, 1024, buffer_size=32,
+                        max_pixel_bytes=cap)
+        packs[cap] = (list(packer), encoder.redone)
+        assert packer._pixel_bytes == 0  # every kept tile was handed out
+    images = sum(1 for r in records if r.meta["image"])
+    assert packs[1 << 20][1] == 0 and packs[0][1] == images and 0 < packs[3 * 48][1] < images
+    for cap in (0, 3 * 48):  # the same packs either way
+        for a, b in zip(packs[1 << 20][0], packs[cap][0]):
+            assert a.sample_ids == b.sample_ids
+            assert (a.pixel_values is None and b.pixel_values is None) or torch.equal(a.pixel_values, b.pixel_values)

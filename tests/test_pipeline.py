@@ -120,7 +120,8 @@ def test_too_many_bad_records_stops_with_examples(data_dir, tok):
             pipe.encode(item)
 
 
-def test_packs_of_real_samples_redo_pixels_and_resume(tmp_path, tok):
+@pytest.mark.parametrize("max_pixel_bytes", [0, 256 << 20])  # tiles redone at pack time / kept in the buffer
+def test_packs_of_real_samples_redo_pixels_and_resume(tmp_path, tok, max_pixel_bytes):
     from vlmkit.data.packing import Packer, SourceStream
 
     colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
@@ -133,13 +134,15 @@ def test_packs_of_real_samples_redo_pixels_and_resume(tmp_path, tok):
 
     def packer():
         stream = SourceStream(tmp_path / "d.jsonl", seed=3, shuffle_block=8)
-        return Packer(stream, SamplePipeline(tok, proc, TPI, max_length=200), 200, buffer_size=8)
+        return Packer(stream, SamplePipeline(tok, proc, TPI, max_length=200), 200, buffer_size=8,
+                      max_pixel_bytes=max_pixel_bytes)
 
     direct = SamplePipeline(tok, proc, TPI)
     alone = {s.id: s for s in map(direct.encode, read_records(tmp_path / "d.jsonl"))}
     a = packer()
     first = a.next_pack()
-    assert all(e.sample.pixel_values is None for e in a.buffer)  # the buffer holds no pixels
+    kept = [e.sample.pixel_values is not None for e in a.buffer]
+    assert all(kept) if max_pixel_bytes else not any(kept)
     want = torch.cat([alone[i].pixel_values for i in first.sample_ids])
     assert torch.equal(first.pixel_values, want)
     assert first.tiles_per_image == [n for i in first.sample_ids for n in alone[i].tiles_per_image]

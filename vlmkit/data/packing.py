@@ -113,9 +113,10 @@ class SourceStream:
 @dataclass
 class _Entry:
     pos: Position
-    sample: Sample  # pixel_values dropped while buffered when the pipeline can redo them
+    sample: Sample  # pixel_values dropped while buffered (past the byte cap) when the pipeline can redo them
     wait: int = 0
     item: Item | None = None  # the record whose pixels are redone at pack time
+    pixel_bytes: int = 0  # bytes of pixel_values this entry keeps in the buffer
 
 
 class Packer:
@@ -123,15 +124,21 @@ class Packer:
 
     `pipeline` is anything with `encode(item) -> Sample | None` (None: skipped and counted) and
     `state_dict()` / `load_state_dict()` for its counters (data/pipeline.py's SamplePipeline).
-    If it also has `pixels(record) -> (N, 3, S, S)`, buffered samples hold no pixels (a buffer of
-    hundreds of multi-tile images would take gigabytes): the tiles are made again when packed.
+    If it also has `pixels(record) -> (N, 3, S, S)`, buffered samples keep their tiles only up to
+    `max_pixel_bytes` in all (a buffer of hundreds of multi-tile images would take gigabytes); the
+    others drop them and the tiles are made again when packed. Small images are thus decoded once.
     """
 
-    def __init__(self, stream: SourceStream, pipeline, budget: int, *, buffer_size: int = 256, max_wait: int = 64):
+    def __init__(self, stream: SourceStream, pipeline, budget: int, *, buffer_size: int = 256, max_wait: int = 64,
+                 max_pixel_bytes: int = 256 << 20):
         if budget <= 0 or buffer_size <= 0:
             raise ConfigError(f"packing needs budget > 0 and buffer_size > 0, got {budget}, {buffer_size}")
         self.stream, self.pipeline, self.budget = stream, pipeline, budget
         self.buffer_size, self.max_wait = buffer_size, max_wait
+        # Buffered samples keep their decoded tiles up to this many bytes; past it they drop them and
+        # the pipeline decodes the image again when the sample is packed (large tiled images).
+        self.max_pixel_bytes = max_pixel_bytes
+        self._pixel_bytes = 0
         self.buffer: list[_Entry] = []
         self.next_pos: Position = (0, 0)
         self.packs = 0
@@ -165,12 +172,18 @@ class Packer:
             self.buffer.append(self._entry(pos, sample, item))
 
     def _entry(self, pos: Position, sample: Sample, item: Item, wait: int = 0) -> _Entry:
-        """Buffer a sample; its image tiles are dropped (and redone when packed) if the pipeline can."""
-        if sample.pixel_values is not None and hasattr(self.pipeline, "pixels"):
-            return _Entry(pos, replace(sample, pixel_values=None), wait, item)
-        return _Entry(pos, sample, wait)
+        """Buffer a sample. Its image tiles stay while the buffer's tiles fit in max_pixel_bytes;
+        past that they are dropped and redone when packed (if the pipeline can redo them)."""
+        if sample.pixel_values is None:
+            return _Entry(pos, sample, wait)
+        nbytes = sample.pixel_values.numel() * sample.pixel_values.element_size()
+        if self._pixel_bytes + nbytes <= self.max_pixel_bytes or not hasattr(self.pipeline, "pixels"):
+            self._pixel_bytes += nbytes
+            return _Entry(pos, sample, wait, pixel_bytes=nbytes)
+        return _Entry(pos, replace(sample, pixel_values=None), wait, item)
 
     def _unbuffer(self, entry: _Entry) -> Sample:
+        self._pixel_bytes -= entry.pixel_bytes
         if entry.item is None:
             return entry.sample
         return replace(entry.sample, pixel_values=self.pipeline.pixels(entry.item))  # (N, 3, S, S)
@@ -216,7 +229,7 @@ class Packer:
         self.next_pos = (int(state["next"][0]), int(state["next"][1]))
         self.packs, self._exhausted = int(state["packs"]), bool(state["exhausted"])
         waits = {(int(e), int(i)): int(w) for e, i, w in state["buffer"]}
-        self.buffer = []
+        self.buffer, self._pixel_bytes = [], 0
         if waits:
             for pos, item in self.stream.iter_from(min(waits)):
                 if pos >= self.next_pos:

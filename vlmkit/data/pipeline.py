@@ -159,8 +159,8 @@ class SamplePipeline:
         return tiles
 
     def pixels(self, record: Record) -> torch.Tensor | None:
-        """The (N, 3, S, S) tiles of a record that encode() accepted, made again (the packer's buffer
-        holds none)."""
+        """The (N, 3, S, S) tiles of a record that encode() accepted, made again (for the packer,
+        when its buffer is past its byte cap for tiles)."""
         tiles = self._tiles(record)
         return torch.cat(tiles) if tiles else None
 
