@@ -108,6 +108,10 @@ class Engine:
         self.max_positions = vlm.config.llm.max_position_embeddings
         self.rows: list[Sequence] = []  # row i of the cache belongs to rows[i]
         self.cache: KVCache | None = None
+        # q/k/v and gate/up as one matmul each (models/fused.py); not on a sharded model, whose
+        # parameters FSDP swaps in and out around every forward
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            vlm.llm.fuse_projections()
 
     # ---- prompts -------------------------------------------------------------------------------
 

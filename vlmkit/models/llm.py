@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vlmkit.models.attention import AttnSpec, KVCache, attention
 from vlmkit.models.config import LLMConfig
+from vlmkit.models.fused import FusedLinears
 from vlmkit.models.moe import MoE, SwiGLU
 
 
@@ -93,12 +94,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, D, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.qkv = FusedLinears(self.q_proj, self.k_proj, self.v_proj)  # one matmul when decoding (models/fused.py)
 
     def forward(self, x, cos, sin, spec: AttnSpec, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, Dh)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, Dh)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv(x)
+        q = q.view(B, T, self.num_heads, self.head_dim)  # (B, T, H, Dh)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, Dh)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -239,6 +242,17 @@ class LLM(nn.Module):
         return self.logits(self.decode(self.embed(input_ids), spec=spec))
 
     # --- decoding and MoE -------------------------------------------------------------------------
+
+    def fuse_projections(self, enabled: bool = True) -> None:
+        """Run q/k/v and each dense FFN's gate/up as one matmul each under no-grad (models/fused.py).
+
+        Costs a copy of those weights, built on the first no-grad forward; `enabled=False` drops it."""
+        for block in self.layers:
+            fused = [block.attn.qkv] + ([block.mlp.gate_up] if isinstance(block.mlp, SwiGLU) else [])
+            for f in fused:
+                f.enabled = enabled
+                if not enabled:
+                    f.release()
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_layers)

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlmkit.models.config import MoEConfig
+from vlmkit.models.fused import FusedLinears
 
 
 class SwiGLU(nn.Module):
@@ -27,9 +28,11 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_up = FusedLinears(self.gate_proj, self.up_proj)  # one matmul when decoding (models/fused.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Router(nn.Module):
