@@ -45,6 +45,25 @@ def test_one_shot_with_image_matches_generate(model_dir, image, model, capsys):
     assert out.out == expected + "\n"
 
 
+def test_images_after_text_puts_the_image_after_the_question(model_dir, image, model, capsys):
+    from vlmkit.cli import main
+
+    code = main(["chat", "--model", str(model_dir), "--image", str(image), "--images-after-text",
+                 "--max-new-tokens", "16", "what", "is", "it?"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    after = model.generate([{"role": "user", "content": [{"type": "text", "text": "what is it?"},
+                                                         {"type": "image", "image": str(image)}]}],
+                           max_new_tokens=16)
+    assert out.out == after + "\n"
+    from vlmkit.infer.chat import ChatSession
+
+    session = ChatSession(model, dict(max_new_tokens=2), images_after_text=True)
+    session.attach(str(image))
+    session.ask("what is it?", io.StringIO())
+    assert [p["type"] for p in session.messages[0]["content"]] == ["text", "image"]
+
+
 def test_interactive_session_through_a_pipe(model_dir, image, model):
     from vlmkit.infer.chat import ChatSession
 

@@ -35,7 +35,8 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
 
     model = VLM.from_pretrained(out / "final")
     image = next((out / "world" / "images").glob("test_*.png"))
-    reply = model.generate([{"role": "user", "content": [{"type": "image", "image": str(image)},
-                                                         {"type": "text", "text": "How many shapes are there?"}]}],
+    # the world asks the question first, then shows the image (data/synth.py)
+    reply = model.generate([{"role": "user", "content": [{"type": "text", "text": "How many shapes are there?"},
+                                                         {"type": "image", "image": str(image)}]}],
                            max_new_tokens=4)
     assert isinstance(reply, str)

@@ -130,6 +130,30 @@ def test_ppl_score_equals_padded_forward(tmp_path, tokenizer):
     assert row.scores[1] == pytest.approx(float(logp.mean()), abs=1e-4)
 
 
+@pytest.mark.parametrize("choices", [None, ["red", "blue", "green"]])
+def test_synth_prompt_matches_the_world_training_records(tmp_path, tokenizer, choices):
+    """The synthetic benchmark is asked token for token as the world's training records ask."""
+    from vlmkit.data import synth
+    from vlmkit.eval.prompts import SYNTH_PROMPTS, chat_messages, question_text
+    from vlmkit.infer.engine import Engine
+
+    model = tiny_vlm(tokenizer)
+    row = {"id": "q", "images": ["img/red.png"], "question": "What colour is it?", "answer": "red",
+           "category": "colour", **({"choices": choices, "answer": "A"} if choices else {})}
+    [item] = read_benchmark(write_bench(tmp_path, [row])).items
+    image = Image.open(tmp_path / "img" / "red.png").convert("RGB")
+    prompt = Engine(model).prepare(chat_messages(item, [image], SYNTH_PROMPTS, list_options=True))
+    question = question_text(item, SYNTH_PROMPTS, list_options=True)
+    conv = synth._llava("x", "img/red.png", [(question, item.answer)])["conversations"]
+    record = Record(id="x", source="t", kind="chat",
+                    messages=[Message("user", conv[0]["value"]), Message("assistant", conv[1]["value"])])
+    ids, labels = encode_record(record, tokenizer, [model.config.tokens_per_image])
+    first_target = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert prompt.input_ids == ids[:first_target]
+    image_at = ids.index(tokenizer.image_token_id)
+    assert image_at > len(tokenizer.encode(question)) // 2  # the question comes before the image
+
+
 def _train_on(model, tok, examples, steps=20):
     """A few AdamW steps on (user text, image or None, reply) chat examples, packed in one batch."""
     from vlmkit.data.packing import collate

@@ -55,13 +55,15 @@ def test_files_parse_and_reference_existing_images(world):
             assert (root / r["image"]).is_file()
             conv = r["conversations"]
             assert [c["from"] for c in conv] == ["human", "gpt"] * (len(conv) // 2)
-            assert conv[0]["value"].startswith(IMAGE_PLACEHOLDER + "\n")
+            # the question first, then the image (synth.PROMPT_LAYOUT)
+            assert conv[0]["value"].endswith("\n" + IMAGE_PLACEHOLDER) and not conv[0]["value"].startswith("\n")
             assert sum(c["value"].count(IMAGE_PLACEHOLDER) for c in conv) == 1
     for key in ("qa_train_messages", "qa_val_messages", "qa_test_messages"):
         for line in open(world[key]):
             r = json.loads(line)
             first = r["messages"][0]["content"]
-            assert first[0] == {"type": "image", "image": first[0]["image"]} and (root / first[0]["image"]).is_file()
+            assert first[0]["type"] == "text" and first[0]["text"]
+            assert first[1] == {"type": "image", "image": first[1]["image"]} and (root / first[1]["image"]).is_file()
             assert [m["role"] for m in r["messages"]] == ["user", "assistant"] * (len(r["messages"]) // 2)
     items = [json.loads(line) for line in open(world["test"])]
     assert {i["category"] for i in items} == set(CATEGORIES)

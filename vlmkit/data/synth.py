@@ -24,6 +24,13 @@ A question is asked only when its answer is unique (a reference like "the circle
 a relation asks for the adjacent cell), and each category's answers are close to uniform, so a
 model that does not look at the image stays near chance (`chance_accuracy`).
 
+Every record asks its (first) question first and shows the image after it: "What color is the
+circle?\n<image>". The answer then sits a fixed number of tokens after each cell's visual token,
+whatever the question's length, so a small decoder with relative (rotary) positions finds "the
+top left cell" by a fixed offset. With the image first the offset varies with every question, and
+the demo's 4-layer decoder learned position-based categories far more slowly (measured in
+docs/training.md). The benchmark prompt for this world (`eval.prompts.SYNTH_PROMPTS`) does the same.
+
 On disk (`generate`): images/*.png, LLaVA JSON (captions and QA), messages JSONL (OpenAI-style
 content parts), the test split as the generic benchmark JSONL, the text corpus (data/corpus.py)
 as text JSONL, and world.json (counts, answer sets, chance per category). Everything is a function
@@ -85,6 +92,8 @@ GLYPHS = {
     "9": (" ### ", "#   #", "#   #", " ####", "    #", "    #", " ### "),
 }
 
+PROMPT_LAYOUT = "text-then-image"
+"""Where a record's image goes: after its first question's text (recorded in world.json)."""
 CAPTION_PROMPTS = ("Describe the image.", "What is in the picture?", "Give a short description of the image.")
 
 
@@ -369,7 +378,7 @@ def split_scenes(seed: int, counts: dict[str, int], ocr_fraction: float) -> dict
 def _llava(rid: str, image: str, turns: list[tuple[str, str]]) -> dict:
     conv = []
     for i, (q, a) in enumerate(turns):
-        conv.append({"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q}" if i == 0 else q})
+        conv.append({"from": "human", "value": f"{q}\n{IMAGE_PLACEHOLDER}" if i == 0 else q})
         conv.append({"from": "gpt", "value": a})
     return {"id": rid, "image": image, "conversations": conv}
 
@@ -377,7 +386,7 @@ def _llava(rid: str, image: str, turns: list[tuple[str, str]]) -> dict:
 def _messages(rid: str, image: str, turns: list[tuple[str, str]]) -> dict:
     msgs = []
     for i, (q, a) in enumerate(turns):
-        parts = ([{"type": "image", "image": image}] if i == 0 else []) + [{"type": "text", "text": q}]
+        parts = [{"type": "text", "text": q}] + ([{"type": "image", "image": image}] if i == 0 else [])
         msgs.append({"role": "user", "content": parts})
         msgs.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
     return {"id": rid, "messages": msgs}
@@ -509,7 +518,8 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
         stats["text"] = corpus["counts"]
     world = {
         "seed": seed, "image_size": image_size, "grid": GRID, "ocr_fraction": ocr_fraction,
-        "turns_per_record": turns_per_record, "train_questions": train_questions, "counts": stats,
+        "turns_per_record": turns_per_record, "train_questions": train_questions, "prompt_layout": PROMPT_LAYOUT,
+        "counts": stats,
         "categories": {c: {"answers": answer_space(c), "chance": chance_accuracy(c)} for c in CATEGORIES},
         "files": {k: str(Path(v).relative_to(out)) for k, v in files.items()},
     }

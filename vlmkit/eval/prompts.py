@@ -1,9 +1,10 @@
-"""How a benchmark item is put to the model: one user turn, the item's images first, then the text.
+"""How a benchmark item is put to the model: one user turn with the item's images and its text.
 
 The wording follows LLaVA-1.5's evaluation prompts: options as "A. text" lines followed by
 "Answer with the option's letter from the given choices directly.", and for short answers
 "Answer the question using a single word or phrase.". A `PromptFormat` with empty instructions
-puts the question alone (the synthetic benchmark is asked exactly as its training data asks).
+puts the question alone; `SYNTH_PROMPTS` also puts the image after the text, as the synthetic
+world's training data asks (data/synth.py), so that benchmark is asked exactly as the model learned it.
 
 Both evaluation modes build the same OpenAI-style turn (image parts, then a text part): generation
 hands it to the engine; perplexity scoring turns it into template messages with the engine's own
@@ -27,10 +28,13 @@ class PromptFormat:
     """Appended after the option lines of a multiple-choice item in generation mode."""
     short_instruction: str = "Answer the question using a single word or phrase."
     """Appended to yes/no and open-ended questions."""
+    images_after_text: bool = False
+    """Put the images after the text ("question\\n<image>") instead of before it (LLaVA's order)."""
 
 
 LLAVA_PROMPTS = PromptFormat()
 PLAIN_PROMPTS = PromptFormat(choice_instruction="", short_instruction="")
+SYNTH_PROMPTS = PromptFormat(choice_instruction="", short_instruction="", images_after_text=True)
 
 
 def question_text(item: BenchItem, fmt: PromptFormat, *, list_options: bool) -> str:
@@ -48,7 +52,10 @@ def question_text(item: BenchItem, fmt: PromptFormat, *, list_options: bool) -> 
 
 def chat_messages(item: BenchItem, images: list[Image.Image], fmt: PromptFormat, *,
                   list_options: bool) -> list[dict]:
-    """OpenAI-style conversation: one user turn, the images first, then the question text."""
-    parts = [{"type": "image", "image": image} for image in images]
-    parts.append({"type": "text", "text": question_text(item, fmt, list_options=list_options)})
-    return [{"role": "user", "content": parts}]
+    """OpenAI-style conversation: one user turn, the images then the question text (the reverse
+    for `images_after_text`); parts are joined with newlines when the turn is tokenised."""
+    image_parts = [{"type": "image", "image": image} for image in images]
+    text = question_text(item, fmt, list_options=list_options)
+    if fmt.images_after_text:
+        return [{"role": "user", "content": [{"type": "text", "text": text}, *image_parts]}]
+    return [{"role": "user", "content": [*image_parts, {"type": "text", "text": text}]}]

@@ -27,7 +27,7 @@ from vlmkit.errors import BadRecordError, VlmkitError
 from vlmkit.eval.benchmarks import LETTERS, Benchmark, BadRow, BenchItem, circular_items, read_benchmark
 from vlmkit.eval.metrics import RowResult, score_reply, summarize
 from vlmkit.eval.ppl import length_normalised, sequence_logprobs
-from vlmkit.eval.prompts import LLAVA_PROMPTS, PLAIN_PROMPTS, PromptFormat, chat_messages
+from vlmkit.eval.prompts import LLAVA_PROMPTS, SYNTH_PROMPTS, PromptFormat, chat_messages
 
 Mode = Literal["gen", "ppl"]
 
@@ -191,7 +191,7 @@ def synth_test_split(cache_dir: str | Path | None, n_test: int = 1000, seed: int
 
 BUILTIN = {"synth": lambda cache_dir: read_benchmark(synth_test_split(cache_dir))}
 # Prompt wording per benchmark name: the synthetic split is asked exactly as its training data asks.
-FORMATS: dict[str, PromptFormat] = {"synth": PLAIN_PROMPTS}
+FORMATS: dict[str, PromptFormat] = {"synth": SYNTH_PROMPTS}
 
 
 def evaluate(model, bench: Benchmark | str | Path, *, mode: Mode = "gen", circular: bool = False,

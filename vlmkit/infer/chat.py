@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--system", default=None, help="system message")
+    parser.add_argument("--images-after-text", action="store_true",
+                        help="put attached images after your text instead of before it (how `vlmkit demo`'s "
+                             "world asks; LLaVA-style models expect the default)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     model = VLM.from_pretrained(args.model).to(device).eval()
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
               top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    session = ChatSession(model, kw, system=args.system)
+    session = ChatSession(model, kw, system=args.system, images_after_text=args.images_after_text)
     for path in args.image:
         session.attach(path)
     if args.prompt:
@@ -55,10 +58,11 @@ def run(args: argparse.Namespace) -> int:
 class ChatSession:
     """A multi-turn conversation with one model; images are checked when attached."""
 
-    def __init__(self, model, sampling: dict, system: str | None = None):
+    def __init__(self, model, sampling: dict, system: str | None = None, images_after_text: bool = False):
         self.model = model
         self.sampling = sampling
         self.system = system
+        self.images_after_text = images_after_text
         self.messages: list[dict] = []
         self.pending_images: list = []
 
@@ -74,7 +78,8 @@ class ChatSession:
         """Send one user turn, stream the answer to `out`, and keep both in the history."""
         from vlmkit.infer.engine import stream_messages
 
-        parts = [{"type": "image", "image": im} for im in self.pending_images] + [{"type": "text", "text": text}]
+        images = [{"type": "image", "image": im} for im in self.pending_images]
+        parts = [{"type": "text", "text": text}, *images] if self.images_after_text else [*images, {"type": "text", "text": text}]
         turn = {"role": "user", "content": parts}
         history = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
         pieces = []
