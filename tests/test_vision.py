@@ -75,3 +75,15 @@ def test_activation_names():
     assert torch.allclose(activation("quick_gelu")(x), x * torch.sigmoid(1.702 * x))
     with pytest.raises(ValueError, match="unknown activation"):
         activation("swishy")
+
+
+def test_position_init_std_sets_the_position_table_scale():
+    torch.manual_seed(0)
+    default = VisionEncoder(VisionConfig(hidden_size=64, intermediate_size=128, num_heads=2, num_layers=1))
+    torch.manual_seed(0)
+    wide = VisionEncoder(VisionConfig(hidden_size=64, intermediate_size=128, num_heads=2, num_layers=1,
+                                      position_init_std=0.2))
+    std = lambda m: float(m.embeddings.position_embedding.weight.detach().std())  # noqa: E731
+    assert std(default) == pytest.approx(0.02, rel=0.1) and std(wide) == pytest.approx(0.2, rel=0.1)
+    with pytest.raises(ValueError, match="position_init_std"):
+        VisionConfig(position_init_std=-1.0)

@@ -55,9 +55,14 @@ class VisionConfig:
     -1 = last layer output before post-layernorm, -2 = second to last as LLaVA does)."""
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    position_init_std: float = 0.02
+    """Std of the learned position embeddings at initialisation (ViT's 0.02). A tower trained from
+    scratch learns its positions; a random tower kept frozen (the demo's) keeps them, and a larger
+    std makes where a patch is a larger share of its features."""
 
     def __post_init__(self):
         self.image_mean = tuple(self.image_mean)
+        _check(self.position_init_std >= 0, f"vision.position_init_std must be >= 0, got {self.position_init_std}")
         self.image_std = tuple(self.image_std)
         _check(self.style in ("siglip", "clip"), f"vision.style must be 'siglip' or 'clip', got {self.style!r}")
         _check(self.image_size % self.patch_size == 0,

@@ -171,10 +171,10 @@ class VisionEncoder(nn.Module):
         """Initialisation for training from scratch (loading a checkpoint overwrites it).
 
         Linear and conv weights: truncated normal, std 0.02 (ViT); biases 0; position and class
-        embeddings: normal, std 0.02; layer norms: weight 1, bias 0.
+        embeddings: normal, std 0.02 (positions: `position_init_std`); layer norms: weight 1, bias 0.
         """
         init_dense_and_norms(self)
-        nn.init.normal_(self.embeddings.position_embedding.weight, std=0.02)
+        nn.init.normal_(self.embeddings.position_embedding.weight, std=self.config.position_init_std)
         if self.embeddings.has_class_token:
             nn.init.normal_(self.embeddings.class_embedding, std=0.02)
 
