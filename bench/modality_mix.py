@@ -8,7 +8,7 @@ that trade-off on the embedded synthetic world:
   - one base is trained once: language pretraining of the LLM, then adapter alignment (the
     demo's first two stages, configs/demo.yaml), shared by every arm;
   - each arm runs the demo's JOINT stage from a copy of that base, with a multimodal : language
-    mixture (multimodal = captions + QA in the demo's 3 : 5 ratio, language = the text corpus),
+    mixture (multimodal = captions + QA in a 3 : 5 ratio, language = the text corpus),
     with or without a modality warm-up (the image share starts at `--warmup-start` and moves
     linearly to the target over `--warmup-steps`); every arm has the same optimizer steps and
     token budget, so the arms differ in the mixture and the warm-up alone;
@@ -38,7 +38,7 @@ import yaml
 
 # (multimodal share, warm-up): the arms; 1.0 = multimodal only. 0.3 is DeepSeek-VL's 3 : 7.
 ARMS: list[tuple[float, bool]] = [(1.0, False), (0.7, False), (0.7, True), (0.3, False), (0.3, True)]
-CAPTION_SHARE_OF_MULTIMODAL = 0.375  # the demo joint stage's captions 0.3 : qa 0.5
+CAPTION_SHARE_OF_MULTIMODAL = 0.375  # captions 0.3 : qa 0.5 (the demo's joint stage when the study was run)
 
 
 def _config(raw: dict, stages: list[dict]):
@@ -67,10 +67,10 @@ def joint_stage(raw_joint: dict, multimodal: float, warmup: bool, args) -> dict:
 
 def measure(model, bench: Path, heldout: Path, args) -> dict:
     from vlmkit.eval.ppl import text_perplexity
-    from vlmkit.eval.prompts import PLAIN_PROMPTS
+    from vlmkit.eval.prompts import SYNTH_PROMPTS
     from vlmkit.eval.runner import evaluate
 
-    result = evaluate(model, bench, mode="gen", batch_size=64, max_new_tokens=8, prompt_format=PLAIN_PROMPTS,
+    result = evaluate(model, bench, mode="gen", batch_size=64, max_new_tokens=8, prompt_format=SYNTH_PROMPTS,
                       progress=False)
     n = len(result.rows)
     return {"accuracy": result.accuracy,

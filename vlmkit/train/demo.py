@@ -4,13 +4,15 @@
 2. train a tokenizer on its text;
 3. pretrain the tiny LLM on the language corpus (standing in for a pretrained LLM);
 4. the DeepSeek-VL curriculum (configs/demo.yaml): adapter alignment on captions with vision
-   and LLM frozen; joint training with language data mixed in; SFT on QA;
+   and LLM frozen; joint training of the LLM on captions; SFT on QA (vision and adapter frozen
+   after the alignment; docs/training.md measures why);
 5. evaluate on the held-out test split, per category, against a blind baseline (the same model
    with every image blanked) and against chance, and measure language perplexity on held-out
    text before and after the vision-language stages.
 
 Writes DIR/report.json, DIR/report.md, DIR/accuracy.png, DIR/loss.png and the model DIR/final/
-(`vlmkit chat --model DIR/final --image PATH "question"`).
+(`vlmkit chat --model DIR/final --images-after-text --image PATH "question"`: the world asks
+the question before the image, data/synth.py).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ QUICK_OVERRIDES = [
     "model.config.llm.num_layers=2", "model.config.llm.num_heads=4",
     "stages.0.steps=3", "stages.1.steps=2", "stages.2.steps=3", "stages.3.steps=3",
     "stages.0.warmup_steps=1", "stages.1.warmup_steps=1", "stages.2.warmup_steps=1", "stages.3.warmup_steps=1",
-    "stages.2.modality_warmup_steps=2",
     "stages.0.token_budget=1024", "stages.1.token_budget=1024", "stages.2.token_budget=1024",
     "stages.3.token_budget=1024",
 ]
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from vlmkit.config import load_config
     from vlmkit.eval.benchmarks import read_benchmark
     from vlmkit.eval.ppl import text_perplexity
-    from vlmkit.eval.prompts import PLAIN_PROMPTS
+    from vlmkit.eval.prompts import SYNTH_PROMPTS
     from vlmkit.eval.runner import evaluate
     from vlmkit.train.data import prepare_world
     from vlmkit.train.loop import train
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     bench = read_benchmark(world / "synth.jsonl")
     progress = not args.quick
     # The world's questions are asked as trained: no added "answer with a single word" instruction.
-    kw = dict(mode="gen", batch_size=64, max_new_tokens=8, prompt_format=PLAIN_PROMPTS, progress=progress)
+    kw = dict(mode="gen", batch_size=64, max_new_tokens=8, prompt_format=SYNTH_PROMPTS, progress=progress)
     seen = evaluate(trained, bench, **kw)
     blind = evaluate(trained, bench, blind=True, **kw)
     timings["eval"] = time.perf_counter() - t
