@@ -342,15 +342,23 @@ def questions(scene: Scene, rng: random.Random, categories: Iterable[str] = CATE
     for category in categories:
         want = 1 if per_category is None else per_category.get(category, 1)
         for _ in range(want):
-            qa = None
-            for _ in range(4):
-                qa = ASKERS[category](scene, rng)
-                if qa is None or all(qa.question != other.question for other in out):
-                    break
-            if qa is None or any(qa.question == other.question for other in out):
+            qa = _new_question(category, scene, rng, out)
+            if qa is None:
                 break
             out.append(qa)
     return out
+
+
+def _new_question(category: str, scene: Scene, rng: random.Random, asked: list[QA]) -> QA | None:
+    """A question of `category` whose text is not in `asked` (4 draws), or None when the scene
+    cannot answer the category or keeps repeating itself."""
+    for _ in range(4):
+        qa = ASKERS[category](scene, rng)
+        if qa is None:
+            return None
+        if all(qa.question != other.question for other in asked):
+            return qa
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

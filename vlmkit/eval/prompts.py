@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from vlmkit.eval.benchmarks import LETTERS, BenchItem
+from vlmkit.infer.engine import user_content
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,5 @@ def chat_messages(item: BenchItem, images: list[Image.Image], fmt: PromptFormat,
                   list_options: bool) -> list[dict]:
     """OpenAI-style conversation: one user turn, the images then the question text (the reverse
     for `images_after_text`); parts are joined with newlines when the turn is tokenised."""
-    image_parts = [{"type": "image", "image": image} for image in images]
     text = question_text(item, fmt, list_options=list_options)
-    if fmt.images_after_text:
-        return [{"role": "user", "content": [{"type": "text", "text": text}, *image_parts]}]
-    return [{"role": "user", "content": [*image_parts, {"type": "text", "text": text}]}]
+    return [{"role": "user", "content": user_content(text, images, images_after_text=fmt.images_after_text)}]

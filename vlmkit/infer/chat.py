@@ -76,11 +76,10 @@ class ChatSession:
 
     def ask(self, text: str, out: TextIO) -> str:
         """Send one user turn, stream the answer to `out`, and keep both in the history."""
-        from vlmkit.infer.engine import stream_messages
+        from vlmkit.infer.engine import stream_messages, user_content
 
-        images = [{"type": "image", "image": im} for im in self.pending_images]
-        parts = [{"type": "text", "text": text}, *images] if self.images_after_text else [*images, {"type": "text", "text": text}]
-        turn = {"role": "user", "content": parts}
+        turn = {"role": "user",
+                "content": user_content(text, self.pending_images, images_after_text=self.images_after_text)}
         history = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
         pieces = []
         for delta in stream_messages(self.model, history + [turn], **self.sampling):

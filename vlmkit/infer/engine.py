@@ -218,6 +218,14 @@ class Engine:
 
 # ---- conversations -> prompts ------------------------------------------------------------------
 
+def user_content(text: str, images: list, *, images_after_text: bool = False) -> list[dict]:
+    """The content parts of one user turn: the images, then the text (LLaVA's order), or the text
+    first with `images_after_text` (how the synthetic world asks, data/synth.py)."""
+    image_parts = [{"type": "image", "image": image} for image in images]
+    text_part = {"type": "text", "text": text}
+    return [text_part, *image_parts] if images_after_text else [*image_parts, text_part]
+
+
 def normalize_messages(messages: list[dict]) -> tuple[list[Any], list[Any]]:
     """OpenAI-style messages -> (data.types.Message list with image placeholders, images in order).
 

@@ -62,8 +62,8 @@ class VisionConfig:
 
     def __post_init__(self):
         self.image_mean = tuple(self.image_mean)
-        _check(self.position_init_std >= 0, f"vision.position_init_std must be >= 0, got {self.position_init_std}")
         self.image_std = tuple(self.image_std)
+        _check(self.position_init_std >= 0, f"vision.position_init_std must be >= 0, got {self.position_init_std}")
         _check(self.style in ("siglip", "clip"), f"vision.style must be 'siglip' or 'clip', got {self.style!r}")
         _check(self.image_size % self.patch_size == 0,
                f"vision.image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
