@@ -70,8 +70,10 @@ def measure(model, bench: Path, heldout: Path, args) -> dict:
     from vlmkit.eval.prompts import SYNTH_PROMPTS
     from vlmkit.eval.runner import evaluate
 
-    result = evaluate(model, bench, mode="gen", batch_size=64, max_new_tokens=8, prompt_format=SYNTH_PROMPTS,
-                      progress=False)
+    from vlmkit.train.demo import MAX_NEW_TOKENS
+
+    result = evaluate(model, bench, mode="gen", batch_size=64, max_new_tokens=MAX_NEW_TOKENS,
+                      prompt_format=SYNTH_PROMPTS, progress=False)
     n = len(result.rows)
     return {"accuracy": result.accuracy,
             "accuracy_stderr": math.sqrt(result.accuracy * (1 - result.accuracy) / max(n, 1)),

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vlmkit.eval.extract import extract_choice, normalize_answer, parse_yes_no
+from vlmkit.eval.extract import extract_choice, final_answer, normalize_answer, parse_yes_no
 
 CHOICES = ["red", "blue", "dark red", "green"]
 
@@ -73,3 +73,17 @@ def test_parse_yes_no(reply, expected):
 ])
 def test_normalize_answer(text, expected):
     assert normalize_answer(text) == expected
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("The red circle is in the center. Left of it, in the middle left, is a blue square. Answer: blue square",
+     "blue square"),
+    ("The circle is red. Answer: C", "C"),
+    ("answer: first. Then more. ANSWER : yes", "yes"),  # the last one counts
+    ("blue square", "blue square"),  # no "Answer:": the reply is the answer
+    ("The answer is 3", "The answer is 3"),  # a lead-in, left to normalize_answer
+    ("My answer: ", "My answer: "),  # nothing after it: keep the reply
+    ("Answers differ", "Answers differ"),
+])
+def test_final_answer(reply, expected):
+    assert final_answer(reply) == expected

@@ -24,6 +24,19 @@ def test_score_reply_by_kind():
     assert not score_reply(open_, "4").correct
 
 
+def test_worked_replies_are_scored_on_their_final_answer():
+    relation = BenchItem(id="r", question="?", answer="blue square", kind="open")
+    worked = "The red circle is in the center. Left of it, in the middle left, is a blue square. Answer: "
+    assert score_reply(relation, worked + "blue square").correct
+    # the facts name the right object, the conclusion does not: wrong
+    assert not score_reply(relation, worked.replace("Answer: ", "Answer: red circle")).correct
+    choice = BenchItem(id="c", question="?", answer="B", kind="choice", choices=["red", "blue"])
+    assert score_reply(choice, "The circle is blue. Answer: B").correct
+    assert not score_reply(choice, "The circle is blue. Answer: A").correct
+    yesno = BenchItem(id="y", question="?", answer="no", kind="yesno")
+    assert score_reply(yesno, "Yes, I looked. Answer: no").correct
+
+
 def test_pope_metrics():
     golds = ["yes", "yes", "yes", "no", "no", "no"]
     replies = ["yes", "yes", "no", "yes", "no", "hmm"]

@@ -11,8 +11,8 @@ import pytest
 
 from vlmkit.constants import IMAGE_PLACEHOLDER
 from vlmkit.data import corpus, synth
-from vlmkit.data.synth import (CATEGORIES, COLORS, DIRECTIONS, GRID, POSITIONS, SHAPES, answer_space, chance_accuracy,
-                               generate, questions, render, sample_scene)
+from vlmkit.data.synth import (CATEGORIES, COLORS, DIRECTIONS, GRID, LETTERS, POSITIONS, SHAPES, answer_space,
+                               chance_accuracy, generate, questions, render, sample_scene)
 
 SMALL = dict(n_train=60, n_val=20, n_test=30, text_corpus=False)
 
@@ -103,6 +103,50 @@ def test_answers_are_balanced_per_category():
         assert min(counts.values()) / max(counts.values()) > 0.5, (category, counts)
     yes = by_category["existence"]["yes"] / sum(by_category["existence"].values())
     assert 0.45 < yes < 0.55
+
+
+def test_worked_replies_state_true_facts_then_the_answer():
+    """Relation and multiple-choice replies find the reference, name the cell, then answer; the
+    facts are true of the scene, and every other category answers in a word."""
+    scenes, qas = many_questions(1500)
+    name = "(" + "|".join(COLORS) + ") (" + "|".join(SHAPES) + ")"
+    place = "(" + "|".join(POSITIONS) + ")"
+    seen = Counter()
+    for scene, qa in qas:
+        reply = qa.reply()
+        if qa.category not in synth.WORKED:
+            assert reply == qa.answer
+            continue
+        facts, _, final = reply.rpartition(" Answer: ")
+        # a multiple-choice reply concludes with the right option's text
+        assert final == (qa.choices[LETTERS.index(qa.answer)] if qa.choices else qa.answer)
+        assert facts.endswith(".")
+        if m := re.fullmatch(rf"The {name} is in the {place}\. (Left of it|Right of it|Above it|Below it), "
+                             rf"in the {place}, is an? {name}\.", facts):
+            [ref] = [o for o in scene.objects if (o.color, o.shape) == (m[1], m[2])]
+            assert POSITIONS[ref.cell] == m[3]
+            direction = m[4].split()[0].lower()
+            dr, dc, _ = DIRECTIONS[direction]
+            row, col = divmod(ref.cell, GRID)
+            other = scene.at((row + dr) * GRID + col + dc)
+            assert POSITIONS[other.cell] == m[5] and other.name == f"{m[6]} {m[7]}"
+            assert qa.answer == other.name or qa.choices[LETTERS.index(qa.answer)] == other.name
+            seen["relation"] += 1
+        elif m := re.fullmatch(rf"The {name} is in the {place}\.", facts):
+            [o] = [o for o in scene.objects if (o.color, o.shape) == (m[1], m[2])]
+            assert POSITIONS[o.cell] == m[3] == qa.choices[LETTERS.index(qa.answer)]
+            seen["position"] += 1
+        elif m := re.fullmatch(rf"(The (\w+)|The shape in the {place}) is (\w+)\.", facts):
+            o = scene.at(POSITIONS.index(m[3])) if m[3] else next(o for o in scene.objects if o.shape == m[2])
+            assert o.color == m[4] == qa.choices[LETTERS.index(qa.answer)]
+            seen["color"] += 1
+        else:
+            m = re.fullmatch(rf"(The (\w+) object|In the {place}) is a (\w+)\.", facts)
+            assert m, facts
+            o = scene.at(POSITIONS.index(m[3])) if m[3] else next(o for o in scene.objects if o.color == m[2])
+            assert o.shape == m[4] == qa.choices[LETTERS.index(qa.answer)]
+            seen["shape"] += 1
+    assert min(seen.values()) > 50 and len(seen) == 4, seen
 
 
 def test_questions_have_unique_correct_answers():

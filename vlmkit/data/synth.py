@@ -74,6 +74,7 @@ INK = (15, 15, 15)
 LETTERS = "ABCD"
 DIRECTIONS = {"left": (0, -1, "directly to the left of"), "right": (0, 1, "directly to the right of"),
               "above": (-1, 0, "directly above"), "below": (1, 0, "directly below")}
+NEIGHBOUR = {"left": "Left of it", "right": "Right of it", "above": "Above it", "below": "Below it"}
 CATEGORIES = ("color", "shape", "count", "position", "relation", "existence", "ocr", "multiple_choice")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 
@@ -94,6 +95,10 @@ GLYPHS = {
 
 PROMPT_LAYOUT = "text-then-image"
 """Where a record's image goes: after its first question's text (recorded in world.json)."""
+ANSWER_STYLE = "worked"
+"""How relation and multiple-choice questions are answered in training: the lookup steps as short
+sentences, then "Answer: X" (recorded in world.json)."""
+WORKED = ("relation", "multiple_choice")
 CAPTION_PROMPTS = ("Describe the image.", "What is in the picture?", "Give a short description of the image.")
 
 
@@ -185,12 +190,27 @@ class QA:
     question: str  # without the options of a multiple-choice item
     answer: str  # for multiple choice: the letter
     choices: list[str] = field(default_factory=list)
+    steps: list[str] = field(default_factory=list)
+    """Sentences that lead to `fact` (a relation first finds its reference object)."""
+    fact: str = ""
+    """The answer as a sentence ("The circle is red."), the last step of a worked reply."""
 
     def prompt(self) -> str:
         """The user turn's text as asked in training (options as "A. text" lines, no instruction)."""
         if not self.choices:
             return self.question
         return "\n".join([self.question] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(self.choices)])
+
+    def reply(self) -> str:
+        """The assistant turn as trained: the answer itself, or for the categories of WORKED a
+        worked reply, "<steps> <fact> Answer: <answer>" (ANSWER_STYLE). A multiple-choice reply
+        concludes with the chosen option's text, which the evaluation maps to its letter
+        (eval.extract.extract_choice): the demo's decoder never learned to read the letter off
+        the option lines (docs/data-synthetic.md)."""
+        if self.category not in WORKED:
+            return self.answer
+        final = self.choices[LETTERS.index(self.answer)] if self.choices else self.answer
+        return " ".join(self.steps + [self.fact, f"Answer: {final}"])
 
 
 def answer_space(category: str) -> list[str]:
@@ -232,23 +252,27 @@ def _unique(scene: Scene, key) -> list[Obj]:
 
 
 def _ask_attribute(scene: Scene, rng: random.Random, attribute: str, other: str, by_other: str,
-                   by_place: str) -> QA:
+                   by_place: str, fact: str) -> QA:
     """Ask an object's `attribute` (color or shape), naming the object by its `other` attribute
-    when that is unique in the scene (half of the time), else by its place."""
+    when that is unique in the scene (half of the time), else by its place. `fact` states the
+    answer: "{the object} is {value}"."""
     named = _unique(scene, lambda o: getattr(o, other))
     if named and rng.random() < 0.5:
         o = rng.choice(named)
-        return QA(attribute, by_other.format(getattr(o, other)), getattr(o, attribute))
-    o = rng.choice(scene.objects)
-    return QA(attribute, by_place.format(POSITIONS[o.cell]), getattr(o, attribute))
+        ref = by_other.format(getattr(o, other))
+    else:
+        o = rng.choice(scene.objects)
+        ref = by_place.format(POSITIONS[o.cell])
+    value = getattr(o, attribute)
+    return QA(attribute, f"What {attribute} is {ref}?", value, fact=fact.format(ref[0].upper() + ref[1:], value))
 
 
 def ask_color(scene: Scene, rng: random.Random) -> QA:
-    return _ask_attribute(scene, rng, "color", "shape", "What color is the {}?", "What color is the shape in the {}?")
+    return _ask_attribute(scene, rng, "color", "shape", "the {}", "the shape in the {}", "{} is {}.")
 
 
 def ask_shape(scene: Scene, rng: random.Random) -> QA:
-    return _ask_attribute(scene, rng, "shape", "color", "What shape is the {} object?", "What shape is in the {}?")
+    return _ask_attribute(scene, rng, "shape", "color", "the {} object", "in the {}", "{} is a {}.")
 
 
 def ask_count(scene: Scene, rng: random.Random) -> QA:
@@ -261,7 +285,7 @@ def ask_position(scene: Scene, rng: random.Random) -> QA | None:
     if not named:
         return None
     o = rng.choice(named)
-    return QA("position", f"Where is the {o.name}?", POSITIONS[o.cell])
+    return QA("position", f"Where is the {o.name}?", POSITIONS[o.cell], fact=f"The {o.name} is in the {POSITIONS[o.cell]}.")
 
 
 def relations(scene: Scene) -> list[tuple[Obj, str, Obj]]:
@@ -281,7 +305,11 @@ def ask_relation(scene: Scene, rng: random.Random) -> QA | None:
     if not found:
         return None
     ref, direction, other = rng.choice(found)
-    return QA("relation", f"What is {DIRECTIONS[direction][2]} the {ref.name}?", other.name)
+    # Worked: find the reference, name the neighbouring cell, then read it: three lookups a small
+    # decoder makes one token at a time instead of composing them inside one forward pass.
+    return QA("relation", f"What is {DIRECTIONS[direction][2]} the {ref.name}?", other.name,
+              steps=[f"The {ref.name} is in the {POSITIONS[ref.cell]}."],
+              fact=f"{NEIGHBOUR[direction]}, in the {POSITIONS[other.cell]}, is {article(other.name)} {other.name}.")
 
 
 def ask_existence(scene: Scene, rng: random.Random) -> QA:
@@ -325,7 +353,7 @@ def ask_choice(scene: Scene, rng: random.Random) -> QA | None:
         distractors = rng.sample(wrong, 3)
     letter = rng.randrange(4)
     choices = distractors[:letter] + [qa.answer] + distractors[letter:]
-    return QA("multiple_choice", qa.question, LETTERS[letter], choices)
+    return QA("multiple_choice", qa.question, LETTERS[letter], choices, steps=qa.steps, fact=qa.fact)
 
 
 ASKERS = {"color": ask_color, "shape": ask_shape, "count": ask_count, "position": ask_position,
@@ -492,7 +520,7 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
                 groups = [[qa] for qa in qas]
             for k, group in enumerate(groups):
                 rid = f"{scene.id}-{k}" if split == "train" else f"{scene.id}-{group[0].category}"
-                turns = [(qa.prompt(), qa.answer) for qa in group]
+                turns = [(qa.prompt(), qa.reply()) for qa in group]
                 llava.append(_llava(rid, image, turns))
                 messages.append(_messages(rid, image, turns))
             if split == "test":
@@ -527,7 +555,7 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
     world = {
         "seed": seed, "image_size": image_size, "grid": GRID, "ocr_fraction": ocr_fraction,
         "turns_per_record": turns_per_record, "train_questions": train_questions, "prompt_layout": PROMPT_LAYOUT,
-        "counts": stats,
+        "answer_style": ANSWER_STYLE, "counts": stats,
         "categories": {c: {"answers": answer_space(c), "chance": chance_accuracy(c)} for c in CATEGORIES},
         "files": {k: str(Path(v).relative_to(out)) for k, v in files.items()},
     }

@@ -1,5 +1,7 @@
 """From a model's free-form reply to a scorable answer.
 
+- `final_answer`: a worked reply's conclusion, the text after its last "Answer:" ("The cat is on
+  the left. Answer: cat" -> "cat"); a reply without one is its own conclusion.
 - `normalize_answer`: lower case, no punctuation, no articles, number words as digits, no
   "the answer is" lead-in (in the spirit of the VQA answer normalisation).
 - `extract_choice`: the option a reply picks, coping with "B", "(B)", "Answer: B", "B. red",
@@ -24,6 +26,17 @@ _LEAD_IN = re.compile(r"^\s*(?:the\s+)?(?:correct\s+|final\s+)?(?:answer|option|
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
 _YES = {"yes", "yeah", "yep", "true", "correct"}
 _NO = {"no", "nope", "not", "false", "incorrect"}
+
+
+_FINAL = re.compile(r"\banswer\s*:", re.IGNORECASE)
+
+
+def final_answer(reply: str) -> str:
+    """The text after the last "Answer:" of a reply that works its way to an answer, else the reply."""
+    marks = list(_FINAL.finditer(reply))
+    if not marks or not reply[marks[-1].end():].strip():
+        return reply
+    return reply[marks[-1].end():].strip()
 
 
 def normalize_answer(text: str) -> str:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from vlmkit.eval.benchmarks import LETTERS, BenchItem
-from vlmkit.eval.extract import extract_choice, normalize_answer, parse_yes_no
+from vlmkit.eval.extract import extract_choice, final_answer, normalize_answer, parse_yes_no
 
 
 @dataclass
@@ -35,7 +35,9 @@ class RowResult:
 
 
 def parse_reply(item: BenchItem, reply: str) -> str | None:
-    """The scorable answer in a generated reply: a letter, "yes" / "no", or normalised text."""
+    """The scorable answer in a generated reply: a letter, "yes" / "no", or normalised text. A
+    reply that states facts before its "Answer: ..." is scored on that final answer."""
+    reply = final_answer(reply)
     if item.kind == "choice":
         index = extract_choice(reply, item.choices)
         return None if index is None else LETTERS[index]

@@ -124,16 +124,17 @@ def prepare_world(spec: WorldSpec, progress: bool = True) -> Path:
 
 def _check_world(spec: WorldSpec, world: dict, world_dir: Path) -> None:
     """A world on disk is reused only when it was generated with the spec's settings."""
-    from vlmkit.data.synth import PROMPT_LAYOUT
+    from vlmkit.data.synth import ANSWER_STYLE, PROMPT_LAYOUT
 
     counts = world.get("counts", {})
     have = {"seed": world.get("seed"), "n_train": counts.get("train", {}).get("scenes"),
             "n_val": counts.get("val", {}).get("scenes"), "n_test": counts.get("test", {}).get("scenes"),
             "turns_per_record": world.get("turns_per_record"), "train_questions": world.get("train_questions"),
-            "prompt_layout": world.get("prompt_layout")}
+            "prompt_layout": world.get("prompt_layout"), "answer_style": world.get("answer_style")}
     want = {"seed": spec.seed, "n_train": spec.n_train, "n_val": spec.n_val, "n_test": spec.n_test,
             "turns_per_record": spec.turns_per_record, "train_questions": spec.train_questions,
-            "prompt_layout": PROMPT_LAYOUT}  # older worlds asked image-first
+            "prompt_layout": PROMPT_LAYOUT,  # older worlds asked image-first
+            "answer_style": ANSWER_STYLE}  # and answered relations and options in one word
     differ = [f"{k}: {have[k]!r} on disk, {want[k]!r} in the config" for k in want if have[k] != want[k]]
     if differ:
         raise ConfigError(f"{world_dir} holds a world generated with other settings ({'; '.join(differ)}); "

@@ -38,6 +38,7 @@ QUICK_OVERRIDES = [
     "stages.3.token_budget=1024",
 ]
 PERPLEXITY_DOCS = 40  # held-out text documents scored before and after the VL stages
+MAX_NEW_TOKENS = 40  # the longest worked reply of the world (a relation with options) is ~26 tokens
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     bench = read_benchmark(world / "synth.jsonl")
     progress = not args.quick
     # The world's questions are asked as trained: no added "answer with a single word" instruction.
-    kw = dict(mode="gen", batch_size=64, max_new_tokens=8, prompt_format=SYNTH_PROMPTS, progress=progress)
+    kw = dict(mode="gen", batch_size=64, max_new_tokens=MAX_NEW_TOKENS, prompt_format=SYNTH_PROMPTS, progress=progress)
     seen = evaluate(trained, bench, **kw)
     blind = evaluate(trained, bench, blind=True, **kw)
     timings["eval"] = time.perf_counter() - t
