@@ -94,6 +94,13 @@ class Sequence:
             self._pending += self.stream.finish()
 
 
+DERIVED_WEIGHTS_MAX_BYTES = 2 << 30
+"""Largest decoder (in parameter bytes) the engine builds derived decode weights for. They save
+calls, which is what a small model's decode step is bound by; a large model's step is bound by
+reading its weights, and the copies (up to the decoder's size again) would cost it more memory
+than they save time."""
+
+
 class Engine:
     """Runs sequences of one model; not thread-safe (one owner thread drives it).
 
@@ -108,9 +115,12 @@ class Engine:
         self.max_positions = vlm.config.llm.max_position_embeddings
         self.rows: list[Sequence] = []  # row i of the cache belongs to rows[i]
         self.cache: KVCache | None = None
-        # q/k/v and gate/up as one matmul each (models/fused.py); not on a sharded model, whose
-        # parameters FSDP swaps in and out around every forward
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        # Decode on derived weights (models/fused.py: q/k/v and gate/up fused, CPU weights
+        # prepacked): not on a sharded model, whose parameters FSDP swaps in and out around every
+        # forward, nor on one whose copies would cost more memory than DERIVED_WEIGHTS_MAX_BYTES.
+        sharded = torch.distributed.is_available() and torch.distributed.is_initialized()
+        llm_bytes = sum(p.numel() * p.element_size() for p in vlm.llm.parameters())
+        if not sharded and llm_bytes <= DERIVED_WEIGHTS_MAX_BYTES:
             vlm.llm.fuse_projections()
 
     # ---- prompts -------------------------------------------------------------------------------

@@ -19,12 +19,11 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from vlmkit.models.attention import AttnSpec, KVCache, attention
 from vlmkit.models.config import LLMConfig
-from vlmkit.models.fused import FusedLinears
+from vlmkit.models.fused import FusedLinears, packing_available
 from vlmkit.models.moe import MoE, SwiGLU
 
 
@@ -95,6 +94,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.qkv = FusedLinears(self.q_proj, self.k_proj, self.v_proj)  # one matmul when decoding (models/fused.py)
+        self.out = FusedLinears(self.o_proj)  # prepacked when decoding on the CPU
 
     def forward(self, x, cos, sin, spec: AttnSpec, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -104,11 +104,12 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # q and k rotated as one tensor: half the ops of rotating each (a decode step is call-bound)
+        q, k = apply_rope(torch.cat([q, k], dim=2), cos, sin).split([self.num_heads, self.num_kv_heads], dim=2)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, L, Hkv, Dh): every stored key of each row
         out = attention(q, k, v, spec, causal=True)  # (B, T, H, Dh)
-        return self.o_proj(out.reshape(B, T, -1))
+        return self.out(out.reshape(B, T, -1))[0]
 
 
 class Block(nn.Module):
@@ -145,6 +146,7 @@ class LLM(nn.Module):
         # Tied: no lm_head module at all, so the state dict holds the matrix once (safetensors refuses
         # shared tensors) and logits read embed_tokens.weight.
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head = FusedLinears(self.embed_tokens if self.lm_head is None else self.lm_head)
         self.gradient_checkpointing = False
         self.rope = RopeTable(cfg.head_dim, cfg.rope_theta)
         self._aux_loss: torch.Tensor | None = None
@@ -233,8 +235,7 @@ class LLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., D) -> (..., V)."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return self.head(hidden)[0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """HF-style call: input_ids (B, T), attention_mask (B, T) 1 = real token -> logits (B, T, V)."""
@@ -243,16 +244,26 @@ class LLM(nn.Module):
 
     # --- decoding and MoE -------------------------------------------------------------------------
 
-    def fuse_projections(self, enabled: bool = True) -> None:
-        """Run q/k/v and each dense FFN's gate/up as one matmul each under no-grad (models/fused.py).
+    def fuse_projections(self, enabled: bool = True, pack: bool | None = None) -> None:
+        """Decode with derived weights under no-grad (models/fused.py): q/k/v and each dense FFN's
+        gate/up as one matmul each, and, with `pack` (default: when this PyTorch has oneDNN's
+        prepacked linear), every dense matmul of the decoder on CPU-prepacked fp32 weights.
 
-        Costs a copy of those weights, built on the first no-grad forward; `enabled=False` drops it."""
+        Costs copies of those weights, built on the first no-grad forward that needs them;
+        `enabled=False` drops them. MoE experts are left as they are."""
+        pack = packing_available() if pack is None else pack
+        for f in self.derived_weights():
+            f.configure(enabled, pack)
+
+    def derived_weights(self) -> list[FusedLinears]:
+        """Every FusedLinears that `fuse_projections` drives: per block q/k/v, o_proj, and a dense
+        FFN's gate/up and down_proj; the output head."""
+        out = []
         for block in self.layers:
-            fused = [block.attn.qkv] + ([block.mlp.gate_up] if isinstance(block.mlp, SwiGLU) else [])
-            for f in fused:
-                f.enabled = enabled
-                if not enabled:
-                    f.release()
+            out += [block.attn.qkv, block.attn.out]
+            if isinstance(block.mlp, SwiGLU):
+                out += [block.mlp.gate_up, block.mlp.down]
+        return out + [self.head]
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_layers)

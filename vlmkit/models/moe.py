@@ -29,10 +29,11 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
         self.gate_up = FusedLinears(self.gate_proj, self.up_proj)  # one matmul when decoding (models/fused.py)
+        self.down = FusedLinears(self.down_proj)  # prepacked when decoding on the CPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down(F.silu(gate) * up)[0]
 
 
 class Router(nn.Module):
