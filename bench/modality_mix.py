@@ -16,9 +16,9 @@ that trade-off on the embedded synthetic world:
     language retention) and accuracy on the synthetic test split (vlmkit.eval.runner.evaluate,
     gen mode) with its standard error.
 
-    python bench/modality_mix.py --out runs/modality-mix      # tiny: ~15-25 min on a 2-core CPU
-    python bench/modality_mix.py --out runs/mm --n-train 5000 --n-test 40 --base-steps 150,40
-        --joint-steps 250 --token-budget 4096 --ppl-docs 200     # the documented run: ~2.5 min on a GPU
+    python bench/modality_mix.py --out runs/modality-mix      # a quick check of the plumbing; numbers are noise
+    python bench/modality_mix.py --out runs/mm --n-train 5000 --n-test 100 --base-steps 60,30
+        --joint-steps 400 --token-budget 4096 --ppl-docs 200     # the documented run: 17.7 min on a 2-core CPU
 
 Writes OUT/modality_mix.json, OUT/modality_mix.md (the table) and OUT/modality_mix.png
 (perplexity against accuracy per arm); docs/studies/modality-mix.md holds a measured run.
@@ -38,7 +38,7 @@ import yaml
 
 # (multimodal share, warm-up): the arms; 1.0 = multimodal only. 0.3 is DeepSeek-VL's 3 : 7.
 ARMS: list[tuple[float, bool]] = [(1.0, False), (0.7, False), (0.7, True), (0.3, False), (0.3, True)]
-CAPTION_SHARE_OF_MULTIMODAL = 0.375  # captions 0.3 : qa 0.5 (the demo's joint stage when the study was run)
+CAPTION_SHARE_OF_MULTIMODAL = 0.375  # captions 0.3 : qa 0.5 (the demo's joint stage when the study began)
 
 
 def _config(raw: dict, stages: list[dict]):
@@ -68,11 +68,9 @@ def joint_stage(raw_joint: dict, multimodal: float, warmup: bool, args) -> dict:
 def measure(model, bench: Path, heldout: Path, args) -> dict:
     from vlmkit.eval.ppl import text_perplexity
     from vlmkit.eval.prompts import SYNTH_PROMPTS
-    from vlmkit.eval.runner import evaluate
+    from vlmkit.eval.runner import REPLY_TOKENS, evaluate
 
-    from vlmkit.train.demo import MAX_NEW_TOKENS
-
-    result = evaluate(model, bench, mode="gen", batch_size=64, max_new_tokens=MAX_NEW_TOKENS,
+    result = evaluate(model, bench, mode="gen", batch_size=64, max_new_tokens=REPLY_TOKENS["synth"],
                       prompt_format=SYNTH_PROMPTS, progress=False)
     n = len(result.rows)
     return {"accuracy": result.accuracy,

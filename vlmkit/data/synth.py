@@ -24,6 +24,11 @@ A question is asked only when its answer is unique (a reference like "the circle
 a relation asks for the adjacent cell), and each category's answers are close to uniform, so a
 model that does not look at the image stays near chance (`chance_accuracy`).
 
+Relation and multiple-choice questions are answered in training with their lookup steps first
+(ANSWER_STYLE, QA.reply): "The red circle is in the top middle. Left of it, in the top left, is a
+blue square. Answer: blue square"; a multiple-choice reply concludes with the right option's text.
+The benchmark file keeps the short answers (the evaluation reads what follows "Answer:").
+
 Every record asks its (first) question first and shows the image after it: "What color is the
 circle?\n<image>". The answer then sits a fixed number of tokens after each cell's visual token,
 whatever the question's length, so a small decoder with relative (rotary) positions finds "the
@@ -285,7 +290,8 @@ def ask_position(scene: Scene, rng: random.Random) -> QA | None:
     if not named:
         return None
     o = rng.choice(named)
-    return QA("position", f"Where is the {o.name}?", POSITIONS[o.cell], fact=f"The {o.name} is in the {POSITIONS[o.cell]}.")
+    return QA("position", f"Where is the {o.name}?", POSITIONS[o.cell],
+              fact=f"The {o.name} is in the {POSITIONS[o.cell]}.")
 
 
 def relations(scene: Scene) -> list[tuple[Obj, str, Obj]]:
@@ -309,7 +315,8 @@ def ask_relation(scene: Scene, rng: random.Random) -> QA | None:
     # decoder makes one token at a time instead of composing them inside one forward pass.
     return QA("relation", f"What is {DIRECTIONS[direction][2]} the {ref.name}?", other.name,
               steps=[f"The {ref.name} is in the {POSITIONS[ref.cell]}."],
-              fact=f"{NEIGHBOUR[direction]}, in the {POSITIONS[other.cell]}, is {article(other.name)} {other.name}.")
+              fact=f"{NEIGHBOUR[direction]}, in the {POSITIONS[other.cell]}, is "
+                   f"{article(other.name)} {other.name}.")
 
 
 def ask_existence(scene: Scene, rng: random.Random) -> QA:

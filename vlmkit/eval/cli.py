@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--circular", action="store_true", help="CircularEval: right only under every option rotation")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per batch")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="gen mode: longest reply")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="gen mode: longest reply (default 16; 40 for synth, whose replies show their steps)")
     parser.add_argument("--blind", action="store_true", help="blank every image (the image-free baseline)")
     parser.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the file's)")
     parser.add_argument("--text", default=None, help="also measure perplexity on this held-out text JSONL")

@@ -192,17 +192,21 @@ def synth_test_split(cache_dir: str | Path | None, n_test: int = 1000, seed: int
 BUILTIN = {"synth": lambda cache_dir: read_benchmark(synth_test_split(cache_dir))}
 # Prompt wording per benchmark name: the synthetic split is asked exactly as its training data asks.
 FORMATS: dict[str, PromptFormat] = {"synth": SYNTH_PROMPTS}
+# Longest reply per benchmark name (gen mode): the synthetic world's worked replies run to ~26 tokens.
+REPLY_TOKENS: dict[str, int] = {"synth": 40}
+DEFAULT_REPLY_TOKENS = 16
 
 
 def evaluate(model, bench: Benchmark | str | Path, *, mode: Mode = "gen", circular: bool = False,
-             limit: int | None = None, batch_size: int = 8, blind: bool = False, max_new_tokens: int = 16,
+             limit: int | None = None, batch_size: int = 8, blind: bool = False, max_new_tokens: int | None = None,
              prompt_format: PromptFormat | None = None, image_root: str | Path | None = None,
              cache_dir: str | Path | None = None, progress: bool = True) -> EvalResult:
     """Evaluate `model` (a vlmkit VLM with its tokenizer) on `bench`; see the module docstring.
 
     bench: a Benchmark, a file (.tsv / .jsonl / .json) or "synth". `limit` keeps the first N
     questions (before CircularEval expands them into rotations). `prompt_format` defaults to
-    LLaVA's wording, and to the plain training wording for the synthetic benchmark.
+    LLaVA's wording, and to the plain training wording for the synthetic benchmark;
+    `max_new_tokens` to REPLY_TOKENS for the benchmark's name, else DEFAULT_REPLY_TOKENS.
     """
     from tqdm import tqdm
 
@@ -215,6 +219,8 @@ def evaluate(model, bench: Benchmark | str | Path, *, mode: Mode = "gen", circul
     start = time.perf_counter()
     benchmark = load_benchmark(bench, image_root=image_root, cache_dir=cache_dir)
     fmt = prompt_format or FORMATS.get(benchmark.name, LLAVA_PROMPTS)
+    if max_new_tokens is None:
+        max_new_tokens = REPLY_TOKENS.get(benchmark.name, DEFAULT_REPLY_TOKENS)
     answers_by_category: dict[str, list[str]] = {}  # ppl mode: the option set of open questions
     for item in benchmark.items:  # (the whole benchmark's answers, also under --limit)
         if item.kind == "open" and item.answer not in answers_by_category.setdefault(item.category, []):

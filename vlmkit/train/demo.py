@@ -38,7 +38,6 @@ QUICK_OVERRIDES = [
     "stages.3.token_budget=1024",
 ]
 PERPLEXITY_DOCS = 40  # held-out text documents scored before and after the VL stages
-MAX_NEW_TOKENS = 40  # the longest worked reply of the world (a relation with options) is ~26 tokens
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     from vlmkit.eval.benchmarks import read_benchmark
     from vlmkit.eval.ppl import text_perplexity
     from vlmkit.eval.prompts import SYNTH_PROMPTS
-    from vlmkit.eval.runner import evaluate
+    from vlmkit.eval.runner import REPLY_TOKENS, evaluate
     from vlmkit.train.data import prepare_world
     from vlmkit.train.loop import train
 
@@ -164,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
     bench = read_benchmark(world / "synth.jsonl")
     progress = not args.quick
     # The world's questions are asked as trained: no added "answer with a single word" instruction.
-    kw = dict(mode="gen", batch_size=64, max_new_tokens=MAX_NEW_TOKENS, prompt_format=SYNTH_PROMPTS, progress=progress)
+    kw = dict(mode="gen", batch_size=64, max_new_tokens=REPLY_TOKENS["synth"], prompt_format=SYNTH_PROMPTS,
+              progress=progress)
     seen = evaluate(trained, bench, **kw)
     blind = evaluate(trained, bench, blind=True, **kw)
     timings["eval"] = time.perf_counter() - t
