@@ -4,8 +4,8 @@
 2. train a tokenizer on its text;
 3. pretrain the tiny LLM on the language corpus (standing in for a pretrained LLM);
 4. the DeepSeek-VL curriculum (configs/demo.yaml): adapter alignment on captions with vision
-   and LLM frozen; joint training of the LLM on captions; SFT on QA (vision and adapter frozen
-   after the alignment; docs/training.md measures why);
+   and LLM frozen; joint training of the LLM on captions with 5% language steps mixed in; SFT on
+   QA (vision and adapter frozen after the alignment; docs/training.md measures why);
 5. evaluate on the held-out test split, per category, against a blind baseline (the same model
    with every image blanked) and against chance, and measure language perplexity on held-out
    text before and after the vision-language stages.
