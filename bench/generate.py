@@ -62,7 +62,7 @@ def hf_generate(model, ids, pixels, new_tokens: int) -> torch.Tensor:
 
 def vlmkit_generate(vlm, ids, pixels, new_tokens: int, derived: bool = True) -> torch.Tensor:
     engine = Engine(vlm)  # no tokenizer: token ids only, like the transformers side
-    if not derived:  # the engine decodes on fused / prepacked weights (models/fused.py); measure without
+    if not derived:  # the engine decodes on fused / transposed weights (models/fused.py); measure without
         vlm.llm.fuse_projections(False)
     params = SamplingParams(max_new_tokens=new_tokens)
     seqs = [engine.add(Prompt(ids[b].tolist(), pixels[b:b + 1]), params) for b in range(ids.shape[0])]

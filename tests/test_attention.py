@@ -95,7 +95,7 @@ def test_kv_cache_ragged_prefill_then_decode():
     """Row 0 holds 3 prompt tokens, row 1 holds 1 (left-padded); both grow by one per step."""
     cache = KVCache(num_layers=1)
     valid = torch.tensor([[True, True, True], [False, False, True]])
-    spec = cache.begin(valid)
+    spec = cache.begin(2, 3, valid)
     k = torch.arange(6, dtype=torch.float32).view(2, 3, 1, 1)
     keys, _ = cache.update(0, k, k)
     cache.end()
@@ -103,7 +103,7 @@ def test_kv_cache_ragged_prefill_then_decode():
     assert keys[1, 0, 0, 0] == 5.0  # row 1's only real token went to slot 0
     assert spec.mask[1, 0, 2].tolist() == [True, False, False]  # and only sees itself
     assert cache.position_ids().tolist() == [[3], [1]]
-    spec = cache.begin(torch.ones(2, 1, dtype=torch.bool))
+    spec = cache.begin(2, 1, torch.ones(2, 1, dtype=torch.bool))  # a padded step: the masked path
     cache.update(0, torch.full((2, 1, 1, 1), 9.0), torch.zeros(2, 1, 1, 1))
     cache.end()
     assert cache.lengths.tolist() == [4, 2] and spec.mask[:, 0, 0].tolist() == [[True] * 4, [True, True, False, False]]
@@ -113,7 +113,7 @@ def test_kv_cache_ragged_prefill_then_decode():
 def test_kv_cache_rows_leave_and_join():
     def filled(values):
         c = KVCache(num_layers=2)
-        c.begin(torch.ones(len(values), 2, dtype=torch.bool))
+        c.begin(len(values), 2)
         for layer in range(2):
             t = torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 2, 1, 1)
             c.update(layer, t, t)
@@ -129,7 +129,7 @@ def test_kv_cache_rows_leave_and_join():
     cache.keep_rows([2, 0])
     assert cache.k[0][:, 0, 0, 0].tolist() == [7.0, 1.0]
     with pytest.raises(ValueError, match="2 rows"):
-        cache.begin(torch.ones(3, 1, dtype=torch.bool))
+        cache.begin(3, 1)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -76,12 +76,26 @@ def test_packed_default_positions_restart_per_sample():
     assert not torch.allclose(a, model.decode(flat, spec=spec, position_ids=spread), atol=1e-4)
 
 
+MODELS = {
+    "dense": tiny,
+    "moe": lambda: tiny(moe=MoEConfig(num_experts=4, top_k=2, expert_intermediate_size=32, first_dense_layers=1)),
+    "derived weights": lambda: _with_derived_weights(tiny()),
+}
+
+
+def _with_derived_weights(model: LLM) -> LLM:
+    model.fuse_projections()
+    return model
+
+
 @pytest.mark.parametrize("pad", [right_padded, left_padded])
+@pytest.mark.parametrize("kind", MODELS)
 @torch.no_grad()
-def test_ragged_cache_decode_equals_full_forward(pad):
-    """Prefill ragged prompts in one padded batch, then decode one token per row per step: the
-    logits of every step equal a full forward of each row's whole sequence."""
-    model = tiny()
+def test_ragged_cache_decode_equals_full_forward(pad, kind):
+    """Prefill ragged prompts in one padded batch, then decode one token per row per step (the
+    blocks' one-token `step` path): the logits of every step equal a full forward of each row's
+    whole sequence."""
+    model = MODELS[kind]()
     prompts = samples([6, 2, 4])
     continuation = samples([5, 5, 5], seed=2)
     ids, mask = pad(prompts)

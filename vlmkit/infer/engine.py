@@ -116,7 +116,7 @@ class Engine:
         self.rows: list[Sequence] = []  # row i of the cache belongs to rows[i]
         self.cache: KVCache | None = None
         # Decode on derived weights (models/fused.py: q/k/v and gate/up fused, CPU weights
-        # prepacked): not on a sharded model, whose parameters FSDP swaps in and out around every
+        # transposed): not on a sharded model, whose parameters FSDP swaps in and out around every
         # forward, nor on one whose copies would cost more memory than DERIVED_WEIGHTS_MAX_BYTES.
         sharded = torch.distributed.is_available() and torch.distributed.is_initialized()
         llm_bytes = sum(p.numel() * p.element_size() for p in vlm.llm.parameters())
@@ -178,8 +178,9 @@ class Engine:
         hidden_B1D = self.vlm.llm.decode(embeds_B1D, spec=AttnSpec.causal(), cache=self.cache)
         logits_BV = self.vlm.llm.logits(hidden_B1D[:, -1])
         plain_greedy = [s.params.greedy and s.params.repetition_penalty == 1.0 for s in self.rows]
-        # one argmax and one device-to-host copy for every plain greedy row
-        greedy_ids = logits_BV.argmax(-1).tolist() if any(plain_greedy) else []
+        # one argmax and one device-to-host copy for every plain greedy row (max's indices: the
+        # first maximum, as argmax, in half the time of argmax on the CPU)
+        greedy_ids = logits_BV.max(-1).indices.tolist() if any(plain_greedy) else []
         for i, (seq, logits_V) in enumerate(zip(self.rows, logits_BV)):
             if seq.finished:  # done but not yet removed by its owner: its row idles
                 continue

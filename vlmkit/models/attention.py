@@ -267,38 +267,43 @@ class KVCache:
             return lengths[:, None] + torch.arange(length, device=lengths.device)
         return lengths[:, None] + (valid.long().cumsum(-1) - 1).clamp(min=0)
 
-    def begin(self, valid: torch.Tensor, all_valid: bool = False) -> AttnSpec:
-        """Start a step that adds the real tokens of valid (B, T) bool; returns the spec to attend with.
+    def begin(self, batch: int, length: int, valid: torch.Tensor | None = None,
+              device: torch.device | None = None) -> AttnSpec:
+        """Start a step that adds `length` tokens to each of `batch` rows; returns the spec to attend with.
 
-        all_valid: every token of the step is real (a causal spec, e.g. a decode step), so `valid`
-        is never read back. When every row also holds the same number of tokens, the new keys go
-        to one slice of the cache, and a single-token query (or a fresh cache) needs no mask."""
-        B, T = valid.shape
+        valid (B, T) bool marks the real tokens of a padded step (ragged prompts); None: every
+        token is real (a causal step, e.g. decoding), and nothing is read back from the device.
+        When every row also holds the same number of tokens, the new keys go to one slice of the
+        cache, and a single-token query (or a fresh cache) needs no mask."""
+        B, T = batch, length
+        device = valid.device if valid is not None else device if device is not None else self.lengths.device
         if len(self) == 0 and self.k[0] is None:
-            self.lengths = torch.zeros(B, dtype=torch.long, device=valid.device)
+            self.lengths = torch.zeros(B, dtype=torch.long, device=device)
             self._host_lengths = [0] * B
         if B != len(self):
             raise ValueError(f"KV cache holds {len(self)} rows but the step has {B}")
-        lengths = self.lengths.to(valid.device)
+        lengths = self.lengths.to(device)
         host = self._host_lengths
+        all_valid = valid is None
         if all_valid and B and all(n == host[0] for n in host):
             start = host[0]
             self._step = dict(start=start, new_lengths=lengths + T, host=[start + T] * B, L=start + T)
             if start == 0 or T == 1:  # plain causal from slot 0, or one query that sees every key
                 return AttnSpec.causal()
-            slot = start + torch.arange(T, device=valid.device).expand(B, T)  # (B, T)
+            slot = start + torch.arange(T, device=device).expand(B, T)  # (B, T)
             return AttnSpec.from_mask(_slot_mask(slot, start + T))
-        slot = lengths[:, None] + valid.long().cumsum(-1) - 1  # (B, T) where each new token goes
+        offsets = torch.arange(T, device=device).expand(B, T) if all_valid else valid.long().cumsum(-1) - 1
+        slot = lengths[:, None] + offsets  # (B, T) where each new token goes
         counts = [T] * B if all_valid else valid.long().sum(-1).tolist()
         new_host = [n + c for n, c in zip(host, counts)]
         if all_valid:
-            rows, q_slot = (torch.arange(B, device=valid.device)[:, None].expand(B, T), slot), slot
+            rows, q_slot = (torch.arange(B, device=device)[:, None].expand(B, T), slot), slot
         else:
             rows = (valid.nonzero(as_tuple=True)[0], slot[valid])
             # a pad query sees slot 0 only (finite, unused)
             q_slot = torch.where(valid, slot, torch.zeros_like(slot))
         self._step = dict(rows=rows, valid=None if all_valid else valid, host=new_host, L=max(new_host, default=0),
-                          new_lengths=lengths + torch.tensor(counts, dtype=torch.long, device=valid.device))
+                          new_lengths=lengths + torch.tensor(counts, dtype=torch.long, device=device))
         return AttnSpec.from_mask(_slot_mask(q_slot, self._step["L"]))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

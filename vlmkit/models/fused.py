@@ -1,5 +1,5 @@
-"""Inference-only copies of the decoder's weights: projections that read the same input fused into
-one matmul, and on the CPU the weights prepacked for oneDNN.
+"""Inference-only copies of the decoder's weights, laid out for decoding: projections that read the
+same input fused into one matmul, and on the CPU every matrix stored transposed.
 
 A decode step of a small model is bound by calls, not arithmetic: q / k / v are three matmuls of
 one token, gate / up two more. `FusedLinears` concatenates their weights into one matrix the first
@@ -10,18 +10,18 @@ the optimiser see nothing new); the copies are derived from them and rebuilt whe
 them changes (an optimiser step or `load_state_dict` bumps a tensor's version counter, `.to()`
 moves its storage).
 
-Prepacking. On the CPU in fp32, a matmul of several rows through `F.linear` (MKL sgemm) reorders
-the weight into its blocked layout on every call. oneDNN can take a weight reordered once
-(`torch.ops.mkldnn._reorder_linear_weight`, the op torch.compile's CPU backend uses for frozen
-linears). Measured on this project's 2-core CPU, one thread, 192 x 1024 weight: 48.6 -> 27.9 us at
-8 rows and 259 -> 123 us at 64 rows. At 1-2 rows the plain call (a matrix-vector product) is as
-fast or faster (12 vs 20 us at 1 row), so rows below `PACK_MIN_ROWS` keep it. The outputs are
-identical at >= 4 rows in that measurement; tests compare within fp32 rounding.
+Transposed weights. `F.linear(x, W)` multiplies by W (out, in) as stored, which MKL's sgemm runs
+as a transposed-B product; with W^T stored contiguous (in, out), `x @ W^T` is a plain product.
+Measured on this project's 2-core CPU (Xeon with AVX-512, one thread, torch 2.13): 192 -> 576 at
+8 rows 17.0 -> 10.1 us, at 1 row 7.6 -> 4.4 us; 896 -> 4864 at 8 rows 1,827 -> 791 us. It is as fast
+as oneDNN's prepacked weights (`torch.ops.mkldnn._reorder_linear_weight`, which this module used
+before) from 8 rows up and 2-4x faster below, through a public op. Other devices keep W as stored:
+cuBLAS runs both layouts alike.
 
-Both are opt-in (`LLM.fuse_projections()`; the inference engine turns them on for models up to
-`infer.engine.DERIVED_WEIGHTS_MAX_BYTES`) and cost memory: the fused copy of q/k/v and gate/up, and
-on the CPU a packed copy of every wrapped weight. They are used only under `torch.no_grad` /
-`inference_mode`: training and anything that needs gradients runs the separate modules.
+Opt-in (`LLM.fuse_projections()`; the inference engine turns it on for decoders up to
+`infer.engine.DERIVED_WEIGHTS_MAX_BYTES`) and costs memory: a copy of every wrapped weight on the
+CPU, of the fused ones elsewhere. Used only under `torch.no_grad` / `inference_mode`: training and
+anything that needs gradients runs the separate modules.
 """
 
 from __future__ import annotations
@@ -30,87 +30,85 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-PACK_MIN_ROWS = 4
-"""Rows of input from which a CPU fp32 matmul runs on the prepacked weight."""
-PACK_HINT_ROWS = 8
-"""The row count oneDNN packs for; the packed weight serves any row count (measured 2-64)."""
-
-
-def packing_available() -> bool:
-    """oneDNN linear with prepacked weights is in this build of PyTorch."""
-    ops = torch.ops.mkldnn
-    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
-            and hasattr(ops, "_linear_pointwise"))
-
 
 class FusedLinears:
     """Runs `modules` (nn.Linear with the same input width, all with or all without bias; or one
-    nn.Embedding used as a tied output head, x @ E^T) as one matmul when enabled."""
+    nn.Embedding used as a tied output head, x @ E^T) as one matmul when enabled.
 
-    def __init__(self, *modules: nn.Module):
+    `groups` splits the outputs: group sizes in modules, in order (default one output per module);
+    the outputs of a group come concatenated, e.g. (2, 1) over q / k / v gives (q|k, v)."""
+
+    def __init__(self, *modules: nn.Module, groups: tuple[int, ...] | None = None):
+        groups = groups or (1,) * len(modules)
+        if sum(groups) != len(modules):
+            raise ValueError(f"groups {groups} do not cover the {len(modules)} modules")
         # a tuple in a plain attribute: the modules stay registered (and owned) where they are
         self.modules = modules
         self.enabled = False
-        self.pack = False
-        self._key: tuple | None = None
-        self._weight: torch.Tensor | None = None
+        self._key: list | None = None
+        self._weight: torch.Tensor | None = None  # (out, in), or (in, out) when self._transposed
         self._bias: torch.Tensor | None = None
-        self._packed: torch.Tensor | None = None
-        self._packable = False
-        self._sizes = [m.weight.shape[0] for m in modules]
+        self._transposed = False
+        # where each source tensor lives: a module's own parameter dict (read per call, so a
+        # reassigned parameter is seen; nn.Module.__getattr__ would cost ~1 us per lookup)
+        self._sources = [(m._parameters, name) for m in modules for name in ("weight", "bias")
+                         if m._parameters.get(name) is not None]
+        widths = [m.weight.shape[0] for m in modules]
+        bounds = [sum(groups[:i]) for i in range(len(groups) + 1)]
+        self._group_modules = [modules[a:b] for a, b in zip(bounds, bounds[1:])]
+        self._sizes = [sum(widths[a:b]) for a, b in zip(bounds, bounds[1:])]
+        self._split = self._sizes if len(self._sizes) > 1 else None  # None: one output, no split
 
     @property
     def fused(self) -> bool:
         """Whether the matmul runs on a concatenated copy (more than one module)."""
         return len(self.modules) > 1
 
-    def _state(self) -> tuple:
-        """What the copies were built from: every tensor's storage, version and dtype."""
-        tensors = [m.weight for m in self.modules] + [b for m in self.modules if (b := _bias(m)) is not None]
-        return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+    def _state(self) -> list:
+        """What the copies were built from: every tensor's storage and version (a dtype or device
+        change makes a new storage)."""
+        return [(params[name].data_ptr(), params[name]._version) for params, name in self._sources]
 
     def _separate(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # nn.Linear through its module (so that its hooks run); the head through F.linear
-        return tuple(m(x) if isinstance(m, nn.Linear) else F.linear(x, m.weight) for m in self.modules)
+        outs = [[m(x) if isinstance(m, nn.Linear) else F.linear(x, m.weight) for m in group]
+                for group in self._group_modules]
+        return tuple(o[0] if len(o) == 1 else torch.cat(o, dim=-1) for o in outs)
+
+    def _build(self) -> None:
+        weight = torch.cat([m.weight for m in self.modules]) if self.fused else self.modules[0].weight
+        biased = _bias(self.modules[0]) is not None
+        bias = torch.cat([_bias(m) for m in self.modules]) if biased and self.fused else _bias(self.modules[0])
+        self._transposed = weight.device.type == "cpu"
+        self._weight = weight.detach().t().contiguous() if self._transposed else weight.detach()
+        self._bias = None if bias is None else bias.detach()
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """x (..., D) -> one output per module, as the separate modules would give them."""
+        """x (..., D) -> one output per group, as the separate modules would give them."""
         if not self.enabled or torch.is_grad_enabled():
             return self._separate(x)
         key = self._state()
         if key != self._key:
-            with torch.no_grad():
-                if self.fused:
-                    self._weight = torch.cat([m.weight for m in self.modules])
-                    biased = _bias(self.modules[0]) is not None
-                    self._bias = torch.cat([_bias(m) for m in self.modules]) if biased else None
-                else:  # one module: its own tensors, no copy
-                    self._weight, self._bias = self.modules[0].weight, _bias(self.modules[0])
-            self._packed = None
-            # decided once per build: a decode step makes ~20 of these calls
-            self._packable = self.pack and self._weight.device.type == "cpu" and self._weight.dtype == torch.float32
+            self._build()
             self._key = key
-        if self._packable and x.dtype == torch.float32 and x.numel() >= PACK_MIN_ROWS * x.shape[-1]:
-            if self._packed is None:
-                with torch.no_grad():
-                    self._packed = torch.ops.mkldnn._reorder_linear_weight(self._weight.detach(), PACK_HINT_ROWS)
-            out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self._packed, self._bias, "none", [], "")
-        else:
-            out = F.linear(x, self._weight, self._bias)
-        return out.split(self._sizes, dim=-1) if self.fused else (out,)
+        weight, bias = self._weight, self._bias
+        if not self._transposed:
+            out = F.linear(x, weight, bias)
+        elif bias is None:
+            out = torch.matmul(x, weight)
+        else:  # addmm takes matrices
+            out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], -1)
+        return (out,) if self._split is None else out.split_with_sizes(self._split, dim=-1)
 
-    def configure(self, enabled: bool, pack: bool) -> None:
-        """Turn the derived weights on or off (off drops them), prepacking with them or not."""
-        if pack != self.pack:
-            self._key = None  # rebuilt (and re-decided) on the next call
-        self.enabled, self.pack = enabled, enabled and pack
+    def configure(self, enabled: bool) -> None:
+        """Turn the derived weights on or off (off drops them)."""
+        self.enabled = enabled
         if not enabled:
             self.release()
 
     def release(self) -> None:
         """Drop the derived copies (they are rebuilt on the next enabled no-grad call)."""
-        self._key = self._weight = self._bias = self._packed = None
-        self._packable = False
+        self._key = self._weight = self._bias = None
 
 
 def _bias(module: nn.Module) -> torch.Tensor | None:

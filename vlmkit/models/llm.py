@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vlmkit.models.attention import AttnSpec, KVCache, attention
 from vlmkit.models.config import LLMConfig
-from vlmkit.models.fused import FusedLinears, packing_available
+from vlmkit.models.fused import FusedLinears
 from vlmkit.models.moe import MoE, SwiGLU
 
 
@@ -36,11 +36,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # the same arithmetic without two no-op casts (decode steps are call-bound)
-            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        weight = self.weight
+        if x.dtype == torch.float32 and weight.dtype == torch.float32:
+            # PyTorch's own op: the same arithmetic in fewer calls (decode steps are call-bound)
+            return torch.rms_norm(x, weight.shape, weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return weight * h.to(x.dtype)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -56,30 +58,38 @@ class RopeTable:
 
     The table holds exactly what `rope_cos_sin` computes (position * inv_freq in fp32, then cos /
     sin), so looking positions up gives the same values as computing them; it grows by doubling
-    when a position past its end is asked for."""
+    when a position past its end is asked for. The sine comes with its first half negated, the
+    form `apply_rope` takes."""
 
     def __init__(self, head_dim: int, theta: float):
         self.head_dim, self.theta = head_dim, theta
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, position_ids: torch.Tensor, bound: int, dtype: torch.dtype):
-        """position_ids (B, T), every one < bound -> cos, sin (B, T, 1, Dh) in dtype."""
+        """position_ids (B, T), every one < bound -> cos, signed sin (B, T, 1, Dh) in dtype."""
         device = position_ids.device
         table = self._tables.get(device)
         if table is None or table[0].shape[0] < bound:
             size = max(bound, 2 * (table[0].shape[0] if table is not None else 0), 256)
             cos, sin = rope_cos_sin(torch.arange(size, device=device)[None], self.head_dim, self.theta, torch.float32)
-            table = self._tables[device] = (cos[0, :, 0], sin[0, :, 0])  # (N, Dh) each
+            table = self._tables[device] = (cos[0, :, 0], signed_sin(sin[0, :, 0]))  # (N, Dh) each
         cos, sin = table[0][position_ids], table[1][position_ids]  # (B, T, Dh)
         return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin (..., Dh) -> the same with its first half negated: rotate_half(x) * sin, the reference's
+    (-x2, x1) * sin, equals roll(x, Dh/2) * signed_sin(sin), one op fewer per rotation."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, T, H, Dh): rotate pairs (i, i + Dh/2) by the position's angle."""
-    x1, x2 = x.chunk(2, dim=-1)
+    """x (B, T, H, Dh), cos and signed sin (`signed_sin`) broadcastable to it: rotate pairs
+    (i, i + Dh/2) by the position's angle, x * cos + rotate_half(x) * sin."""
     # The product is taken in cos/sin's precision but returned in x's, so that under autocast the
     # bf16 q / k stay bf16 (fp32 here would push attention off the flash kernels onto slow paths).
-    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -93,23 +103,40 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, D, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.qkv = FusedLinears(self.q_proj, self.k_proj, self.v_proj)  # one matmul when decoding (models/fused.py)
-        self.out = FusedLinears(self.o_proj)  # prepacked when decoding on the CPU
+        # (q|k, v): one matmul when decoding (models/fused.py), q and k side by side for RoPE
+        self.qkv = FusedLinears(self.q_proj, self.k_proj, self.v_proj, groups=(2, 1))
+        self.out = FusedLinears(self.o_proj)  # a transposed copy when decoding on the CPU
 
     def forward(self, x, cos, sin, spec: AttnSpec, cache: KVCache | None, layer: int) -> torch.Tensor:
+        """x (B, T, D), cos / sin (B, T, 1, Dh) -> (B, T, D)."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x)
-        q = q.view(B, T, self.num_heads, self.head_dim)  # (B, T, H, Dh)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, Dh)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        # q and k rotated as one tensor: half the ops of rotating each (a decode step is call-bound)
-        q, k = apply_rope(torch.cat([q, k], dim=2), cos, sin).split([self.num_heads, self.num_kv_heads], dim=2)
+        H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        qk, v = self.qkv(x)
+        q, k = self._rotate(qk.view(B, T, H + Hkv, Dh), cos, sin).split([H, Hkv], dim=2)  # (B, T, H | Hkv, Dh)
+        v = v.view(B, T, Hkv, Dh)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, L, Hkv, Dh): every stored key of each row
         out = attention(q, k, v, spec, causal=True)  # (B, T, H, Dh)
-        return self.out(out.reshape(B, T, -1))[0]
+        return self.out(out.reshape(B, T, H * Dh))[0]
+
+    def step(self, x, cos, sin, spec: AttnSpec, cache: KVCache, layer: int) -> torch.Tensor:
+        """`forward` for one new token per row against the cache (a decode step): x (B, D),
+        cos / sin (B, 1, Dh) -> (B, D); the same arithmetic."""
+        B = x.shape[0]
+        H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        qk, v = self.qkv(x)
+        qk = self._rotate(qk.view(B, H + Hkv, Dh), cos, sin)  # (B, H + Hkv, Dh)
+        k, v = cache.update(layer, qk[:, None, H:], v.view(B, 1, Hkv, Dh))  # (B, L, Hkv, Dh)
+        out = attention(qk[:, None, :H], k, v, spec, causal=True)  # (B, 1, H, Dh)
+        return self.out(out.view(B, H * Dh))[0]
+
+    def _rotate(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """qk (..., H + Hkv, Dh): Qwen3's qk-norm, then RoPE with q and k rotated as one tensor
+        (half the ops of rotating each: a decode step is call-bound)."""
+        if self.q_norm is not None:
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=-2)
+        return apply_rope(qk, cos, sin)
 
 
 class Block(nn.Module):
@@ -129,6 +156,16 @@ class Block(nn.Module):
             y, aux, counts = self.mlp(self.mlp_norm(x))
             return x + y, aux, counts
         return x + self.mlp(self.mlp_norm(x)), None, None
+
+    def step(self, x, cos, sin, spec: AttnSpec, cache: KVCache):
+        """`forward` for one new token per row against the cache (a decode step): x (B, D),
+        cos / sin (B, 1, Dh). The block's parts are called directly, without nn.Module's call
+        machinery, so no hooks run: a small model's decode step is bound by Python calls."""
+        x = x + self.attn.step(self.attn_norm.forward(x), cos, sin, spec, cache, self.layer)
+        if isinstance(self.mlp, MoE):
+            y, aux, counts = self.mlp.forward(self.mlp_norm.forward(x))
+            return x + y, aux, counts
+        return x + self.mlp.forward(self.mlp_norm.forward(x)), None, None
 
 
 class LLM(nn.Module):
@@ -203,11 +240,10 @@ class LLM(nn.Module):
         if cache is not None:
             if spec.kind not in ("causal", "padded"):
                 raise ValueError(f"decoding with a KV cache takes a causal or padded spec, got {spec.kind}")
-            all_valid = spec.kind == "causal"
-            valid = spec.token_mask(B, T, x.device)
-            attend = cache.begin(valid, all_valid=all_valid)
+            valid = spec.attention_mask.to(device=x.device, dtype=torch.bool) if spec.kind == "padded" else None
+            attend = cache.begin(B, T, valid, x.device)
             if position_ids is None:
-                position_ids = cache.position_ids(None if all_valid else valid, T)
+                position_ids = cache.position_ids(valid, T)
                 bound = cache.max_length + T
             spec = attend
         elif position_ids is None:
@@ -218,8 +254,13 @@ class LLM(nn.Module):
         cos, sin = self.rope(position_ids.expand(B, T), bound, x.dtype)
         aux = x.new_zeros((), dtype=torch.float32)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        one_token = cache is not None and T == 1  # a decode step: the blocks' step path, on (B, D)
+        if one_token:
+            x, cos, sin = x[:, 0], cos[:, 0], sin[:, 0]
         for block in self.layers:
-            if use_ckpt:
+            if one_token:
+                x, block_aux, counts = block.step(x, cos, sin, spec, cache)
+            elif use_ckpt:
                 x, block_aux, counts = checkpoint(block, x, cos, sin, spec, None, use_reentrant=False)
             else:
                 x, block_aux, counts = block(x, cos, sin, spec, cache)
@@ -231,6 +272,8 @@ class LLM(nn.Module):
             cache.end()
         self._aux_loss = aux
         x = self.norm(x)
+        if one_token:
+            x = x[:, None]
         return x[0] if flat else x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -244,16 +287,15 @@ class LLM(nn.Module):
 
     # --- decoding and MoE -------------------------------------------------------------------------
 
-    def fuse_projections(self, enabled: bool = True, pack: bool | None = None) -> None:
+    def fuse_projections(self, enabled: bool = True) -> None:
         """Decode with derived weights under no-grad (models/fused.py): q/k/v and each dense FFN's
-        gate/up as one matmul each, and, with `pack` (default: when this PyTorch has oneDNN's
-        prepacked linear), every dense matmul of the decoder on CPU-prepacked fp32 weights.
+        gate/up as one matmul each, and on the CPU every dense matmul of the decoder on a
+        transposed copy of its weight.
 
         Costs copies of those weights, built on the first no-grad forward that needs them;
         `enabled=False` drops them. MoE experts are left as they are."""
-        pack = packing_available() if pack is None else pack
         for f in self.derived_weights():
-            f.configure(enabled, pack)
+            f.configure(enabled)
 
     def derived_weights(self) -> list[FusedLinears]:
         """Every FusedLinears that `fuse_projections` drives: per block q/k/v, o_proj, and a dense

@@ -29,7 +29,7 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
         self.gate_up = FusedLinears(self.gate_proj, self.up_proj)  # one matmul when decoding (models/fused.py)
-        self.down = FusedLinears(self.down_proj)  # prepacked when decoding on the CPU
+        self.down = FusedLinears(self.down_proj)  # a transposed copy when decoding on the CPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
