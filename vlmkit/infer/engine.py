@@ -154,7 +154,7 @@ class Engine:
             seq._seen = torch.tensor(prompt.input_ids)
         ids_1T = torch.tensor([prompt.input_ids], device=self.device)
         pixels = prompt.pixel_values.to(self.device) if prompt.pixel_values is not None else None
-        row_cache = self.vlm.llm.new_cache()
+        row_cache = self.vlm.llm.new_cache(capacity=n + params.max_new_tokens)  # never regrown while decoding
         embeds_1TD = self.vlm.embed_inputs(ids_1T, pixels)
         hidden_1TD = self.vlm.llm.decode(embeds_1TD, spec=AttnSpec.causal(), cache=row_cache)
         logits_V = self.vlm.llm.logits(hidden_1TD[0, -1])

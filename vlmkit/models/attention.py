@@ -235,11 +235,14 @@ class KVCache:
     `end()` advances the lengths. Between steps, `keep_rows` / `remove_rows` drop finished rows and
     `add_rows(other)` appends rows prefilled in another cache (continuous batching).
 
-    Storage per layer: k, v (B, Hkv, L, Dh), allocated on first use and grown by doubling.
+    Storage per layer: k, v (B, Hkv, L, Dh), allocated on first use and grown by doubling;
+    `capacity` sets the first allocation's length (the tokens a row is known to need, so that
+    decoding never reallocates: a reallocation zero-fills fresh memory and copies every row).
     """
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, capacity: int = 0):
         self.num_layers = num_layers
+        self.initial_capacity = capacity
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = torch.zeros(0, dtype=torch.long)  # (B,) tokens stored per row
@@ -332,7 +335,7 @@ class KVCache:
         cur = self.k[layer]
         if cur is not None and cur.shape[2] >= needed:
             return
-        cap = max(needed, 2 * (cur.shape[2] if cur is not None else 0), 16)
+        cap = max(needed, 2 * cur.shape[2] if cur is not None else self.initial_capacity, 16)
         for store in (self.k, self.v):
             new = like.new_zeros(B, Hkv, cap, Dh)
             if store[layer] is not None:
@@ -345,11 +348,11 @@ class KVCache:
         idx = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
         self.lengths = self.lengths[idx]
         self._host_lengths = [self._host_lengths[i] for i in rows]
-        L = max(self._host_lengths, default=0)
+        # the capacity stays: it was reserved for what the remaining rows will still write
         for store in (self.k, self.v):
             for i, t in enumerate(store):
                 if t is not None:
-                    store[i] = t[idx.to(t.device), :, :max(L, 1)]
+                    store[i] = t[idx.to(t.device)]
 
     def remove_rows(self, rows: list[int] | torch.Tensor) -> None:
         drop = set(torch.as_tensor(rows).tolist())

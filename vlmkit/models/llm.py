@@ -307,8 +307,9 @@ class LLM(nn.Module):
                 out += [block.mlp.gate_up, block.mlp.down]
         return out + [self.head]
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.num_layers)
+    def new_cache(self, capacity: int = 0) -> KVCache:
+        """An empty KV cache; `capacity` tokens per row are allocated on first use."""
+        return KVCache(self.config.num_layers, capacity)
 
     def aux_loss(self) -> torch.Tensor:
         """MoE balance loss of the last forward (0 without MoE or with aux_loss_coef = 0)."""
