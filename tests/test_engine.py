@@ -86,6 +86,29 @@ def test_batched_equals_unbatched_greedy(vlm):
     assert generate_ids(Engine(vlm, ByteTokenizer()), prompts, params, max_batch=2) == alone
 
 
+def test_rows_leave_and_join_in_any_order(vlm):
+    """Rows of different lengths leave while others run, new ones join in the same gap, and a row
+    removed before its first step (a cancelled request) never disturbs the others."""
+    prompts = make_prompts(vlm)
+    lengths = [3, 9, 5, 7]
+    alone = [generate_ids(Engine(vlm, ByteTokenizer()), [p], SamplingParams(max_new_tokens=n, ignore_eos=True))[0]
+             for p, n in zip(prompts, lengths)]
+    engine = Engine(vlm, ByteTokenizer())
+    seqs = [engine.add(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p, n in zip(prompts[:3], lengths)]
+    cancelled = engine.add(prompts[3], SamplingParams(max_new_tokens=7, ignore_eos=True))
+    engine.remove(cancelled)  # joined, never stepped
+    late = None
+    while engine.rows:
+        engine.step()
+        for s in list(engine.rows):
+            if s.finished:
+                engine.remove(s)
+                if late is None:  # the first row to leave makes room for the last prompt
+                    late = engine.add(prompts[3], SamplingParams(max_new_tokens=7, ignore_eos=True))
+    assert [s.output_ids for s in seqs] + [late.output_ids] == alone
+    assert cancelled.output_ids == alone[3][:1] and engine.cache is None
+
+
 def test_seeded_sampling_does_not_depend_on_neighbours(vlm):
     prompts = make_prompts(vlm)
     params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=123, ignore_eos=True)

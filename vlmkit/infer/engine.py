@@ -113,8 +113,14 @@ class Engine:
         self.tokenizer = tokenizer if tokenizer is not None else getattr(vlm, "tokenizer", None)
         self.device = next(vlm.parameters()).device
         self.max_positions = vlm.config.llm.max_position_embeddings
-        self.rows: list[Sequence] = []  # row i of the cache belongs to rows[i]
+        self.rows: list[Sequence] = []  # the running sequences, in cache order
         self.cache: KVCache | None = None
+        # The cache follows `rows` lazily: rows removed since the last step are still in it, rows
+        # added wait in _joining (each prefilled in a cache of its own), and `_sync_cache` brings
+        # it in line before the next step, one copy for all leaving and one for all joining rows.
+        # rows[i] is row _cache_rows[i] of [cache rows..., joining rows...].
+        self._joining: list[KVCache] = []
+        self._cache_rows: list[int] = []
         # Decode on derived weights (models/fused.py: q/k/v and gate/up fused, CPU weights
         # transposed): not on a sharded model, whose parameters FSDP swaps in and out around every
         # forward, nor on one whose copies would cost more memory than DERIVED_WEIGHTS_MAX_BYTES.
@@ -160,10 +166,8 @@ class Engine:
         logits_V = self.vlm.llm.logits(hidden_1TD[0, -1])
         seq.push(self._sample(logits_V, seq))
         if not seq.finished:
-            if self.cache is None:
-                self.cache = row_cache
-            else:
-                self.cache.add_rows(row_cache)
+            self._cache_rows.append((len(self.cache) if self.cache is not None else 0) + len(self._joining))
+            self._joining.append(row_cache)
             self.rows.append(seq)
         return seq
 
@@ -172,6 +176,7 @@ class Engine:
         """One decode step: every running row gets one new token."""
         if not self.rows:
             return
+        self._sync_cache()
         last_B1 = torch.tensor([[s.output_ids[-1]] for s in self.rows], device=self.device)
         embeds_B1D = self.vlm.llm.embed(last_B1)
         # positions come from the cache: each row continues from its own length
@@ -188,14 +193,31 @@ class Engine:
 
     def remove(self, seq: Sequence | None) -> None:
         """Drop a sequence's row from the batch (no-op when it never joined or already left)."""
-        if seq is None or not any(s is seq for s in self.rows):
+        i = next((i for i, s in enumerate(self.rows) if s is seq), None)
+        if i is None:
             return
-        i = next(i for i, s in enumerate(self.rows) if s is seq)
-        del self.rows[i]
-        if self.rows:
-            self.cache.remove_rows([i])
-        else:
-            self.cache = None
+        del self.rows[i], self._cache_rows[i]
+        if not self.rows:
+            self.cache, self._joining, self._cache_rows = None, [], []
+
+    def _sync_cache(self) -> None:
+        """Make cache row i belong to rows[i]: drop the rows of removed sequences, then append the
+        joining ones (one copy each, however many rows leave or join)."""
+        held = len(self.cache) if self.cache is not None else 0
+        if not self._joining and len(self._cache_rows) == held:
+            return  # nothing left or joined since the last step
+        kept = [r for r in self._cache_rows if r < held]
+        joining = [self._joining[r - held] for r in self._cache_rows if r >= held]
+        if len(kept) < held:
+            if kept:
+                self.cache.keep_rows(kept)
+            else:
+                self.cache = None
+        if joining:
+            if self.cache is None:
+                self.cache = joining.pop(0)
+            self.cache.add_rows(*joining)
+        self._joining, self._cache_rows = [], list(range(len(self.rows)))
 
     def _sample(self, logits_V: torch.Tensor, seq: Sequence) -> int:
         seen = seq._seen if seq._seen is not None else torch.empty(0, dtype=torch.long)

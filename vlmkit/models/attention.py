@@ -183,7 +183,20 @@ def padding_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
 
 def _sdpa(q, k, v, mask, causal: bool) -> torch.Tensor:
     """(B, T, H, Dh) in and out; SDPA's layout is (B, H, T, Dh). A mask already holds causality."""
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return _sdpa_heads_first(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, causal).transpose(1, 2)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One query per row against the KV cache, in SDPA's layout (`KVCache.append` returns it):
+    q (B, H, 1, Dh), k / v (B, Hkv, L, Dh), mask (B, 1, 1, L) bool or None (every key) -> (B, H, 1, Dh)."""
+    if torch.is_autocast_enabled(q.device.type):  # as in `attention`
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return _sdpa_heads_first(q, k, v, mask, causal=False)
+
+
+def _sdpa_heads_first(q, k, v, mask, causal: bool) -> torch.Tensor:
+    """q (B, H, T, Dh), k / v (B, Hkv, Tk, Dh) -> (B, H, T, Dh). A mask already holds causality."""
     B, H, T, Dh = q.shape
     Hkv = k.shape[1]
     if H != Hkv and mask is not None:
@@ -197,10 +210,9 @@ def _sdpa(q, k, v, mask, causal: bool) -> torch.Tensor:
         if T <= 16:
             out = F.scaled_dot_product_attention(q.reshape(B, Hkv, rep * T, Dh), k, v,
                                                  attn_mask=mask.repeat(1, 1, rep, 1))  # (B, Hkv, rep*T, Dh)
-            return out.reshape(B, H, T, Dh).transpose(1, 2)
+            return out.reshape(B, H, T, Dh)
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=k.shape[1] != H)
-    return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=k.shape[1] != H)
 
 
 def _packed_sdpa(q, k, v, seqlens: list[int], causal: bool) -> torch.Tensor:
@@ -233,7 +245,7 @@ class KVCache:
     prompts are right- or left-padded; each row's real tokens are stored contiguously after its
     previous ones), then each layer calls `update(layer, k, v)` and attends with `spec`, then
     `end()` advances the lengths. Between steps, `keep_rows` / `remove_rows` drop finished rows and
-    `add_rows(other)` appends rows prefilled in another cache (continuous batching).
+    `add_rows(*others)` appends rows prefilled in other caches (continuous batching).
 
     Storage per layer: k, v (B, Hkv, L, Dh), allocated on first use and grown by doubling;
     `capacity` sets the first allocation's length (the tokens a row is known to need, so that
@@ -311,6 +323,16 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k / v (B, T, Hkv, Dh) of `layer`; return all keys / values (B, L, Hkv, Dh)."""
+        keys, values = self._store(layer, k, v)
+        return keys.transpose(1, 2), values.transpose(1, 2)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`update` for one token per row, in SDPA's layout: k / v (B, Hkv, Dh) -> all keys / values
+        (B, Hkv, L, Dh) as stored, with no transposes on the way (a decode step is call-bound)."""
+        return self._store(layer, k[:, None], v[:, None])
+
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k / v (B, T, Hkv, Dh) into this step's slots -> the stored keys / values (B, Hkv, L, Dh)."""
         step = self._step
         if step is None:
             raise RuntimeError("KVCache.update called outside begin() / end()")
@@ -324,7 +346,7 @@ class KVCache:
             valid = step["valid"]
             self.k[layer][b, :, slot] = k if valid is None else k[valid]
             self.v[layer][b, :, slot] = v if valid is None else v[valid]
-        return self.k[layer][:, :, :L].transpose(1, 2), self.v[layer][:, :, :L].transpose(1, 2)
+        return self.k[layer][:, :, :L], self.v[layer][:, :, :L]
 
     def end(self) -> None:
         self.lengths, self._host_lengths = self._step["new_lengths"], self._step["host"]
@@ -358,22 +380,26 @@ class KVCache:
         drop = set(torch.as_tensor(rows).tolist())
         self.keep_rows([i for i in range(len(self)) if i not in drop])
 
-    def add_rows(self, other: "KVCache") -> None:
-        """Append the rows of `other` (e.g. freshly prefilled prompts) after this cache's rows."""
-        if other.num_layers != self.num_layers:
-            raise ValueError(f"cannot merge a {other.num_layers}-layer cache into a {self.num_layers}-layer one")
-        if self.k[0] is None:
-            self.k, self.v, self.lengths = list(other.k), list(other.v), other.lengths.clone()
-            self._host_lengths = list(other._host_lengths)
+    def add_rows(self, *others: "KVCache") -> None:
+        """Append the rows of `others` (e.g. freshly prefilled prompts), in order, after this
+        cache's rows: one copy of every row, however many caches join."""
+        for other in others:
+            if other.num_layers != self.num_layers:
+                raise ValueError(f"cannot merge a {other.num_layers}-layer cache into a {self.num_layers}-layer one")
+        parts = [c for c in (self, *others) if c.k[0] is not None]  # caches holding rows
+        if not parts:
             return
-        if other.k[0] is None:
-            return
-        L = max(self.capacity, other.capacity)
-        for store, theirs in ((self.k, other.k), (self.v, other.v)):
-            for i in range(self.num_layers):
-                store[i] = torch.cat([_pad_to(store[i], L), _pad_to(theirs[i].to(store[i].device), L)])
-        self.lengths = torch.cat([self.lengths, other.lengths.to(self.lengths.device)])
-        self._host_lengths = self._host_lengths + other._host_lengths
+        if len(parts) == 1:
+            self.k, self.v = list(parts[0].k), list(parts[0].v)
+        else:
+            L = max(c.capacity for c in parts)
+            device = parts[0].k[0].device
+            for name in ("k", "v"):
+                stores = [getattr(c, name) for c in parts]
+                setattr(self, name, [torch.cat([_pad_to(store[i].to(device), L) for store in stores])
+                                     for i in range(self.num_layers)])
+        self.lengths = torch.cat([c.lengths.to(parts[0].lengths.device) for c in parts])
+        self._host_lengths = [n for c in parts for n in c._host_lengths]
 
 
 def _slot_mask(q_slot: torch.Tensor, length: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from vlmkit.models.attention import AttnSpec, KVCache, attention
+from vlmkit.models.attention import AttnSpec, KVCache, attention, decode_attention
 from vlmkit.models.config import LLMConfig
 from vlmkit.models.fused import FusedLinears
 from vlmkit.models.moe import MoE, SwiGLU
@@ -126,8 +126,8 @@ class Attention(nn.Module):
         H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         qk, v = self.qkv(x)
         qk = self._rotate(qk.view(B, H + Hkv, Dh), cos, sin)  # (B, H + Hkv, Dh)
-        k, v = cache.update(layer, qk[:, None, H:], v.view(B, 1, Hkv, Dh))  # (B, L, Hkv, Dh)
-        out = attention(qk[:, None, :H], k, v, spec, causal=True)  # (B, 1, H, Dh)
+        k, v = cache.append(layer, qk[:, H:], v.view(B, Hkv, Dh))  # (B, Hkv, L, Dh)
+        out = decode_attention(qk[:, :H, None], k, v, spec.mask)  # (B, H, 1, Dh); no mask: every key
         return self.out(out.view(B, H * Dh))[0]
 
     def _rotate(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
