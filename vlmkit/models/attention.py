@@ -329,7 +329,15 @@ class KVCache:
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`update` for one token per row, in SDPA's layout: k / v (B, Hkv, Dh) -> all keys / values
         (B, Hkv, L, Dh) as stored, with no transposes on the way (a decode step is call-bound)."""
-        return self._store(layer, k[:, None], v[:, None])
+        step = self._step
+        if step is None or "start" not in step:  # rows of different lengths: per-row slots
+            return self._store(layer, k[:, None], v[:, None])
+        L = step["L"]
+        self._reserve(layer, k[:, None], L)
+        keys, values = self.k[layer], self.v[layer]
+        keys[:, :, step["start"]] = k  # every row writes the same slot
+        values[:, :, step["start"]] = v
+        return keys[:, :, :L], values[:, :, :L]
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k / v (B, T, Hkv, Dh) into this step's slots -> the stored keys / values (B, Hkv, L, Dh)."""

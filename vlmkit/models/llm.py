@@ -37,8 +37,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if x.dtype == torch.float32 and weight.dtype == torch.float32:
-            # PyTorch's own op: the same arithmetic in fewer calls (decode steps are call-bound)
+        if x.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            # PyTorch's own op: the same arithmetic in fewer calls (decode steps are call-bound);
+            # not under autocast, whose op lists could run it in half precision on some devices
             return torch.rms_norm(x, weight.shape, weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -89,7 +90,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     (i, i + Dh/2) by the position's angle, x * cos + rotate_half(x) * sin."""
     # The product is taken in cos/sin's precision but returned in x's, so that under autocast the
     # bf16 q / k stay bf16 (fp32 here would push attention off the flash kernels onto slow paths).
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin).to(x.dtype)
+    out = torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class Attention(nn.Module):
