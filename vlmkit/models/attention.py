@@ -343,7 +343,7 @@ class KVCache:
         """k / v (B, T, Hkv, Dh) into this step's slots -> the stored keys / values (B, Hkv, L, Dh)."""
         step = self._step
         if step is None:
-            raise RuntimeError("KVCache.update called outside begin() / end()")
+            raise RuntimeError("KVCache.update / append called outside begin() / end()")
         L = step["L"]
         self._reserve(layer, k, L)
         if "start" in step:  # every row writes the same slots

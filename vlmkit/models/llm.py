@@ -230,7 +230,9 @@ class LLM(nn.Module):
         position_ids (B, T) or (T,); None derives them from the spec (restarting per packed sample,
         counting real tokens of padded rows) or from the cache (each row continues from its length).
         With a cache, spec must be causal or padded (ragged prompts): the step's real tokens are
-        appended to each row. Returns the final-normed hidden states, shaped like inputs_embeds.
+        appended to each row; with one token per row (a decode step) the blocks run their `step`
+        path, the same arithmetic without module hooks (docs/design-notes.md). Returns the
+        final-normed hidden states, shaped like inputs_embeds.
         """
         spec = spec or AttnSpec.causal()
         flat = inputs_embeds.dim() == 2
