@@ -111,12 +111,6 @@ class AttnSpec:
         """Sample lengths of a packed spec (one host sync, computed once)."""
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
 
-    def token_mask(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
-        """(B, T) bool, True for real tokens (everything but padding)."""
-        if self.kind == "padded":
-            return self.attention_mask.to(device=device, dtype=torch.bool)
-        return torch.ones(batch, length, dtype=torch.bool, device=device)
-
     def position_ids(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
         """Default positions (B, T): 0.. per row, per packed sample, or per real token of a padded row."""
         if self.kind == "packed":
