@@ -101,6 +101,13 @@ reading its weights, and the copies (up to the decoder's size again) would cost 
 than they save time."""
 
 
+RESERVED_NEW_TOKENS = 256
+"""Cache slots a prefilled row gets for its new tokens (up to its max_new_tokens): a short reply
+never reallocates the cache (a regrowth zero-fills fresh memory and copies every row), and a
+request allowed thousands of tokens that stops early does not hold them all; past this the cache
+grows by doubling."""
+
+
 class Engine:
     """Runs sequences of one model; not thread-safe (one owner thread drives it).
 
@@ -160,7 +167,7 @@ class Engine:
             seq._seen = torch.tensor(prompt.input_ids)
         ids_1T = torch.tensor([prompt.input_ids], device=self.device)
         pixels = prompt.pixel_values.to(self.device) if prompt.pixel_values is not None else None
-        row_cache = self.vlm.llm.new_cache(capacity=n + params.max_new_tokens)  # never regrown while decoding
+        row_cache = self.vlm.llm.new_cache(capacity=n + min(params.max_new_tokens, RESERVED_NEW_TOKENS))
         embeds_1TD = self.vlm.embed_inputs(ids_1T, pixels)
         hidden_1TD = self.vlm.llm.decode(embeds_1TD, spec=AttnSpec.causal(), cache=row_cache)
         logits_V = self.vlm.llm.logits(hidden_1TD[0, -1])
