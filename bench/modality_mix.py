@@ -6,7 +6,7 @@ multimodal) with a modality warm-up preserves it at little multimodal cost. This
 that trade-off on the embedded synthetic world:
 
   - one base is trained once: language pretraining of the LLM, then adapter alignment (the
-    demo's first two stages, configs/demo.yaml), shared by every arm;
+    demo's first two stages, vlmkit/configs/demo.yaml), shared by every arm;
   - each arm runs the demo's JOINT stage from a copy of that base, with a multimodal : language
     mixture (multimodal = captions + QA in a 3 : 5 ratio, language = the text corpus),
     with or without a modality warm-up (the image share starts at `--warmup-start` and moves

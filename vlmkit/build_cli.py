@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top, to keep torch out of `vlmkit --help`.
     from vlmkit.api import VLM
 
     model = VLM.from_hf(vision=args.vision, llm=args.llm, adapter=args.adapter)

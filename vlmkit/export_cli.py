@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top, to keep torch out of `vlmkit --help`.
     from vlmkit.api import VLM
     from vlmkit.models.hf.llava import check_llava_exportable
 
