@@ -84,6 +84,21 @@ def test_load_errors(tmp_path):
         VLM.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("section, key, value, needle", [
+    ("llm", "hidden_size", "big", "llm.hidden_size: expected an integer, got str 'big'"),
+    ("vision", "style", "vit", "vision.style: must be one of ['siglip', 'clip']"),
+    ("llm", "moe", {"top_k": 1.5}, "llm.moe.top_k: expected an integer"),
+])
+def test_wrong_typed_config_json_field_names_its_dotted_path(tmp_path, section, key, value, needle):
+    VLM(_config()).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg[section][key] = value
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as err:
+        VLM.from_pretrained(tmp_path)
+    assert "config.json" in str(err.value) and needle in str(err.value)
+
+
 def _save_hf_parts(tmp_path):
     torch.manual_seed(0)
     vision = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(

@@ -15,7 +15,19 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 BUILTIN_SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, IM_START, IM_END, IMAGE_TOKEN)
 
-# File names of the checkpoint directory (DESIGN.md, "Checkpoint directory").
+# The Llama-3 chat format (loaded Llama-3 tokenizers; data/template.py renders it):
+# <|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>
+LLAMA3_BEGIN_OF_TEXT = "<|begin_of_text|>"
+LLAMA3_HEADER_START = "<|start_header_id|>"
+LLAMA3_HEADER_END = "<|end_header_id|>"
+LLAMA3_END_OF_TURN = "<|eot_id|>"
+LLAMA3_END_OF_TEXT = "<|end_of_text|>"
+LLAMA3_END_OF_MESSAGE = "<|eom_id|>"
+"""Ends an assistant message that calls a tool (Llama-3.1); generation stops on it too."""
+LLAMA3_CHAT_TOKENS = (LLAMA3_BEGIN_OF_TEXT, LLAMA3_HEADER_START, LLAMA3_HEADER_END, LLAMA3_END_OF_TURN)
+"""The tokens a vocabulary needs for the Llama-3 chat format."""
+
+# File names of the checkpoint directory (docs/architecture.md, "Checkpoint format").
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "vlmkit.json"

@@ -28,7 +28,7 @@ placeholder_mismatch, unknown_role, no_assistant_turn, no_supervised_tokens.
 
 from __future__ import annotations
 
-from vlmkit.constants import IGNORE_INDEX, IM_END, IM_START, IMAGE_PLACEHOLDER
+from vlmkit.constants import IGNORE_INDEX, IM_START, IMAGE_PLACEHOLDER, LLAMA3_HEADER_END, LLAMA3_HEADER_START
 from vlmkit.data.types import Message, Record
 from vlmkit.errors import BadRecordError
 
@@ -40,15 +40,14 @@ Piece = tuple[str, object, bool]
 
 def _header(tok, role: str) -> list[Piece]:
     if tok.template == "llama3":
-        return [("id", tok.require("<|start_header_id|>"), False), ("text", role, False),
-                ("id", tok.require("<|end_header_id|>"), False), ("text", "\n\n", False)]
+        return [("id", tok.require(LLAMA3_HEADER_START), False), ("text", role, False),
+                ("id", tok.require(LLAMA3_HEADER_END), False), ("text", "\n\n", False)]
     return [("id", tok.require(IM_START), False), ("text", f"{role}\n", False)]
 
 
 def _footer(tok, supervised: bool) -> list[Piece]:
-    if tok.template == "llama3":
-        return [("id", tok.require("<|eot_id|>"), supervised)]
-    return [("id", tok.require(IM_END), supervised), ("text", "\n", False)]
+    end_of_turn: list[Piece] = [("id", tok.end_of_turn_id, supervised)]
+    return end_of_turn if tok.template == "llama3" else end_of_turn + [("text", "\n", False)]
 
 
 def _content(tok, text: str, supervised: bool, first_image: int, raw: bool = False) -> list[Piece]:

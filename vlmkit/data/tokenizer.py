@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from pathlib import Path
 from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer as _Backend, decoders, models, pre_tokenizers, trainers
 
-from vlmkit.constants import (BUILTIN_SPECIAL_TOKENS, EOS_TOKEN, IM_END, IM_START, IMAGE_TOKEN, PAD_TOKEN)
+from vlmkit.constants import (BUILTIN_SPECIAL_TOKENS, EOS_TOKEN, IM_END, IM_START, IMAGE_TOKEN, LLAMA3_BEGIN_OF_TEXT,
+                              LLAMA3_CHAT_TOKENS, LLAMA3_END_OF_MESSAGE, LLAMA3_END_OF_TEXT, LLAMA3_END_OF_TURN,
+                              LLAMA3_HEADER_END, LLAMA3_HEADER_START, PAD_TOKEN)
 from vlmkit.errors import ConfigError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -37,8 +40,6 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 # Image tokens recognised in loaded vocabularies, in order of preference.
 IMAGE_TOKENS = (IMAGE_TOKEN, "<|image_pad|>")
-
-LLAMA3_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 # The built-in chat template, ChatML without a default system prompt. Message content is a string
 # (IMAGE_PLACEHOLDER marks images) or a list of {"type": "text" | "image"} parts joined by newlines,
@@ -192,19 +193,19 @@ class Tokenizer:
     @property
     def eos_id(self) -> int:
         """End of a text document (the id appended to text records)."""
-        for token in (_token_str(self.config.get("eos_token")), EOS_TOKEN, "<|end_of_text|>"):
-            if token and self.token_id(token) is not None and token not in ("<|im_end|>", "<|eot_id|>"):
+        for token in (_token_str(self.config.get("eos_token")), EOS_TOKEN, LLAMA3_END_OF_TEXT):
+            if token and self.token_id(token) is not None and token not in (IM_END, LLAMA3_END_OF_TURN):
                 return self.token_id(token)
         return self.end_of_turn_id
 
     @property
     def bos_id(self) -> int | None:
         """The id put at the start of every sequence (Llama-3's <|begin_of_text|>), or None."""
-        return self.token_id("<|begin_of_text|>") if self.template == "llama3" else None
+        return self.token_id(LLAMA3_BEGIN_OF_TEXT) if self.template == "llama3" else None
 
     @property
     def end_of_turn_id(self) -> int:
-        return self.require("<|eot_id|>" if self.template == "llama3" else IM_END)
+        return self.require(LLAMA3_END_OF_TURN if self.template == "llama3" else IM_END)
 
     @property
     def pad_id(self) -> int:
@@ -217,8 +218,8 @@ class Tokenizer:
     def stop_ids(self) -> list[int]:
         """Ids that end an assistant turn in generation: end of turn, then end of text."""
         ids = [self.end_of_turn_id, self.eos_id]
-        if self.template == "llama3" and self.token_id("<|eom_id|>") is not None:
-            ids.append(self.token_id("<|eom_id|>"))
+        if self.template == "llama3" and self.token_id(LLAMA3_END_OF_MESSAGE) is not None:
+            ids.append(self.token_id(LLAMA3_END_OF_MESSAGE))
         return list(dict.fromkeys(ids))
 
     def __len__(self) -> int:
@@ -239,12 +240,12 @@ def _token_str(value) -> str | None:
 def _template_kind(backend: _Backend, config: dict, path: Path) -> str:
     if config.get("vlmkit_template") == "builtin":
         return "builtin"
-    if all(backend.token_to_id(t) is not None for t in LLAMA3_TOKENS):
+    if all(backend.token_to_id(t) is not None for t in LLAMA3_CHAT_TOKENS):
         return "llama3"
     if backend.token_to_id(IM_START) is not None and backend.token_to_id(IM_END) is not None:
         return "chatml"
     raise ConfigError(f"{path}: unsupported chat format: the vocabulary has neither ChatML markers "
-                      f"({IM_START}, {IM_END}) nor Llama-3 headers ({', '.join(LLAMA3_TOKENS)})")
+                      f"({IM_START}, {IM_END}) nor Llama-3 headers ({', '.join(LLAMA3_CHAT_TOKENS)})")
 
 
 # Rendering the directory's own template around probe strings shows the system text it adds.
@@ -259,6 +260,8 @@ def _render_own_template(tok: Tokenizer, messages: list[dict]) -> str | None:
     if not isinstance(template, str):
         return None
     try:
+        # Imported here, inside the try: jinja2 is optional (torch brings it, vlmkit does not
+        # require it); without it a template counts as adding no system text.
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -273,8 +276,10 @@ def _render_own_template(tok: Tokenizer, messages: list[dict]) -> str | None:
 
 def _system_text(tok: Tokenizer) -> tuple[str | None, str]:
     """(default system prompt when a conversation has none, prefix put before a given system prompt)."""
-    opener = "<|start_header_id|>system<|end_header_id|>\n\n" if tok.template == "llama3" else f"{IM_START}system\n"
-    closer = "<|eot_id|>" if tok.template == "llama3" else IM_END
+    if tok.template == "llama3":
+        opener, closer = f"{LLAMA3_HEADER_START}system{LLAMA3_HEADER_END}\n\n", LLAMA3_END_OF_TURN
+    else:
+        opener, closer = f"{IM_START}system\n", IM_END
     default, prefix = None, ""
     alone = _render_own_template(tok, [{"role": "user", "content": _PROBE}])
     if alone is not None and opener in alone.split(_PROBE)[0]:
@@ -291,6 +296,4 @@ def _raise(message):
 
 
 def _strftime(fmt: str) -> str:
-    import time
-
     return time.strftime(fmt)

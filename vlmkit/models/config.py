@@ -1,7 +1,8 @@
 """Model configuration: one small dataclass per component, validated in `__post_init__`.
 
 Every field has a default so that a config.json written by an older vlmkit (missing fields added
-later) still loads; `from_dict` rejects unknown keys so that typos fail loudly.
+later) still loads; `from_dict` reads a config.json mapping with vlmkit.schema's `build`, so an
+unknown key or a wrong type fails loudly with its dotted path (`llm.hidden_size`).
 """
 
 from __future__ import annotations
@@ -11,26 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vlmkit.errors import ConfigError
+from vlmkit.schema import build, require_at_least
 
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
-
-
-def _from_dict(cls, data: dict[str, Any] | None, where: str):
-    """Build dataclass `cls` from a dict; unknown keys raise, missing keys take defaults."""
-    if data is None:
-        return cls()
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
-    return cls(**data)
 
 
 @dataclass
@@ -53,8 +40,9 @@ class VisionConfig:
     feature_layer: int = -1
     """Which hidden state feeds the adapter, indexed like HF `hidden_states` (0 = embeddings,
     -1 = last layer output before post-layernorm, -2 = second to last as LLaVA does)."""
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    """Per-channel normalisation (one value per channel, checked against num_channels)."""
     position_init_std: float = 0.02
     """Std of the learned position embeddings at initialisation (ViT's 0.02). A tower trained from
     scratch learns its positions; a random tower kept frozen (the demo's) keeps them, and a larger
@@ -63,7 +51,7 @@ class VisionConfig:
     def __post_init__(self):
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
-        _check(self.position_init_std >= 0, f"vision.position_init_std must be >= 0, got {self.position_init_std}")
+        require_at_least(self, ("position_init_std",), 0, "vision.")
         _check(self.style in ("siglip", "clip"), f"vision.style must be 'siglip' or 'clip', got {self.style!r}")
         _check(self.image_size % self.patch_size == 0,
                f"vision.image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
@@ -102,9 +90,7 @@ class AdapterConfig:
     def __post_init__(self):
         _check(self.kind in ("mlp", "pixel_shuffle", "resampler"),
                f"adapter.kind must be mlp, pixel_shuffle or resampler, got {self.kind!r}")
-        _check(self.depth >= 1, "adapter.depth must be >= 1")
-        _check(self.scale_factor >= 1, "adapter.scale_factor must be >= 1")
-        _check(self.num_queries >= 1, "adapter.num_queries must be >= 1")
+        require_at_least(self, ("depth", "scale_factor", "num_queries"), 1, "adapter.")
 
 
 @dataclass
@@ -130,7 +116,7 @@ class MoEConfig:
         _check(1 <= self.top_k <= self.num_experts,
                f"moe.top_k {self.top_k} must be between 1 and num_experts {self.num_experts}")
         _check(self.score_func in ("softmax", "sigmoid"), "moe.score_func must be softmax or sigmoid")
-        _check(self.num_shared_experts >= 0, "moe.num_shared_experts must be >= 0")
+        require_at_least(self, ("num_shared_experts",), 0, "moe.")
 
 
 @dataclass
@@ -159,8 +145,8 @@ class LLMConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self):
-        if isinstance(self.moe, dict):
-            self.moe = _from_dict(MoEConfig, self.moe, "llm.moe")
+        if isinstance(self.moe, dict):  # LLMConfig(moe={...}) written by hand
+            self.moe = build(MoEConfig, self.moe, "llm.moe")
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.head_dim is None:
@@ -188,9 +174,10 @@ class VLMConfig:
     """With tiling (max_tiles > 1), add a global thumbnail tile after the grid tiles."""
 
     def __post_init__(self):
-        self.vision = _from_dict(VisionConfig, self.vision, "vision")
-        self.adapter = _from_dict(AdapterConfig, self.adapter, "adapter")
-        self.llm = _from_dict(LLMConfig, self.llm, "llm")
+        # VLMConfig(vision={...}) written by hand: sections given as mappings are built here.
+        self.vision = build(VisionConfig, self.vision, "vision")
+        self.adapter = build(AdapterConfig, self.adapter, "adapter")
+        self.llm = build(LLMConfig, self.llm, "llm")
         _check(0 <= self.image_token_id < self.llm.vocab_size,
                f"image_token_id {self.image_token_id} is outside the vocabulary ({self.llm.vocab_size})")
         if self.adapter.kind == "pixel_shuffle":
@@ -212,4 +199,5 @@ class VLMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VLMConfig":
-        return _from_dict(cls, data, "model config")
+        """A config.json mapping -> VLMConfig; unknown keys and wrong types name their dotted path."""
+        return build(cls, data)

@@ -2,7 +2,7 @@
 
 A training checkpoint is a directory `DIR/checkpoints/step-00000123/` holding
 
-    model.safetensors       the model's state dict (single process), or
+    model.safetensors       the model's state dict, each tensor once (single process), or
     dcp/                    a torch.distributed.checkpoint of model + optimizer (FSDP2, N ranks)
     optimizer.safetensors   every optimizer state tensor, flattened as `state.<param>.<key>`
     optimizer.json          the optimizer's param_groups (lrs, betas, ...)
@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlmkit.constants import WEIGHTS_FILE
 from vlmkit.errors import CheckpointError
+from vlmkit.models.weights import load_state, state_to_save
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"step-(\d{8})")
@@ -217,8 +219,7 @@ def save_single(out_dir: str | Path, state: TrainerState, model: torch.nn.Module
                 optimizer: torch.optim.Optimizer | None, keep_last: int) -> Path:
     """Write a checkpoint of a single-process run and prune older ones; returns its directory."""
     tmp = new_temp_dir(out_dir)
-    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
-              str(tmp / "model.safetensors"))
+    save_file(state_to_save(model), str(tmp / WEIGHTS_FILE))
     if optimizer is not None:
         tensors, rest = flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -243,11 +244,12 @@ def restore_rng(ckpt: Path, rank: int = 0) -> None:
 
 
 def load_model_weights(ckpt: Path, model: torch.nn.Module) -> None:
-    weights = load_file(str(ckpt / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt}: weights do not match the model (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}); was the config changed since this run started?")
+    """The model's weights from a single-process checkpoint, strictly (models/weights.py)."""
+    weights = ckpt / WEIGHTS_FILE
+    try:
+        load_state(model, load_file(str(weights)), str(weights))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; was the config changed since this run started?") from None
 
 
 def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:

@@ -2,8 +2,9 @@
 
 Key maps are data: a list of (regex, replacement) pairs per family, applied to every HF tensor
 name; the first pattern that matches wins. A tensor no pattern matches is "unexpected". Loading is
-all-or-nothing: missing, unexpected and mis-shaped tensors are collected and reported together
-before any weight is copied, so a failed load never leaves a half-loaded model behind.
+all-or-nothing (models/weights.py's `load_state`): missing, unexpected and mis-shaped tensors are
+collected and reported together before any weight is copied, so a failed load never leaves a
+half-loaded model behind.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from vlmkit.errors import CheckpointError
+from vlmkit.models.weights import load_state
 
 KeyMap = list[tuple[str, str]]
 
@@ -86,33 +88,14 @@ def rename(hf_names: Iterable[str], key_map: KeyMap, ignore: Iterable[str] = ())
 
 
 def load_into(module: torch.nn.Module, hf_tensors: dict[str, torch.Tensor], key_map: KeyMap, *,
-              source: str, ignore: Iterable[str] = (), optional: Iterable[str] = ()) -> None:
-    """Copy HF tensors into `module` strictly, or raise CheckpointError listing every problem.
-
-    `optional` are regexes of our parameter names allowed to stay as initialised (e.g. lm_head
-    when embeddings are tied and the checkpoint omits it).
-    """
-    mapping, unexpected = rename(hf_tensors, key_map, ignore)
-    ours = module.state_dict()
-    optional_re = [re.compile(p) for p in optional]
-    problems = []
-    unknown_targets = sorted(n for n in mapping.values() if n not in ours)
-    unexpected = sorted(unexpected) + [f"{h} -> {o} (no such parameter)" for h, o in mapping.items() if o in unknown_targets]
-    provided = set(mapping.values())
-    missing = sorted(n for n in ours if n not in provided and not any(p.fullmatch(n) for p in optional_re))
-    shape_errors = [f"{h} {tuple(hf_tensors[h].shape)} -> {o} {tuple(ours[o].shape)}"
-                    for h, o in mapping.items() if o in ours and hf_tensors[h].shape != ours[o].shape]
-    if missing:
-        problems.append(f"missing tensors ({len(missing)}): {missing[:20]}")
-    if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): {unexpected[:20]}")
-    if shape_errors:
-        problems.append(f"shape mismatches ({len(shape_errors)}): {shape_errors[:20]}")
-    if problems:
-        raise CheckpointError(f"cannot load {source}: " + "; ".join(problems))
-    with torch.no_grad():
-        for h, o in mapping.items():
-            ours[o].copy_(hf_tensors[h].to(ours[o].dtype))
+              source: str, ignore: Iterable[str] = ()) -> None:
+    """Rename HF tensors by `key_map` and copy them into `module` strictly (`load_state`): every
+    missing, unexpected or mis-shaped tensor is reported in one CheckpointError, naming both the
+    HF name and ours."""
+    mapping, unmatched = rename(hf_tensors, key_map, ignore)
+    state = {ours: hf_tensors[hf] for hf, ours in mapping.items()}
+    source_names = {ours: hf for hf, ours in mapping.items()}
+    load_state(module, state, source, unmatched=unmatched, source_names=source_names)
 
 
 def architecture(config: dict, path: str | Path) -> str:

@@ -35,6 +35,7 @@ from vlmkit.models.hf.llm import HF_TO_OURS, IGNORED, llm_config_from_hf, llm_co
 from vlmkit.models.hf.vision import (VISION_EXPORT_KEYS, VISION_IGNORE, VISION_KEYS, read_preprocessor,
                                      vision_config_from_hf)
 from vlmkit.models.vlm import VLMModel
+from vlmkit.models.weights import for_safetensors
 
 # Step 1: either layout -> the older one.
 LAYOUTS: KeyMap = [
@@ -212,7 +213,7 @@ def export_hf_llava(model: VLMModel, out_dir: str | Path) -> Path:
     check_llava_exportable(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in llava_state_dict(model).items()}
+    tensors = for_safetensors(llava_state_dict(model))
     dtype = next(iter(tensors.values())).dtype
     hf_config = llava_hf_config(cfg)
     hf_config["dtype"] = str(dtype).removeprefix("torch.")

@@ -3,9 +3,9 @@
 `llm_config_from_hf` reads a transformers config.json (4.x keeps `rope_theta` at the top level,
 5.x writes it under `rope_parameters`) and refuses what `LLM` would compute differently: RoPE
 scaling, biased output projections, MLP bias, non-silu activations. `load_llm` builds the model on
-the meta device, checks every tensor against the key map (common.load_into: missing, unexpected and
-mis-shaped tensors are all reported together) and only then materialises weights, so a failed load
-leaves nothing half-built. The key maps are data, one table per direction, shared by the four
+the meta device, allocates it without initialising, checks every tensor against the key map
+(common.load_into: missing, unexpected and mis-shaped tensors are all reported together) and only
+then copies the weights, so a failed load leaves nothing half-loaded. The key maps are data, one table per direction, shared by the four
 families because they name their tensors alike (transformers' modeling_llama.py and its copies).
 
 Sliding-window attention (Mistral, Qwen2 with use_sliding_window) is not implemented: such a
@@ -133,10 +133,6 @@ def load_llm(path: str | Path, dtype: torch.dtype = torch.float32) -> LLM:
     model = model.to_empty(device="cpu").to(dtype)
     ignore = IGNORED + ([r"lm_head\.weight"] if cfg.tie_embeddings else [])  # HF ties and ignores it too
     load_into(model, tensors, HF_TO_OURS, source=str(path), ignore=ignore)
-    with torch.no_grad():  # buffers no checkpoint holds: the MoE selection biases (none for these families)
-        for m in model.moe_layers().values():
-            m.router.score_bias.zero_()
-            m.load_since_update.zero_()
     return model.eval()
 
 
