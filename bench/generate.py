@@ -23,9 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlmkit.infer.engine import Engine, Prompt  # noqa: E402
-from vlmkit.infer.sampling import SamplingParams  # noqa: E402
 from vlmkit.api import VLM  # noqa: E402
+from vlmkit.data.prompt import Prompt  # noqa: E402
+from vlmkit.infer.engine import Engine  # noqa: E402
+from vlmkit.infer.sampling import SamplingParams  # noqa: E402
 
 IMAGE_TOKEN = 3
 

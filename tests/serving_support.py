@@ -13,7 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import uvicorn
 from PIL import Image
+
+from vlmkit.api import VLM
+from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.models.config import AdapterConfig, LLMConfig, VisionConfig, VLMConfig
 
 TEXTS = [
     "the red circle is left of the blue square",
@@ -28,10 +33,6 @@ TEXTS = [
 
 def build_checkpoint(out: Path) -> Path:
     """A random VLM (ViT 1x32 on 16 px, pixel shuffle to 1 token per image, decoder 2x64) + tokenizer."""
-    from vlmkit.api import VLM
-    from vlmkit.data.tokenizer import Tokenizer
-    from vlmkit.models.config import AdapterConfig, LLMConfig, VisionConfig, VLMConfig
-
     torch.manual_seed(0)
     tok = Tokenizer.train(TEXTS, vocab_size=300)
     cfg = VLMConfig(vision=VisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64,
@@ -67,8 +68,6 @@ def free_port() -> int:
 @contextlib.contextmanager
 def live_server(app):
     """Run `app` with uvicorn on 127.0.0.1:<free port> in a thread; yields the base URL."""
-    import uvicorn
-
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -7,6 +7,9 @@ import sys
 import pytest
 
 from tests.serving_support import build_checkpoint, png_bytes
+from vlmkit.api import VLM
+from vlmkit.chat_cli import ChatSession
+from vlmkit.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +26,6 @@ def image(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(model_dir):
-    from vlmkit.api import VLM
-
     return VLM.from_pretrained(model_dir)
 
 
@@ -34,8 +35,6 @@ def chat(*args, stdin: str = "") -> subprocess.CompletedProcess:
 
 
 def test_one_shot_with_image_matches_generate(model_dir, image, model, capsys):
-    from vlmkit.cli import main
-
     code = main(["chat", "--model", str(model_dir), "--image", str(image), "--max-new-tokens", "16", "what", "is", "it?"])
     out = capsys.readouterr()
     assert code == 0, out.err
@@ -46,8 +45,6 @@ def test_one_shot_with_image_matches_generate(model_dir, image, model, capsys):
 
 
 def test_images_after_text_puts_the_image_after_the_question(model_dir, image, model, capsys):
-    from vlmkit.cli import main
-
     code = main(["chat", "--model", str(model_dir), "--image", str(image), "--images-after-text",
                  "--max-new-tokens", "16", "what", "is", "it?"])
     out = capsys.readouterr()
@@ -56,8 +53,6 @@ def test_images_after_text_puts_the_image_after_the_question(model_dir, image, m
                                                          {"type": "image", "image": str(image)}]}],
                            max_new_tokens=16)
     assert out.out == after + "\n"
-    from vlmkit.infer.chat import ChatSession
-
     session = ChatSession(model, dict(max_new_tokens=2), images_after_text=True)
     session.attach(str(image))
     session.ask("what is it?", io.StringIO())
@@ -65,8 +60,6 @@ def test_images_after_text_puts_the_image_after_the_question(model_dir, image, m
 
 
 def test_interactive_session_through_a_pipe(model_dir, image, model):
-    from vlmkit.infer.chat import ChatSession
-
     script = f"describe\n/image {image}\nwhat colour?\n/image /no/such.png\n/reset\ndescribe\n/bogus\n/exit\nnever\n"
     out = chat("--model", model_dir, "--max-new-tokens", "12", stdin=script)
     assert out.returncode == 0, out.stderr
@@ -89,7 +82,5 @@ def test_interactive_session_through_a_pipe(model_dir, image, model):
 
 
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
-    from vlmkit.cli import main
-
     assert main(["chat", "--model", str(tmp_path / "nothing"), "hi"]) == 2
     assert "config.json" in capsys.readouterr().err

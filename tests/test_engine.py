@@ -4,7 +4,8 @@ stop strings, seeds, top-k = 1 == greedy, rows joining and leaving between steps
 import pytest
 import torch
 
-from vlmkit.infer.engine import Engine, Prompt, PromptError, normalize_messages
+from vlmkit.data.prompt import Prompt
+from vlmkit.infer.engine import Engine, PromptError
 from vlmkit.infer.sampling import SamplingParams
 from vlmkit.models.config import AdapterConfig, LLMConfig, VisionConfig, VLMConfig
 from vlmkit.models.vlm import VLMModel
@@ -153,10 +154,9 @@ def test_prompt_errors(vlm):
     engine = Engine(vlm, ByteTokenizer())
     with pytest.raises(PromptError, match="context"):
         engine.add(Prompt([1] * 250), SamplingParams(max_new_tokens=10))
-    with pytest.raises(PromptError, match=r"messages\[0\].content\[0\]"):
-        normalize_messages([{"role": "user", "content": [{"type": "video"}]}])
-    with pytest.raises(PromptError, match="role"):
-        normalize_messages([{"role": "robot", "content": "hi"}])
+    with pytest.raises(PromptError, match="empty"):
+        engine.add(Prompt([]), SamplingParams(max_new_tokens=10))
+    assert engine.rows == []  # a refused prompt never joins the batch
 
 
 def test_engine_without_tokenizer_generates_ids(vlm):

@@ -12,6 +12,13 @@ import pytest
 from PIL import Image
 
 from tests.serving_support import build_checkpoint, data_url, live_server, png_bytes
+from vlmkit.api import VLM
+from vlmkit.infer.engine import Engine
+from vlmkit.infer.generate import prompt_for, stream_messages
+from vlmkit.infer.sampling import SamplingParams
+from vlmkit.serve.app import create_app
+from vlmkit.serve.scheduler import Scheduler
+from vlmkit.serve.settings import ImageLimits, ServerSettings
 
 KEY = "test-key"
 
@@ -23,8 +30,6 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(model_dir):
-    from vlmkit.api import VLM
-
     return VLM.from_pretrained(model_dir)
 
 
@@ -37,10 +42,6 @@ def allowed(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model, allowed):
-    from vlmkit.infer.engine import Engine
-    from vlmkit.serve.app import ServerSettings, create_app
-    from vlmkit.serve.images import ImageLimits
-
     settings = ServerSettings(model_name="tiny", api_key=KEY, max_batch=8, max_queue=16, max_body_bytes=200_000,
                               max_tokens_cap=64,
                               images=ImageLimits(max_bytes=50_000, max_pixels=300 * 300, max_images=3,
@@ -179,6 +180,10 @@ def test_bad_input_is_400(server):
         r = post(server, {"messages": [{"role": "user", "content": content}]})
         assert r.status_code == 400, name
         assert r.json()["error"]["param"].startswith("messages[0].content["), name
+    r = post(server, {"messages": [{"role": "user", "content": "hi"},
+                                   {"role": "assistant", "content": [image_part(data_url(png_bytes(1)))]}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].content[0]"
+    assert "user messages only" in r.json()["error"]["message"]
     r = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 65})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     r = post(server, {"messages": [{"role": "user", "content": "hi"}], "n": 2})
@@ -213,9 +218,6 @@ def test_auth_is_401(server):
 
 
 def test_queue_full_is_429_and_server_survives(model):
-    from vlmkit.infer.engine import Engine
-    from vlmkit.serve.app import ServerSettings, create_app
-
     # one row, one waiting place: of many simultaneous long requests, at most two can be taken at once
     app = create_app(Engine(model), ServerSettings(max_batch=1, max_queue=1, max_tokens_cap=200))
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "temperature": 0, "ignore_eos": True}
@@ -251,12 +253,8 @@ def test_unknown_path_and_web_page(server):
 
 def test_failing_request_does_not_disturb_its_neighbours(model):
     """A prompt that fails inside the engine (image tokens without pixels) fails alone."""
-    from vlmkit.infer.engine import Engine
-    from vlmkit.infer.sampling import SamplingParams
-    from vlmkit.serve.scheduler import Scheduler
-
     engine = Engine(model)
-    good = engine.prepare([{"role": "user", "content": "describe the image"}])
+    good = prompt_for(model, [{"role": "user", "content": "describe the image"}])
     bad = type(good)([model.config.image_token_id] * 3 + good.input_ids, None)
     expected = model.generate([{"role": "user", "content": "describe the image"}], max_new_tokens=20)
     scheduler = Scheduler(engine, max_batch=4).start()
@@ -284,11 +282,7 @@ def test_failing_request_does_not_disturb_its_neighbours(model):
 
 
 def test_python_api_batch_and_stream_agree(model):
-    from PIL import Image as PILImage
-
-    from vlmkit.infer.engine import stream_messages
-
-    picture = PILImage.open(io.BytesIO(png_bytes(4)))
+    picture = Image.open(io.BytesIO(png_bytes(4)))
     conversations = [
         [{"role": "user", "content": "what colour is the circle?"}],
         [{"role": "system", "content": "answer briefly"},

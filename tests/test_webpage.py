@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 
 from tests.serving_support import build_checkpoint, live_server, png_bytes
+from vlmkit.api import VLM
+from vlmkit.infer.engine import Engine
+from vlmkit.serve.app import create_app
+from vlmkit.serve.settings import ServerSettings
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -20,10 +24,6 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from vlmkit.api import VLM
-    from vlmkit.infer.engine import Engine
-    from vlmkit.serve.app import ServerSettings, create_app
-
     model = VLM.from_pretrained(build_checkpoint(tmp_path_factory.mktemp("web") / "model"))
     with live_server(create_app(Engine(model), ServerSettings(model_name="tiny-vlm"))) as url:
         yield url, model

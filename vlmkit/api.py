@@ -4,14 +4,13 @@
     VLM.from_pretrained(dir)                     a vlmkit checkpoint directory
     VLM.from_hf(vision=dir, llm=dir, adapter=)   a HF SigLIP / CLIP tower + a HF decoder, new adapter
     VLM.from_hf_llava(dir)                       a llava-hf LlavaForConditionalGeneration directory
-    model.save_pretrained(dir, meta=None)        the checkpoint directory format (DESIGN.md)
-    model.generate(messages, ...)                chat generation (infer/engine.py)
+    model.save_pretrained(dir, meta=None)        the checkpoint directory (docs/architecture.md)
+    model.generate(messages, ...)                chat generation (infer/generate.py)
 
 Checkpoint directory: config.json (VLMConfig.to_dict, every field written), model.safetensors,
 the tokenizer's files when the model has a tokenizer, vlmkit.json (vlmkit version and whatever
-`meta` the caller passes: stage history, data fingerprint). Safetensors cannot hold two names for
-one storage; vlmkit's LLM keeps tied embeddings as a single tensor, and saving drops any other
-alias, which loading restores by construction.
+`meta` the caller passes: stage history, data fingerprint). Weights are written and read by
+models/weights.py: every tensor once, and a strict load that reports every problem before copying.
 """
 
 from __future__ import annotations
@@ -26,13 +25,17 @@ from safetensors.torch import load_file, save_file
 
 from vlmkit import __version__
 from vlmkit.constants import CONFIG_FILE, META_FILE, WEIGHTS_FILE
+from vlmkit.data.images import ImageProcessor
+from vlmkit.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from vlmkit.errors import CheckpointError, ConfigError
+from vlmkit.infer.generate import generate_messages
 from vlmkit.models.adapter import build_adapter
 from vlmkit.models.config import AdapterConfig, VLMConfig
 from vlmkit.models.hf.llava import export_hf_llava, load_llava
+from vlmkit.models.hf.llm import load_llm
+from vlmkit.models.hf.vision import load_vision
 from vlmkit.models.vlm import VLMModel
-
-TOKENIZER_FILE = "tokenizer.json"
+from vlmkit.models.weights import load_state, state_to_save
 
 
 class VLM(VLMModel):
@@ -69,7 +72,7 @@ class VLM(VLMModel):
         floats = [t.dtype for t in state.values() if t.is_floating_point()]
         if floats:
             model.to(floats[0])
-        load_exact(model, state, str(weights))
+        load_state(model, state, str(weights))
         model.tokenizer = _load_tokenizer(path)
         return model.eval()
 
@@ -78,7 +81,7 @@ class VLM(VLMModel):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        save_file(unique_tensors(self), str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(state_to_save(self), str(path / WEIGHTS_FILE), metadata={"format": "pt"})
         if self.tokenizer is not None:
             self.tokenizer.save(path)
         info = {"version": __version__, **(meta or {})}
@@ -97,9 +100,6 @@ class VLM(VLMModel):
         token, one is added (and the embeddings grow by a row). Without a tokenizer the image
         token is a new last row of the vocabulary.
         """
-        from vlmkit.models.hf.llm import load_llm
-        from vlmkit.models.hf.vision import load_vision
-
         encoder = load_vision(vision, feature_layer=feature_layer)
         decoder = load_llm(llm)
         tokenizer = _load_tokenizer(Path(llm))
@@ -131,53 +131,16 @@ class VLM(VLMModel):
 
     # --- use ----------------------------------------------------------------------------------------
 
-    def image_processor(self):
+    def image_processor(self) -> ImageProcessor:
         """The data.images.ImageProcessor that prepares images for this model."""
-        from vlmkit.data.images import ImageProcessor
-
         v = self.config.vision
         return ImageProcessor(image_size=v.image_size, mean=v.image_mean, std=v.image_std,
                               max_tiles=self.config.max_tiles, use_thumbnail=self.config.use_thumbnail)
 
-    def generate(self, messages, **kw):
-        from vlmkit.infer.engine import generate_messages
-
+    def generate(self, messages: list[dict] | list[list[dict]], **kw) -> str | list[str]:
+        """Answer an OpenAI-style conversation (-> str) or a list of them (-> list[str], decoded
+        together); keyword arguments as infer/generate.py's `generate_messages`."""
         return generate_messages(self, messages, **kw)
-
-
-def distinct_names(model: torch.nn.Module) -> list[str]:
-    """State-dict names, without the aliases of an earlier tensor (same storage, offset and shape)."""
-    names, seen = [], set()
-    for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key not in seen:
-            seen.add(key)
-            names.append(name)
-    return names
-
-
-def unique_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict on the CPU, contiguous, without aliases (safetensors refuses shared storage)."""
-    state = model.state_dict()
-    return {name: state[name].detach().to("cpu").contiguous() for name in distinct_names(model)}
-
-
-def load_exact(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `state` into `model` bitwise, or raise CheckpointError listing every problem."""
-    ours = model.state_dict()
-    aliases = set(ours) - set(distinct_names(model))
-    missing = sorted(set(ours) - set(state) - aliases)
-    unexpected = sorted(set(state) - set(ours))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(ours[k].shape)}"
-              for k in state if k in ours and state[k].shape != ours[k].shape]
-    problems = [f"{label} ({len(items)}): {items[:20]}"
-                for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                                     ("shape mismatches", shapes)) if items]
-    if problems:
-        raise CheckpointError(f"cannot load {source}: " + "; ".join(problems))
-    with torch.no_grad():
-        for k, t in state.items():
-            ours[k].copy_(t)
 
 
 def grow_vocab(llm: torch.nn.Module, vocab_size: int) -> None:
@@ -204,8 +167,6 @@ def _load_tokenizer(path: Path):
     """The tokenizer saved in `path`, or None when the directory has none."""
     if not (path / TOKENIZER_FILE).is_file():
         return None
-    from vlmkit.data.tokenizer import Tokenizer
-
     return Tokenizer.load(path)
 
 

@@ -13,12 +13,15 @@ import argparse
 import importlib
 import sys
 
+from vlmkit import __version__
+from vlmkit.errors import VlmkitError
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("vlmkit.train.demo", "the embedded default: synthetic world, tiny VLM trained on the CPU, evaluated"),
     "train": ("vlmkit.train.cli", "train a model through the stages of a YAML config"),
     "eval": ("vlmkit.eval.cli", "evaluate a checkpoint on a benchmark"),
-    "chat": ("vlmkit.infer.chat", "chat with a checkpoint in the terminal"),
+    "chat": ("vlmkit.chat_cli", "chat with a checkpoint in the terminal"),
     "serve": ("vlmkit.serve.cli", "OpenAI-compatible HTTP server with a web chat page"),
     "export": ("vlmkit.export_cli", "export a checkpoint to another format (hf-llava)"),
     "build": ("vlmkit.build_cli", "assemble a VLM from local HF vision and LLM checkpoints"),
@@ -29,8 +32,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmkit",
                                      description="Build, train, evaluate and serve vision-language models.")
-    from vlmkit import __version__
-
     parser.add_argument("--version", action="version", version=f"vlmkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in COMMANDS.items():
@@ -55,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"vlmkit {name}", description=help_)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    from vlmkit.errors import VlmkitError
-
     try:
         return int(module.run(args) or 0)
     except VlmkitError as e:

@@ -1,13 +1,14 @@
 """A conversation -> prompt ids + pixel tensors: the one home of prompt building.
 
     encode_images(images, processor, tokens_per_tile)      images -> VisualInputs (pixels, counts)
-    build_prompt(messages, tokenizer, processor, tokens_per_tile) -> Prompt   ready for generation
+    build_prompt(messages, tokenizer, processor, tokens_per_tile, resolve_image) -> Prompt
+                                                           ready for generation (infer/engine.py)
 
-Generation (infer/), the server (serve/), the chat CLI and both evaluation modes (eval/) build
-their prompts here, and the training pipeline (data/pipeline.py) counts visual tokens with the
-same `encode_images`, so a conversation becomes the same tokens wherever it comes from. Messages
-are read by data/messages.py, templated by data/template.py; images decoded and tiled by
-data/images.py.
+Generation (infer/generate.py: `VLM.generate`, the chat command), the server (serve/serving.py)
+and both evaluation modes (eval/) build their prompts here, and the training pipeline
+(data/pipeline.py) counts visual tokens with the same `encode_images`, so a conversation becomes
+the same tokens wherever it comes from. Messages are read by data/messages.py, templated by
+data/template.py; images decoded and tiled by data/images.py.
 
 Shape suffixes: N = image tiles, S = the encoder's image size.
 """
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlmkit.data.images import ImageProcessor
-from vlmkit.data.messages import to_messages
+from vlmkit.data.messages import ImageResolver, keep_image, to_messages
 from vlmkit.data.template import encode_prompt
 
 
@@ -52,8 +53,12 @@ class Prompt:
     pixel_values: torch.Tensor | None = None  # (N, 3, S, S) tiles of all images, in order
 
 
-def build_prompt(messages: list[dict], tokenizer, processor: ImageProcessor, tokens_per_tile: int) -> Prompt:
-    """An OpenAI-style conversation -> prompt ids ending with the assistant header, and its pixels."""
-    msgs, images = to_messages(messages)
+def build_prompt(messages: list[dict], tokenizer, processor: ImageProcessor, tokens_per_tile: int,
+                 resolve_image: ImageResolver = keep_image) -> Prompt:
+    """An OpenAI-style conversation -> prompt ids ending with the assistant header, and its pixels.
+
+    resolve_image: what an image part's value becomes before decoding (data/messages.py); the
+    default keeps it as given. Raises BadRecordError (bad structure, unreadable image, ...)."""
+    msgs, images = to_messages(messages, resolve_image)
     visual = encode_images(images, processor, tokens_per_tile)
     return Prompt(encode_prompt(msgs, tokenizer, visual.visual_tokens), visual.pixel_values)

@@ -2,7 +2,8 @@
 
 The model (models/vlm.py) only maps token ids (+ pixel values) to logits through a KV cache;
 this engine owns the cache, the sampling and the stopping rules (nanochat's engine split). It
-runs a batch of sequences that can change between decode steps:
+takes ready `Prompt`s (data/prompt.py builds them from conversations); it neither tokenizes nor
+decodes images. It runs a batch of sequences that can change between decode steps:
 
     add(prompt, params)  prefill one prompt (its own forward, so its logits never depend on
                          what else is running), sample its first token, and add its K/V as a new
@@ -10,9 +11,9 @@ runs a batch of sequences that can change between decode steps:
     step()               one decode step for every running row: (B, 1) ids at per-row positions
     remove(seq)          drop a row (finished or cancelled) from the cache
 
-`generate_messages` (what `VLM.generate` calls) and `stream_messages` drive it for a fixed set
-of conversations; the server's scheduler (serve/scheduler.py) drives it with requests that come
-and go (continuous batching).
+`run` drives it for a fixed set of prompts (infer/generate.py's `generate_messages`, what
+`VLM.generate` calls, and the evaluator); the server's scheduler (serve/scheduler.py) drives it
+with requests that come and go (continuous batching).
 
 Shape suffixes: B = rows in the decode batch, T = prompt tokens, V = vocabulary, D = model width.
 """
@@ -20,10 +21,11 @@ Shape suffixes: B = rows in the decode batch, T = prompt tokens, V = vocabulary,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 
+from vlmkit.data.prompt import Prompt
 from vlmkit.errors import VlmkitError
 from vlmkit.infer.sampling import SamplingParams, next_token
 from vlmkit.infer.streaming import TextStream
@@ -31,15 +33,8 @@ from vlmkit.models.attention import AttnSpec, KVCache
 
 
 class PromptError(VlmkitError, ValueError):
-    """A conversation cannot be turned into a prompt (bad structure, image count, too long)."""
-
-
-@dataclass
-class Prompt:
-    """A tokenised conversation ready for prefill."""
-
-    input_ids: list[int]
-    pixel_values: torch.Tensor | None = None  # (N, 3, H, W) tiles of all images, in order
+    """A prompt the engine cannot run: empty, longer than the context with its max_new_tokens, or
+    asking for stop strings from an engine without a tokenizer."""
 
 
 @dataclass
@@ -55,6 +50,15 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length"
     _pending: str = ""
     _seen: torch.Tensor | None = None  # ids the repetition penalty looks at (prompt + output)
+
+    def __post_init__(self):
+        if self.params.repetition_penalty != 1.0:
+            self._seen = torch.tensor(self.prompt.input_ids)
+
+    @property
+    def seen_ids(self) -> torch.Tensor:
+        """The ids the repetition penalty looks at; empty when the penalty is off."""
+        return self._seen if self._seen is not None else torch.empty(0, dtype=torch.long)
 
     @property
     def finished(self) -> bool:
@@ -112,7 +116,7 @@ class Engine:
     """Runs sequences of one model; not thread-safe (one owner thread drives it).
 
     Without a tokenizer (none given and the model has none) it generates token ids only: no
-    text, no stop strings, no end-of-turn ids, and `prepare` is unavailable.
+    text, no stop strings, no end-of-turn ids.
     """
 
     def __init__(self, vlm, tokenizer=None):
@@ -136,15 +140,6 @@ class Engine:
         if not sharded and llm_bytes <= DERIVED_WEIGHTS_MAX_BYTES:
             vlm.llm.fuse_projections()
 
-    # ---- prompts -------------------------------------------------------------------------------
-
-    def prepare(self, messages: list[dict]) -> Prompt:
-        """Tokenise an OpenAI-style conversation; images are decoded and tiled here."""
-        if self.tokenizer is None:
-            raise VlmkitError("this model has no tokenizer, so it cannot read messages; save the checkpoint "
-                              "with its tokenizer, or pass tokenizer=")
-        return prepare_prompt(self.vlm, self.tokenizer, messages)
-
     # ---- running sequences ---------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -161,10 +156,7 @@ class Engine:
         eos_ids = () if params.ignore_eos or self.tokenizer is None else self.tokenizer.stop_ids
         stop_ids = frozenset(eos_ids) | frozenset(params.stop_token_ids)
         stream = TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None
-        seq = Sequence(prompt, params, stream, stop_ids,
-                       params.make_generator(self.device))
-        if params.repetition_penalty != 1.0:
-            seq._seen = torch.tensor(prompt.input_ids)
+        seq = Sequence(prompt, params, stream, stop_ids, params.make_generator(self.device))
         ids_1T = torch.tensor([prompt.input_ids], device=self.device)
         pixels = prompt.pixel_values.to(self.device) if prompt.pixel_values is not None else None
         row_cache = self.vlm.llm.new_cache(capacity=n + min(params.max_new_tokens, RESERVED_NEW_TOKENS))
@@ -227,13 +219,12 @@ class Engine:
         self._joining, self._cache_rows = [], list(range(len(self.rows)))
 
     def _sample(self, logits_V: torch.Tensor, seq: Sequence) -> int:
-        seen = seq._seen if seq._seen is not None else torch.empty(0, dtype=torch.long)
-        return next_token(logits_V, seq.params, seen.to(logits_V.device), seq.generator)
+        return next_token(logits_V, seq.params, seq.seen_ids.to(logits_V.device), seq.generator)
 
-    # ---- a fixed set of conversations ----------------------------------------------------------
+    # ---- a fixed set of prompts ----------------------------------------------------------------
 
-    def run(self, prompts: list[Prompt], params: SamplingParams, max_batch: int | None = None) -> Iterator[
-            tuple[int, str]]:
+    def run(self, prompts: list[Prompt], params: SamplingParams,
+            max_batch: int | None = None) -> Iterator[tuple[int, str]]:
         """Generate for every prompt, at most `max_batch` rows at once; yield (prompt index, delta)."""
         waiting = list(enumerate(prompts))
         active: list[tuple[int, Sequence]] = []
@@ -254,104 +245,3 @@ class Engine:
                 else:
                     still.append((index, seq))
             active = still
-
-
-# ---- conversations -> prompts ------------------------------------------------------------------
-
-def user_content(text: str, images: list, *, images_after_text: bool = False) -> list[dict]:
-    """The content parts of one user turn: the images, then the text (LLaVA's order), or the text
-    first with `images_after_text` (how the synthetic world asks, data/synth.py)."""
-    image_parts = [{"type": "image", "image": image} for image in images]
-    text_part = {"type": "text", "text": text}
-    return [text_part, *image_parts] if images_after_text else [*image_parts, text_part]
-
-
-def normalize_messages(messages: list[dict]) -> tuple[list[Any], list[Any]]:
-    """OpenAI-style messages -> (data.types.Message list with image placeholders, images in order).
-
-    Content may be a string or a list of parts {"type": "text", "text"} / {"type": "image",
-    "image": PIL.Image | path}; each image becomes one IMAGE_PLACEHOLDER in the text.
-    """
-    from vlmkit.constants import IMAGE_PLACEHOLDER
-    from vlmkit.data.types import Message
-
-    if not isinstance(messages, list) or not messages:
-        raise PromptError("messages must be a non-empty list of {'role', 'content'} dicts")
-    out, images = [], []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or "role" not in msg:
-            raise PromptError(f"messages[{i}] must be a dict with 'role' and 'content'")
-        role = "system" if msg["role"] == "developer" else msg["role"]
-        if role not in ("system", "user", "assistant"):
-            raise PromptError(f"messages[{i}].role must be system, user or assistant, got {msg['role']!r}")
-        content = msg.get("content") or ""
-        if isinstance(content, str):
-            out.append(Message(role, content))
-            continue
-        pieces = []
-        for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                pieces.append(part.get("text", ""))
-            elif kind == "image":
-                images.append(part.get("image"))
-                pieces.append(IMAGE_PLACEHOLDER)
-            else:
-                raise PromptError(f"messages[{i}].content[{j}] must be {{'type': 'text'}} or {{'type': 'image'}}, "
-                                  f"got {kind!r}")
-        out.append(Message(role, "\n".join(p for p in pieces if p != "")))
-    return out, images
-
-
-def prepare_prompt(vlm, tokenizer, messages: list[dict]) -> Prompt:
-    """Tokenise a conversation with the model's template, decoding and tiling its images."""
-    from vlmkit.data.images import load_image
-    from vlmkit.data.template import encode_prompt
-
-    msgs, images = normalize_messages(messages)
-    tiles = []
-    if images:
-        processor = vlm.image_processor()
-        for image in images:
-            pil = load_image(image)
-            tiles.append(processor(pil))  # (n_tiles, 3, S, S)
-    per_tile = vlm.config.tokens_per_image
-    visual_tokens = [t.shape[0] * per_tile for t in tiles]
-    input_ids = encode_prompt(msgs, tokenizer, visual_tokens)
-    pixel_values = torch.cat(tiles) if tiles else None
-    return Prompt(list(input_ids), pixel_values)
-
-
-def _is_batch(messages) -> bool:
-    return isinstance(messages, list) and bool(messages) and isinstance(messages[0], list)
-
-
-def _params(kw: dict) -> tuple[SamplingParams, int | None]:
-    kw = dict(kw)
-    max_batch = kw.pop("max_batch", None)
-    return SamplingParams(**kw), max_batch
-
-
-def generate_messages(vlm, messages, **kw) -> str | list[str]:
-    """Answer one conversation (-> str) or a list of conversations (-> list[str], batched).
-
-    Keyword arguments are SamplingParams fields (max_new_tokens, temperature, top_p, top_k,
-    repetition_penalty, seed, stop, stop_token_ids) and max_batch (rows decoded together).
-    """
-    params, max_batch = _params(kw)
-    engine = Engine(vlm)
-    conversations = messages if _is_batch(messages) else [messages]
-    prompts = [engine.prepare(m) for m in conversations]
-    texts = [""] * len(prompts)
-    for index, delta in engine.run(prompts, params, max_batch):
-        texts[index] += delta
-    return texts if _is_batch(messages) else texts[0]
-
-
-def stream_messages(vlm, messages: list[dict], **kw) -> Iterator[str]:
-    """Answer one conversation as a stream of text deltas."""
-    params, _ = _params(kw)
-    engine = Engine(vlm)
-    prompt = engine.prepare(messages)
-    for _, delta in engine.run([prompt], params):
-        yield delta

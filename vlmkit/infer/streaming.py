@@ -16,6 +16,12 @@ from typing import Protocol
 
 REPLACEMENT_CHAR = "\ufffd"
 
+WINDOW_KEEP_IDS = 8
+"""Ids left in the decoding window when it is folded: they may still merge with the next id
+(e.g. the bytes of one multi-byte character)."""
+WINDOW_FOLD_AT_IDS = 4 * WINDOW_KEEP_IDS
+"""Window length at which it is folded (rarely, so the fold's extra decode costs little)."""
+
 
 class Decoder(Protocol):
     def decode(self, ids: list[int], skip_special: bool = True) -> str: ...
@@ -90,12 +96,11 @@ class TextStream:
         return window[len(self._anchor_text):]
 
     def _fold_window(self) -> None:
-        # Keep the decode window short: once it spans many ids, settle all but the last few
-        # (which may still merge with the next id, e.g. a multi-byte character).
-        keep = 8
-        if len(self.ids) - self._anchor < 4 * keep:
+        """Keep the decode window short: once it spans WINDOW_FOLD_AT_IDS ids, settle all but the
+        last WINDOW_KEEP_IDS."""
+        if len(self.ids) - self._anchor < WINDOW_FOLD_AT_IDS:
             return
-        new_upto = len(self.ids) - keep
+        new_upto = len(self.ids) - WINDOW_KEEP_IDS
         part = self._decode_tail(new_upto)
         if part.endswith(REPLACEMENT_CHAR):
             return

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from vlmkit.errors import ConfigError
+from vlmkit.serve.settings import ImageLimits, ServerSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,10 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     parser.add_argument("--allow-dir", default=None,
                         help="allow image_url file:// paths inside this directory (refused otherwise)")
-    parser.add_argument("--max-batch", type=int, default=8,
+    parser.add_argument("--max-batch", type=int, default=ServerSettings.max_batch,
                         help="requests decoded together (continuous batching); 1 = one at a time")
-    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
-    parser.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask")
+    parser.add_argument("--max-queue", type=int, default=ServerSettings.max_queue, help="waiting requests before 429")
+    parser.add_argument("--max-tokens-cap", type=int, default=ServerSettings.max_tokens_cap,
+                        help="largest max_tokens a request may ask")
     parser.add_argument("--name", default=None, help="model id reported by /v1/models (default: the directory name)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None,
@@ -26,13 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top, to keep torch and the web framework out of `vlmkit serve --help`.
     import torch
     import uvicorn
 
     from vlmkit.api import VLM
     from vlmkit.infer.engine import Engine
-    from vlmkit.serve.app import ServerSettings, create_app
-    from vlmkit.serve.images import ImageLimits
+    from vlmkit.serve.app import create_app
 
     if args.max_batch < 1 or args.max_queue < 1:
         raise ConfigError("--max-batch and --max-queue must be >= 1")

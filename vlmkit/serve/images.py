@@ -12,26 +12,14 @@ from __future__ import annotations
 import base64
 import binascii
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
 from vlmkit.data.images import load_image
 from vlmkit.errors import BadRecordError
-from vlmkit.serve.schemas import bad_request, too_large
-
-
-@dataclass
-class ImageLimits:
-    max_bytes: int = 8 * 1024 * 1024
-    """Largest encoded image (after base64 decoding) a request may carry."""
-    max_pixels: int = 4096 * 4096
-    """Largest width * height accepted (checked from the header, before decoding)."""
-    max_images: int = 8
-    """Most images in one request."""
-    allow_dir: Path | None = None
-    """file:// URLs must point inside this directory; None refuses them."""
+from vlmkit.serve.protocol import bad_request, too_large
+from vlmkit.serve.settings import ImageLimits
 
 
 def resolve_image(url: str, limits: ImageLimits, param: str) -> Image.Image:
@@ -54,8 +42,11 @@ def _read_bytes(url: str, limits: ImageLimits, param: str) -> bytes:
         if not sep or ";base64" not in header:
             raise bad_request(f"{param}: data URLs must be base64, as data:image/png;base64,<data>", param,
                               "invalid_image_url")
-        if len(payload) * 3 // 4 > limits.max_bytes + 3:
-            raise too_large(f"{param}: image is about {len(payload) * 3 // 4} bytes; the limit is "
+        # Refuse a payload that is surely too large before decoding it: base64 holds 3 bytes per 4
+        # characters, and this estimate counts its padding (at most 2 characters) as bytes too.
+        decoded_size = len(payload) * 3 // 4
+        if decoded_size > limits.max_bytes + 3:
+            raise too_large(f"{param}: image is about {decoded_size} bytes; the limit is "
                             f"{limits.max_bytes}", param)
         try:
             return base64.b64decode(payload, validate=True)

@@ -19,11 +19,16 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
+from vlmkit.data.prompt import Prompt
 from vlmkit.errors import VlmkitError
-from vlmkit.infer.engine import Engine, Prompt, Sequence
+from vlmkit.infer.engine import Engine, Sequence
 from vlmkit.infer.sampling import SamplingParams
+from vlmkit.serve.settings import ServerSettings
 
 log = logging.getLogger("vlmkit.serve")
+
+STOP_TIMEOUT_S = 30
+"""How long `stop` waits for the scheduler thread (it finishes the decode step it is in)."""
 
 
 class QueueFullError(VlmkitError):
@@ -56,7 +61,8 @@ class Ticket:
 class Scheduler:
     """Runs `engine` on a daemon thread; at most `max_batch` rows decode together."""
 
-    def __init__(self, engine: Engine, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, engine: Engine, max_batch: int = ServerSettings.max_batch,
+                 max_queue: int = ServerSettings.max_queue):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
         self.engine = engine
@@ -79,7 +85,7 @@ class Scheduler:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=STOP_TIMEOUT_S)
 
     def submit(self, prompt: Prompt, params: SamplingParams, on_event: Callable[[Event], None]) -> Ticket:
         with self._cond:

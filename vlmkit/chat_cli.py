@@ -38,15 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top, to keep torch out of `vlmkit chat --help`.
     import torch
 
     from vlmkit.api import VLM
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = VLM.from_pretrained(args.model).to(device).eval()
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    session = ChatSession(model, kw, system=args.system, images_after_text=args.images_after_text)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    session = ChatSession(model, sampling, system=args.system, images_after_text=args.images_after_text)
     for path in args.image:
         session.attach(path)
     if args.prompt:
@@ -70,13 +71,16 @@ class ChatSession:
         self.messages, self.pending_images = [], []
 
     def attach(self, path: str) -> None:
+        # Imported here, not at the top, to keep torch out of `vlmkit chat --help` (data/ imports it).
         from vlmkit.data.images import load_image
 
         self.pending_images.append(load_image(Path(path).expanduser()))
 
     def ask(self, text: str, out: TextIO) -> str:
         """Send one user turn, stream the answer to `out`, and keep both in the history."""
-        from vlmkit.infer.engine import stream_messages, user_content
+        # Imported here, not at the top, to keep torch out of `vlmkit chat --help`.
+        from vlmkit.data.messages import user_content
+        from vlmkit.infer.generate import stream_messages
 
         turn = {"role": "user",
                 "content": user_content(text, self.pending_images, images_after_text=self.images_after_text)}
@@ -94,6 +98,7 @@ class ChatSession:
         return answer
 
     def repl(self, inp: TextIO, out: TextIO) -> int:
+        """Read turns and commands from `inp` until /exit or the end of input."""
         interactive = inp.isatty()
         if interactive:
             out.write(f"vlmkit chat ({HELP})\n")
@@ -108,24 +113,31 @@ class ChatSession:
             if not line:
                 continue
             if line.startswith("/"):
-                command, _, rest = line.partition(" ")
-                if command == "/exit":
+                if not self.command(line, out):
                     return 0
-                if command == "/reset":
-                    self.reset()
-                    out.write("[conversation reset]\n")
-                elif command == "/image" and rest.strip():
-                    try:
-                        self.attach(rest.strip())
-                        out.write(f"[image attached: {rest.strip()}]\n")
-                    except BadRecordError as e:
-                        out.write(f"[cannot use image: {e}]\n")
-                else:
-                    out.write(f"[unknown command {line!r}; {HELP}]\n")
-                out.flush()
                 continue
             try:
                 self.ask(line, out)
             except VlmkitError as e:
                 out.write(f"[error: {e}]\n")
                 out.flush()
+
+    def command(self, line: str, out: TextIO) -> bool:
+        """Run one /command; False when it ends the session."""
+        name, _, rest = line.partition(" ")
+        path = rest.strip()
+        if name == "/exit":
+            return False
+        if name == "/reset":
+            self.reset()
+            out.write("[conversation reset]\n")
+        elif name == "/image" and path:
+            try:
+                self.attach(path)
+                out.write(f"[image attached: {path}]\n")
+            except BadRecordError as e:
+                out.write(f"[cannot use image: {e}]\n")
+        else:
+            out.write(f"[unknown command {line!r}; {HELP}]\n")
+        out.flush()
+        return True

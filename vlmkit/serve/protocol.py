@@ -1,4 +1,4 @@
-"""Typed requests of the OpenAI chat completions API and OpenAI-style error bodies.
+"""The OpenAI chat completions protocol: typed requests, response and stream-chunk bodies, errors.
 
 The request models follow the public OpenAI API reference (POST /v1/chat/completions): messages
 whose content is a string or a list of `text` / `image_url` parts, `max_tokens` (or its newer
@@ -6,13 +6,22 @@ name `max_completion_tokens`), `temperature`, `top_p`, `stop`, `seed`, `stream` 
 `stream_options.include_usage`. `top_k`, `repetition_penalty` and `ignore_eos` are vlmkit extensions
 (as in vLLM). Unknown fields are ignored, as OpenAI-compatible servers usually do, so newer clients
 keep working. Pydantic checks types and ranges; a failure becomes a 422 with the field's path.
+
+Responses: a `chat.completion` body, or with `stream: true` server-sent events carrying
+`chat.completion.chunk` bodies, an optional usage chunk (stream_options.include_usage) and
+`data: [DONE]`. Errors: `{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+MAX_STOP_STRINGS = 4
+"""Most stop strings a request may send (OpenAI's limit)."""
 
 
 class ImageURL(BaseModel):
@@ -98,3 +107,53 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 def too_large(message: str, param: str | None = None) -> APIError:
     return APIError(413, message, "invalid_request_error", param, "request_too_large")
+
+
+# ---- responses ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Completion:
+    """What every body of one answer repeats: its id, creation time and model."""
+
+    id: str
+    created: int
+    model: str
+
+    def header(self, object: str) -> dict:
+        return {"id": self.id, "object": object, "created": self.created, "model": self.model}
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(completion: Completion, text: str, finish_reason: str, usage: dict) -> dict:
+    """The whole answer (`stream: false`)."""
+    return {**completion.header("chat.completion"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": finish_reason}],
+            "usage": usage}
+
+
+def chunk_body(completion: Completion, delta: dict, finish_reason: str | None, include_usage: bool) -> dict:
+    """One streamed piece of the answer; with include_usage every chunk carries `usage: null`."""
+    body = {**completion.header("chat.completion.chunk"),
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    if include_usage:
+        body["usage"] = None
+    return body
+
+
+def usage_chunk_body(completion: Completion, usage: dict) -> dict:
+    """The last chunk of a stream with include_usage: no choices, the usage."""
+    return {**completion.header("chat.completion.chunk"), "choices": [], "usage": usage}
+
+
+def sse_event(body: dict) -> str:
+    """One server-sent event carrying a JSON body."""
+    return f"data: {json.dumps(body)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+"""The event that ends every stream."""

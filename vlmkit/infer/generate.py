@@ -1,0 +1,57 @@
+"""Conversations -> answers with one model: build each prompt (data/prompt.py), then run the engine.
+
+    prompt_for(vlm, messages, resolve_image)   a conversation -> the model's Prompt (ids + pixels)
+    generate_messages(vlm, messages, **kw)     one conversation -> str, a list of them -> list[str]
+                                               (what `VLM.generate` runs)
+    stream_messages(vlm, messages, **kw)       one conversation -> text deltas as they become final
+                                               (the chat command)
+
+`vlm` is a `VLM` (api.py): a model with its tokenizer and `image_processor()`. Keyword arguments
+are SamplingParams fields (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+stop, stop_token_ids, ignore_eos) and, for `generate_messages`, max_batch (rows decoded together).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from vlmkit.data.messages import ImageResolver, keep_image
+from vlmkit.data.prompt import Prompt, build_prompt
+from vlmkit.errors import VlmkitError
+from vlmkit.infer.engine import Engine
+from vlmkit.infer.sampling import SamplingParams
+
+
+def prompt_for(vlm, messages: list[dict], resolve_image: ImageResolver = keep_image) -> Prompt:
+    """The prompt of an OpenAI-style conversation for `vlm`: its tokenizer and chat template, its
+    image processor, its visual tokens per tile. Raises BadRecordError for a conversation or image
+    it cannot read."""
+    if vlm.tokenizer is None:
+        raise VlmkitError("this model has no tokenizer, so it cannot read messages; save the checkpoint "
+                          "with its tokenizer")
+    return build_prompt(messages, vlm.tokenizer, vlm.image_processor(), vlm.config.tokens_per_image,
+                        resolve_image)
+
+
+def generate_messages(vlm, messages: list[dict] | list[list[dict]], **kw) -> str | list[str]:
+    """Answer one conversation (-> str) or a list of conversations (-> list[str], batched)."""
+    max_batch = kw.pop("max_batch", None)
+    params = SamplingParams(**kw)
+    batched = _is_batch(messages)
+    prompts = [prompt_for(vlm, m) for m in (messages if batched else [messages])]
+    texts = [""] * len(prompts)
+    for index, delta in Engine(vlm).run(prompts, params, max_batch):
+        texts[index] += delta
+    return texts if batched else texts[0]
+
+
+def stream_messages(vlm, messages: list[dict], **kw) -> Iterator[str]:
+    """Answer one conversation as a stream of text deltas."""
+    prompt = prompt_for(vlm, messages)
+    for _, delta in Engine(vlm).run([prompt], SamplingParams(**kw)):
+        yield delta
+
+
+def _is_batch(messages) -> bool:
+    """A list of conversations (each a list of messages) rather than one conversation."""
+    return isinstance(messages, list) and bool(messages) and isinstance(messages[0], list)

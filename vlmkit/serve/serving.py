@@ -1,0 +1,172 @@
+"""Serving chat completions: request -> prompt -> scheduler -> answer, without the HTTP.
+
+    ChatServing.create(request)   the `chat.completion` body, or with `stream: true` the
+                                  server-sent events (serve/protocol.py writes both)
+
+A request is checked beyond its schema and its prompt built in a worker thread (images are
+decoded there, data/prompt.py's `build_prompt` with `RequestImages` as the image resolver), so a
+bad request is refused before it reaches the scheduler thread, which runs every request's decode
+steps in one continuously changing batch (serve/scheduler.py). The routes, authentication and
+error handlers are serve/app.py's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from vlmkit.data.prompt import Prompt
+from vlmkit.errors import VlmkitError
+from vlmkit.infer.engine import Engine
+from vlmkit.infer.generate import prompt_for
+from vlmkit.infer.sampling import SamplingParams
+from vlmkit.serve.images import resolve_image
+from vlmkit.serve.protocol import (MAX_STOP_STRINGS, SSE_DONE, APIError, ChatCompletionRequest, Completion,
+                                   bad_request, chunk_body, completion_body, error_body, sse_event,
+                                   usage_body, usage_chunk_body)
+from vlmkit.serve.scheduler import Event, QueueFullError, Scheduler, Ticket
+from vlmkit.serve.settings import ImageLimits, ServerSettings
+
+
+class RequestImages:
+    """The image resolver of one request (data/messages.py calls it for each image part, in order):
+    images in user messages only, at most `max_images` of them, each decoded within the limits.
+    Raises APIError (400 / 413) naming the part, e.g. messages[0].content[1]."""
+
+    def __init__(self, limits: ImageLimits):
+        self.limits = limits
+        self.count = 0
+
+    def __call__(self, url: str, where: str, role: str) -> Image.Image:
+        self.count += 1
+        if self.count > self.limits.max_images:
+            raise bad_request(f"{where}: more than {self.limits.max_images} images in one request", where,
+                              "too_many_images")
+        if role != "user":
+            raise bad_request(f"{where}: images are allowed in user messages only", where)
+        return resolve_image(url, self.limits, where)
+
+
+@dataclass
+class Submitted:
+    """A request in the scheduler's hands: its ticket, the queue its events arrive on, its ids."""
+
+    ticket: Ticket
+    events: asyncio.Queue
+    completion: Completion
+
+
+class ChatServing:
+    """POST /v1/chat/completions for one engine, driven through its scheduler."""
+
+    def __init__(self, engine: Engine, scheduler: Scheduler, settings: ServerSettings):
+        self.engine = engine
+        self.scheduler = scheduler
+        self.settings = settings
+
+    async def create(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
+        """The answer to a request: its `chat.completion` body, or with `stream` its events."""
+        prompt, params = await run_in_threadpool(self.prepare, request)
+        submitted = self.submit(prompt, params)
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            return self.stream(submitted, include_usage)
+        return await self.complete(submitted)
+
+    # ---- request -> prompt (a worker thread) ---------------------------------------------------
+
+    def prepare(self, request: ChatCompletionRequest) -> tuple[Prompt, SamplingParams]:
+        """Check a request beyond its schema and build its prompt; raises APIError (400 / 413)."""
+        if request.n != 1:
+            raise bad_request(f"n={request.n} is not supported; this server returns one choice (n=1)", "n")
+        stop = request.stop_list()
+        if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
+            raise bad_request(f"stop must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings",
+                              "stop")
+        cap = self.settings.max_tokens_cap
+        requested = request.requested_max_tokens()
+        if requested is not None and requested > cap:
+            raise bad_request(f"max_tokens {requested} is over this server's limit of {cap}", "max_tokens")
+        conversation = [message.model_dump(exclude_none=True) for message in request.messages]
+        try:
+            prompt = prompt_for(self.engine.vlm, conversation, RequestImages(self.settings.images))
+        except VlmkitError as e:
+            raise bad_request(str(e), "messages") from None
+        params = SamplingParams(max_new_tokens=self._max_new_tokens(len(prompt.input_ids), requested),
+                                temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                                repetition_penalty=request.repetition_penalty, seed=request.seed, stop=stop,
+                                ignore_eos=request.ignore_eos)
+        return prompt, params
+
+    def _max_new_tokens(self, prompt_tokens: int, requested: int | None) -> int:
+        """The request's max_tokens (by default as many as the cap and the context allow), checked
+        against the room the prompt leaves in the model's context."""
+        context = self.engine.max_positions
+        room = context - prompt_tokens
+        max_tokens = requested if requested is not None else min(self.settings.max_tokens_cap, room)
+        if room < 1 or max_tokens > room:
+            raise bad_request(f"the prompt has {prompt_tokens} tokens; with max_tokens {max_tokens} it exceeds "
+                              f"the model's context of {context} tokens", "messages", "context_length_exceeded")
+        return max_tokens
+
+    # ---- prompt -> scheduler -> answer (the event loop) ----------------------------------------
+
+    def submit(self, prompt: Prompt, params: SamplingParams) -> Submitted:
+        """Hand the prompt to the scheduler; its events come back on this event loop. 429 when the
+        scheduler's waiting line is full."""
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        try:
+            ticket = self.scheduler.submit(prompt, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        except QueueFullError as e:
+            raise APIError(429, str(e), "rate_limit_error", None, "queue_full") from None
+        completion = Completion(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.settings.model_name)
+        return Submitted(ticket, events, completion)
+
+    async def complete(self, submitted: Submitted) -> dict:
+        """Wait for the whole answer; a failure inside generation is a 500."""
+        pieces = []
+        try:
+            while True:
+                event = await submitted.events.get()
+                if event.error is not None:
+                    raise APIError(500, event.error, "server_error", None, "generation_failed")
+                pieces.append(event.delta)
+                if event.finish_reason is not None:
+                    break
+        finally:
+            self.scheduler.cancel(submitted.ticket)
+        return completion_body(submitted.completion, "".join(pieces), event.finish_reason, _usage(event))
+
+    async def stream(self, submitted: Submitted, include_usage: bool) -> AsyncIterator[str]:
+        """The answer as server-sent events: a role chunk, content chunks, the finish chunk, the usage
+        chunk (include_usage), [DONE]; a failure becomes an error event. Whatever ends the stream
+        (done, client gone, server stopping) frees the request's row."""
+        completion = submitted.completion
+        try:
+            yield sse_event(chunk_body(completion, {"role": "assistant", "content": ""}, None, include_usage))
+            while True:
+                event = await submitted.events.get()
+                if event.error is not None:
+                    yield sse_event(error_body(event.error, "server_error", None, "generation_failed"))
+                    break
+                if event.delta:
+                    yield sse_event(chunk_body(completion, {"content": event.delta}, None, include_usage))
+                if event.finish_reason is not None:
+                    yield sse_event(chunk_body(completion, {}, event.finish_reason, include_usage))
+                    if include_usage:
+                        yield sse_event(usage_chunk_body(completion, _usage(event)))
+                    break
+            yield SSE_DONE
+        finally:
+            self.scheduler.cancel(submitted.ticket)
+
+
+def _usage(event: Event) -> dict:
+    return usage_body(event.prompt_tokens, event.completion_tokens)

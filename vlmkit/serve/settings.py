@@ -1,0 +1,44 @@
+"""The server's settings and limits, with their defaults: the one place they are written.
+
+`vlmkit serve`'s flags (serve/cli.py), the scheduler (serve/scheduler.py) and the app
+(serve/app.py) read their defaults from here. Kept free of torch and the web framework so that
+`vlmkit serve --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class ImageLimits:
+    """What a request's images may be (serve/images.py checks them)."""
+
+    max_bytes: int = 8 * MiB
+    """Largest encoded image (after base64 decoding) a request may carry."""
+    max_pixels: int = 4096 * 4096
+    """Largest width * height accepted (checked from the header, before decoding)."""
+    max_images: int = 8
+    """Most images in one request."""
+    allow_dir: Path | None = None
+    """file:// URLs must point inside this directory; None refuses them."""
+
+
+@dataclass
+class ServerSettings:
+    model_name: str = "vlmkit"
+    """The id /v1/models reports and responses carry."""
+    api_key: str | None = None
+    """When set, /v1/* needs `Authorization: Bearer <key>`."""
+    max_batch: int = 8
+    """Rows decoded together by the scheduler (1 = one request at a time)."""
+    max_queue: int = 64
+    """Requests waiting for a row; more get 429."""
+    max_body_bytes: int = 32 * MiB
+    """Largest request body."""
+    max_tokens_cap: int = 2048
+    """Largest max_tokens a request may ask for."""
+    images: ImageLimits = field(default_factory=ImageLimits)
