@@ -1,11 +1,14 @@
-"""attention(): packed == block-diagonal reference, padded == unpadded rows, GQA, the KV cache's
-bookkeeping; and on CUDA, flash-attn varlen == SDPA packed == padded."""
+"""Attention backends: packed == block-diagonal reference, padded == unpadded rows, GQA, the KV
+cache's bookkeeping (aligned and ragged steps); and on CUDA, flash varlen == SDPA packed == padded."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from vlmkit.models.attention import AttnSpec, KVCache, attention, flash_available, padding_mask
+from vlmkit.models.attention import (AlignedStep, AttnSpec, AutoBackend, FlashBackend, KVCache, RaggedStep,
+                                     flash_available, padding_mask, select_backend)
+
+AUTO = select_backend("auto")  # what a model gets by default: SDPA on the CPU
+SDPA = select_backend("sdpa")
 
 
 def qkv(T, H=4, Hkv=2, Dh=8, B=None, seed=0, device="cpu", dtype=torch.float32):
@@ -35,10 +38,10 @@ def block_diagonal(seqlens, causal):
 def test_packed_matches_block_diagonal_reference(seqlens, causal):
     q, k, v = qkv(sum(seqlens))
     cu = torch.tensor([0] + seqlens).cumsum(0)
-    out = attention(q, k, v, AttnSpec.packed(cu), causal=causal)
+    out = AUTO(q, k, v, AttnSpec.packed(cu), causal=causal)
     torch.testing.assert_close(out, reference(q, k, v, block_diagonal(seqlens, causal)), atol=1e-5, rtol=1e-5)
     # the batched (1, T, H, Dh) layout gives the same
-    out_b = attention(q[None], k[None], v[None], AttnSpec.packed(cu), causal=causal)
+    out_b = AUTO(q[None], k[None], v[None], AttnSpec.packed(cu), causal=causal)
     torch.testing.assert_close(out_b[0], out)
 
 
@@ -57,38 +60,47 @@ def test_padded_rows_match_unpadded(left, lengths):
     for b, n in enumerate(lengths):
         mask[b, T - n:] = 1 if left else 0
         mask[b, :n] = 0 if left else 1
-    out = attention(q, k, v, AttnSpec.padded(mask))
+    out = AUTO(q, k, v, AttnSpec.padded(mask))
     assert torch.isfinite(out).all()  # pad queries must not produce NaN
     for b in range(B):
         real = mask[b].bool()
-        alone = attention(q[b:b + 1, real], k[b:b + 1, real], v[b:b + 1, real], AttnSpec.causal())
+        alone = AUTO(q[b:b + 1, real], k[b:b + 1, real], v[b:b + 1, real], AttnSpec.causal())
         torch.testing.assert_close(out[b, real], alone[0], atol=1e-5, rtol=1e-5)
 
 
 def test_causal_matches_reference_and_noncausal_padded():
     q, k, v = qkv(6, B=1)
     T = 6
-    out = attention(q, k, v, AttnSpec.causal())
+    out = AUTO(q, k, v, AttnSpec.causal())
     torch.testing.assert_close(out[0], reference(q[0], k[0], v[0], torch.ones(T, T, dtype=torch.bool).tril()),
                                atol=1e-5, rtol=1e-5)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
-    out = attention(q, k, v, AttnSpec.padded(mask), causal=False)
+    out = AUTO(q, k, v, AttnSpec.padded(mask), causal=False)
     allowed = mask.bool()[0][None, :].expand(T, T)
     torch.testing.assert_close(out[0, :4], reference(q[0], k[0], v[0], allowed)[:4], atol=1e-5, rtol=1e-5)
     assert padding_mask(mask, causal=False)[0, 0, 5].tolist() == [True] * 4 + [False, True]
 
 
-def test_bad_backend_and_batch():
+def test_backend_is_chosen_by_name_once():
+    assert isinstance(select_backend(), AutoBackend) and select_backend("sdpa").name == "sdpa"
+    with pytest.raises(ValueError, match="backend"):
+        select_backend("xformers")
     q, k, v = qkv(4, B=2)
     with pytest.raises(ValueError, match="B = 1"):
-        attention(q, k, v, AttnSpec.packed(torch.tensor([0, 4])))
-    with pytest.raises(ValueError, match="backend"):
-        attention(q, k, v, AttnSpec.causal(), backend="xformers")
-    with pytest.raises(ValueError, match="packed"):
-        attention(q, k, v, AttnSpec.causal(), backend="flash")
+        AUTO(q, k, v, AttnSpec.packed(torch.tensor([0, 4])))
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA"):
-            attention(q[:1], k[:1], v[:1], AttnSpec.packed(torch.tensor([0, 4])), backend="flash")
+        with pytest.raises(RuntimeError, match="CUDA"):  # no varlen kernel (when built) or no GPU (when called)
+            select_backend("flash")(q[:1], k[:1], v[:1], AttnSpec.packed(torch.tensor([0, 4])))
+
+
+def test_flash_backend_refuses_unpacked_specs():
+    try:
+        flash = FlashBackend()
+    except RuntimeError:
+        pytest.skip("no varlen flash kernel in this install")
+    q, k, v = qkv(4, B=2)
+    with pytest.raises(ValueError, match="packed"):
+        flash(q, k, v, AttnSpec.causal())
 
 
 def test_kv_cache_ragged_prefill_then_decode():
@@ -108,6 +120,42 @@ def test_kv_cache_ragged_prefill_then_decode():
     cache.end()
     assert cache.lengths.tolist() == [4, 2] and spec.mask[:, 0, 0].tolist() == [[True] * 4, [True, True, False, False]]
     assert cache.k[0][1, 0, :2, 0].tolist() == [5.0, 9.0]
+
+
+def test_kv_cache_aligned_steps_write_one_slice():
+    """Rows of equal length, no pads: an aligned step, every row writing the same slots; one query
+    per row sees every stored key (no mask), several queries get a mask over the slots."""
+    cache = KVCache(num_layers=1)
+    with pytest.raises(RuntimeError, match="begin"):
+        cache.append(0, torch.zeros(2, 1, 1), torch.zeros(2, 1, 1))
+    spec = cache.begin(2, 3)
+    assert isinstance(cache._step, AlignedStep) and spec.kind == "causal"  # a fresh cache: plain causal
+    k = torch.arange(6, dtype=torch.float32).view(2, 3, 1, 1)
+    cache.update(0, k, k)
+    cache.end()
+    spec = cache.begin(2, 1)  # a decode step
+    assert isinstance(cache._step, AlignedStep) and cache._step.start == 3 and spec.kind == "causal"
+    keys, _ = cache.append(0, torch.full((2, 1, 1), 9.0), torch.zeros(2, 1, 1))  # (B, Hkv, L, Dh)
+    cache.end()
+    assert keys[:, 0, :, 0].tolist() == [[0.0, 1.0, 2.0, 9.0], [3.0, 4.0, 5.0, 9.0]]
+    assert cache.lengths.tolist() == [4, 4] and cache.max_length == 4
+    spec = cache.begin(2, 2)  # two tokens on rows of 4: query t sees slots up to 4 + t
+    assert isinstance(cache._step, AlignedStep)
+    assert spec.mask[0, 0].tolist() == [[True] * 5 + [False], [True] * 6]
+
+
+def test_kv_cache_decode_step_over_rows_of_different_lengths_is_ragged():
+    cache = KVCache(num_layers=1)
+    cache.begin(2, 3, torch.tensor([[True, True, True], [True, False, False]]))
+    cache.update(0, torch.ones(2, 3, 1, 1), torch.ones(2, 3, 1, 1))
+    cache.end()
+    spec = cache.begin(2, 1)  # lengths 3 and 1: each row writes its own slot
+    assert isinstance(cache._step, RaggedStep) and cache._step.valid is None
+    keys, _ = cache.append(0, torch.full((2, 1, 1), 9.0), torch.zeros(2, 1, 1))
+    cache.end()
+    assert keys[:, 0, :, 0].tolist() == [[1.0, 1.0, 1.0, 9.0], [1.0, 9.0, 0.0, 0.0]]
+    assert spec.mask[:, 0, 0].tolist() == [[True] * 4, [True, True, False, False]]
+    assert cache.lengths.tolist() == [4, 2] and cache.max_length == 4
 
 
 def test_kv_cache_rows_leave_and_join():
@@ -153,9 +201,9 @@ SEQLENS = [37, 5, 128, 64, 1, 64]
 def test_sdpa_packed_matches_padded_on_cuda():
     cu = torch.tensor([0] + SEQLENS).cumsum(0).cuda()
     q, k, v = qkv(sum(SEQLENS), H=8, Hkv=2, Dh=64, device="cuda", dtype=torch.bfloat16)
-    packed = attention(q, k, v, AttnSpec.packed(cu), backend="sdpa")
+    packed = SDPA(q, k, v, AttnSpec.packed(cu))
     pq, pk, pv, mask = _pad(q, k, v, cu, SEQLENS)
-    padded = attention(pq, pk, pv, AttnSpec.padded(mask))
+    padded = AUTO(pq, pk, pv, AttnSpec.padded(mask))
     for b, (s, n) in enumerate(zip(cu[:-1].tolist(), SEQLENS)):
         torch.testing.assert_close(padded[b, :n].float(), packed[s:s + n].float(), atol=2e-2, rtol=2e-2)
     ref = reference(q.float(), k.float(), v.float(), block_diagonal(SEQLENS, True).cuda())
@@ -170,14 +218,15 @@ def test_flash_varlen_matches_sdpa_packed_and_padded_on_cuda():
     cu = torch.tensor([0] + SEQLENS).cumsum(0).cuda()
     q, k, v = qkv(sum(SEQLENS), H=8, Hkv=2, Dh=64, device="cuda", dtype=torch.bfloat16)
     spec = AttnSpec.packed(cu)
-    flash = attention(q, k, v, spec, backend="flash")
-    sdpa = attention(q, k, v, spec, backend="sdpa")
-    torch.testing.assert_close(attention(q, k, v, spec), flash, atol=0, rtol=0)  # auto picks flash-attn here
+    flash_backend = select_backend("flash")
+    flash = flash_backend(q, k, v, spec)
+    sdpa = SDPA(q, k, v, spec)
+    torch.testing.assert_close(AUTO(q, k, v, spec), flash, atol=0, rtol=0)  # auto picks flash-attn here
     torch.testing.assert_close(flash.float(), sdpa.float(), atol=2e-2, rtol=2e-2)
     pq, pk, pv, mask = _pad(q, k, v, cu, SEQLENS)
-    padded = attention(pq, pk, pv, AttnSpec.padded(mask))
+    padded = AUTO(pq, pk, pv, AttnSpec.padded(mask))
     for b, (s, n) in enumerate(zip(cu[:-1].tolist(), SEQLENS)):
         torch.testing.assert_close(padded[b, :n].float(), flash[s:s + n].float(), atol=2e-2, rtol=2e-2)
-    noncausal = attention(q, k, v, spec, causal=False, backend="flash")
-    torch.testing.assert_close(noncausal.float(), attention(q, k, v, spec, causal=False, backend="sdpa").float(),
+    noncausal = flash_backend(q, k, v, spec, causal=False)
+    torch.testing.assert_close(noncausal.float(), SDPA(q, k, v, spec, causal=False).float(),
                                atol=2e-2, rtol=2e-2)

@@ -1,5 +1,6 @@
 """LLM invariants on a tiny config: packed == padded == KV-cache decode, ragged and continuous
-batching through the cache, gradient checkpointing changes nothing, tied embeddings, init."""
+batching through the cache, gradient checkpointing changes nothing, tied embeddings, init, the
+attention backend picked once. (The decode step path vs the module path: test_decode_paths.py.)"""
 
 import pytest
 import torch
@@ -204,6 +205,22 @@ def test_init_weights_scales():
     assert abs(model.layers[0].attn.q_proj.weight.std().item() - 0.02) < 2e-3
     assert abs(model.layers[0].mlp.down_proj.weight.std().item() - 0.02 / 4) < 1e-3  # 1/sqrt(2 * 8)
     assert torch.all(model.norm.weight == 1)
+
+
+@torch.no_grad()
+def test_attention_backend_is_chosen_once_for_every_layer():
+    model = tiny()
+    assert model.attend.name == "auto" and all(block.attn.attend is model.attend for block in model.layers)
+    sdpa = LLM(model.config, attention_backend="sdpa").eval()
+    sdpa.load_state_dict(model.state_dict())
+    assert all(block.attn.attend.name == "sdpa" for block in sdpa.layers)
+    ids = torch.cat(samples([5, 8]))
+    spec = AttnSpec.packed(torch.tensor([0, 5, 13]))
+    # on the CPU "auto" runs packed specs on SDPA too
+    torch.testing.assert_close(model.decode(model.embed(ids), spec=spec), sdpa.decode(sdpa.embed(ids), spec=spec),
+                               atol=0, rtol=0)
+    with pytest.raises(ValueError, match="backend"):
+        LLM(model.config, attention_backend="xformers")
 
 
 def test_non_silu_rejected():

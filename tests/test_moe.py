@@ -1,5 +1,7 @@
-"""MoE FFN: top-k routing, shared experts, auxiliary-loss-free bias balancing, aux loss, load reporting."""
+"""MoE FFN: top-k routing, shared experts, auxiliary-loss-free bias balancing, the aux loss against
+its formula, load reporting."""
 
+import pytest
 import torch
 
 from vlmkit.models.config import LLMConfig, MoEConfig
@@ -85,12 +87,38 @@ def test_bias_not_updated_in_eval_or_when_rate_is_zero():
     assert torch.all(layer.router.score_bias == 0)  # eval forwards do not count as load
 
 
-def test_aux_loss_positive_and_differentiable():
-    layer = moe(aux_loss_coef=0.1)
-    _, aux, _ = layer(torch.randn(32, D))
-    assert aux.item() > 0
+def balance_loss_by_hand(x, router_weight, score_bias, top_k, score_func, coef):
+    """The auxiliary balance loss from its formula, computed here from the router's parameters.
+
+    Switch Transformer's load-balancing loss (Fedus et al., arXiv:2101.03961, section 2.2,
+    eq. 4-6), coef * E * sum_e f_e * P_e, with top-k routing: f_e the fraction of the N * K picks
+    that went to expert e, P_e the mean over tokens of e's share of the token's affinities (the
+    normalised affinities of DeepSeek-V3's sequence-wise balance loss, arXiv:2412.19437, section
+    2.1.2). The picks are the router's, made on the biased scores; P_e uses the unbiased ones."""
+    E = router_weight.shape[0]
+    logits = x @ router_weight.T  # (N, E)
+    scores = logits.sigmoid() if score_func == "sigmoid" else logits.softmax(-1)
+    picks = (scores.detach() + score_bias).topk(top_k, dim=-1).indices  # (N, K)
+    f = torch.stack([(picks == e).sum() for e in range(E)]).float() / picks.numel()
+    P = (scores / scores.sum(-1, keepdim=True)).mean(0)
+    return coef * E * (f * P).sum()
+
+
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_aux_loss_is_the_balance_loss_formula(score_func):
+    layer = moe(aux_loss_coef=0.1, score_func=score_func)
+    with torch.no_grad():  # a selection bias that changes some picks: they must still count
+        layer.router.score_bias.copy_(torch.linspace(-0.3, 0.3, 6))
+    x = torch.randn(32, D, generator=torch.Generator().manual_seed(7))
+    _, aux, counts = layer(x)
+    weight = layer.router.weight.detach().clone().requires_grad_(True)
+    want = balance_loss_by_hand(x, weight, layer.router.score_bias, top_k=2, score_func=score_func, coef=0.1)
+    torch.testing.assert_close(aux, want)
+    assert counts.sum() == 32 * 2
+    # differentiable through P_e, with the gradient of the formula
     aux.backward()
-    assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+    want.backward()
+    torch.testing.assert_close(layer.router.weight.grad, weight.grad)
     _, zero, _ = moe(aux_loss_coef=0.0)(torch.randn(4, D))
     assert zero.item() == 0
 

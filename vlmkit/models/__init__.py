@@ -1,7 +1,7 @@
 """Model parts: vision encoder, adapter, decoder LLM, the assembled VLM, and HF checkpoint loading.
 
 `load_llm(dir)` / `load_vision(dir)` load one component from a local HF directory (parity checks);
-`VLMModel` is the assembled model. Imports are lazy so that reading a config does not import torch.
+`VLMModel` is the assembled model.
 """
 
 from vlmkit.models.config import AdapterConfig, LLMConfig, MoEConfig, VisionConfig, VLMConfig
@@ -10,7 +10,10 @@ __all__ = ["AdapterConfig", "LLMConfig", "MoEConfig", "VisionConfig", "VLMConfig
            "load_vision"]
 
 
-def __getattr__(name):
+def __getattr__(name: str):
+    # The torch-backed names are imported on first use (PEP 562), deferring torch: importing any
+    # vlmkit.models module runs this file, and the run config (vlmkit.config, which the commands
+    # read) imports vlmkit.models.config without torch, so that `vlmkit --help` stays fast.
     if name == "VLMModel":
         from vlmkit.models.vlm import VLMModel
 

@@ -30,9 +30,9 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
-from vlmkit.models.attention import AttnSpec, attention
+from vlmkit.models.attention import AttnSpec, select_backend
 from vlmkit.models.config import AdapterConfig
-from vlmkit.models.vision import activation, init_dense_and_norms
+from vlmkit.models.vision import INIT_STD, activation, init_dense_and_norms
 
 
 class _Activation(nn.Module):
@@ -130,6 +130,7 @@ class ResamplerAdapter(nn.Module):
         if llm_dim % cfg.num_heads:
             raise ValueError(f"resampler num_heads {cfg.num_heads} must divide the LLM width {llm_dim}")
         self.num_heads = cfg.num_heads
+        self.attend = select_backend("sdpa")  # queries and patches of equal count per image: no packed layout
         self.query = nn.Parameter(torch.zeros(cfg.num_queries, llm_dim))
         self.kv_proj = nn.Linear(vision_dim, llm_dim, bias=False)
         self.ln_q = nn.LayerNorm(llm_dim)
@@ -154,7 +155,7 @@ class ResamplerAdapter(nn.Module):
         q_h = self.q_proj(q).unflatten(-1, (self.num_heads, Dh))  # (N, Q, H, Dh)
         k_h = self.k_proj(kv + pos).unflatten(-1, (self.num_heads, Dh))  # (N, P, H, Dh)
         v_h = self.v_proj(kv).unflatten(-1, (self.num_heads, Dh))
-        out = attention(q_h, k_h, v_h, AttnSpec.causal(), causal=False)  # (N, Q, H, Dh)
+        out = self.attend(q_h, k_h, v_h, AttnSpec.causal(), causal=False)  # (N, Q, H, Dh)
         out = self.out_proj(out.flatten(-2))  # (N, Q, D)
         return self.proj(self.ln_post(out))
 
@@ -175,4 +176,4 @@ def init_adapter_weights(adapter: nn.Module) -> None:
     truncated normal, std 0.02 (Qwen-VL)."""
     init_dense_and_norms(adapter)
     if isinstance(adapter, ResamplerAdapter):
-        nn.init.trunc_normal_(adapter.query, std=0.02)
+        nn.init.trunc_normal_(adapter.query, std=INIT_STD)

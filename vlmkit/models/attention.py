@@ -1,13 +1,15 @@
-"""One attention entry point for every way tokens are laid out, and the KV cache for decoding.
+"""One attention call for every way tokens are laid out, and the KV cache for decoding.
 
-`attention(q, k, v, spec)` takes queries, keys and values shaped (B, T, H, Dh) (the flash-attn
+An attention backend, picked once when a model is built (`select_backend(name)`), is called per
+layer as `backend(q, k, v, spec)`: queries, keys and values shaped (B, T, H, Dh) (the flash-attn
 layout) and an `AttnSpec` that says how tokens may attend:
 
 - packed: many samples concatenated into one flat sequence (B = 1 or no batch dim) with
-  `cu_seqlens`, no padding; attention never crosses a sample boundary. On the CPU one SDPA call per
-  group of equal-length samples is about 2x faster than one call with a block-diagonal mask over a
-  4k pack (measured, DESIGN.md); on CUDA a FlashAttention varlen kernel runs it: flash-attn's
-  `flash_attn_varlen_func` when installed, else PyTorch's `varlen_attn` (Dao, "FlashAttention-2", 2023).
+  `cu_seqlens`, no padding; attention never crosses a sample boundary. On the CPU one SDPA call
+  per group of equal-length samples runs it (one call with a block-diagonal mask would spend most
+  of its work on masked pairs; docs/models-llm.md has the figures); on CUDA a FlashAttention
+  varlen kernel: flash-attn's `flash_attn_varlen_func` when installed, else PyTorch's
+  `varlen_attn` (Dao, "FlashAttention-2", 2023).
 - padded: a (B, T) batch with an attention mask (1 = real token), causal + key padding.
 - causal: a (B, T) batch without padding.
 - mask: an explicit boolean mask (B, 1, Tq, Tk); the KV cache builds one for steps whose rows
@@ -33,7 +35,23 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Backend = Literal["auto", "sdpa", "flash"]
+BackendName = Literal["auto", "sdpa", "flash"]
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+"""The dtypes the FlashAttention kernels take."""
+FLASH_HEAD_DIM_MULTIPLE = 8
+FLASH_MAX_HEAD_DIM = 256
+"""The kernels' head-dim limits: a multiple of 8, at most 256."""
+FLASH_MIN_COMPUTE_CAPABILITY = 8
+"""Ampere: the oldest GPU generation the varlen kernels run on."""
+FOLD_MAX_QUERIES = 16
+"""Masked GQA with at most this many queries per row folds query heads into the query length
+(decode steps); longer queries repeat the kv heads (`_sdpa_heads_first`)."""
+MIN_CACHE_CAPACITY = 16
+"""The smallest per-layer cache allocation, in tokens per row."""
+
+_FLASH_NEEDS = ("attention backend 'flash' needs a CUDA GPU (Ampere or newer) and flash-attn "
+                "or PyTorch >= 2.10 (torch.nn.attention.varlen)")
 
 
 @functools.cache
@@ -42,7 +60,8 @@ def _flash_varlen():
 
     The flash-attn package's `flash_attn_varlen_func` when installed, else PyTorch's own
     `torch.nn.attention.varlen.varlen_attn` (PyTorch >= 2.10; older releases take `is_causal`,
-    newer ones a `window_size` and `enable_gqa`)."""
+    newer ones a `window_size` and `enable_gqa`). Both imports are deferred to the first packed
+    call: flash-attn is an optional dependency."""
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
@@ -68,10 +87,15 @@ def _flash_varlen():
     return run
 
 
+@functools.cache
+def _runs_flash(device: torch.device) -> bool:
+    """The device can run the varlen kernels (CUDA, Ampere or newer); asked once per device."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= FLASH_MIN_COMPUTE_CAPABILITY
+
+
 def flash_available(device: torch.device) -> bool:
     """A varlen flash kernel exists and the device runs it (CUDA, Ampere or newer)."""
-    return (device.type == "cuda" and _flash_varlen() is not None
-            and torch.cuda.get_device_capability(device)[0] >= 8)
+    return _flash_varlen() is not None and _runs_flash(device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,46 +146,111 @@ class AttnSpec:
         return torch.arange(length, device=device).unsqueeze(0).expand(batch, length)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, causal: bool = True,
-              backend: Backend = "auto") -> torch.Tensor:
-    """Scaled dot-product attention (scale 1/sqrt(Dh)) as `spec` allows.
+# --- backends ---------------------------------------------------------------------------------------
 
-    q (B, T, H, Dh), k / v (B, Tk, Hkv, Dh) -> (B, T, H, Dh). Packed specs also take (T, H, Dh).
-    backend: auto = a flash varlen kernel for fp16 / bf16 packed specs on CUDA when one exists
-    (head dim a multiple of 8, at most 256), SDPA otherwise; "sdpa" / "flash" force one.
-    """
-    if backend not in ("auto", "sdpa", "flash"):
-        raise ValueError(f"attention backend must be auto, sdpa or flash, got {backend!r}")
-    if torch.is_autocast_enabled(q.device.type):
-        # RoPE leaves q / k in fp32 under autocast while v is in half precision; SDPA would cast all
-        # three to the autocast dtype, so do it here for every backend (flash kernels need it).
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    if spec.kind == "packed":
-        flat = q.dim() == 3
-        if not flat:
-            if q.shape[0] != 1:
-                raise ValueError(f"packed attention takes one flat sequence (B = 1), got B = {q.shape[0]}")
-            q, k, v = q[0], k[0], v[0]
-        use_flash = backend == "flash" or (backend == "auto" and flash_available(q.device)
-                                            and q.dtype in (torch.float16, torch.bfloat16)
-                                            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)  # kernel limits
-        if use_flash:
-            if not flash_available(q.device):
-                raise RuntimeError("attention backend 'flash' needs a CUDA GPU (Ampere or newer) and flash-attn "
-                                   "or PyTorch >= 2.10 (torch.nn.attention.varlen)")
-            cu = spec.cu_seqlens.to(device=q.device, dtype=torch.int32)
-            out = _flash_varlen()(q, k, v, cu, spec.max_seqlen, causal)
-        else:
-            out = _packed_sdpa(q, k, v, spec.seqlens, causal)
-        return out if flat else out.unsqueeze(0)
-    if backend == "flash":
+
+class AttentionBackend:
+    """Scaled dot-product attention (scale 1/sqrt(Dh)) as an `AttnSpec` allows; this base class is
+    the "sdpa" backend: PyTorch's SDPA for every spec, packed ones as one call per group of
+    equal-length samples. Subclasses run packed specs on a FlashAttention varlen kernel.
+
+    A model picks its backend once, when it is built, and calls it in every layer:
+    backend(q (B, T, H, Dh), k / v (B, Tk, Hkv, Dh), spec, causal) -> (B, T, H, Dh); packed specs
+    also take (T, H, Dh). Backends hold no state (a model that holds one still deep-copies and
+    pickles)."""
+
+    name: str = "sdpa"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec,
+                 causal: bool = True) -> torch.Tensor:
+        q, k, v = _in_autocast_dtype(q, k, v)
+        if spec.kind != "packed":
+            return self._unpacked(q, k, v, spec, causal)
+        if q.dim() == 3:
+            return self._packed(q, k, v, spec, causal)
+        if q.shape[0] != 1:
+            raise ValueError(f"packed attention takes one flat sequence (B = 1), got B = {q.shape[0]}")
+        return self._packed(q[0], k[0], v[0], spec, causal).unsqueeze(0)
+
+    def _packed(self, q, k, v, spec: AttnSpec, causal: bool) -> torch.Tensor:
+        """q (T, H, Dh), k / v (T, Hkv, Dh) -> (T, H, Dh)."""
+        return _packed_sdpa(q, k, v, spec.seqlens, causal)
+
+    def _unpacked(self, q, k, v, spec: AttnSpec, causal: bool) -> torch.Tensor:
+        if spec.kind == "causal":
+            return _sdpa(q, k, v, mask=None, causal=causal and q.shape[1] > 1)
+        if spec.kind == "padded":
+            return _sdpa(q, k, v, mask=padding_mask(spec.attention_mask.to(q.device), causal), causal=False)
+        return _sdpa(q, k, v, mask=spec.mask, causal=False)
+
+
+class FlashBackend(AttentionBackend):
+    """The "flash" backend: packed specs always on the varlen kernel, which must run on the
+    device; other specs are refused (the kernel takes no padding mask)."""
+
+    name = "flash"
+
+    def __init__(self):
+        if _flash_varlen() is None:
+            raise RuntimeError(_FLASH_NEEDS)
+
+    def _packed(self, q, k, v, spec: AttnSpec, causal: bool) -> torch.Tensor:
+        if not _runs_flash(q.device):
+            raise RuntimeError(_FLASH_NEEDS)
+        return _flash_packed(q, k, v, spec, causal)
+
+    def _unpacked(self, q, k, v, spec: AttnSpec, causal: bool) -> torch.Tensor:
         raise ValueError(f"the flash backend runs packed specs only, got a {spec.kind} spec")
-    if spec.kind == "causal":
-        return _sdpa(q, k, v, mask=None, causal=causal and q.shape[1] > 1)
-    if spec.kind == "padded":
-        return _sdpa(q, k, v, mask=padding_mask(spec.attention_mask.to(q.device), causal), causal=False)
-    return _sdpa(q, k, v, mask=spec.mask, causal=False)
+
+
+class AutoBackend(AttentionBackend):
+    """The "auto" backend (the default): packed specs on the varlen kernel where it runs them (fp16
+    / bf16 on an Ampere or newer GPU, head dim within the kernel's limits), SDPA otherwise. What
+    decides is the tensors' device and dtype, which a model changes after it is built (`.to()`,
+    autocast), so those are read per call; the kernel lookup and device query are cached."""
+
+    name = "auto"
+
+    def _packed(self, q, k, v, spec: AttnSpec, causal: bool) -> torch.Tensor:
+        head_dim = q.shape[-1]
+        if (q.dtype in HALF_DTYPES and head_dim % FLASH_HEAD_DIM_MULTIPLE == 0 and head_dim <= FLASH_MAX_HEAD_DIM
+                and flash_available(q.device)):
+            return _flash_packed(q, k, v, spec, causal)
+        return super()._packed(q, k, v, spec, causal)
+
+
+BACKENDS: dict[str, type[AttentionBackend]] = {"auto": AutoBackend, "sdpa": AttentionBackend, "flash": FlashBackend}
+
+
+def select_backend(name: BackendName = "auto") -> AttentionBackend:
+    """The attention backend called `name`: auto (a flash varlen kernel for fp16 / bf16 packed specs
+    on CUDA when one exists, SDPA otherwise), sdpa, or flash (packed specs only, CUDA only)."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend must be auto, sdpa or flash, got {name!r}")
+    return BACKENDS[name]()
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One query per row against the KV cache, in SDPA's layout (`KVCache.append` returns it):
+    q (B, H, 1, Dh), k / v (B, Hkv, L, Dh), mask (B, 1, 1, L) bool or None (every key) -> (B, H, 1, Dh).
+    Every backend decodes this way: a step's single query has no packed layout to exploit."""
+    q, k, v = _in_autocast_dtype(q, k, v)
+    return _sdpa_heads_first(q, k, v, mask, causal=False)
+
+
+def _in_autocast_dtype(q, k, v):
+    """RoPE leaves q / k in fp32 under autocast while v is in half precision; SDPA would cast all
+    three to the autocast dtype, so do it here for every backend (the flash kernels need it)."""
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
+
+
+def _flash_packed(q, k, v, spec: AttnSpec, causal: bool) -> torch.Tensor:
+    """q (T, H, Dh), k / v (T, Hkv, Dh) through the varlen kernel -> (T, H, Dh)."""
+    cu = spec.cu_seqlens.to(device=q.device, dtype=torch.int32)
+    return _flash_varlen()(q, k, v, cu, spec.max_seqlen, causal)
 
 
 def padding_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -180,28 +269,18 @@ def _sdpa(q, k, v, mask, causal: bool) -> torch.Tensor:
     return _sdpa_heads_first(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, causal).transpose(1, 2)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One query per row against the KV cache, in SDPA's layout (`KVCache.append` returns it):
-    q (B, H, 1, Dh), k / v (B, Hkv, L, Dh), mask (B, 1, 1, L) bool or None (every key) -> (B, H, 1, Dh)."""
-    if torch.is_autocast_enabled(q.device.type):  # as in `attention`
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    return _sdpa_heads_first(q, k, v, mask, causal=False)
-
-
 def _sdpa_heads_first(q, k, v, mask, causal: bool) -> torch.Tensor:
     """q (B, H, T, Dh), k / v (B, Hkv, Tk, Dh) -> (B, H, T, Dh). A mask already holds causality."""
     B, H, T, Dh = q.shape
     Hkv = k.shape[1]
     if H != Hkv and mask is not None:
         # SDPA's GQA runs in the flash and math kernels only, and flash takes no mask: with a mask
-        # it falls back to math, which materialises (B, H, T, Tk) scores. Measured on an H100
-        # (B 8, T 2047, 14 / 2 heads, bf16, forward + backward): math 21 ms / 7.4 GiB; kv heads
-        # repeated (cuDNN) 2.8 ms / 0.3 GiB; query heads folded into the query length 4.2 ms /
-        # 0.8 GiB. Long queries therefore repeat kv; short ones (decode steps against a long
-        # cache) fold, which avoids copying the whole cache every step.
+        # it falls back to math, which materialises (B, H, T, Tk) scores (several times slower and
+        # larger; docs/models-llm.md has the figures). Long queries therefore repeat kv; short
+        # ones (decode steps against a long cache) fold the query heads of each kv head into the
+        # query length, which avoids copying the whole cache every step.
         rep = H // Hkv
-        if T <= 16:
+        if T <= FOLD_MAX_QUERIES:
             out = F.scaled_dot_product_attention(q.reshape(B, Hkv, rep * T, Dh), k, v,
                                                  attn_mask=mask.repeat(1, 1, rep, 1))  # (B, Hkv, rep*T, Dh)
             return out.reshape(B, H, T, Dh)
@@ -232,14 +311,47 @@ def _packed_sdpa(q, k, v, seqlens: list[int], causal: bool) -> torch.Tensor:
     return torch.cat(pieces)
 
 
+# --- KV cache -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class AlignedStep:
+    """A cache step over rows that all hold `start` tokens and all add `end - start` real ones:
+    every row writes slots start .. end - 1, one slice of the cache (e.g. a decode step over rows
+    of equal length)."""
+
+    start: int
+    end: int
+    """Tokens in every row after the step: keys are read up to here."""
+    new_lengths: torch.Tensor  # (B,) on the step's device
+
+
+@dataclass(frozen=True, eq=False)
+class RaggedStep:
+    """A cache step whose rows hold different numbers of tokens, or whose batch holds pads: each
+    real token goes to its own (row, slot)."""
+
+    rows: torch.Tensor
+    """Row of each new token: (B, T), or (N,) for the N real tokens of a padded step."""
+    slots: torch.Tensor
+    """Cache slot of each new token, shaped like `rows`."""
+    valid: torch.Tensor | None
+    """(B, T) bool, the real tokens of a padded step; None: every token is real."""
+    end: int
+    """Tokens in the longest row after the step: keys are read up to here."""
+    new_lengths: torch.Tensor  # (B,) on the step's device
+    new_host_lengths: list[int]
+
+
 class KVCache:
     """Keys and values of every layer for B rows, each row with its own length.
 
     A forward step with a cache: `begin(valid)` with the step's (B, T) mask of real tokens (ragged
     prompts are right- or left-padded; each row's real tokens are stored contiguously after its
-    previous ones), then each layer calls `update(layer, k, v)` and attends with `spec`, then
-    `end()` advances the lengths. Between steps, `keep_rows` / `remove_rows` drop finished rows and
-    `add_rows(*others)` appends rows prefilled in other caches (continuous batching).
+    previous ones), then each layer calls `update(layer, k, v)` (or `append` for one token per
+    row) and attends with the spec `begin` returned, then `end()` advances the lengths. Between
+    steps, `keep_rows` / `remove_rows` drop finished rows and `add_rows(*others)` appends rows
+    prefilled in other caches (continuous batching).
 
     Storage per layer: k, v (B, Hkv, L, Dh), allocated on first use and grown by doubling;
     `capacity` sets the first allocation's length (the tokens a row is known to need, so that
@@ -253,7 +365,7 @@ class KVCache:
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = torch.zeros(0, dtype=torch.long)  # (B,) tokens stored per row
         self._host_lengths: list[int] = []  # the same lengths on the host, so a step never reads them back
-        self._step: dict | None = None
+        self._step: AlignedStep | RaggedStep | None = None  # between begin() and end()
 
     def __len__(self) -> int:
         """Number of rows."""
@@ -282,38 +394,45 @@ class KVCache:
 
         valid (B, T) bool marks the real tokens of a padded step (ragged prompts); None: every
         token is real (a causal step, e.g. decoding), and nothing is read back from the device.
-        When every row also holds the same number of tokens, the new keys go to one slice of the
-        cache, and a single-token query (or a fresh cache) needs no mask."""
-        B, T = batch, length
+        When every row also holds the same number of tokens, the step is aligned: the new keys go
+        to one slice of the cache, and a single-token query (or a fresh cache) needs no mask."""
         device = valid.device if valid is not None else device if device is not None else self.lengths.device
         if len(self) == 0 and self.k[0] is None:
-            self.lengths = torch.zeros(B, dtype=torch.long, device=device)
-            self._host_lengths = [0] * B
-        if B != len(self):
-            raise ValueError(f"KV cache holds {len(self)} rows but the step has {B}")
-        lengths = self.lengths.to(device)
+            self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+            self._host_lengths = [0] * batch
+        if batch != len(self):
+            raise ValueError(f"KV cache holds {len(self)} rows but the step has {batch}")
         host = self._host_lengths
-        all_valid = valid is None
-        if all_valid and B and all(n == host[0] for n in host):
-            start = host[0]
-            self._step = dict(start=start, new_lengths=lengths + T, host=[start + T] * B, L=start + T)
-            if start == 0 or T == 1:  # plain causal from slot 0, or one query that sees every key
-                return AttnSpec.causal()
-            slot = start + torch.arange(T, device=device).expand(B, T)  # (B, T)
-            return AttnSpec.from_mask(_slot_mask(slot, start + T))
-        offsets = torch.arange(T, device=device).expand(B, T) if all_valid else valid.long().cumsum(-1) - 1
-        slot = lengths[:, None] + offsets  # (B, T) where each new token goes
-        counts = [T] * B if all_valid else valid.long().sum(-1).tolist()
-        new_host = [n + c for n, c in zip(host, counts)]
-        if all_valid:
-            rows, q_slot = (torch.arange(B, device=device)[:, None].expand(B, T), slot), slot
+        if valid is None and batch and all(n == host[0] for n in host):
+            return self._begin_aligned(batch, length, device)
+        return self._begin_ragged(batch, length, valid, device)
+
+    def _begin_aligned(self, batch: int, length: int, device: torch.device) -> AttnSpec:
+        start = self._host_lengths[0]
+        end = start + length
+        self._step = AlignedStep(start=start, end=end, new_lengths=self.lengths.to(device) + length)
+        if start == 0 or length == 1:  # plain causal from slot 0, or one query that sees every key
+            return AttnSpec.causal()
+        slot = start + torch.arange(length, device=device).expand(batch, length)  # (B, T)
+        return AttnSpec.from_mask(_slot_mask(slot, end))
+
+    def _begin_ragged(self, batch: int, length: int, valid: torch.Tensor | None, device: torch.device) -> AttnSpec:
+        B, T = batch, length
+        lengths = self.lengths.to(device)
+        if valid is None:
+            slot = lengths[:, None] + torch.arange(T, device=device).expand(B, T)  # (B, T) where each token goes
+            rows, slots, q_slot = torch.arange(B, device=device)[:, None].expand(B, T), slot, slot
+            counts = [T] * B
         else:
-            rows = (valid.nonzero(as_tuple=True)[0], slot[valid])
-            # a pad query sees slot 0 only (finite, unused)
-            q_slot = torch.where(valid, slot, torch.zeros_like(slot))
-        self._step = dict(rows=rows, valid=None if all_valid else valid, host=new_host, L=max(new_host, default=0),
-                          new_lengths=lengths + torch.tensor(counts, dtype=torch.long, device=device))
-        return AttnSpec.from_mask(_slot_mask(q_slot, self._step["L"]))
+            slot = lengths[:, None] + valid.long().cumsum(-1) - 1
+            rows, slots = valid.nonzero(as_tuple=True)[0], slot[valid]
+            q_slot = torch.where(valid, slot, torch.zeros_like(slot))  # a pad query sees slot 0 only (finite, unused)
+            counts = valid.long().sum(-1).tolist()
+        new_host = [n + c for n, c in zip(self._host_lengths, counts)]
+        end = max(new_host, default=0)
+        self._step = RaggedStep(rows=rows, slots=slots, valid=valid, end=end, new_host_lengths=new_host,
+                                new_lengths=lengths + torch.tensor(counts, dtype=torch.long, device=device))
+        return AttnSpec.from_mask(_slot_mask(q_slot, end))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k / v (B, T, Hkv, Dh) of `layer`; return all keys / values (B, L, Hkv, Dh)."""
@@ -324,34 +443,33 @@ class KVCache:
         """`update` for one token per row, in SDPA's layout: k / v (B, Hkv, Dh) -> all keys / values
         (B, Hkv, L, Dh) as stored, with no transposes on the way (a decode step is call-bound)."""
         step = self._step
-        if step is None or "start" not in step:  # rows of different lengths: per-row slots
+        if not isinstance(step, AlignedStep):  # per-row slots (or no step begun: _store says so)
             return self._store(layer, k[:, None], v[:, None])
-        L = step["L"]
-        self._reserve(layer, k[:, None], L)
+        self._reserve(layer, k[:, None], step.end)
         keys, values = self.k[layer], self.v[layer]
-        keys[:, :, step["start"]] = k  # every row writes the same slot
-        values[:, :, step["start"]] = v
-        return keys[:, :, :L], values[:, :, :L]
+        keys[:, :, step.start] = k  # every row writes the same slot
+        values[:, :, step.start] = v
+        return keys[:, :, :step.end], values[:, :, :step.end]
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k / v (B, T, Hkv, Dh) into this step's slots -> the stored keys / values (B, Hkv, L, Dh)."""
         step = self._step
         if step is None:
             raise RuntimeError("KVCache.update / append called outside begin() / end()")
-        L = step["L"]
-        self._reserve(layer, k, L)
-        if "start" in step:  # every row writes the same slots
-            self.k[layer][:, :, step["start"]:L] = k.transpose(1, 2)
-            self.v[layer][:, :, step["start"]:L] = v.transpose(1, 2)
+        self._reserve(layer, k, step.end)
+        if isinstance(step, AlignedStep):
+            self.k[layer][:, :, step.start:step.end] = k.transpose(1, 2)
+            self.v[layer][:, :, step.start:step.end] = v.transpose(1, 2)
         else:
-            b, slot = step["rows"]
-            valid = step["valid"]
-            self.k[layer][b, :, slot] = k if valid is None else k[valid]
-            self.v[layer][b, :, slot] = v if valid is None else v[valid]
-        return self.k[layer][:, :, :L], self.v[layer][:, :, :L]
+            valid = step.valid
+            self.k[layer][step.rows, :, step.slots] = k if valid is None else k[valid]
+            self.v[layer][step.rows, :, step.slots] = v if valid is None else v[valid]
+        return self.k[layer][:, :, :step.end], self.v[layer][:, :, :step.end]
 
     def end(self) -> None:
-        self.lengths, self._host_lengths = self._step["new_lengths"], self._step["host"]
+        step = self._step
+        self.lengths = step.new_lengths
+        self._host_lengths = ([step.end] * len(self) if isinstance(step, AlignedStep) else step.new_host_lengths)
         self._step = None
 
     def _reserve(self, layer: int, like: torch.Tensor, needed: int) -> None:
@@ -359,7 +477,7 @@ class KVCache:
         cur = self.k[layer]
         if cur is not None and cur.shape[2] >= needed:
             return
-        cap = max(needed, 2 * cur.shape[2] if cur is not None else self.initial_capacity, 16)
+        cap = max(needed, 2 * cur.shape[2] if cur is not None else self.initial_capacity, MIN_CACHE_CAPACITY)
         for store in (self.k, self.v):
             new = like.new_zeros(B, Hkv, cap, Dh)
             if store[layer] is not None:

@@ -8,15 +8,13 @@ calls per block where it made 5 (plus o_proj and down_proj, and the output head,
 alone). The separate modules stay the model's parameters (checkpoint names, freezing, FSDP and
 the optimiser see nothing new); the copies are derived from them and rebuilt whenever one of
 them changes (an optimiser step or `load_state_dict` bumps a tensor's version counter, `.to()`
-moves its storage).
+moves its storage, `to_empty` or `load_state_dict(assign=True)` replaces the parameter).
 
-Transposed weights. `F.linear(x, W)` multiplies by W (out, in) as stored, which MKL's sgemm runs
-as a transposed-B product; with W^T stored contiguous (in, out), `x @ W^T` is a plain product.
-Measured on this project's 2-core CPU (Xeon with AVX-512, one thread, torch 2.13): 192 -> 576 at
-8 rows 17.0 -> 10.1 us, at 1 row 7.6 -> 4.4 us; 896 -> 4864 at 8 rows 1,827 -> 791 us. It is as fast
-as oneDNN's prepacked weights (`torch.ops.mkldnn._reorder_linear_weight`, which this module used
-before) from 8 rows up and 2-4x faster below, through a public op. Other devices keep W as stored:
-cuBLAS runs both layouts alike.
+Transposed weights: `F.linear(x, W)` multiplies by W (out, in) as stored, which MKL's sgemm runs
+as a transposed-B product; with W^T stored contiguous (in, out), `x @ W^T` is a plain product,
+faster for the few rows of a decode step and never slower for many, through public ops only
+(docs/benchmarks.md, decode section, has the figures). Other devices keep W as stored: cuBLAS
+runs both layouts alike.
 
 Opt-in (`LLM.fuse_projections()`; the inference engine turns it on for decoders up to
 `infer.engine.DERIVED_WEIGHTS_MAX_BYTES`) and costs memory: a copy of every wrapped weight on the
@@ -49,8 +47,11 @@ class FusedLinears:
         self._weight: torch.Tensor | None = None  # (out, in), or (in, out) when self._transposed
         self._bias: torch.Tensor | None = None
         self._transposed = False
-        # where each source tensor lives: a module's own parameter dict (read per call, so a
-        # reassigned parameter is seen; nn.Module.__getattr__ would cost ~1 us per lookup)
+        # Where each source tensor lives: its module's parameter dict, read on every call so that
+        # a replaced parameter (`to_empty`, `load_state_dict(assign=True)`) is seen. This is the
+        # private `_parameters` because the public reads, `module.weight` (nn.Module.__getattr__)
+        # or `get_parameter`, cost an order of magnitude more per lookup, and a decode step makes
+        # several lookups per block (docs/benchmarks.md, decode section).
         self._sources = [(m._parameters, name) for m in modules for name in ("weight", "bias")
                          if m._parameters.get(name) is not None]
         widths = [m.weight.shape[0] for m in modules]
@@ -66,7 +67,9 @@ class FusedLinears:
 
     def _state(self) -> list:
         """What the copies were built from: every tensor's storage and version (a dtype or device
-        change makes a new storage)."""
+        change makes a new storage). The version counter is the private `Tensor._version`: no
+        public API tells that a tensor was changed in place (an optimiser step, `copy_` from
+        `load_state_dict`, a `mul_` under no_grad)."""
         return [(params[name].data_ptr(), params[name]._version) for params, name in self._sources]
 
     def _separate(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -6,9 +6,13 @@ attention, SwiGLU FFN; Qwen2's q/k/v bias, Qwen3's RMSNorm over head_dim on q an
 tied input / output embeddings, and DeepSeek-V3-style MoE FFNs (models/moe.py).
 
 The model takes embeddings and an `AttnSpec` (models/attention.py), so one code path serves packed
-training (positions restart per sample), padded batches and KV-cache decoding. Parameter names
-follow transformers' with the `model.` prefix dropped (`layers.{i}.attn.q_proj`, `layers.{i}.mlp.gate_proj`)
-so that HF key maps stay one line per tensor kind (models/hf/llm.py).
+training (positions restart per sample), padded batches and KV-cache decoding; the attention
+backend (SDPA, or a FlashAttention varlen kernel for packed specs) is picked once, when the model
+is built. A decode step (a cache and one new token per row) runs each block's `step` method: the
+same arithmetic as `forward` without nn.Module's call machinery (`Block.step` says what that
+skips). Parameter names follow transformers' with the `model.` prefix dropped
+(`layers.{i}.attn.q_proj`, `layers.{i}.mlp.gate_proj`) so that HF key maps stay one line per
+tensor kind (models/hf/llm.py).
 
 Shape suffixes: B batch, T tokens, D hidden, H heads, Hkv kv heads, Dh head dim, V vocabulary.
 """
@@ -21,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from vlmkit.models.attention import AttnSpec, KVCache, attention, decode_attention
+from vlmkit.models.attention import AttentionBackend, AttnSpec, BackendName, KVCache, decode_attention, select_backend
 from vlmkit.models.config import LLMConfig
 from vlmkit.models.fused import FusedLinears
 from vlmkit.models.moe import MoE, SwiGLU
@@ -54,6 +58,10 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype:
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+MIN_ROPE_TABLE = 256
+"""Positions a RoPE table holds at least (it grows by doubling past that)."""
+
+
 class RopeTable:
     """cos / sin of every position up to a bound, built once (per device) and indexed each step.
 
@@ -71,7 +79,7 @@ class RopeTable:
         device = position_ids.device
         table = self._tables.get(device)
         if table is None or table[0].shape[0] < bound:
-            size = max(bound, 2 * (table[0].shape[0] if table is not None else 0), 256)
+            size = max(bound, 2 * (table[0].shape[0] if table is not None else 0), MIN_ROPE_TABLE)
             cos, sin = rope_cos_sin(torch.arange(size, device=device)[None], self.head_dim, self.theta, torch.float32)
             table = self._tables[device] = (cos[0, :, 0], signed_sin(sin[0, :, 0]))  # (N, Dh) each
         cos, sin = table[0][position_ids], table[1][position_ids]  # (B, T, Dh)
@@ -95,8 +103,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    """Self-attention with RoPE and GQA, through `attend` (the model's attention backend)."""
+
+    def __init__(self, cfg: LLMConfig, attend: AttentionBackend):
         super().__init__()
+        self.attend = attend
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         D = cfg.hidden_size
         self.q_proj = nn.Linear(D, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -118,12 +129,18 @@ class Attention(nn.Module):
         v = v.view(B, T, Hkv, Dh)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, L, Hkv, Dh): every stored key of each row
-        out = attention(q, k, v, spec, causal=True)  # (B, T, H, Dh)
+        out = self.attend(q, k, v, spec, causal=True)  # (B, T, H, Dh)
         return self.out(out.reshape(B, T, H * Dh))[0]
 
     def step(self, x, cos, sin, spec: AttnSpec, cache: KVCache, layer: int) -> torch.Tensor:
-        """`forward` for one new token per row against the cache (a decode step): x (B, D),
-        cos / sin (B, 1, Dh) -> (B, D); the same arithmetic."""
+        """`forward` for one new token per row against the cache (a decode step, from `Block.step`):
+        x (B, D), cos / sin (B, 1, Dh) -> (B, D).
+
+        The same arithmetic as `forward` on (B, 1, D), in SDPA's layout from end to end: the new
+        key goes into the cache with `KVCache.append` (one slot write when the rows are aligned)
+        and the query attends with `decode_attention`, which every backend uses for a single
+        query. `spec` is what `KVCache.begin` returned: causal (no mask, every stored key) or a
+        mask over the cache slots."""
         B = x.shape[0]
         H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         qk, v = self.qkv(x)
@@ -142,11 +159,13 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: LLMConfig, layer: int):
+    """Pre-norm decoder block: x + attn(norm(x)), then x + ffn(norm(x)), the FFN dense or MoE."""
+
+    def __init__(self, cfg: LLMConfig, layer: int, attend: AttentionBackend):
         super().__init__()
         self.layer = layer
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, attend)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         moe = cfg.moe is not None and layer >= cfg.moe.first_dense_layers
         self.mlp = MoE(cfg.hidden_size, cfg.moe) if moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
@@ -160,9 +179,23 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x)), None, None
 
     def step(self, x, cos, sin, spec: AttnSpec, cache: KVCache):
-        """`forward` for one new token per row against the cache (a decode step): x (B, D),
-        cos / sin (B, 1, Dh). The block's parts are called directly, without nn.Module's call
-        machinery, so no hooks run: a small model's decode step is bound by Python calls."""
+        """The decode step path: `forward` for one new token per row against the cache, on x (B, D)
+        with cos / sin (B, 1, Dh); returns what `forward` returns, on (B, D).
+
+        `LLM.decode` calls it directly, not through `nn.Module.__call__`, for every cache step of
+        one token per row, and it calls the block's norms, attention and FFN the same way. What
+        that skips is the call machinery: forward hooks and pre-hooks (global ones included) of
+        the block, its norms, attention and FFN; submodules those call as modules (the MoE router
+        and experts, the separate projections when derived weights are off) still run theirs.
+        Why: a small model's decode step is bound by Python calls, and that machinery was a
+        measurable part of it (docs/design-notes.md).
+
+        Why it is safe: the arithmetic is `forward`'s on (B, D) instead of (B, 1, D), so the
+        tokens are the same (tests/test_decode_paths.py decodes greedily through both paths and
+        compares tokens and logits); vlmkit registers no hooks on the decoder, and prefill and
+        training run `forward`, hooks included. A decoder whose blocks rely on hooks (FSDP2
+        gathers sharded parameters in one) must not decode through a KV cache; vlmkit shards
+        models for training only."""
         x = x + self.attn.step(self.attn_norm.forward(x), cos, sin, spec, cache, self.layer)
         if isinstance(self.mlp, MoE):
             y, aux, counts = self.mlp.forward(self.mlp_norm.forward(x))
@@ -172,15 +205,20 @@ class Block(nn.Module):
 
 class LLM(nn.Module):
     """The decoder. `forward(input_ids, attention_mask)` is the HF-style call; training and decoding
-    go through `embed` -> `decode` -> `logits`."""
+    go through `embed` -> `decode` -> `logits`.
 
-    def __init__(self, cfg: LLMConfig):
+    attention_backend: "auto" (a FlashAttention varlen kernel for fp16 / bf16 packed specs on a
+    GPU that runs one, SDPA otherwise), "sdpa" or "flash" (models/attention.py); every layer
+    uses the one picked here."""
+
+    def __init__(self, cfg: LLMConfig, attention_backend: BackendName = "auto"):
         super().__init__()
         if cfg.hidden_act != "silu":
             raise ValueError(f"llm.hidden_act {cfg.hidden_act!r} is not supported; the SwiGLU FFN uses silu")
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.attend = select_backend(attention_backend)
+        self.layers = nn.ModuleList(Block(cfg, i, self.attend) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # Tied: no lm_head module at all, so the state dict holds the matrix once (safetensors refuses
         # shared tensors) and logits read embed_tokens.weight.
@@ -231,12 +269,29 @@ class LLM(nn.Module):
         counting real tokens of padded rows) or from the cache (each row continues from its length).
         With a cache, spec must be causal or padded (ragged prompts): the step's real tokens are
         appended to each row; with one token per row (a decode step) the blocks run their `step`
-        path, the same arithmetic without module hooks (docs/design-notes.md). Returns the
-        final-normed hidden states, shaped like inputs_embeds.
+        path (`Block.step`). Returns the final-normed hidden states, shaped like inputs_embeds.
         """
-        spec = spec or AttnSpec.causal()
         flat = inputs_embeds.dim() == 2
         x = inputs_embeds[None] if flat else inputs_embeds  # (B, T, D)
+        spec, cos, sin = self._attention_and_rope(x, spec or AttnSpec.causal(), position_ids, cache)
+        if cache is not None and x.shape[1] == 1:  # a decode step
+            hidden, aux = self._decode_step(x[:, 0], cos[:, 0], sin[:, 0], spec, cache)
+            hidden = self.norm(hidden)[:, None]
+        else:
+            hidden, aux = self._run_blocks(x, cos, sin, spec, cache)
+            hidden = self.norm(hidden)
+        if cache is not None:
+            cache.end()
+        self._aux_loss = aux
+        return hidden[0] if flat else hidden
+
+    def _attention_and_rope(self, x: torch.Tensor, spec: AttnSpec, position_ids: torch.Tensor | None,
+                            cache: KVCache | None) -> tuple[AttnSpec, torch.Tensor, torch.Tensor]:
+        """The spec the blocks attend with and RoPE's cos / sin (B, T, 1, Dh) for x (B, T, D).
+
+        With a cache this begins the cache step (`KVCache.begin`: the spec becomes the cache's)
+        and positions continue each row's length; without one, positions come from the spec,
+        unless the caller gave them."""
         B, T, _ = x.shape
         if position_ids is not None and position_ids.dim() == 1:
             position_ids = position_ids[None]
@@ -245,40 +300,42 @@ class LLM(nn.Module):
             if spec.kind not in ("causal", "padded"):
                 raise ValueError(f"decoding with a KV cache takes a causal or padded spec, got {spec.kind}")
             valid = spec.attention_mask.to(device=x.device, dtype=torch.bool) if spec.kind == "padded" else None
-            attend = cache.begin(B, T, valid, x.device)
+            cache_spec = cache.begin(B, T, valid, x.device)
             if position_ids is None:
                 position_ids = cache.position_ids(valid, T)
                 bound = cache.max_length + T
-            spec = attend
+            spec = cache_spec
         elif position_ids is None:
             position_ids = spec.position_ids(B, T, x.device)
         position_ids = position_ids.to(x.device)
         if bound is None:  # positions given by the caller: one read of their maximum
             bound = int(position_ids.max()) + 1 if position_ids.numel() else 1
         cos, sin = self.rope(position_ids.expand(B, T), bound, x.dtype)
+        return spec, cos, sin
+
+    def _run_blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: AttnSpec,
+                    cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module path: every block's `forward` (checkpointed when training with gradient
+        checkpointing) on x (B, T, D) -> (hidden (B, T, D), summed MoE aux loss)."""
         aux = x.new_zeros((), dtype=torch.float32)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
-        one_token = cache is not None and T == 1  # a decode step: the blocks' step path, on (B, D)
-        if one_token:
-            x, cos, sin = x[:, 0], cos[:, 0], sin[:, 0]
         for block in self.layers:
-            if one_token:
-                x, block_aux, counts = block.step(x, cos, sin, spec, cache)
-            elif use_ckpt:
+            if use_ckpt:
                 x, block_aux, counts = checkpoint(block, x, cos, sin, spec, None, use_reentrant=False)
             else:
                 x, block_aux, counts = block(x, cos, sin, spec, cache)
-            if block_aux is not None:
-                aux = aux + block_aux
-            if counts is not None:
-                block.mlp.record_load(counts)  # outside the checkpoint: a recompute is not counted
-        if cache is not None:
-            cache.end()
-        self._aux_loss = aux
-        x = self.norm(x)
-        if one_token:
-            x = x[:, None]
-        return x[0] if flat else x
+            aux = _add_moe_outputs(block, aux, block_aux, counts)
+        return x, aux
+
+    def _decode_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: AttnSpec,
+                     cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step path: one new token per row, x (B, D), cos / sin (B, 1, Dh), through every
+        block's `step` -> (hidden (B, D), summed MoE aux loss)."""
+        aux = x.new_zeros((), dtype=torch.float32)
+        for block in self.layers:
+            x, block_aux, counts = block.step(x, cos, sin, spec, cache)
+            aux = _add_moe_outputs(block, aux, block_aux, counts)
+        return x, aux
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., D) -> (..., V)."""
@@ -332,3 +389,13 @@ class LLM(nn.Module):
         """Auxiliary-loss-free balancing step; call after each optimiser step (no-op without MoE)."""
         for m in self.moe_layers().values():
             m.update_bias()
+
+
+def _add_moe_outputs(block: Block, aux: torch.Tensor, block_aux: torch.Tensor | None,
+                  counts: torch.Tensor | None) -> torch.Tensor:
+    """aux + a MoE block's balance loss, recording the block's expert load (outside any gradient
+    checkpoint, so that a recomputed forward is not counted); a dense block (None, None) adds nothing."""
+    if counts is None:
+        return aux
+    block.mlp.record_load(counts)
+    return aux + block_aux

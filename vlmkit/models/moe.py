@@ -5,7 +5,8 @@ Follows DeepSeek-V3 (arXiv:2412.19437, section 2.1.2): token-to-expert affinitie
 only*; the gate weights are the unbiased affinities of the picked experts, renormalised. After
 each optimiser step `update_bias()` nudges b by rate * sign(mean_load - load): overloaded experts
 become less attractive, underloaded ones more ("auxiliary-loss-free load balancing"). An optional
-auxiliary balance loss (Switch Transformer, arXiv:2101.03961: E * sum_e f_e * P_e) is also offered.
+auxiliary balance loss (Switch Transformer, arXiv:2101.03961, section 2.2: E * sum_e f_e * P_e,
+here over top-k picks) is also offered.
 
 Shape suffixes: N tokens, D hidden, E routed experts, K experts per token.
 """
@@ -18,6 +19,10 @@ import torch.nn.functional as F
 
 from vlmkit.models.config import MoEConfig
 from vlmkit.models.fused import FusedLinears
+
+MIN_GATE_SUM = 1e-20
+"""Floor of the picked affinities' sum when renormalising gate weights: sigmoid affinities can
+underflow to 0 in fp32, and 0 / 0 would give NaN gates."""
 
 
 class SwiGLU(nn.Module):
@@ -54,7 +59,7 @@ class Router(nn.Module):
         _, idx = torch.topk(scores.detach() + self.score_bias, self.cfg.top_k, dim=-1)  # (N, K)
         weights = scores.gather(-1, idx)
         if self.cfg.norm_topk_prob:
-            weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-20)
+            weights = weights / weights.sum(-1, keepdim=True).clamp(min=MIN_GATE_SUM)
         return weights, idx, scores
 
 
@@ -97,8 +102,9 @@ class MoE(nn.Module):
             self.load_since_update += counts.float().to(self.load_since_update.device)
 
     def balance_loss(self, scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """aux_loss_coef * E * sum_e f_e * P_e: f_e the fraction of picks that went to e, P_e the
-        mean normalised affinity for e. Differentiable through P; 0 when the coefficient is 0."""
+        """aux_loss_coef * E * sum_e f_e * P_e (Switch Transformer's load-balancing loss with top-k
+        routing): f_e the fraction of the N * K picks that went to e, P_e the mean over tokens of
+        e's share of the token's affinities. Differentiable through P; 0 when the coefficient is 0."""
         if self.cfg.aux_loss_coef == 0 or scores.shape[0] == 0:
             return scores.new_zeros(())
         f = counts.float() / counts.sum().clamp(min=1)

@@ -26,12 +26,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vlmkit.models.attention import AttnSpec, attention
+from vlmkit.models.attention import AttnSpec, select_backend
 from vlmkit.models.config import VisionConfig
 
 
+INIT_STD = 0.02
+"""Std of the truncated-normal weights and of the class embedding at initialisation (ViT)."""
+QUICK_GELU_SCALE = 1.702
+"""CLIP's quick-gelu, x * sigmoid(1.702 x): a sigmoid approximation of gelu."""
+
+
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
+    return x * torch.sigmoid(QUICK_GELU_SCALE * x)
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +63,7 @@ def activation(name: str):
 
 
 @torch.no_grad()
-def init_dense_and_norms(root: nn.Module, std: float = 0.02) -> None:
+def init_dense_and_norms(root: nn.Module, std: float = INIT_STD) -> None:
     """Linear / conv weights: truncated normal (ViT); biases 0; layer norms: weight 1, bias 0."""
     for module in root.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -105,10 +111,12 @@ class VisionEmbeddings(nn.Module):
 
 
 class VisionAttention(nn.Module):
-    """Bidirectional multi-head self-attention (all patches of an image see each other)."""
+    """Bidirectional multi-head self-attention (all patches of an image see each other). The images
+    of a batch all have P patches, never a packed layout, so the backend is SDPA."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
+        self.attend = select_backend("sdpa")
         self.num_heads = cfg.num_heads
         D = cfg.hidden_size
         self.q_proj = nn.Linear(D, D)
@@ -122,7 +130,7 @@ class VisionAttention(nn.Module):
         q = self.q_proj(x).view(shape)  # (N, P, H, Dh)
         k = self.k_proj(x).view(shape)
         v = self.v_proj(x).view(shape)
-        out = attention(q, k, v, AttnSpec.causal(), causal=False)  # (N, P, H, Dh)
+        out = self.attend(q, k, v, AttnSpec.causal(), causal=False)  # (N, P, H, Dh)
         return self.out_proj(out.reshape(N, P, D))
 
 
@@ -176,7 +184,7 @@ class VisionEncoder(nn.Module):
         init_dense_and_norms(self)
         nn.init.normal_(self.embeddings.position_embedding.weight, std=self.config.position_init_std)
         if self.embeddings.has_class_token:
-            nn.init.normal_(self.embeddings.class_embedding, std=0.02)
+            nn.init.normal_(self.embeddings.class_embedding, std=INIT_STD)
 
     def grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         """(patches down, patches across) for these pixel values."""
