@@ -11,9 +11,9 @@ from PIL import Image
 from vlmkit.eval.benchmarks import BenchmarkError, circular_items, read_benchmark
 
 
-def png_bytes(color=(255, 0, 0)) -> bytes:
+def png_bytes(color=(255, 0, 0), format="PNG") -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    Image.new("RGB", (8, 8), color).save(buf, format=format)
     return buf.getvalue()
 
 
@@ -67,7 +67,7 @@ def test_pope_jsonl_with_image_root(tmp_path):
     assert [it.id for it in bench.items] == ["1", "2"]
     assert [it.kind for it in bench.items] == ["yesno", "yesno"]
     assert [it.answer for it in bench.items] == ["yes", "no"]
-    assert bench.items[0].images[0].path == images / "a.png"
+    assert bench.items[0].images[0].path == (images / "a.png").resolve()
     assert [(b.index, b.reason) for b in bench.bad_rows] == [
         (2, "missing_image"), (3, "bad_json"), (4, "missing_question")]
     assert bench.bad_rows[0].id == "3"
@@ -111,6 +111,44 @@ def test_generic_jsonl_base64_and_data_url(tmp_path):
     assert g2.kind == "choice" and g2.answer == "B" and g2.images[0].data == png_bytes((0, 0, 255))
     assert g3.kind == "yesno" and g3.category == "all"
     assert [(b.index, b.reason) for b in bench.bad_rows] == [(3, "bad_image_field"), (4, "not_an_object")]
+
+
+def test_image_paths_must_stay_under_the_image_root(tmp_path):
+    """Benchmark files follow the data files' rule (data/formats.py's image_ref): an image path that
+    leaves the image root (`..`, an absolute path elsewhere, a symlink out) makes the row bad."""
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (tmp_path / "outside.png").write_bytes(png_bytes())
+    (root / "in.png").write_bytes(png_bytes())
+    (root / "link.png").symlink_to(tmp_path / "outside.png")
+    images = ["in.png", "../outside.png", str(tmp_path / "outside.png"), "link.png", str(root / "in.png"),
+              "sub/../in.png"]
+    path = tmp_path / "bench.jsonl"
+    write_jsonl(path, [{"id": f"r{i}", "image": image, "question": "Is it red?", "answer": "yes"}
+                       for i, image in enumerate(images)])
+    bench = read_benchmark(path, image_root=root)
+    assert [it.id for it in bench.items] == ["r0", "r4", "r5"]
+    assert all(it.images[0].path == (root / "in.png").resolve() for it in bench.items)
+    assert [(b.index, b.id, b.reason) for b in bench.bad_rows] == [
+        (1, "r1", "path_escapes_root"), (2, "r2", "path_escapes_root"), (3, "r3", "path_escapes_root")]
+    assert "outside the image root" in bench.bad_rows[0].message
+    # Without image_root the root is the file's folder, tmp_path: outside.png is inside it there.
+    default_root = read_benchmark(path)
+    assert [it.id for it in default_root.items] == ["r2", "r4"]
+    assert [b.reason for b in default_root.bad_rows if b.index in (1, 3)] == ["path_escapes_root", "missing_image"]
+
+
+def test_bare_base64_that_looks_like_an_absolute_path(tmp_path):
+    """A JPEG's base64 starts with "/9j/": not an image path outside the root but an image."""
+    jpeg = png_bytes(format="JPEG")
+    value = base64.b64encode(jpeg).decode()
+    assert value.startswith("/")
+    path = tmp_path / "bench.jsonl"
+    write_jsonl(path, [{"id": "j", "images": [value], "question": "Colour?", "answer": "red"},
+                       {"id": "remote", "images": ["https://example.com/a.png"], "question": "?", "answer": "x"}])
+    bench = read_benchmark(path)
+    assert [it.images[0].data for it in bench.items] == [jpeg]
+    assert [(b.id, b.reason) for b in bench.bad_rows] == [("remote", "remote_image")]
 
 
 def test_json_list_and_errors(tmp_path):

@@ -134,15 +134,16 @@ def test_ppl_score_equals_padded_forward(tmp_path, tokenizer):
 def test_synth_prompt_matches_the_world_training_records(tmp_path, tokenizer, choices):
     """The synthetic benchmark is asked token for token as the world's training records ask."""
     from vlmkit.data import synth
+    from vlmkit.data.prompt import build_prompt
     from vlmkit.eval.prompts import SYNTH_PROMPTS, chat_messages, question_text
-    from vlmkit.infer.engine import Engine
 
     model = tiny_vlm(tokenizer)
     row = {"id": "q", "images": ["img/red.png"], "question": "What colour is it?", "answer": "red",
            "category": "colour", **({"choices": choices, "answer": "A"} if choices else {})}
     [item] = read_benchmark(write_bench(tmp_path, [row])).items
     image = Image.open(tmp_path / "img" / "red.png").convert("RGB")
-    prompt = Engine(model).prepare(chat_messages(item, [image], SYNTH_PROMPTS, list_options=True))
+    prompt = build_prompt(chat_messages(item, [image], SYNTH_PROMPTS, list_options=True), tokenizer,
+                          model.image_processor(), model.config.tokens_per_image)
     question = question_text(item, SYNTH_PROMPTS, list_options=True)
     conv = synth._llava("x", "img/red.png", [(question, item.answer)])["conversations"]
     record = Record(id="x", source="t", kind="chat",
@@ -248,6 +249,27 @@ def test_bad_images_are_bad_rows(tmp_path, tokenizer):
     assert result.to_dict()["bad_rows"]["count"] == 2
 
 
+@pytest.mark.parametrize("mode", ["gen", "ppl"])
+def test_prompts_that_cannot_be_built_are_bad_rows(tmp_path, tokenizer, mode):
+    model = tiny_vlm(tokenizer)
+    # "<image>" in the text is a second image placeholder for the row's one image
+    rows = [MIXED_ROWS[0], {**MIXED_ROWS[1], "question": "What colour is <image>?"}]
+    result = evaluate(model, write_bench(tmp_path, rows), mode=mode, max_new_tokens=2, progress=False)
+    assert [r.id for r in result.rows] == ["c1"]
+    [bad] = result.bad_rows
+    assert (bad.index, bad.id, bad.reason) == (1, "c2", "placeholder_mismatch")
+    assert result.to_dict()["bad_rows"]["count"] == 1
+
+
+def test_prompts_without_room_for_the_reply_are_bad_rows(tmp_path, tokenizer):
+    model = tiny_vlm(tokenizer)
+    context = model.config.llm.max_position_embeddings
+    result = evaluate(model, write_bench(tmp_path, MIXED_ROWS[:2]), mode="gen", max_new_tokens=context,
+                      progress=False)
+    assert result.rows == [] and [b.reason for b in result.bad_rows] == ["too_long", "too_long"]
+    assert f"exceeds the context of {context}" in result.bad_rows[0].message
+
+
 def test_evaluate_with_blind(tmp_path, tokenizer):
     model = tiny_vlm(tokenizer)
     both = evaluate_with_blind(model, write_bench(tmp_path, MIXED_ROWS), mode="ppl", progress=False)
@@ -293,12 +315,21 @@ def test_cli_builtin_synth(tmp_path, tokenizer, capsys):
     assert (out / "cache").is_dir() and (out / "eval.png").is_file()
 
 
-def test_cli_errors_are_one_line(tmp_path, tokenizer, capsys):
+@pytest.mark.parametrize("args, message", [
+    ([], "give --bench (a benchmark file or 'synth') and/or --text (held-out text JSONL)"),
+    (["--bench", "{tmp}/nope.tsv"], "benchmark file {tmp}/nope.tsv does not exist"),
+    (["--bench", "{tmp}/bench.csv"], "{tmp}/bench.csv: unknown benchmark format '.csv'; use .tsv (MMBench) or "
+                                     ".jsonl / .json"),
+    (["--bench", "{tmp}/bench.jsonl", "--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["--text", "{tmp}/nope.jsonl"], "text file {tmp}/nope.jsonl does not exist"),
+])
+def test_cli_errors_are_one_line(tmp_path, tokenizer, capsys, args, message):
     from vlmkit.cli import main
 
     tiny_vlm(tokenizer).save_pretrained(tmp_path / "ckpt")
-    assert main(["eval", "--model", str(tmp_path / "ckpt")]) == 2
-    assert "give --bench" in capsys.readouterr().err
-    assert main(["eval", "--model", str(tmp_path / "ckpt"), "--bench", str(tmp_path / "nope.tsv"),
-                 "--out", str(tmp_path / "o")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    write_bench(tmp_path, MIXED_ROWS[:1])
+    (tmp_path / "bench.csv").write_text("question,answer\n")
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert main(["eval", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err == f"vlmkit eval: error: {message.format(tmp=tmp_path)}\n"

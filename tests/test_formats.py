@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from vlmkit.data.formats import BadRecord, detect_format, read_records
+from vlmkit.data.formats import BadRecord, detect_format, image_ref, read_records
 from vlmkit.data.types import Record
-from vlmkit.errors import ConfigError
+from vlmkit.errors import BadRecordError, ConfigError
 
 
 def png(color=(255, 0, 0), size=(8, 8)) -> bytes:
@@ -83,6 +83,28 @@ def test_image_paths_must_stay_under_the_root(tmp_path):
     items = list(read_records(write_jsonl(tmp_path / "r.jsonl", rows), root=root))
     assert [getattr(i, "reason", "ok") for i in items] == ["ok", "path_escapes_root", "path_escapes_root",
                                                            "path_escapes_root", "ok"]
+
+
+def test_image_ref_is_one_rule_for_every_kind_of_reference(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a b.png").write_bytes(png())
+    inside = (root / "a b.png").resolve()
+    assert image_ref(png(), root).data == png()
+    assert image_ref({"bytes": png(), "path": None}, root).data == png()
+    assert image_ref({"bytes": None, "path": "a b.png"}, root).path == inside
+    assert image_ref("a b.png", root).path == inside
+    assert image_ref(str(inside), root).path == inside
+    assert image_ref("file://" + str(inside).replace(" ", "%20"), root).path == inside
+    assert image_ref("data:image/png;base64," + base64.b64encode(png()).decode(), root).data == png()
+    assert image_ref("data:text/plain,a%20b", root).data == b"a b"
+    for value, reason in [("../x.png", "path_escapes_root"), ("/etc/passwd", "path_escapes_root"),
+                          ("file:///etc/passwd", "path_escapes_root"), ("https://x/y.png", "remote_image"),
+                          ("data:image/png;base64,!!", "malformed_record"), ("", "malformed_record"),
+                          (42, "malformed_record"), ({"bytes": None, "path": None}, "malformed_record")]:
+        with pytest.raises(BadRecordError) as caught:
+            image_ref(value, root)
+        assert caught.value.reason == reason, value
 
 
 def test_messages_jsonl(tmp_path):

@@ -7,7 +7,8 @@ Formats (DataSource.format in vlmkit/config.py):
               its first user turn, as LLaVA's preprocessing does.
 - messages    OpenAI-style chat JSONL: {"messages": [{"role", "content": str | [parts]}]} where a
               part is {"type": "text", "text"}, {"type": "image", "image": path} or
-              {"type": "image_url", "image_url": {"url": path | file:// | data: URL}}.
+              {"type": "image_url", "image_url": {"url": path | file:// | data: URL}}, read by
+              data/messages.py as every OpenAI-style conversation is.
 - text        language data JSONL: {"text": "..."} (every token supervised).
 - parquet     parquet files (one, or a directory of them), rows in any of the shapes above, or
               caption rows {"image", "caption"|"text"}; an image cell is bytes, a path, or an
@@ -20,13 +21,15 @@ Formats (DataSource.format in vlmkit/config.py):
 Every reader yields Record or BadRecord and never raises on one bad row: malformed JSON is named
 by file:line, a bad image path by record. Image paths resolve under a root (the file's directory
 unless stated); a path that leaves it (`..`, an absolute path elsewhere, a symlink pointing out)
-makes the record bad ("path_escapes_root"). Images are not opened here (data/images.py does).
+makes the record bad ("path_escapes_root"); `image_ref` is that rule, for benchmark files too
+(eval/benchmarks.py). Images are not opened here (data/images.py does).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import tarfile
 import urllib.parse
@@ -35,12 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmkit.constants import IMAGE_PLACEHOLDER
+from vlmkit.data.messages import ROLES, to_messages
 from vlmkit.data.types import ImageRef, Message, Record
 from vlmkit.errors import BadRecordError, ConfigError
 
 FORMATS = ("llava", "messages", "text", "parquet", "hf_dataset", "webdataset")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 @dataclass
@@ -268,12 +271,12 @@ def _webdataset_sample(ctx: _Context, key: str, group: dict[str, bytes]) -> Item
 
 def record_from_row(row: dict, root: Path, rid: str, source: str) -> Record:
     """Interpret one row of any supported shape; raises BadRecordError."""
-    images = [_image_ref(v, root) for v in _as_list(row.get("image", row.get("images")))]
+    images = [image_ref(v, root) for v in _as_list(row.get("image", row.get("images")))]
     if "conversations" in row:
         messages = _llava_messages(row["conversations"])
         return Record(rid, source, "chat", _with_placeholders(messages, len(images)), images)
     if "messages" in row:
-        messages, part_images = _openai_messages(row["messages"], root)
+        messages, part_images = to_messages(row["messages"], functools.partial(_message_image, root=root))
         return Record(rid, source, "chat", _with_placeholders(messages, len(images + part_images)),
                       images + part_images)
     caption = row.get("caption", row.get("text"))
@@ -313,37 +316,12 @@ def _llava_messages(turns) -> list[Message]:
     return messages
 
 
-def _openai_messages(turns, root: Path) -> tuple[list[Message], list[ImageRef]]:
-    if not isinstance(turns, list):
-        raise BadRecordError("malformed_record", "messages must be a list")
-    messages, images = [], []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise BadRecordError("malformed_record", f"messages[{i}] is not an object")
-        role, content = turn.get("role"), turn.get("content")
-        if role not in ROLES:
-            raise BadRecordError("unknown_role", f"messages[{i}] has role {role!r}; expected user / assistant / system")
-        if isinstance(content, str):
-            messages.append(Message(ROLES[role], content))
-            continue
-        if not isinstance(content, list):
-            raise BadRecordError("malformed_record", f"messages[{i}].content must be a string or a list of parts")
-        texts = []
-        for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                texts.append(str(part.get("text", "")))
-            elif kind in ("image", "image_url"):
-                value = part.get(kind)
-                url = value.get("url") if isinstance(value, dict) else value
-                if not isinstance(url, str):
-                    raise BadRecordError("malformed_record", f"messages[{i}].content[{j}] has no image path / url")
-                images.append(_image_from_url(url, root))
-                texts.append(IMAGE_PLACEHOLDER)
-            else:
-                raise BadRecordError("malformed_record", f"messages[{i}].content[{j}] has unknown type {kind!r}")
-        messages.append(Message(ROLES[role], "\n".join(texts)))
-    return messages, images
+def _message_image(value, where: str, role: str, *, root: Path) -> ImageRef:
+    """An image part of a messages record (data/messages.py's resolver): a path, file:// or data:
+    URL, resolved under the record's image root."""
+    if not isinstance(value, str):
+        raise BadRecordError("malformed_record", f"{where} has no image path / url")
+    return image_ref(value, root)
 
 
 def _with_placeholders(messages: list[Message], n_images: int) -> list[Message]:
@@ -357,32 +335,43 @@ def _with_placeholders(messages: list[Message], n_images: int) -> list[Message]:
     return messages
 
 
-def _image_ref(value, root: Path) -> ImageRef:
+def image_ref(value, root: Path) -> ImageRef:
+    """One image entry -> ImageRef: the one rule for image references in files users bring (data
+    files here, benchmark files in eval/benchmarks.py).
+
+    value: bytes; an HF-datasets Image struct {"bytes", "path"}; a `data:` URL; a `file://` URL;
+    or a path, relative to `root` or absolute, that must resolve (symlinks followed) inside `root`.
+    Raises BadRecordError: malformed_record (none of these, or a data URL that is not valid
+    base64), remote_image (http / https: never fetched), path_escapes_root. Nothing is opened
+    here: whether the file exists and decodes is data/images.py's question.
+    """
     if isinstance(value, (bytes, bytearray)):
         return ImageRef(data=bytes(value))
     if isinstance(value, dict):  # HF datasets Image feature: {"bytes": ..., "path": ...}
         if value.get("bytes"):
             return ImageRef(data=bytes(value["bytes"]))
         value = value.get("path")
-    if isinstance(value, str) and value:
-        return ImageRef(path=resolve_image_path(value, root))
-    raise BadRecordError("malformed_record", f"image entry {str(value)[:60]!r} is neither a path nor bytes")
-
-
-def _image_from_url(url: str, root: Path) -> ImageRef:
-    if url.startswith("data:"):
-        header, _, payload = url.partition(",")
-        try:
-            data = base64.b64decode(payload, validate=True) if ";base64" in header else urllib.parse.unquote_to_bytes(payload)
-        except (binascii.Error, ValueError):
-            raise BadRecordError("malformed_record", "image data URL is not valid base64") from None
-        return ImageRef(data=data)
-    if url.startswith(("http://", "https://")):
-        raise BadRecordError("remote_image", f"{url[:80]}: remote images are not fetched; download them and "
+    if not isinstance(value, str) or not value:
+        raise BadRecordError("malformed_record", f"image entry {str(value)[:60]!r} is neither a path nor bytes")
+    if value.startswith("data:"):
+        return ImageRef(data=_data_url_bytes(value))
+    if value.startswith(("http://", "https://")):
+        raise BadRecordError("remote_image", f"{value[:80]}: remote images are not fetched; download them and "
                              "refer to local paths")
-    if url.startswith("file://"):
-        url = urllib.parse.unquote(urllib.parse.urlparse(url).path)
-    return ImageRef(path=resolve_image_path(url, root))
+    if value.startswith("file://"):
+        value = urllib.parse.unquote(urllib.parse.urlparse(value).path)
+    return ImageRef(path=resolve_image_path(value, root))
+
+
+def _data_url_bytes(url: str) -> bytes:
+    """The payload of a `data:` URL: base64 (`;base64`) or percent-encoded."""
+    header, _, payload = url.partition(",")
+    if ";base64" not in header:
+        return urllib.parse.unquote_to_bytes(payload)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRecordError("malformed_record", "image data URL is not valid base64") from None
 
 
 def resolve_image_path(value: str, root: Path) -> Path:

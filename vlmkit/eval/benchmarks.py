@@ -10,10 +10,11 @@ Formats (docs/evaluation.md has examples of each):
     vlmkit format `{id, images, question, choices?, answer, category?}` that
     vlmkit.data.synth writes for its test split.
 
-Images are paths (relative to `image_root`, by default the benchmark file's folder), data URLs or
-bare base64. A row that cannot be used (missing field, missing image file, answer not among the
-choices, undecodable base64) becomes a `BadRow` with its index and reason and is counted; the
-rest of the file is still read.
+Images are read by the data files' rule (data/formats.py's `image_ref`): data URLs, or paths
+relative to `image_root` (by default the benchmark file's folder) that must stay inside it; MMBench
+adds bare base64 and its back-references. A row that cannot be used (missing field, missing image
+file, an image path outside the root, answer not among the choices) raises BadRecordError, and
+becomes a `BadRow` with its index and reason that is counted; the rest of the file is still read.
 
 Gold answers are stored canonically: the option letter for multiple-choice items, "yes" / "no"
 for yes/no items, the text for open-ended items.
@@ -32,8 +33,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from vlmkit.data.formats import image_ref
 from vlmkit.data.types import ImageRef
-from vlmkit.errors import VlmkitError
+from vlmkit.errors import BadRecordError, VlmkitError
+from vlmkit.eval.extract import normalize_answer
 
 ItemKind = Literal["choice", "yesno", "open"]
 LETTERS = string.ascii_uppercase
@@ -41,14 +44,6 @@ LETTERS = string.ascii_uppercase
 
 class BenchmarkError(VlmkitError):
     """A benchmark file cannot be read at all (missing, unknown format, no usable header)."""
-
-
-class BadItem(ValueError):
-    """One row of a benchmark cannot be used; `reason` is a short stable key for counting."""
-
-    def __init__(self, reason: str, message: str):
-        self.reason = reason
-        super().__init__(f"{reason}: {message}")
 
 
 @dataclass
@@ -87,6 +82,10 @@ class BadRow:
     message: str
     id: str | None = None
 
+    @classmethod
+    def from_error(cls, index: int, error: BadRecordError, id: str | None = None) -> "BadRow":
+        return cls(index, error.reason, str(error), id)
+
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "id": self.id, "reason": self.reason, "message": self.message}
 
@@ -117,6 +116,9 @@ SEED_CHOICE_KEYS = tuple(f"choice_{c}" for c in "abcdefgh")
 YES_NO = {"yes": "yes", "no": "no", "true": "yes", "false": "no"}
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/=\s]+$")
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"RIFF", b"II*", b"MM*")
+MAX_PATH_CHARS = 1024
+"""An image value this long or longer is never taken for a path: MMBench's base64 images run to
+hundreds of kilobytes, and the file system would refuse such a name."""
 
 
 def _first(obj: dict, field_name: str) -> Any:
@@ -131,40 +133,52 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() in ("", "nan", "none"))
 
 
-def image_ref(value: Any, root: Path) -> ImageRef:
-    """A path under `root`, a data URL or bare base64 -> ImageRef; raises BadItem otherwise."""
+def benchmark_image(value: Any, root: Path) -> ImageRef:
+    """An image field of a benchmark row -> ImageRef: a data URL, or an existing file under `root`
+    (data/formats.py's `image_ref`, so a path leaving the root is refused as in data files), else
+    bare base64 of an image (MMBench TSV). Raises BadRecordError."""
     if not isinstance(value, str) or not value.strip():
-        raise BadItem("bad_image_field", f"image must be a non-empty string, got {value!r:.60}")
+        raise BadRecordError("bad_image_field", f"image must be a non-empty string, got {value!r:.60}")
     value = value.strip()
-    if value.startswith("data:"):
+    outside = None
+    if value.startswith("data:") or len(value) < MAX_PATH_CHARS:
         try:
-            return ImageRef(data=base64.b64decode(value.partition(",")[2], validate=False))
-        except (binascii.Error, ValueError) as e:
-            raise BadItem("bad_base64", f"data URL does not hold valid base64 ({e})") from None
-    path = Path(value) if Path(value).is_absolute() else root / value
-    if len(value) < 1024 and path.is_file():
-        return ImageRef(path=path)
-    if _BASE64_RE.match(value):  # bare base64 (MMBench TSV); accepted only if it decodes to an image
-        try:
-            data = base64.b64decode(value, validate=False)
-        except (binascii.Error, ValueError):
-            data = b""
-        if data.startswith(_IMAGE_MAGIC):
-            return ImageRef(data=data)
-    raise BadItem("missing_image", f"no image file at {path if len(value) < 1024 else '<long value>'} "
-                                   "and not base64 of an image")
+            ref = image_ref(value, root)
+        except BadRecordError as e:
+            if e.reason != "path_escapes_root":
+                raise
+            outside = e  # "/9j/4AAQ..." is both an absolute path and the base64 of a JPEG
+        else:
+            if ref.data is not None or ref.path.is_file():
+                return ref
+    data = _bare_base64_image(value)
+    if data is not None:
+        return ImageRef(data=data)
+    if outside is not None:
+        raise outside
+    where = root / value if len(value) < MAX_PATH_CHARS else "<long value>"
+    raise BadRecordError("missing_image", f"no image file at {where} and not base64 of an image")
+
+
+def _bare_base64_image(value: str) -> bytes | None:
+    """The bytes `value` encodes, if it is base64 of an image (by its magic number); else None."""
+    if not _BASE64_RE.match(value):
+        return None
+    try:
+        data = base64.b64decode(value, validate=False)
+    except (binascii.Error, ValueError):
+        return None
+    return data if data.startswith(_IMAGE_MAGIC) else None
 
 
 def resolve_answer(answer: Any, choices: list[str]) -> str:
     """Canonical gold letter of a choice item: from an index, a letter, or the option text."""
-    from vlmkit.eval.extract import normalize_answer
-
     if isinstance(answer, bool):
-        raise BadItem("bad_answer", f"answer {answer!r} is a boolean but the item has choices")
+        raise BadRecordError("bad_answer", f"answer {answer!r} is a boolean but the item has choices")
     if isinstance(answer, int):
         if 0 <= answer < len(choices):
             return LETTERS[answer]
-        raise BadItem("answer_out_of_range", f"answer index {answer} with {len(choices)} choices")
+        raise BadRecordError("answer_out_of_range", f"answer index {answer} with {len(choices)} choices")
     text = str(answer).strip()
     letter = text.strip("()").rstrip(".")
     matches = [i for i, c in enumerate(choices) if normalize_answer(c) == normalize_answer(text)]
@@ -173,21 +187,22 @@ def resolve_answer(answer: Any, choices: list[str]) -> str:
         return letter.upper()
     if len(matches) == 1:
         return LETTERS[matches[0]]
-    raise BadItem("answer_not_in_choices", f"answer {text!r:.40} is neither a letter nor one of {choices!r:.120}")
+    raise BadRecordError("answer_not_in_choices",
+                         f"answer {text!r:.40} is neither a letter nor one of {choices!r:.120}")
 
 
 def make_item(*, id: str, question: Any, answer: Any, choices: list[str] | None, images: list[ImageRef],
               category: Any = None, hint: Any = None) -> BenchItem:
     """Validate fields and decide the item's kind (choice / yesno / open)."""
     if _missing(question) or not isinstance(question, str):
-        raise BadItem("missing_question", "no question text")
+        raise BadRecordError("missing_question", "no question text")
     if _missing(answer) and not isinstance(answer, int):
-        raise BadItem("missing_answer", "no answer")
+        raise BadRecordError("missing_answer", "no answer")
     choices = [str(c) for c in (choices or [])]
     if len(choices) > len(LETTERS):
-        raise BadItem("too_many_choices", f"{len(choices)} choices (at most {len(LETTERS)})")
+        raise BadRecordError("too_many_choices", f"{len(choices)} choices (at most {len(LETTERS)})")
     if len(choices) == 1:
-        raise BadItem("one_choice", "a multiple-choice item needs at least two choices")
+        raise BadRecordError("one_choice", "a multiple-choice item needs at least two choices")
     category = "all" if _missing(category) else str(category)
     hint = "" if _missing(hint) else str(hint)
     if choices:
@@ -206,20 +221,21 @@ def make_item(*, id: str, question: Any, answer: Any, choices: list[str] | None,
 
 def _jsonl_item(obj: Any, index: int, root: Path) -> BenchItem:
     if not isinstance(obj, dict):
-        raise BadItem("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+        raise BadRecordError("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
     raw_id = _first(obj, "id")
     choices = _first(obj, "choices")
     if choices is None and any(k in obj for k in SEED_CHOICE_KEYS):
         choices = [obj[k] for k in SEED_CHOICE_KEYS if not _missing(obj.get(k))]
     if choices is not None and not isinstance(choices, list):
-        raise BadItem("bad_choices", f"choices must be a list, got {type(choices).__name__}")
+        raise BadRecordError("bad_choices", f"choices must be a list, got {type(choices).__name__}")
     images = _first(obj, "images")
     if images is None:
         images = []
     elif not isinstance(images, list):
         images = [images]
     return make_item(id=str(index) if raw_id is None else str(raw_id), question=_first(obj, "question"),
-                     answer=_first(obj, "answer"), choices=choices, images=[image_ref(v, root) for v in images],
+                     answer=_first(obj, "answer"), choices=choices,
+                     images=[benchmark_image(v, root) for v in images],
                      category=_first(obj, "category"), hint=_first(obj, "hint"))
 
 
@@ -248,15 +264,16 @@ def read_jsonl(path: str | Path, image_root: str | Path | None = None) -> Benchm
             items.append(replace(_jsonl_item(obj, index, root), row=index))
         except json.JSONDecodeError as e:
             bad.append(BadRow(index, "bad_json", f"line {index + 1}: {e}"))
-        except BadItem as e:
+        except BadRecordError as e:
             raw_id = _first(obj, "id") if isinstance(obj, dict) else None
-            bad.append(BadRow(index, e.reason, str(e), None if raw_id is None else str(raw_id)))
+            bad.append(BadRow.from_error(index, e, None if raw_id is None else str(raw_id)))
     return Benchmark(name=path.stem, items=items, bad_rows=bad, path=str(path))
 
 
-def read_mmbench_tsv(path: str | Path) -> Benchmark:
+def read_mmbench_tsv(path: str | Path, image_root: str | Path | None = None) -> Benchmark:
     """MMBench-style TSV with base64 images; options are the single-letter columns present."""
     path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images exceed the 128 KiB default
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
@@ -273,7 +290,8 @@ def read_mmbench_tsv(path: str | Path) -> Benchmark:
         row_id = row.get("index") or str(i)
         try:
             if None in row:
-                raise BadItem("bad_columns", f"row has {len(header) + len(row[None])} cells, header has {len(header)}")
+                raise BadRecordError("bad_columns",
+                                     f"row has {len(header) + len(row[None])} cells, header has {len(header)}")
             choices = []
             for col in option_cols:  # options stop at the first empty column (A, B, C; D empty)
                 if _missing(row[col]):
@@ -282,12 +300,12 @@ def read_mmbench_tsv(path: str | Path) -> Benchmark:
             image = row.get("image")
             if not _missing(image) and image.strip().isdigit():
                 image = images_by_index.get(image.strip())  # MMBench: a reference to another row's image
-            images = [] if _missing(image) else [image_ref(image, path.parent)]
+            images = [] if _missing(image) else [benchmark_image(image, root)]
             items.append(replace(make_item(id=row_id, question=row["question"], answer=row["answer"],
                                            choices=choices, images=images, category=row.get("category"),
                                            hint=row.get("hint")), row=i))
-        except BadItem as e:
-            bad.append(BadRow(i, e.reason, str(e), row_id))
+        except BadRecordError as e:
+            bad.append(BadRow.from_error(i, e, row_id))
     return Benchmark(name=path.stem, items=items, bad_rows=bad, path=str(path))
 
 
@@ -297,7 +315,7 @@ def read_benchmark(path: str | Path, image_root: str | Path | None = None) -> Be
     if not path.is_file():
         raise BenchmarkError(f"benchmark file {path} does not exist")
     if path.suffix == ".tsv":
-        return read_mmbench_tsv(path)
+        return read_mmbench_tsv(path, image_root)
     if path.suffix in (".jsonl", ".json"):
         return read_jsonl(path, image_root)
     raise BenchmarkError(f"{path}: unknown benchmark format {path.suffix!r}; use .tsv (MMBench) or .jsonl / .json")

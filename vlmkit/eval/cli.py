@@ -17,6 +17,9 @@ import re
 import sys
 from pathlib import Path
 
+from vlmkit.errors import VlmkitError
+from vlmkit.eval.report import markdown_report, write_report
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory (VLM.from_pretrained)")
@@ -29,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="gen mode: longest reply (default 16; 40 for synth, whose replies show their steps)")
     parser.add_argument("--blind", action="store_true", help="blank every image (the image-free baseline)")
-    parser.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the file's)")
+    parser.add_argument("--image-root", default=None,
+                        help="folder image paths resolve under and must stay in (default: the benchmark file's)")
     parser.add_argument("--text", default=None, help="also measure perplexity on this held-out text JSONL")
     parser.add_argument("--out", default=None, help="report folder (default: eval/<bench>-<mode> under the cwd)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -45,12 +49,11 @@ def _default_out(args: argparse.Namespace) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here, not at the top: they load torch, which `vlmkit eval --help` should not wait for
     import torch
 
     from vlmkit.api import VLM
-    from vlmkit.errors import VlmkitError
     from vlmkit.eval.ppl import text_perplexity
-    from vlmkit.eval.report import markdown_report, write_report
     from vlmkit.eval.runner import evaluate
 
     if not args.bench and not args.text:

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+from tqdm import tqdm
 
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.packing import collate
+from vlmkit.data.template import encode_record
 from vlmkit.data.types import Record, Sample
 from vlmkit.errors import BadRecordError, VlmkitError
 
@@ -64,10 +66,15 @@ def length_normalised(scored: list[tuple[float, int]]) -> list[float]:
 # --- held-out text perplexity ---------------------------------------------------------------------
 
 def read_text_jsonl(path: str | Path, limit: int | None = None) -> Iterator[tuple[int, str]]:
-    """(line index, text) of each usable line of a `{"text": ...}` JSONL; bad lines are skipped."""
+    """(line index, text) of each usable line of a `{"text": ...}` JSONL; bad lines are skipped.
+    A missing file raises VlmkitError here, before anything is read."""
     path = Path(path)
     if not path.is_file():
         raise VlmkitError(f"text file {path} does not exist")
+    return _text_lines(path, limit)
+
+
+def _text_lines(path: Path, limit: int | None) -> Iterator[tuple[int, str]]:
     count = 0
     with open(path, encoding="utf-8") as f:
         for index, line in enumerate(f):
@@ -100,16 +107,13 @@ def text_perplexity(model, path: str | Path, *, limit: int | None = None, max_le
 
     Returns {"documents", "tokens", "loss" (mean CE in nats), "perplexity", "skipped"}.
     """
-    from tqdm import tqdm
-
-    from vlmkit.data.template import encode_record
-
     tok = model.tokenizer
+    lines = read_text_jsonl(path, limit)
     skipped = 0
 
     def sequences() -> Iterator[Sample]:
         nonlocal skipped
-        for index, text in read_text_jsonl(path, limit):
+        for index, text in lines:
             try:
                 ids, labels = encode_record(Record(id=str(index), source="heldout", kind="text", text=text), tok, [])
             except BadRecordError:

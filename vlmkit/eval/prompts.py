@@ -6,11 +6,10 @@ The wording follows LLaVA-1.5's evaluation prompts: options as "A. text" lines f
 puts the question alone; `SYNTH_PROMPTS` also puts the image after the text, as the synthetic
 world's training data asks (data/synth.py), so that benchmark is asked exactly as the model learned it.
 
-Both evaluation modes build the same OpenAI-style turn (image parts, then a text part): generation
-hands it to the engine; perplexity scoring turns it into template messages with the engine's own
-`normalize_messages` (one IMAGE_PLACEHOLDER per image), so both modes see the same prompt tokens.
-Generation lists the options and asks for a letter; perplexity scoring asks cloze-style (options
-not listed, each scored as the reply).
+Both evaluation modes build the same OpenAI-style turn (`user_content`, data/messages.py) and read
+it as every conversation is read (data/messages.py, data/prompt.py), so a question becomes the same
+tokens in both modes as in `VLM.generate`. Generation lists the options and asks for a letter;
+perplexity scoring asks cloze-style (options not listed, each scored as the reply).
 """
 
 from __future__ import annotations
@@ -19,8 +18,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from vlmkit.data.messages import user_content
 from vlmkit.eval.benchmarks import LETTERS, BenchItem
-from vlmkit.infer.engine import user_content
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,17 @@
        answer extraction (eval/extract.py) and exact match.
   ppl  multiple choice by length-normalised log-likelihood of each option (eval/ppl.py).
 
+Both modes put a question as one OpenAI-style user turn (eval/prompts.py) and read it as every
+conversation is read (data/messages.py, data/prompt.py).
+
 `blind=True` evaluates the same model with every image replaced by a blank one of the same size
 (the mean colour of the encoder's normalisation, i.e. all-zero pixel values), so that the prompt
 and the number of visual tokens are unchanged and only the visual information is gone: the
-image-free baseline a model that really sees must beat.
+image-free baseline a model that really sees must beat. `evaluate_with_blind` runs both.
 
-Rows whose images cannot be decoded are reported as bad rows (with their file row and reason)
-and left out; the rest are evaluated.
+Rows whose images cannot be decoded, whose prompt cannot be built, or (gen mode) whose prompt
+leaves no room in the context for the reply are reported as bad rows (with their file row and
+reason) and left out; the rest are evaluated.
 """
 
 from __future__ import annotations
@@ -18,18 +22,32 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
-import torch
 from PIL import Image
+from tqdm import tqdm
 
+from vlmkit.data.messages import to_messages
+from vlmkit.data.images import ImageProcessor
+from vlmkit.data.prompt import build_prompt, encode_images
+from vlmkit.data.template import encode_record
+from vlmkit.data.types import Message, Record, Sample
+from vlmkit.data.world import generate as generate_world
 from vlmkit.errors import BadRecordError, VlmkitError
 from vlmkit.eval.benchmarks import LETTERS, Benchmark, BadRow, BenchItem, circular_items, read_benchmark
 from vlmkit.eval.metrics import RowResult, score_reply, summarize
 from vlmkit.eval.ppl import length_normalised, sequence_logprobs
 from vlmkit.eval.prompts import LLAVA_PROMPTS, SYNTH_PROMPTS, PromptFormat, chat_messages
+from vlmkit.infer.engine import Engine
+from vlmkit.infer.sampling import SamplingParams
 
 Mode = Literal["gen", "ppl"]
+ItemImages = tuple[BenchItem, list[Image.Image]]
+"""A question ready to ask: the item and its decoded (or, blind, blanked) images."""
+
+GEN_CHUNK_BATCHES = 4
+"""Gen mode builds prompts and decodes this many batches' worth of rows at a time, so the
+progress bar moves while the whole benchmark is never held as prompts at once."""
 
 
 @dataclass
@@ -65,36 +83,30 @@ def blank_like(image: Image.Image, mean: tuple[float, ...]) -> Image.Image:
     return Image.new("RGB", image.size, tuple(round(255 * m) for m in mean))
 
 
-def _load_images(item: BenchItem, blind: bool, mean: tuple[float, ...]) -> list[Image.Image]:
-    from vlmkit.data.images import load_image
-
-    images = [load_image(ref) for ref in item.images]
-    return [blank_like(im, mean) for im in images] if blind else images
-
-
-def _chunks(seq: list, size: int):
+def _chunks(seq: list, size: int) -> Iterator[list]:
     for start in range(0, len(seq), size):
         yield seq[start:start + size]
 
 
-def _generate_rows(model, items: list[tuple[BenchItem, list[Image.Image]]], *, batch_size: int,
-                   fmt: PromptFormat, max_new_tokens: int, bar) -> tuple[list[RowResult], list[BadRow]]:
+# --- gen mode ----------------------------------------------------------------------------------------
+
+def _generate_rows(model, items: list[ItemImages], *, batch_size: int, fmt: PromptFormat, max_new_tokens: int,
+                   bar: tqdm) -> tuple[list[RowResult], list[BadRow]]:
     """Greedy replies through the engine, `batch_size` rows decoding together (rows that finish
     leave and the next prompts join, as in the server); prompts are prefilled one by one, so a
     reply never depends on its batch."""
-    from vlmkit.infer.engine import Engine, PromptError
-    from vlmkit.infer.sampling import SamplingParams
-
     engine = Engine(model)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    processor = model.image_processor()
     rows, bad = [], []
-    for chunk in _chunks(items, 4 * batch_size):  # a chunk at a time keeps the progress bar moving
+    for chunk in _chunks(items, GEN_CHUNK_BATCHES * batch_size):
         ready, prompts = [], []
         for item, images in chunk:
             try:
-                prompt = engine.prepare(chat_messages(item, images, fmt, list_options=True))
-            except (PromptError, BadRecordError) as e:
-                bad.append(BadRow(item.row, getattr(e, "reason", "bad_prompt"), str(e), item.id))
+                prompt = build_prompt(chat_messages(item, images, fmt, list_options=True), model.tokenizer,
+                                      processor, model.config.tokens_per_image)
+            except BadRecordError as e:
+                bad.append(BadRow.from_error(item.row, e, item.id))
                 continue
             if len(prompt.input_ids) + max_new_tokens > engine.max_positions:
                 bad.append(BadRow(item.row, "too_long", f"prompt of {len(prompt.input_ids)} tokens + "
@@ -111,6 +123,8 @@ def _generate_rows(model, items: list[tuple[BenchItem, list[Image.Image]]], *, b
     return rows, bad
 
 
+# --- ppl mode ----------------------------------------------------------------------------------------
+
 def option_set(item: BenchItem, answers_by_category: dict[str, list[str]]) -> tuple[list[str], int]:
     """The options a ppl-mode item is scored over, and the index of the gold one."""
     if item.kind == "choice":
@@ -121,14 +135,37 @@ def option_set(item: BenchItem, answers_by_category: dict[str, list[str]]) -> tu
     return options, options.index(item.answer)
 
 
-def _ppl_rows(model, items: list[tuple[BenchItem, list[Image.Image]]], *, batch_size: int, fmt: PromptFormat,
-              answers_by_category: dict[str, list[str]], bar) -> tuple[list[RowResult], list[BadRow]]:
-    from vlmkit.data.template import encode_record
-    from vlmkit.data.types import Message, Record, Sample
-    from vlmkit.infer.engine import normalize_messages
+def _open_answers(benchmark: Benchmark) -> dict[str, list[str]]:
+    """Each category's distinct gold answers of open questions, in file order: the option set ppl
+    mode scores an open question over."""
+    answers: dict[str, list[str]] = {}
+    for item in benchmark.items:
+        if item.kind == "open" and item.answer not in answers.setdefault(item.category, []):
+            answers[item.category].append(item.answer)
+    return answers
 
-    tok, processor = model.tokenizer, model.image_processor()
-    per_tile = model.config.tokens_per_image
+
+def _option_samples(model, processor: ImageProcessor, item: BenchItem, images: list[Image.Image],
+                    fmt: PromptFormat, options: list[str]) -> list[Sample]:
+    """One sample per option: the question's user turn (options not listed, cloze-style), then the
+    option as the assistant's reply, supervised as training supervises a reply. Raises
+    BadRecordError."""
+    user, images = to_messages(chat_messages(item, images, fmt, list_options=False))
+    visual = encode_images(images, processor, model.config.tokens_per_image)
+    samples = []
+    for option in options:
+        record = Record(id=item.id, source="eval", kind="chat", messages=user + [Message("assistant", option)])
+        ids, labels = encode_record(record, model.tokenizer, visual.visual_tokens)
+        samples.append(Sample(id=item.id, source="eval", input_ids=list(ids), labels=list(labels),
+                              pixel_values=visual.pixel_values, tiles_per_image=visual.tiles_per_image))
+    return samples
+
+
+def _ppl_rows(model, items: list[ItemImages], *, batch_size: int, fmt: PromptFormat,
+              answers_by_category: dict[str, list[str]], bar: tqdm) -> tuple[list[RowResult], list[BadRow]]:
+    """Each item's options scored by length-normalised log-likelihood, `batch_size` items' options
+    in one packed pass; the best-scoring option is the answer."""
+    processor = model.image_processor()
     rows, bad = [], []
     for chunk in _chunks(items, batch_size):
         seqs, spans = [], []  # spans[i]: (item, options, gold, first sequence index)
@@ -137,24 +174,13 @@ def _ppl_rows(model, items: list[tuple[BenchItem, list[Image.Image]]], *, batch_
             if len(options) < 2:
                 bad.append(BadRow(item.row, "no_options", f"category {item.category!r} has a single answer", item.id))
                 continue
-            tiles = [processor(im) for im in images]  # each (n_tiles, 3, S, S)
-            pixel_values = torch.cat(tiles) if tiles else None
-            visual_tokens = [t.shape[0] * per_tile for t in tiles]
-            # The user turn exactly as generation builds it, options not listed (cloze).
-            user, _ = normalize_messages(chat_messages(item, images, fmt, list_options=False))
-            mine = []
             try:
-                for option in options:
-                    record = Record(id=item.id, source="eval", kind="chat",
-                                    messages=user + [Message(role="assistant", content=option)])
-                    ids, labels = encode_record(record, tok, visual_tokens)
-                    mine.append(Sample(id=item.id, source="eval", input_ids=list(ids), labels=list(labels),
-                                       pixel_values=pixel_values, tiles_per_image=[t.shape[0] for t in tiles]))
+                samples = _option_samples(model, processor, item, images, fmt, options)
             except BadRecordError as e:
-                bad.append(BadRow(item.row, e.reason, str(e), item.id))
+                bad.append(BadRow.from_error(item.row, e, item.id))
                 continue
             spans.append((item, options, gold, len(seqs)))
-            seqs += mine
+            seqs += samples
         scores = length_normalised(sequence_logprobs(model, seqs))
         for item, options, gold, start in spans:
             option_scores = scores[start:start + len(options)]
@@ -166,6 +192,8 @@ def _ppl_rows(model, items: list[tuple[BenchItem, list[Image.Image]]], *, batch_
         bar.update(len(chunk))
     return rows, bad
 
+
+# --- benchmarks ----------------------------------------------------------------------------------------
 
 def load_benchmark(bench: Benchmark | str | Path, *, image_root: str | Path | None = None,
                    cache_dir: str | Path | None = None) -> Benchmark:
@@ -179,12 +207,10 @@ def load_benchmark(bench: Benchmark | str | Path, *, image_root: str | Path | No
 
 def synth_test_split(cache_dir: str | Path | None, n_test: int = 1000, seed: int = 0) -> Path:
     """The synthetic world's test split as benchmark JSONL, generated once into `cache_dir`."""
-    from vlmkit.data.synth import generate
-
     root = Path(cache_dir if cache_dir is not None else Path.home() / ".cache" / "vlmkit") / f"synth-{seed}-{n_test}"
     path = root / "synth.jsonl"
     if not path.is_file():
-        files = generate(root, n_train=0, n_val=0, n_test=n_test, seed=seed, text_corpus=False)
+        files = generate_world(root, n_train=0, n_val=0, n_test=n_test, seed=seed, text_corpus=False)
         path = Path(files["test"])
     return path
 
@@ -197,6 +223,24 @@ REPLY_TOKENS: dict[str, int] = {"synth": 40}
 DEFAULT_REPLY_TOKENS = 16
 
 
+def _load_questions(model, benchmark: Benchmark, *, blind: bool,
+                    circular: bool) -> tuple[list[ItemImages], list[BadRow]]:
+    """Decode each item's images once (blanked when blind), then expand CircularEval rotations;
+    items whose images cannot be decoded are bad rows."""
+    processor, mean = model.image_processor(), model.config.vision.image_mean
+    ready, bad = [], []
+    for item in benchmark.items:
+        try:
+            images = [processor.load(ref) for ref in item.images]
+        except BadRecordError as e:
+            bad.append(BadRow.from_error(item.row, e, item.id))
+            continue
+        if blind:
+            images = [blank_like(image, mean) for image in images]
+        ready += [(variant, images) for variant in (circular_items([item]) if circular else [item])]
+    return ready, bad
+
+
 def evaluate(model, bench: Benchmark | str | Path, *, mode: Mode = "gen", circular: bool = False,
              limit: int | None = None, batch_size: int = 8, blind: bool = False, max_new_tokens: int | None = None,
              prompt_format: PromptFormat | None = None, image_root: str | Path | None = None,
@@ -207,35 +251,22 @@ def evaluate(model, bench: Benchmark | str | Path, *, mode: Mode = "gen", circul
     questions (before CircularEval expands them into rotations). `prompt_format` defaults to
     LLaVA's wording, and to the plain training wording for the synthetic benchmark;
     `max_new_tokens` to REPLY_TOKENS for the benchmark's name, else DEFAULT_REPLY_TOKENS.
+    `image_root`: the folder a benchmark file's image paths resolve under (and must stay in).
     """
-    from tqdm import tqdm
-
     if mode not in ("gen", "ppl"):
         raise VlmkitError(f"unknown eval mode {mode!r}; use 'gen' or 'ppl'")
     if batch_size < 1:
         raise VlmkitError(f"batch_size must be >= 1, got {batch_size}")
-    if getattr(model, "tokenizer", None) is None:
+    if model.tokenizer is None:
         raise VlmkitError("the model has no tokenizer; evaluate a checkpoint saved with one")
     start = time.perf_counter()
     benchmark = load_benchmark(bench, image_root=image_root, cache_dir=cache_dir)
     fmt = prompt_format or FORMATS.get(benchmark.name, LLAVA_PROMPTS)
     if max_new_tokens is None:
         max_new_tokens = REPLY_TOKENS.get(benchmark.name, DEFAULT_REPLY_TOKENS)
-    answers_by_category: dict[str, list[str]] = {}  # ppl mode: the option set of open questions
-    for item in benchmark.items:  # (the whole benchmark's answers, also under --limit)
-        if item.kind == "open" and item.answer not in answers_by_category.setdefault(item.category, []):
-            answers_by_category[item.category].append(item.answer)
+    answers_by_category = _open_answers(benchmark)  # the whole benchmark's, also under `limit`
     benchmark = benchmark.head(limit)
-
-    bad_rows = list(benchmark.bad_rows)
-    ready: list[tuple[BenchItem, list[Image.Image]]] = []
-    for item in benchmark.items:
-        try:
-            images = _load_images(item, blind, model.config.vision.image_mean)
-        except BadRecordError as e:
-            bad_rows.append(BadRow(item.row, e.reason, str(e), item.id))
-            continue
-        ready += [(variant, images) for variant in (circular_items([item]) if circular else [item])]
+    ready, bad_rows = _load_questions(model, benchmark, blind=blind, circular=circular)
 
     was_training = model.training
     model.eval()
@@ -251,10 +282,12 @@ def evaluate(model, bench: Benchmark | str | Path, *, mode: Mode = "gen", circul
         bar.close()
         model.train(was_training)
     return EvalResult(benchmark=benchmark.name, mode=mode, circular=circular, blind=blind, summary=summarize(rows),
-                      rows=rows, bad_rows=bad_rows + more_bad, seconds=time.perf_counter() - start)
+                      rows=rows, bad_rows=benchmark.bad_rows + bad_rows + more_bad,
+                      seconds=time.perf_counter() - start)
 
 
 def evaluate_with_blind(model, bench: Benchmark | str | Path, **kw) -> dict[str, EvalResult]:
-    """The model and its blind baseline on the same benchmark: {"model": ..., "blind": ...}."""
+    """The model and its blind baseline on the same benchmark, read once: {"model": ..., "blind": ...}.
+    Keyword arguments as `evaluate` (except `blind`)."""
     benchmark = load_benchmark(bench, image_root=kw.pop("image_root", None), cache_dir=kw.pop("cache_dir", None))
     return {"model": evaluate(model, benchmark, **kw), "blind": evaluate(model, benchmark, blind=True, **kw)}
