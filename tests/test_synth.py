@@ -1,8 +1,7 @@
-"""The synthetic world: determinism, disjoint splits, every category present with balanced answers,
-questions answerable and unambiguous, pixels where the scene says, files that parse, the text corpus."""
+"""The synthetic world's content: disjoint splits, every category present with balanced answers,
+questions answerable and unambiguous, worked replies, pixels where the scene says, a scene's
+records. The world on disk is tests/test_world.py."""
 
-import hashlib
-import json
 import random
 import re
 from collections import Counter
@@ -10,31 +9,9 @@ from collections import Counter
 import pytest
 
 from vlmkit.constants import IMAGE_PLACEHOLDER
-from vlmkit.data import corpus, synth
+from vlmkit.data import synth
 from vlmkit.data.synth import (CATEGORIES, COLORS, DIRECTIONS, GRID, LETTERS, POSITIONS, SHAPES, answer_space,
-                               chance_accuracy, generate, questions, render, sample_scene)
-
-SMALL = dict(n_train=60, n_val=20, n_test=30, text_corpus=False)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("world"), **SMALL)
-
-
-def digest(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def test_generate_is_deterministic(world, tmp_path):
-    again = generate(tmp_path, **SMALL)
-    root, other = synth.Path(world["dir"]), synth.Path(again["dir"])
-    for name in ("qa_train.json", "qa_val.jsonl", "captions_train.json", "synth.jsonl"):
-        assert digest(root / name) == digest(other / name), name
-    for image in sorted((root / "images").iterdir())[::17]:
-        assert digest(image) == digest(other / "images" / image.name)
-    assert digest(root / "qa_test.json") != digest(synth.Path(generate(tmp_path / "s1", seed=1, **SMALL)["dir"])
-                                                   / "qa_test.json")
+                               chance_accuracy, questions, render, sample_scene, scene_records, split_records)
 
 
 def test_splits_are_disjoint_and_test_does_not_depend_on_train():
@@ -44,46 +21,6 @@ def test_splits_are_disjoint_and_test_does_not_depend_on_train():
     assert not signatures["train"] & signatures["val"] and not signatures["val"] & signatures["test"]
     bigger = synth.split_scenes(0, {"train": 900, "val": 100, "test": 200}, 0.35)
     assert [s.signature() for s in bigger["test"]] == [s.signature() for s in splits["test"]]
-
-
-def test_files_parse_and_reference_existing_images(world):
-    root = synth.Path(world["dir"])
-    for key in ("captions_train", "captions_val", "qa_train", "qa_val", "qa_test"):
-        records = json.loads(synth.Path(world[key]).read_text())
-        assert records and len({r["id"] for r in records}) == len(records)
-        for r in records:
-            assert (root / r["image"]).is_file()
-            conv = r["conversations"]
-            assert [c["from"] for c in conv] == ["human", "gpt"] * (len(conv) // 2)
-            # the question first, then the image (synth.PROMPT_LAYOUT)
-            assert conv[0]["value"].endswith("\n" + IMAGE_PLACEHOLDER) and not conv[0]["value"].startswith("\n")
-            assert sum(c["value"].count(IMAGE_PLACEHOLDER) for c in conv) == 1
-    for key in ("qa_train_messages", "qa_val_messages", "qa_test_messages"):
-        for line in open(world[key]):
-            r = json.loads(line)
-            first = r["messages"][0]["content"]
-            assert first[0]["type"] == "text" and first[0]["text"]
-            assert first[1] == {"type": "image", "image": first[1]["image"]} and (root / first[1]["image"]).is_file()
-            assert [m["role"] for m in r["messages"]] == ["user", "assistant"] * (len(r["messages"]) // 2)
-    items = [json.loads(line) for line in open(world["test"])]
-    assert {i["category"] for i in items} == set(CATEGORIES)
-    for item in items:
-        assert set(item) >= {"id", "images", "question", "answer", "category"}
-        if item["category"] == "multiple_choice":
-            assert len(item["choices"]) == 4 and item["answer"] in "ABCD"
-        else:
-            assert "choices" not in item and item["answer"] in answer_space(item["category"])
-    meta = json.loads((root / "world.json").read_text())
-    assert meta["categories"]["ocr"]["chance"] == pytest.approx(0.1)
-    assert meta["counts"]["test"]["scenes"] == SMALL["n_test"]
-
-
-def test_benchmark_file_reads_with_the_eval_reader(world):
-    benchmarks = pytest.importorskip("vlmkit.eval.benchmarks")
-    bench = benchmarks.read_benchmark(world["test"])
-    assert not bench.bad_rows and len(bench.items) == sum(1 for _ in open(world["test"]))
-    kinds = Counter(item.kind for item in bench.items)
-    assert kinds["choice"] and kinds["yesno"] and kinds["open"]
 
 
 def many_questions(n=3000):
@@ -209,38 +146,11 @@ def test_render_puts_each_object_in_its_cell():
                 assert colors == {synth.BACKGROUND}
 
 
-def test_bad_settings_fail_clearly(tmp_path):
-    from vlmkit.errors import ConfigError
-
-    for bad in (dict(image_size=16), dict(n_train=-1), dict(ocr_fraction=1.5), dict(turns_per_record=0),
-                dict(train_questions={"size": 2}), dict(train_questions={"color": -1})):
-        with pytest.raises(ConfigError):
-            generate(tmp_path, **{**SMALL, **bad})
-
-
 def test_chance_accuracy():
     assert chance_accuracy("existence") == 0.5 and chance_accuracy("multiple_choice") == 0.25
     assert chance_accuracy("relation") == pytest.approx(1 / 24)
     with pytest.raises(KeyError, match="unknown category"):
         chance_accuracy("size")
-
-
-def test_text_corpus_is_split_by_unit_and_prose(tmp_path):
-    paths = corpus.write_corpus(tmp_path)
-    train = [json.loads(line)["text"] for line in open(paths["train"])]
-    heldout = [json.loads(line)["text"] for line in open(paths["heldout"])]
-    assert sum(map(len, train)) > 300_000 and 5_000 < sum(map(len, heldout)) < sum(map(len, train)) / 5
-    assert not set(train) & set(heldout)
-    assert not any(">>>" in t or "::=" in t for t in train + heldout)
-    assert paths["counts"]["heldout"]["documents"] == len(heldout)
-    raw = "Title\n*****\n\nUse :func:`len` and ``x`` to count the items\nof a container.\n\n   code = 1\n"
-    assert corpus.clean_paragraphs(raw, min_chars=20) == ["Use len and x to count the items of a container."]
-
-
-def test_tokenizer_texts_cover_corpus_captions_and_questions(world):
-    texts = list(synth.tokenizer_texts(world))
-    assert any("What color" in t for t in texts) and any(t.endswith("shape.") or "shapes:" in t for t in texts)
-    assert not any(IMAGE_PLACEHOLDER in t for t in texts)
 
 
 def test_train_questions_ask_more_of_a_category_without_repeats():
@@ -257,11 +167,28 @@ def test_train_questions_ask_more_of_a_category_without_repeats():
     assert total["color"] > 2.5 * len(scenes)  # nearly every scene has three distinct colour questions
 
 
-def test_train_questions_change_train_only(tmp_path):
-    base = generate(tmp_path / "base", **SMALL)
-    more = generate(tmp_path / "more", train_questions={"color": 3}, turns_per_record=1, **SMALL)
-    root, other = synth.Path(base["dir"]), synth.Path(more["dir"])
-    assert digest(root / "synth.jsonl") == digest(other / "synth.jsonl")
-    records = json.loads((other / "qa_train.json").read_text())
-    assert all(len(r["conversations"]) == 2 for r in records)  # one question a record
-    assert more["counts"]["train"]["questions"]["color"] > 2 * base["counts"]["train"]["questions"]["color"]
+def test_scene_records_group_train_questions_and_keep_one_question_elsewhere():
+    scene = next(s for s in synth.split_scenes(0, {"train": 50}, 0.35)["train"] if len(s.objects) >= 4)
+    train = scene_records(scene, "train", random.Random(1), turns_per_record=3, per_category={"color": 3})
+    assert train.image == f"images/{scene.id}.png" and not train.bench
+    assert [len(r["conversations"]) // 2 for r in train.llava][:-1] == [3] * (len(train.llava) - 1)
+    assert sum(len(r["conversations"]) // 2 for r in train.llava) == len(train.asked)
+    for llava, messages in zip(train.llava, train.messages):
+        assert llava["id"] == messages["id"] and llava["image"] == train.image
+        assert sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in llava["conversations"]) == 1
+        assert [m["content"][0]["text"] for m in messages["messages"]] == [t["value"].replace(
+            "\n" + IMAGE_PLACEHOLDER, "") for t in llava["conversations"]]
+    test = scene_records(scene, "test", random.Random(1), turns_per_record=3, per_category=None)
+    assert [r["id"] for r in test.llava] == [f"{scene.id}-{qa.category}" for qa in test.asked]
+    assert [item["id"] for item in test.bench] == [r["id"] for r in test.llava]
+    assert all(item["images"] == [test.image] for item in test.bench)
+
+
+def test_split_records_ask_more_in_train_only():
+    scenes = synth.split_scenes(0, {"train": 40, "val": 40}, 0.35)
+    more = {"color": 3}
+    for split in ("train", "val"):
+        records = list(split_records(0, split, scenes[split], turns_per_record=8, train_questions=more))
+        colors = sum(qa.category == "color" for r in records for qa in r.asked)
+        assert (colors > 2 * len(records)) == (split == "train"), split
+

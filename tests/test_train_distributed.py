@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vlmkit.config import load_config
-from vlmkit.train.data import prepare_world
+from vlmkit.data.world import prepare_world
 
 pytestmark = pytest.mark.slow
 

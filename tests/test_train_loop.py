@@ -1,5 +1,6 @@
 """The step loop on a tiny real VLM: freezing per stage, the optimizer over trainable parameters
-only, and loss normalisation across micro-batches of different target counts."""
+only, loss normalisation across micro-batches of different target counts, and the step's sums
+per data source through the all-reduce."""
 
 import copy
 
@@ -12,7 +13,8 @@ from vlmkit.data.packing import collate
 from vlmkit.data.types import Sample
 from vlmkit.models.config import VLMConfig
 from vlmkit.models.vlm import VLMModel
-from vlmkit.train.loop import targets_per_sample
+from vlmkit.train.distributed import Dist
+from vlmkit.train.loop import StepSums, targets_per_sample
 from vlmkit.train.stages import apply_freezing, build_optimizer
 
 IMG = 5
@@ -117,3 +119,32 @@ def test_loss_over_micro_batches_is_normalised_by_total_targets():
         (model.compute_loss(b.input_ids, b.labels, b.position_ids, b.cu_seqlens).loss_sum / total).backward()
     for g, e in zip((p.grad for p in model.llm.parameters()), expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+class TwoRanks(Dist):
+    """An all-reduce over two ranks whose other rank summed exactly what this one did."""
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return [2 * v for v in values]
+
+
+def test_step_sums_keep_each_source_apart_through_the_all_reduce():
+    gen = torch.Generator().manual_seed(5)
+    model = tiny_model()
+    batch = collate([sample(i, n, i == 1, gen) for i, n in enumerate((7, 13, 9))], 64)  # sources b, a, b
+    out = model.compute_loss(batch.input_ids, batch.labels, batch.position_ids, batch.cu_seqlens,
+                             pixel_values=batch.pixel_values)
+    per = targets_per_sample(batch)
+    sums = StepSums()
+    sums.add(batch, out, per)
+    cu = batch.cu_seqlens.tolist()
+    assert sums.source_targets == {"b": float(per[0] + per[2]), "a": float(per[1])}
+    assert sums.source_loss["a"] == pytest.approx(float(out.token_loss[cu[1]:cu[2]].sum()))
+    assert sum(sums.source_loss.values()) == pytest.approx(sums.loss_sum, rel=1e-5)
+    assert (sums.tokens, sums.budget) == (batch.num_tokens, 64)
+    assert sums.all_reduced(Dist(), ["a", "b"]) == sums  # one process: the sums themselves
+    total = sums.all_reduced(TwoRanks(rank=0, world=2), ["a", "b", "c"])  # "c": no sample on this rank
+    assert total.source_targets == {"a": 2 * float(per[1]), "b": 2 * float(per[0] + per[2]), "c": 0.0}
+    assert total.source_loss == {name: 2 * sums.source_loss.get(name, 0.0) for name in ("a", "b", "c")}
+    assert (total.loss_sum, total.tokens, total.budget) == (2 * sums.loss_sum, 2 * batch.num_tokens, 128)
+

@@ -1,5 +1,5 @@
-"""configs/tiny.yaml end to end in a subprocess, and exact resume: a run killed with SIGKILL in
-the middle of a stage and resumed ends with bit-for-bit the weights of an uninterrupted run."""
+"""vlmkit/configs/tiny.yaml end to end in a subprocess, and exact resume: a run killed with
+SIGKILL in the middle of a stage and resumed ends with bit-for-bit the weights of an uninterrupted run."""
 
 import json
 import os
@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from vlmkit.config import load_config
-from vlmkit.train.data import prepare_world
+from vlmkit.data.world import prepare_world
 
 pytestmark = pytest.mark.slow
 

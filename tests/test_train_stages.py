@@ -1,4 +1,4 @@
-"""Stage policy and checkpoint pieces: lr schedules, optimizer state round trip, atomic dirs."""
+"""Stage policy and checkpoint pieces: stage seeds, lr schedules, optimizer state round trip, atomic dirs."""
 
 import json
 import random
@@ -7,13 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-from vlmkit.config import Stage
+from vlmkit.config import Stage, load_config
 from vlmkit.train import checkpoint as ckpt
-from vlmkit.train.stages import lr_factor
+from vlmkit.train.stages import lr_factor, stage_seed
 
 
 def stage(**kw) -> Stage:
     return Stage(**{"adapter_lr": 1e-3, "steps": 100, **kw})
+
+
+def test_stages_sharing_a_seed_setting_get_their_own_seeds():
+    cfg = load_config("tiny", ["stages.0.seed=3", "stages.1.seed=3"])
+    assert stage_seed(cfg, 0) != stage_seed(cfg, 1)
+    other = load_config("tiny", ["stages.0.seed=4", "stages.1.seed=3"])
+    assert stage_seed(other, 0) != stage_seed(cfg, 0) and stage_seed(other, 1) == stage_seed(cfg, 1)
 
 
 def test_warmup_then_cosine_to_min():

@@ -4,7 +4,7 @@ A YAML file maps onto these dataclasses one to one. Every setting has exactly on
 with a docstring), is checked when the config loads (unknown keys and wrong types fail at start
 with the dotted path of the offending field), and can be overridden from the command line:
 
-    vlmkit train configs/tiny.yaml --set stages.0.steps=20 --set model.config.llm.num_layers=2
+    vlmkit train tiny --set stages.0.steps=20 --set model.config.llm.num_layers=2
 
 Override values are parsed as YAML (`true`, `3`, `1.0e-3`, `[a, b]`, `{x: 1}`), then the whole
 config is validated again, so an override is held to the same rules as the file.
@@ -17,19 +17,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from vlmkit.data.world import WorldSpec
 from vlmkit.errors import ConfigError
 from vlmkit.models.config import VLMConfig
+from vlmkit.schema import build, require_at_least
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-"""Where the ready-made configs live; `vlmkit train tiny` resolves a bare name here."""
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""The ready configs, shipped inside the package (so an installed wheel has them too);
+`vlmkit train tiny` resolves a bare name here."""
 
 ModuleName = Literal["vision", "adapter", "llm"]
 MODULES: tuple[str, ...] = ("vision", "adapter", "llm")
@@ -67,11 +68,8 @@ class ModelSpec:
         if len(chosen) != 1:
             raise ConfigError("model: set exactly one of config, pretrained, hf_llava, or hf_vision+hf_llm; "
                               f"got {chosen or 'none'}")
-        if self.config is not None:
-            try:  # fail at load time, not after data preparation
-                VLMConfig.from_dict(self.config)
-            except ConfigError as e:
-                raise ConfigError(f"model.config: {e}") from None
+        if self.config is not None:  # fail at load time, not after data preparation
+            build(VLMConfig, self.config, "model.config")
         if self.adapter is not None and self.hf_vision is None:
             raise ConfigError("model.adapter is only used with hf_vision + hf_llm")
 
@@ -97,40 +95,6 @@ class TokenizerSpec:
     def __post_init__(self):
         if self.path is not None and not self.path:
             raise ConfigError("tokenizer.path: empty string; leave it out to use the model's tokenizer")
-
-
-@dataclass
-class WorldSpec:
-    """The synthetic world (vlmkit.data.synth) as the data of a run: generated, with a tokenizer
-    trained on its text, the first time a run needs it, then reused. With a world, relative data
-    paths resolve inside `dir`, and a model built from `config` takes the tokenizer's vocabulary
-    size and image token id."""
-
-    dir: str = "runs/world"
-    """Where the world is written (relative to the working directory)."""
-    n_train: int = 2000
-    """Training scenes (each gives a caption and a conversation of several questions)."""
-    n_val: int = 100
-    """Validation scenes."""
-    n_test: int = 300
-    """Held-out test scenes (the benchmark file `synth.jsonl`)."""
-    seed: int = 0
-    """Seed of the world (scenes, questions, splits)."""
-    vocab_size: int = 2048
-    """Size of the tokenizer trained on the world's text (captions, QA and the text corpus)."""
-    turns_per_record: int = 8
-    """Questions per train QA record (a conversation about one image; 1 = one question a record)."""
-    train_questions: dict[str, int] | None = None
-    """Distinct questions asked per category of each train scene (None: one per category)."""
-
-    def __post_init__(self):
-        for name in ("n_train", "n_test", "vocab_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"world.{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_val < 0:
-            raise ConfigError(f"world.n_val must be >= 0, got {self.n_val}")
-        if self.turns_per_record < 1:
-            raise ConfigError(f"world.turns_per_record must be >= 1, got {self.turns_per_record}")
 
 
 @dataclass
@@ -228,12 +192,9 @@ class Stage:
                 raise ConfigError(f"{where}: {module}_lr must be >= 0 (0 freezes), got {lr}")
         if not any(getattr(self, f"{m}_lr") > 0 for m in MODULES):
             raise ConfigError(f"{where}: every module is frozen (vision_lr, adapter_lr, llm_lr all 0)")
-        for name in ("steps", "token_budget", "grad_accum", "log_every", "keep_last", "step_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{where}: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "modality_warmup_steps", "eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{where}: {name} must be >= 0, got {getattr(self, name)}")
+        require_at_least(self, ("steps", "token_budget", "grad_accum", "log_every", "keep_last", "step_every"), 1,
+                         f"{where}: ")
+        require_at_least(self, ("warmup_steps", "modality_warmup_steps", "eval_every", "save_every"), 0, f"{where}: ")
         if not 0.0 <= self.image_share_start <= 1.0:
             raise ConfigError(f"{where}: image_share_start must be in [0, 1], got {self.image_share_start}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -298,8 +259,7 @@ class RunConfig:
             raise ConfigError(f"eval_sources: unknown source(s) {unknown}; data defines {sorted(self.data)}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
-        if self.num_threads < 0:
-            raise ConfigError(f"num_threads must be >= 0, got {self.num_threads}")
+        require_at_least(self, ("num_threads",), 0)
 
     def resolve(self, path: str | None) -> str | None:
         """A path from the config, made absolute against the world's dir or base_dir."""
@@ -315,100 +275,6 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# ---------------------------------------------------------------------------------------------
-# Typed construction from plain dicts (YAML), with dotted-path errors
-# ---------------------------------------------------------------------------------------------
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp, where: str) -> Any:
-    """Check `value` against the annotation `tp` and build nested dataclasses."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: must be one of {list(args)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        item_types = args if origin is tuple and args and args[-1] is not Ellipsis else (args[:1] or (Any,)) * len(value)
-        if origin is tuple and len(item_types) != len(value):
-            raise ConfigError(f"{where}: expected {len(item_types)} values, got {len(value)}")
-        items = [_convert(v, t, f"{where}.{i}") for i, (v, t) in enumerate(zip(value, item_types))]
-        return tuple(items) if origin is tuple else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
-        vt = args[1] if args else Any
-        return {str(k): _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp is float:
-        # YAML 1.1 reads `1e-3` (no dot) as a string: accept numeric strings for float fields.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
-
-
-def build(cls, data: Any, where: str = "config"):
-    """Build dataclass `cls` from a mapping: unknown keys and wrong types name their dotted path."""
-    if isinstance(data, cls):
-        return data
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        path = ", ".join(f"{where}.{k}" if where != "config" else str(k) for k in unknown)
-        raise ConfigError(f"unknown key(s) {path}; valid keys of {where} are {sorted(fields)}")
-    prefix = "" if where == "config" else f"{where}."
-    kwargs = {k: _convert(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        msg = str(e)
-        raise ConfigError(msg if where == "config" or msg.startswith(where) else f"{where}: {msg}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,14 +330,16 @@ def _list_index(node: list, key: str, path: str, item: str) -> int:
 
 
 def find_config(name_or_path: str) -> Path:
-    """A config path, or a bare name (`tiny`, `demo.yaml`) looked up in the ready configs."""
+    """A config path (an existing file), or a bare name (`tiny`, `demo.yaml`) of a ready config in
+    CONFIG_DIR. A name with a directory part is only ever a path."""
     p = Path(name_or_path).expanduser()
     if p.is_file():
         return p
-    for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
-        if candidate.is_file():
-            return candidate
-    ready = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    if p.name == name_or_path:
+        for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
+            if candidate.is_file():
+                return candidate
+    ready = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
     raise ConfigError(f"config {name_or_path!r}: no such file, and not one of the ready configs {ready}")
 
 

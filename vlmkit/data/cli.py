@@ -24,7 +24,10 @@ from vlmkit.data.formats import FORMATS, Item
 from vlmkit.data.images import ImageProcessor
 from vlmkit.data.packing import Packer, SourceStream
 from vlmkit.data.pipeline import SamplePipeline, check_record
+from vlmkit.data.synth import IMAGE_SIZE
+from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.types import Record, Sample
+from vlmkit.data.world import generate
 
 HISTOGRAM_EDGES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -35,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--scenes", type=int, default=20000,
                        help="training scenes (validation gets 1/40 of that, test 1/20)")
-    synth.add_argument("--image-size", type=int, default=48, help="image side in pixels")
+    synth.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="image side in pixels")
     synth.add_argument("--seed", type=int, default=0)
     inspect = sub.add_parser("inspect", help="count records, bad records by reason, lengths, packing efficiency")
     inspect.add_argument("paths", nargs="+", metavar="PATH", help="data files or directories")
@@ -60,8 +63,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from vlmkit.data.synth import generate
-
     n = args.scenes
     result = generate(args.out, n_train=n, n_val=max(1, n // 40), n_test=max(1, n // 20),
                       image_size=args.image_size, seed=args.seed, progress=sys.stderr.isatty())
@@ -107,11 +108,7 @@ class _Inspector:
 def inspect_paths(paths: list[str], *, fmt: str = "auto", root: str | None = None, tokenizer_dir: str | None = None,
                   budget: int = 4096, tokens_per_image: int = 64, image_size: int = 384, max_tiles: int = 1) -> dict:
     """Read every record of `paths` and return the report `vlmkit data inspect --json` prints."""
-    tokenizer = None
-    if tokenizer_dir is not None:
-        from vlmkit.data.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(tokenizer_dir)
+    tokenizer = Tokenizer.load(tokenizer_dir) if tokenizer_dir is not None else None
     processor = ImageProcessor(image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), max_tiles=max_tiles)
     kind = SamplePipeline if tokenizer is not None else ByteLengthPipeline
     inspector = _Inspector(kind(tokenizer, processor, tokens_per_image, max_length=budget, max_bad_fraction=1.0,

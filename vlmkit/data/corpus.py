@@ -1,15 +1,15 @@
 """The language corpus of the demo: real English prose that ships with every Python install.
 
-Sources (read, never imported or executed):
-  - `pydoc_data.topics`: the help topics of the Python language reference (~465K characters);
+Sources:
+  - `pydoc_data.topics`: the help topics of the Python language reference (~465K characters), a
+    data module of strings;
   - docstrings of the standard library's top-level modules and packages (module, class and
-    function docstrings), read from source with `ast`.
+    function docstrings), read from source with `ast` (never imported or executed).
 
 Cleaning keeps prose paragraphs only: blocks separated by blank lines, with indented blocks (code,
 grammar), doctests, headings and markup-heavy or symbol-heavy blocks dropped, reST roles and
 literal quotes unwrapped, lines joined, and repeated paragraphs dropped. Paragraphs of one unit
-(a topic or a module) are
-grouped in order into documents of at most `max_chars`. The train / held-out split is by unit
+(a topic or a module) are grouped in order into documents of at most `max_chars`. The train / held-out split is by unit
 (a hash of the seed and the unit's name), so no topic or module is in both.
 """
 
@@ -30,6 +30,8 @@ SKIP_MODULES = {"this", "antigravity", "idlelib", "lib2to3", "test", "pydoc_data
 _ROLE = re.compile(r":[a-z:]+:`~?([^`<]*?)(?:\s*<[^>]*>)?`")  # :func:`name` -> name
 _LITERAL = re.compile(r"``([^`]*)``|`([^`]*)`")
 _SPACE = re.compile(r"\s+")
+SPLIT_BUCKETS = 10_000
+"""A unit goes to held-out when crc32(seed:unit) % SPLIT_BUCKETS < heldout_fraction * SPLIT_BUCKETS."""
 
 
 def clean_paragraphs(text: str, min_chars: int = 60) -> list[str]:
@@ -56,7 +58,7 @@ def clean_paragraphs(text: str, min_chars: int = 60) -> list[str]:
 
 def pydoc_units() -> list[tuple[str, str]]:
     """(unit name, text) of every pydoc help topic, in sorted order."""
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # deferred: a large module, read only when writing the corpus
 
     return [(f"topic:{k}", topics[k]) for k in sorted(topics)]
 
@@ -115,8 +117,8 @@ def split_documents(seed: int = 0, heldout_fraction: float = 0.05, max_chars: in
     docs = documents(pydoc_units() + docstring_units(), max_chars=max_chars)
     split: dict[str, list[str]] = {"train": [], "heldout": []}
     for unit, doc in docs:
-        bucket = zlib.crc32(f"{seed}:{unit}".encode()) % 10_000
-        split["heldout" if bucket < heldout_fraction * 10_000 else "train"].append(doc)
+        bucket = zlib.crc32(f"{seed}:{unit}".encode()) % SPLIT_BUCKETS
+        split["heldout" if bucket < heldout_fraction * SPLIT_BUCKETS else "train"].append(doc)
     return split
 
 

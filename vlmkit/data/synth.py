@@ -36,26 +36,21 @@ top left cell" by a fixed offset. With the image first the offset varies with ev
 the demo's 4-layer decoder learned position-based categories far more slowly (measured in
 docs/training.md). The benchmark prompt for this world (`eval.prompts.SYNTH_PROMPTS`) does the same.
 
-On disk (`generate`): images/*.png, LLaVA JSON (captions and QA), messages JSONL (OpenAI-style
-content parts), the test split as the generic benchmark JSONL, the text corpus (data/corpus.py)
-as text JSONL, and world.json (counts, answer sets, chance per category). Everything is a function
-of the seed; test, val and train scenes are disjoint (no scene appears in two splits).
+This module is the world's content: scenes (`split_scenes`), their pixels (`render`), and their
+captions and questions as records (`split_records`). Everything is a function of the seed; test,
+val and train scenes are disjoint (no scene appears in two splits). Writing the world to disk and
+training its tokenizer is data/world.py.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import random
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Iterator
 
 from PIL import Image, ImageDraw
 
 from vlmkit.constants import IMAGE_PLACEHOLDER
-from vlmkit.errors import ConfigError
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -68,6 +63,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "cross")
 SIZES = ("small", "large")
 GRID = 3
+IMAGE_SIZE = 48
+"""Default image side: 16 px cells, so with patch 8 and a 2x2 pixel shuffle a visual token is a cell."""
+MIN_IMAGE_SIZE = 24
+"""Smallest image side whose 8 px cells still hold legible objects."""
 POSITIONS = ("top left", "top middle", "top right",
              "middle left", "center", "middle right",
              "bottom left", "bottom middle", "bottom right")  # cell index = row * GRID + col
@@ -150,7 +149,7 @@ def sample_scene(rng: random.Random, scene_id: str, ocr_fraction: float) -> Scen
     return Scene(scene_id, objects)
 
 
-def render(scene: Scene, image_size: int = 48) -> Image.Image:
+def render(scene: Scene, image_size: int = IMAGE_SIZE) -> Image.Image:
     """Draw the scene; every object stays inside its cell (cell = image_size / 3)."""
     img = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(img)
@@ -397,8 +396,11 @@ def _new_question(category: str, scene: Scene, rng: random.Random, asked: list[Q
 
 
 # ---------------------------------------------------------------------------------------------
-# Splits and files
+# Splits and records
 # ---------------------------------------------------------------------------------------------
+
+SPLITS = ("test", "val", "train")
+"""In the order their scenes are drawn: a later split resamples any scene an earlier one holds."""
 
 
 def split_scenes(seed: int, counts: dict[str, int], ocr_fraction: float) -> dict[str, list[Scene]]:
@@ -406,7 +408,7 @@ def split_scenes(seed: int, counts: dict[str, int], ocr_fraction: float) -> dict
     an earlier one holds, so test scenes do not depend on the size of train."""
     seen: set[tuple] = set()
     out = {}
-    for split in ("test", "val", "train"):
+    for split in SPLITS:
         rng = random.Random(f"vlmkit-synth/{seed}/{split}/scenes")
         scenes = []
         while len(scenes) < counts.get(split, 0):
@@ -416,6 +418,58 @@ def split_scenes(seed: int, counts: dict[str, int], ocr_fraction: float) -> dict
                 scenes.append(scene)
         out[split] = scenes
     return out
+
+
+@dataclass
+class SceneRecords:
+    """One scene's records, in every format the world is written in."""
+
+    image: str
+    """The scene's image, as the records name it (relative to the world's directory)."""
+    asked: list[QA]
+    """Its questions, in the order they were asked."""
+    caption: dict
+    """LLaVA JSON: a caption instruction, then the dense caption."""
+    llava: list[dict]
+    """LLaVA JSON records of its questions: a train scene's in conversations of up to
+    `turns_per_record` questions, any other split's one question a record."""
+    messages: list[dict]
+    """The same records as messages JSONL (OpenAI-style content parts)."""
+    bench: list[dict]
+    """The test split's questions as generic benchmark JSONL items (empty in other splits)."""
+
+
+def split_records(seed: int, split: str, scenes: list[Scene], *, turns_per_record: int,
+                  train_questions: dict[str, int] | None) -> Iterator[SceneRecords]:
+    """The records of each scene of a split, in order, from the split's own seeded question stream.
+    `train_questions` (per category, default one) applies to the train split only."""
+    rng = random.Random(f"vlmkit-synth/{seed}/{split}/questions")
+    for scene in scenes:
+        yield scene_records(scene, split, rng, turns_per_record=turns_per_record,
+                            per_category=train_questions if split == "train" else None)
+
+
+def scene_records(scene: Scene, split: str, rng: random.Random, *, turns_per_record: int,
+                  per_category: dict[str, int] | None) -> SceneRecords:
+    """A scene's caption, its questions, and its records (every split draws a caption instruction,
+    so a split's question stream does not depend on whether its captions are written)."""
+    image = f"images/{scene.id}.png"
+    caption_record = _llava(f"{scene.id}-cap", image, [(rng.choice(CAPTION_PROMPTS), caption(scene))])
+    asked = questions(scene, rng, per_category=per_category)
+    if split == "train":
+        shuffled = list(asked)
+        rng.shuffle(shuffled)
+        starts = range(0, len(shuffled), turns_per_record)
+        groups = [(f"{scene.id}-{k}", shuffled[i:i + turns_per_record]) for k, i in enumerate(starts)]
+    else:
+        groups = [(f"{scene.id}-{qa.category}", [qa]) for qa in asked]
+    llava, messages = [], []
+    for rid, group in groups:
+        turns = [(qa.prompt(), qa.reply()) for qa in group]
+        llava.append(_llava(rid, image, turns))
+        messages.append(_messages(rid, image, turns))
+    bench = [_bench_item(scene, image, qa) for qa in asked] if split == "test" else []
+    return SceneRecords(image, asked, caption_record, llava, messages, bench)
 
 
 def _llava(rid: str, image: str, turns: list[tuple[str, str]]) -> dict:
@@ -435,136 +489,9 @@ def _messages(rid: str, image: str, turns: list[tuple[str, str]]) -> dict:
     return {"id": rid, "messages": msgs}
 
 
-def _write_image(scene: Scene, image_size: int, path: Path) -> None:
-    render(scene, image_size).save(path, format="PNG", compress_level=1)
-
-
-def _write_json_list(path: Path, rows: list[dict]) -> None:
-    with open(path, "w") as f:  # one record per line: diffable, and still a JSON list
-        f.write("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
-
-
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-
-
-def tokenizer_texts(world: dict) -> Iterator[str]:
-    """The demo tokenizer's training texts from a generated world (`generate`'s result): the
-    train-split prose, captions and QA turns."""
-    if "text_train" in world:
-        with open(world["text_train"]) as f:
-            for line in f:
-                yield json.loads(line)["text"]
-    for key in ("captions_train", "qa_train"):
-        for record in json.loads(Path(world[key]).read_text()):
-            for turn in record["conversations"]:
-                yield turn["value"].replace(IMAGE_PLACEHOLDER, "")
-
-
-def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_test: int = 1000,
-             image_size: int = 48, seed: int = 0, ocr_fraction: float = 0.35, turns_per_record: int = 8,
-             train_questions: dict[str, int] | None = None, text_corpus: bool = True,
-             progress: bool = False) -> dict:
-    """Write the synthetic world into `out_dir`; return the file paths and counts.
-
-    n_*: scenes per split. Train QA records are conversations of up to `turns_per_record` questions
-    about one image (the first turn carries the image); val and test records hold one question.
-    `train_questions` asks up to that many distinct questions per category of each train scene
-    (default: one per category, as val and test always do), so a run can see more of the
-    categories that take longest to learn.
-    Layout (paths relative to out_dir; image paths inside files are relative to out_dir):
-
-        images/{split}_{index}.png                 one PNG per scene
-        captions_{train,val}.json                  LLaVA JSON, one caption per scene (kind caption)
-        qa_{train,val,test}.json                   LLaVA JSON, QA conversations (kind chat)
-        qa_{train,val,test}.jsonl                  the same as messages JSONL (OpenAI content parts)
-        synth.jsonl                                the test split as the generic benchmark JSONL
-        text_train.jsonl, text_heldout.jsonl       the language corpus (data/corpus.py), text JSONL
-        world.json                                 settings, counts, answer sets, chance per category
-    """
-    from tqdm import tqdm
-
-    if image_size < 24:
-        raise ConfigError(f"image_size {image_size} is too small for a 3x3 grid of legible objects (use >= 24)")
-    if turns_per_record < 1:
-        raise ConfigError(f"turns_per_record must be >= 1, got {turns_per_record}")
-    if min(n_train, n_val, n_test) < 0:
-        raise ConfigError(f"scene counts must be >= 0, got n_train={n_train} n_val={n_val} n_test={n_test}")
-    unknown = sorted(set(train_questions or {}) - set(CATEGORIES))
-    if unknown or any(int(n) < 0 for n in (train_questions or {}).values()):
-        raise ConfigError(f"train_questions takes a count >= 0 per category of {', '.join(CATEGORIES)}; "
-                          f"got {train_questions}")
-    if not 0.0 <= ocr_fraction <= 1.0:
-        raise ConfigError(f"ocr_fraction must be in [0, 1], got {ocr_fraction}")
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    counts = {"train": n_train, "val": n_val, "test": n_test}
-    splits = split_scenes(seed, counts, ocr_fraction)
-    bar = tqdm(total=sum(counts.values()), desc="synth scenes", unit="scene", disable=not progress)
-    # PNG encoding and file writes release the GIL: threads overlap them with the question writing.
-    pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
-    pending = []
-    files: dict[str, str] = {}
-    stats: dict[str, dict] = {}
-    for split, scenes in splits.items():
-        rng = random.Random(f"vlmkit-synth/{seed}/{split}/questions")
-        captions, llava, messages, bench = [], [], [], []
-        per_category: dict[str, int] = {}
-        for scene in scenes:
-            image = f"images/{scene.id}.png"
-            pending.append(pool.submit(_write_image, scene, image_size, out / image))
-            prompt = rng.choice(CAPTION_PROMPTS)
-            captions.append(_llava(f"{scene.id}-cap", image, [(prompt, caption(scene))]))
-            qas = questions(scene, rng, per_category=train_questions if split == "train" else None)
-            for qa in qas:
-                per_category[qa.category] = per_category.get(qa.category, 0) + 1
-            if split == "train":
-                rng.shuffle(qas)
-                groups = [qas[i:i + turns_per_record] for i in range(0, len(qas), turns_per_record)]
-            else:
-                groups = [[qa] for qa in qas]
-            for k, group in enumerate(groups):
-                rid = f"{scene.id}-{k}" if split == "train" else f"{scene.id}-{group[0].category}"
-                turns = [(qa.prompt(), qa.reply()) for qa in group]
-                llava.append(_llava(rid, image, turns))
-                messages.append(_messages(rid, image, turns))
-            if split == "test":
-                for qa in qas:
-                    item = {"id": f"{scene.id}-{qa.category}", "images": [image], "question": qa.question,
-                            "answer": qa.answer, "category": qa.category}
-                    if qa.choices:
-                        item["choices"] = qa.choices
-                    bench.append(item)
-            bar.update(1)
-        if split != "test":
-            _write_json_list(out / f"captions_{split}.json", captions)
-            files[f"captions_{split}"] = str(out / f"captions_{split}.json")
-        _write_json_list(out / f"qa_{split}.json", llava)
-        _write_jsonl(out / f"qa_{split}.jsonl", messages)
-        files[f"qa_{split}"] = str(out / f"qa_{split}.json")
-        files[f"qa_{split}_messages"] = str(out / f"qa_{split}.jsonl")
-        if split == "test":
-            _write_jsonl(out / "synth.jsonl", bench)
-            files["test"] = str(out / "synth.jsonl")
-        stats[split] = {"scenes": len(scenes), "records": len(llava), "questions": per_category}
-    for job in pending:
-        job.result()  # re-raises a failed write
-    pool.shutdown()
-    bar.close()
-    if text_corpus:
-        from vlmkit.data.corpus import write_corpus
-
-        corpus = write_corpus(out, seed=seed)
-        files.update({"text_train": corpus["train"], "text_heldout": corpus["heldout"]})
-        stats["text"] = corpus["counts"]
-    world = {
-        "seed": seed, "image_size": image_size, "grid": GRID, "ocr_fraction": ocr_fraction,
-        "turns_per_record": turns_per_record, "train_questions": train_questions, "prompt_layout": PROMPT_LAYOUT,
-        "answer_style": ANSWER_STYLE, "counts": stats,
-        "categories": {c: {"answers": answer_space(c), "chance": chance_accuracy(c)} for c in CATEGORIES},
-        "files": {k: str(Path(v).relative_to(out)) for k, v in files.items()},
-    }
-    (out / "world.json").write_text(json.dumps(world, indent=2) + "\n")
-    return {"dir": str(out), **files, "world": str(out / "world.json"), "counts": stats}
+def _bench_item(scene: Scene, image: str, qa: QA) -> dict:
+    item = {"id": f"{scene.id}-{qa.category}", "images": [image], "question": qa.question, "answer": qa.answer,
+            "category": qa.category}
+    if qa.choices:
+        item["choices"] = qa.choices
+    return item

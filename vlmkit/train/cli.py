@@ -9,6 +9,7 @@ command; FSDP2 shards the model over the ranks.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,8 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    # Deferred: the trainer imports torch, which `vlmkit train --help` does without.
     from vlmkit.config import find_config, load_config
     from vlmkit.train.loop import train
 

@@ -1,7 +1,7 @@
 """torchrun / FSDP2 / DCP glue, applied to a model built for one device (torchtitan's order:
 build, then activation checkpointing, then shard each block, then the root).
 
-    torchrun --nproc_per_node 2 -m vlmkit train configs/tiny.yaml --out runs/x
+    torchrun --nproc_per_node 2 -m vlmkit train tiny --out runs/x
 
 A single process needs no torchrun and none of this: `Dist.single()` is a world of one.
 Backend: NCCL on CUDA, gloo on the CPU. Every rank holds a shard of each block's parameters;
@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from vlmkit.models.vlm import VLMModel
 
 
 @dataclass
@@ -66,6 +68,10 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
 
+    def all_reduce_named(self, values: dict[str, float]) -> dict[str, float]:
+        """Sum named scalars over ranks; every rank passes the same names in the same order."""
+        return dict(zip(values, self.all_reduce_sum(list(values.values()))))
+
     def barrier(self) -> None:
         if self.is_distributed:
             dist.barrier()
@@ -88,8 +94,9 @@ def block_lists(model: nn.Module) -> list[nn.ModuleList]:
             and all(type(b) is type(m[0]) for b in m)]
 
 
-def shard_model(model: nn.Module, ctx: Dist) -> nn.Module:
+def shard_model(model: VLMModel, ctx: Dist) -> VLMModel:
     """FSDP2: fully_shard every block, then the root (embeddings, norms, adapter, head)."""
+    # Deferred (here and below): FSDP and DCP are slow to import and only multi-process runs use them.
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for blocks in block_lists(model):
@@ -97,8 +104,7 @@ def shard_model(model: nn.Module, ctx: Dist) -> nn.Module:
             fully_shard(block)
     fully_shard(model)
     # Training calls compute_loss, not forward: give it the root's unshard / reshard hooks too.
-    if hasattr(model, "compute_loss"):
-        register_fsdp_forward_method(model, "compute_loss")
+    register_fsdp_forward_method(model, "compute_loss")
     return model
 
 
@@ -106,6 +112,7 @@ def full_state_dict(model: nn.Module, ctx: Dist) -> dict[str, torch.Tensor]:
     """The unsharded CPU state dict, on rank 0 (empty elsewhere); a plain state dict alone."""
     if not ctx.is_distributed:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # deferred: see shard_model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -113,7 +120,7 @@ def full_state_dict(model: nn.Module, ctx: Dist) -> dict[str, torch.Tensor]:
 
 def dcp_save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Every rank writes its shards of model (+ optimizer) into path (a directory)."""
-    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint as dcp  # deferred: see shard_model
     from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict
 
     if optimizer is not None:
@@ -124,7 +131,8 @@ def dcp_save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | No
 
 
 def dcp_load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    import torch.distributed.checkpoint as dcp
+    """Read a checkpoint of `dcp_save` into the (sharded) model, and the optimizer when given."""
+    import torch.distributed.checkpoint as dcp  # deferred: see shard_model
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
                                                          set_model_state_dict, set_state_dict)
 

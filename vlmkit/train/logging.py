@@ -13,6 +13,8 @@ import json
 import math
 from pathlib import Path
 
+from tqdm import tqdm
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -32,9 +34,10 @@ class MetricsLogger:
         self._truncate(resume_step)
         self.file = open(self.path, "a")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # deferred: slow to import, and optional
 
-            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"),
+                                    purge_step=resume_step + 1 if resume_step else None)
         self.progress = progress
 
     def _truncate(self, resume_step: int) -> None:
@@ -52,8 +55,6 @@ class MetricsLogger:
 
     def start_stage(self, name: str, total: int, done: int) -> None:
         if self.enabled and self.progress:
-            from tqdm import tqdm
-
             self.close_bar()
             self.bar = tqdm(total=total, initial=done, desc=name, unit="step", dynamic_ncols=True, leave=True)
 
@@ -104,7 +105,7 @@ def plot_loss_curve(out_dir: str | Path, file_name: str = "loss.png") -> Path | 
     train = [r for r in records if not r.get("eval") and "loss" in r]
     if not train:
         return None
-    import matplotlib
+    import matplotlib  # deferred: slow to import, needed once at the end of a run
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,5 +1,5 @@
-"""The training loop: stages in order; per step, micro-batches -> loss -> backward -> clip ->
-AdamW step -> log -> maybe eval -> maybe checkpoint.
+"""The training loop: stages in order; per step, micro-batches -> forward / backward -> clip and
+AdamW step -> metrics -> maybe eval -> maybe checkpoint.
 
 Loss normalisation: a step's micro-batches hold different numbers of supervised targets, so the
 step loss is  sum of token losses over all micro-batches (and ranks) / total targets  -- each
@@ -17,32 +17,40 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from vlmkit import __version__
-from vlmkit.config import MODULES, RunConfig
+from vlmkit.api import VLM
+from vlmkit.config import MODULES, RunConfig, Stage
 from vlmkit.constants import IGNORE_INDEX
-from vlmkit.data.types import PackedBatch
+from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.data.types import Modality, PackedBatch
+from vlmkit.data.world import TOKENIZER_DIR, prepare_world
 from vlmkit.errors import CheckpointError
+from vlmkit.models.config import VLMConfig
+from vlmkit.models.vlm import LossOutput
 from vlmkit.train import checkpoint as ckpt
-from vlmkit.train.data import TOKENIZER_DIR, StageData, eval_batches, prepare_world
+from vlmkit.train.data import StageData, eval_batches
 from vlmkit.train.distributed import Dist, dcp_load, dcp_save, full_state_dict, shard_model
 from vlmkit.train.logging import MetricsLogger, plot_loss_curve
-from vlmkit.train.stages import apply_freezing, build_optimizer, set_lr
+from vlmkit.train.stages import apply_freezing, build_optimizer, set_lr, stage_seed
+
+FINGERPRINT_MAX_BYTES = 64 << 20
+"""Data files up to this size are fingerprinted by their bytes, larger ones by name and size
+(reading a large shard set at every start would cost more than the check is worth)."""
+MAX_PPL_LOSS = 50.0
+"""Eval perplexity is exp(min(loss, MAX_PPL_LOSS)): a diverged loss reports a huge but finite
+number instead of overflowing."""
 
 
-def build_model(cfg: RunConfig):
-    """The model a run starts from (api.VLM), with its tokenizer when the source brings one."""
-    from vlmkit.api import VLM
-    from vlmkit.models.config import VLMConfig
-
-    from vlmkit.data.tokenizer import Tokenizer
-
+def build_model(cfg: RunConfig) -> VLM:
+    """The model a run starts from, with its tokenizer when the source brings one."""
     spec = cfg.model
     tok_path = cfg.resolve(cfg.tokenizer.path)
     if tok_path is None and cfg.world is not None:
@@ -63,13 +71,14 @@ def build_model(cfg: RunConfig):
         model = VLM.from_hf(vision=cfg.resolve(spec.hf_vision), llm=cfg.resolve(spec.hf_llm), **kwargs)
     if tokenizer is not None:
         model.tokenizer = tokenizer
-    if getattr(model, "tokenizer", None) is None:
+    if model.tokenizer is None:
         raise CheckpointError("no tokenizer: set tokenizer.path in the config (a model built from `config` has none)")
     return model
 
 
 def data_fingerprint(cfg: RunConfig) -> dict[str, str]:
-    """sha256 over each source's files (names, sizes, and the bytes of files up to 64 MiB)."""
+    """sha256 over each source's files (names, sizes, and the bytes of files up to
+    FINGERPRINT_MAX_BYTES)."""
     out = {}
     for name, src in cfg.data.items():
         h = hashlib.sha256()
@@ -80,7 +89,7 @@ def data_fingerprint(cfg: RunConfig) -> dict[str, str]:
                 continue
             size = f.stat().st_size
             h.update(f"{f.name}:{size}\n".encode())
-            if size <= 64 << 20:
+            if size <= FINGERPRINT_MAX_BYTES:
                 h.update(f.read_bytes())
         out[name] = h.hexdigest()[:16]
     return out
@@ -95,10 +104,62 @@ def targets_per_sample(batch: PackedBatch) -> torch.Tensor:
     return valid_cum[ends] - valid_cum[torch.clamp(starts + 1, max=ends)]  # (S,)
 
 
+@dataclass
+class StepSums:
+    """What a step adds up over its micro-batches (then over ranks, `all_reduced`)."""
+
+    loss_sum: float = 0.0
+    """Summed token loss over the supervised targets."""
+    tokens: int = 0
+    """Tokens of the packs (no padding)."""
+    budget: int = 0
+    """Token budget of the packs (tokens / budget is the packing efficiency)."""
+    source_loss: dict[str, float] = field(default_factory=dict)
+    """Per data source, the summed token loss of its samples."""
+    source_targets: dict[str, float] = field(default_factory=dict)
+    """Per data source, the supervised targets of its samples."""
+
+    def add(self, batch: PackedBatch, out: LossOutput, targets: torch.Tensor) -> None:
+        """Add a micro-batch: its loss output and `targets_per_sample(batch)`."""
+        self.loss_sum += float(out.loss_sum.detach())
+        self.tokens += batch.num_tokens
+        self.budget += batch.budget
+        cu = batch.cu_seqlens.tolist()
+        token_loss = out.token_loss.detach().float().reshape(-1).cpu()
+        for i, source in enumerate(batch.sources):
+            self.source_loss[source] = self.source_loss.get(source, 0.0) + float(token_loss[cu[i]:cu[i + 1]].sum())
+            self.source_targets[source] = self.source_targets.get(source, 0.0) + float(targets[i])
+
+    def all_reduced(self, ctx: Dist, sources: list[str]) -> "StepSums":
+        """The sums over every rank. `sources` names every data source of the run, the same list
+        on every rank (a rank's step may hold no sample of some)."""
+        local = {"loss_sum": self.loss_sum, "tokens": self.tokens, "budget": self.budget}
+        for name in sources:
+            local[f"loss/{name}"] = self.source_loss.get(name, 0.0)
+            local[f"targets/{name}"] = self.source_targets.get(name, 0.0)
+        total = ctx.all_reduce_named(local)
+        return StepSums(loss_sum=total["loss_sum"], tokens=int(total["tokens"]), budget=int(total["budget"]),
+                        source_loss={name: total[f"loss/{name}"] for name in sources},
+                        source_targets={name: total[f"targets/{name}"] for name in sources})
+
+
+@dataclass
+class ForwardBackward:
+    """What the forward and backward passes of a step give."""
+
+    sums: StepSums
+    """This rank's sums over its micro-batches."""
+    targets: float
+    """Supervised targets of the step over all micro-batches and ranks (at least 1): the loss's
+    denominator."""
+    aux_loss: float
+    """This rank's MoE auxiliary loss, the mean over its micro-batches (0 without MoE)."""
+
+
 class Trainer:
     """Runs the stages of a RunConfig into an output directory."""
 
-    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, model=None, resume: bool = False,
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, model: VLM | None = None, resume: bool = False,
                  ctx: Dist | None = None, meta: dict | None = None, on_stage_end=None):
         """`on_stage_end(index, model) -> dict` measures something at each stage end (e.g. a
         held-out score); its result goes into the stage history of the final checkpoint."""
@@ -158,25 +219,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _run_stage(self, index: int, resume_from: Path | None) -> None:
-        cfg, stage, ctx = self.cfg, self.cfg.stages[index], self.ctx
-        apply_freezing(self.model, stage)
-        if hasattr(self.model, "set_gradient_checkpointing"):
-            self.model.set_gradient_checkpointing(stage.gradient_checkpointing)
-        optimizer = build_optimizer(self.model, stage)
-        if resume_from is None or self.state.step == 0:
-            # A stage starts from its seed; a resumed mid-stage run restores the RNG instead.
-            torch.manual_seed(stage.seed * 1000 + index)
-        data = StageData(cfg, index, self.tokenizer, self.processor, self.model.config.tokens_per_image,
-                         rank=ctx.rank, world=ctx.world)
-        if resume_from is not None:
-            self._load(resume_from, optimizer if self.state.step > 0 else None)
-            cursor = self.state.data.get(str(ctx.rank))
-            if cursor:
-                data.load_state_dict(cursor)
-            if self.state.step > 0:
-                ckpt.restore_rng(resume_from, ctx.rank)
-        else:
-            self.state.stage, self.state.step, self.state.tokens = index, 0, 0
+        stage = self.cfg.stages[index]
+        optimizer, data = self._start_stage(index, resume_from)
         self.logger.start_stage(f"{index}:{stage.name}", stage.steps, self.state.step)
         last = {}
         while self.state.step < stage.steps:
@@ -193,6 +237,33 @@ class Trainer:
                 self.state.data = self._gather_cursors(data)
                 self._save(optimizer, stage.keep_last)
         self.logger.close_bar()
+        self._end_stage(index, last)
+
+    def _start_stage(self, index: int, resume_from: Path | None) -> tuple[torch.optim.Optimizer, StageData]:
+        """Freeze, build the stage's optimizer and data; restore them from `resume_from` when given."""
+        cfg, stage, ctx = self.cfg, self.cfg.stages[index], self.ctx
+        apply_freezing(self.model, stage)
+        self.model.set_gradient_checkpointing(stage.gradient_checkpointing)
+        optimizer = build_optimizer(self.model, stage)
+        if resume_from is None or self.state.step == 0:
+            # A stage starts from its seed; a resumed mid-stage run restores the RNG instead.
+            torch.manual_seed(stage_seed(cfg, index))
+        data = StageData(cfg, index, self.tokenizer, self.processor, self.model.config.tokens_per_image,
+                         rank=ctx.rank, world=ctx.world)
+        if resume_from is None:
+            self.state.stage, self.state.step, self.state.tokens = index, 0, 0
+            return optimizer, data
+        self._load(resume_from, optimizer if self.state.step > 0 else None)
+        cursor = self.state.data.get(str(ctx.rank))
+        if cursor:
+            data.load_state_dict(cursor)
+        if self.state.step > 0:
+            ckpt.restore_rng(resume_from, ctx.rank)
+        return optimizer, data
+
+    def _end_stage(self, index: int, last: dict) -> None:
+        """Eval, record the stage in the history, and save its weights for the hand-off."""
+        stage = self.cfg.stages[index]
         evals = self._eval(index)
         if self.on_stage_end is not None:
             evals.update(self.on_stage_end(index, self.model) or {})
@@ -204,62 +275,72 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _train_step(self, index: int, optimizer: torch.optim.Optimizer, data: StageData) -> dict:
-        stage, ctx = self.cfg.stages[index], self.ctx
+        """One optimizer step: gather micro-batches, forward / backward, optimizer step; returns
+        the step's metrics record."""
+        stage = self.cfg.stages[index]
         t0 = time.perf_counter()
-        lr_factor = set_lr(optimizer, stage, self.state.step)
+        lr = optimizer.param_groups[0]["peak_lr"] * set_lr(optimizer, stage, self.state.step)
         modality = data.modality(self.state.step)
         batches = [data.next_batch(modality) for _ in range(stage.grad_accum)]
+        passes = self._forward_backward(stage, batches)
+        grad_norm = self._optimizer_step(optimizer, stage.grad_clip)
+        sums = passes.sums.all_reduced(self.ctx, sorted(self.cfg.data))
+        seconds = time.perf_counter() - t0
+        self.state.tokens += sums.tokens
+        self.state.wall_seconds += seconds
+        return self._step_record(index, modality, passes, sums, lr=lr, grad_norm=grad_norm, seconds=seconds)
+
+    def _forward_backward(self, stage: Stage, batches: list[PackedBatch]) -> ForwardBackward:
+        """Backpropagate every micro-batch: its summed token loss over the step's targets (all
+        micro-batches, all ranks; see the module docstring) plus its share of the MoE aux loss."""
         per_sample = [targets_per_sample(b) for b in batches]
-        local_targets = float(sum(int(t.sum()) for t in per_sample))
-        (total_targets,) = ctx.all_reduce_sum([local_targets])
-        total_targets = max(total_targets, 1.0)
-        autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16) if stage.precision == "bf16"
+        (targets,) = self.ctx.all_reduce_sum([float(sum(int(t.sum()) for t in per_sample))])
+        targets = max(targets, 1.0)
+        # FSDP averages gradients over ranks: scaling by the world size keeps the global sum.
+        loss_scale = self.ctx.world / targets
+        autocast = (torch.autocast(self.ctx.device.type, dtype=torch.bfloat16) if stage.precision == "bf16"
                     else nullcontext())
-        loss_sum, aux_sum = 0.0, 0.0
-        source_loss: dict[str, list[float]] = {}
+        sums, aux_loss = StepSums(), 0.0
         for batch, n_targets in zip(batches, per_sample):
-            batch_dev = _to_device(batch, ctx.device)
             with autocast:
-                out = self.model.compute_loss(batch_dev.input_ids, batch_dev.labels, batch_dev.position_ids,
-                                              batch_dev.cu_seqlens, pixel_values=batch_dev.pixel_values)
-            aux = out.aux_loss if torch.is_tensor(out.aux_loss) else torch.tensor(float(out.aux_loss or 0.0))
-            scaled = out.loss_sum.float() * (ctx.world / total_targets) + aux.float() / stage.grad_accum
-            scaled.backward()
-            loss_sum += float(out.loss_sum.detach())
-            aux_sum += float(aux.detach()) / stage.grad_accum
-            _accumulate_sources(source_loss, batch, out.token_loss, n_targets)
-        grad_norm = self._clip(stage.grad_clip)
+                out = self._compute_loss(batch)
+            (out.loss_sum.float() * loss_scale + out.aux_loss.float() / stage.grad_accum).backward()
+            sums.add(batch, out, n_targets)
+            aux_loss += float(out.aux_loss.detach()) / stage.grad_accum
+        return ForwardBackward(sums, targets, aux_loss)
+
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+        """Clip, step, zero the gradients, update the MoE router biases; returns the grad norm."""
+        grad_norm = self._clip(max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        llm = getattr(self.model, "llm", None)
-        if llm is not None and hasattr(llm, "update_moe_bias"):
-            llm.update_moe_bias()
-        tokens = sum(b.num_tokens for b in batches)
-        budget = sum(b.budget for b in batches)
-        names = sorted(self.cfg.data)
-        reduced = ctx.all_reduce_sum([loss_sum, tokens, budget]
-                                     + [source_loss.get(n, [0.0, 0.0])[k] for n in names for k in (0, 1)])
-        g_loss, g_tokens, g_budget = reduced[:3]
-        dt = time.perf_counter() - t0
-        self.state.tokens += int(g_tokens)
-        self.state.wall_seconds += dt
+        self.model.llm.update_moe_bias()
+        return grad_norm
+
+    def _step_record(self, index: int, modality: Modality, passes: ForwardBackward, sums: StepSums, *,
+                     lr: float, grad_norm: float, seconds: float) -> dict:
+        """The step's line of metrics.jsonl (DIR/metrics.jsonl, train/logging.py)."""
         record = {"global_step": self.state.global_step + 1, "stage": index, "step": self.state.step + 1,
-                  "modality": modality, "loss": g_loss / total_targets, "targets": int(total_targets),
-                  "lr": optimizer.param_groups[0]["peak_lr"] * lr_factor, "grad_norm": grad_norm,
-                  "tokens": int(g_tokens), "tokens_per_s": g_tokens / dt,
-                  "packing_efficiency": g_tokens / max(g_budget, 1.0), "step_seconds": dt}
-        if aux_sum:
-            record["aux_loss"] = aux_sum
-        for i, name in enumerate(names):
-            s, n = reduced[3 + 2 * i], reduced[4 + 2 * i]
+                  "modality": modality, "loss": sums.loss_sum / passes.targets, "targets": int(passes.targets),
+                  "lr": lr, "grad_norm": grad_norm, "tokens": sums.tokens, "tokens_per_s": sums.tokens / seconds,
+                  "packing_efficiency": sums.tokens / sums.budget, "step_seconds": seconds}
+        if passes.aux_loss:
+            record["aux_loss"] = passes.aux_loss
+        for name, n in sums.source_targets.items():
             if n > 0:
-                record[f"loss/{name}"] = s / n
-        if llm is not None and hasattr(llm, "moe_load"):
-            for layer, load in (llm.moe_load() or {}).items():
-                record[f"moe_load_max/{layer}"] = max(load) if load else 0.0
+                record[f"loss/{name}"] = sums.source_loss[name] / n
+        for layer, load in self.model.llm.moe_load().items():
+            record[f"moe_load_max/{layer}"] = max(load)
         return record
 
+    def _compute_loss(self, batch: PackedBatch) -> LossOutput:
+        b = _to_device(batch, self.ctx.device)
+        return self.model.compute_loss(b.input_ids, b.labels, b.position_ids, b.cu_seqlens,
+                                       pixel_values=b.pixel_values)
+
     def _clip(self, max_norm: float) -> float:
+        """Clip the gradients to `max_norm` (0: no clipping); returns their global norm (0 when no
+        parameter got a gradient, e.g. a text step of a stage that trains the adapter only)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not params:
             return 0.0
@@ -283,15 +364,13 @@ class Trainer:
             s, n = 0.0, 0.0
             for batch in eval_batches(self.cfg, name, self.tokenizer, self.processor, self.model.config.tokens_per_image,
                                       self.cfg.stages[index].token_budget, rank=self.ctx.rank, world=self.ctx.world):
-                b = _to_device(batch, self.ctx.device)
-                out = self.model.compute_loss(b.input_ids, b.labels, b.position_ids, b.cu_seqlens,
-                                              pixel_values=b.pixel_values)
+                out = self._compute_loss(batch)
                 s += float(out.loss_sum)
                 n += float(out.num_targets)
             s, n = self.ctx.all_reduce_sum([s, n])
             if n:
                 result[f"eval_loss/{name}"] = s / n
-                result[f"eval_ppl/{name}"] = math.exp(min(s / n, 50.0))
+                result[f"eval_ppl/{name}"] = math.exp(min(s / n, MAX_PPL_LOSS))
         self.model.train()
         self.logger.log({"global_step": self.state.global_step, "stage": index, "eval": True, **result})
         return result
@@ -301,8 +380,6 @@ class Trainer:
         cursor = data.state_dict()
         if not self.ctx.is_distributed:
             return {"0": cursor}
-        import torch.distributed as dist
-
         gathered = [None] * self.ctx.world
         dist.all_gather_object(gathered, cursor)
         return {str(r): c for r, c in enumerate(gathered)}
@@ -331,12 +408,10 @@ class Trainer:
             ckpt.load_optimizer(path, optimizer)
 
     def _save_final(self) -> Path:
-        """DIR/final: the checkpoint format of DESIGN.md, written atomically."""
+        """DIR/final: a model directory (docs/architecture.md, "Checkpoint format"), written atomically."""
         final = self.out / "final"
         state = full_state_dict(self.model, self.ctx)
         if self.ctx.is_main:
-            from vlmkit.api import VLM
-
             model = self.model
             if self.sharded:  # an unsharded copy for save_pretrained
                 model = VLM(self.model.config)
@@ -355,31 +430,17 @@ class Trainer:
 def _to_device(batch: PackedBatch, device: torch.device) -> PackedBatch:
     if device.type == "cpu":
         return batch
-    import dataclasses
-
-    return dataclasses.replace(
+    return replace(
         batch, input_ids=batch.input_ids.to(device), labels=batch.labels.to(device),
         position_ids=batch.position_ids.to(device), cu_seqlens=batch.cu_seqlens.to(device),
         pixel_values=None if batch.pixel_values is None else batch.pixel_values.to(device))
 
 
-def _accumulate_sources(acc: dict[str, list[float]], batch: PackedBatch, token_loss: torch.Tensor,
-                        n_targets: torch.Tensor) -> None:
-    """Add each sample's summed token loss and target count to its source's totals."""
-    cu = batch.cu_seqlens.tolist()
-    tl = token_loss.detach().float().reshape(-1).cpu()
-    for i, source in enumerate(batch.sources):
-        entry = acc.setdefault(source, [0.0, 0.0])
-        entry[0] += float(tl[cu[i]:cu[i + 1]].sum())
-        entry[1] += float(n_targets[i])
-
-
-def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, model=None, meta: dict | None = None,
-          on_stage_end=None) -> Path:
+def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, model: VLM | None = None,
+          meta: dict | None = None, on_stage_end=None) -> Path:
     """Train a run in this process (or as one rank of torchrun); returns DIR/final."""
     ctx = Dist.from_env()
     try:
         return Trainer(cfg, out_dir, model=model, resume=resume, ctx=ctx, meta=meta, on_stage_end=on_stage_end).run()
     finally:
-        if os.environ.get("WORLD_SIZE", "1") != "1":
-            ctx.close()
+        ctx.close()

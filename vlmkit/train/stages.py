@@ -16,7 +16,17 @@ import math
 import torch
 from torch import nn
 
-from vlmkit.config import MODULES, Stage
+from vlmkit.config import MODULES, RunConfig, Stage
+
+STAGE_SEED_STRIDE = 1000
+"""Stage i of a run seeds with `stage.seed * STAGE_SEED_STRIDE + i`: stages that share a `seed`
+setting still draw different streams, and no two (seed, index) pairs of a run of up to 1000
+stages collide."""
+
+
+def stage_seed(cfg: RunConfig, index: int) -> int:
+    """The seed of stage `index`: its torch RNG at the stage start, its data order and mixture."""
+    return cfg.stages[index].seed * STAGE_SEED_STRIDE + index
 
 
 def module_of(model: nn.Module, name: str) -> nn.Module:

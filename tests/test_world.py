@@ -1,0 +1,175 @@
+"""The synthetic world on disk (data/world.py): deterministic files that parse and the eval reader
+reads, settings checked, the tokenizer trained on `tokenizer_texts`, and a world on disk reused
+only when it matches the run's world settings."""
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from vlmkit.constants import IMAGE_PLACEHOLDER
+from vlmkit.data.synth import CATEGORIES, answer_space
+from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.data.world import TOKENIZER_DIR, WorldSpec, generate, prepare_world, tokenizer_texts
+from vlmkit.errors import ConfigError
+
+SMALL = dict(n_train=60, n_val=20, n_test=30, text_corpus=False)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("world"), **SMALL)
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_generate_is_deterministic(world, tmp_path):
+    again = generate(tmp_path, **SMALL)
+    root, other = Path(world["dir"]), Path(again["dir"])
+    for name in ("qa_train.json", "qa_val.jsonl", "captions_train.json", "synth.jsonl", "world.json"):
+        assert digest(root / name) == digest(other / name), name
+    for image in sorted((root / "images").iterdir())[::17]:
+        assert digest(image) == digest(other / "images" / image.name)
+    assert digest(root / "qa_test.json") != digest(Path(generate(tmp_path / "s1", seed=1, **SMALL)["dir"])
+                                                   / "qa_test.json")
+
+
+def test_files_parse_and_reference_existing_images(world):
+    root = Path(world["dir"])
+    for key in ("captions_train", "captions_val", "qa_train", "qa_val", "qa_test"):
+        records = json.loads(Path(world[key]).read_text())
+        assert records and len({r["id"] for r in records}) == len(records)
+        for r in records:
+            assert (root / r["image"]).is_file()
+            conv = r["conversations"]
+            assert [c["from"] for c in conv] == ["human", "gpt"] * (len(conv) // 2)
+            # the question first, then the image (synth.PROMPT_LAYOUT)
+            assert conv[0]["value"].endswith("\n" + IMAGE_PLACEHOLDER) and not conv[0]["value"].startswith("\n")
+            assert sum(c["value"].count(IMAGE_PLACEHOLDER) for c in conv) == 1
+    for key in ("qa_train_messages", "qa_val_messages", "qa_test_messages"):
+        for line in open(world[key]):
+            r = json.loads(line)
+            first = r["messages"][0]["content"]
+            assert first[0]["type"] == "text" and first[0]["text"]
+            assert first[1] == {"type": "image", "image": first[1]["image"]} and (root / first[1]["image"]).is_file()
+            assert [m["role"] for m in r["messages"]] == ["user", "assistant"] * (len(r["messages"]) // 2)
+    items = [json.loads(line) for line in open(world["test"])]
+    assert {i["category"] for i in items} == set(CATEGORIES)
+    for item in items:
+        assert set(item) >= {"id", "images", "question", "answer", "category"}
+        if item["category"] == "multiple_choice":
+            assert len(item["choices"]) == 4 and item["answer"] in "ABCD"
+        else:
+            assert "choices" not in item and item["answer"] in answer_space(item["category"])
+    meta = json.loads((root / "world.json").read_text())
+    assert meta["categories"]["ocr"]["chance"] == pytest.approx(0.1)
+    assert meta["counts"]["test"]["scenes"] == SMALL["n_test"]
+    assert meta["counts"]["test"]["records"] == len(items) == sum(meta["counts"]["test"]["questions"].values())
+    assert {k: str(root / v) for k, v in meta["files"].items()} == {k: world[k] for k in meta["files"]}
+
+
+def test_benchmark_file_reads_with_the_eval_reader(world):
+    benchmarks = pytest.importorskip("vlmkit.eval.benchmarks")
+    bench = benchmarks.read_benchmark(world["test"])
+    assert not bench.bad_rows and len(bench.items) == sum(1 for _ in open(world["test"]))
+    kinds = Counter(item.kind for item in bench.items)
+    assert kinds["choice"] and kinds["yesno"] and kinds["open"]
+
+
+def test_bad_settings_fail_clearly(tmp_path):
+    for bad in (dict(image_size=16), dict(n_train=-1), dict(ocr_fraction=1.5), dict(turns_per_record=0),
+                dict(train_questions={"size": 2}), dict(train_questions={"color": -1})):
+        with pytest.raises(ConfigError):
+            generate(tmp_path, **{**SMALL, **bad})
+
+
+def test_train_questions_change_train_only(tmp_path):
+    base = generate(tmp_path / "base", **SMALL)
+    more = generate(tmp_path / "more", train_questions={"color": 3}, turns_per_record=1, **SMALL)
+    root, other = Path(base["dir"]), Path(more["dir"])
+    assert digest(root / "synth.jsonl") == digest(other / "synth.jsonl")
+    records = json.loads((other / "qa_train.json").read_text())
+    assert all(len(r["conversations"]) == 2 for r in records)  # one question a record
+    assert more["counts"]["train"]["questions"]["color"] > 2 * base["counts"]["train"]["questions"]["color"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer's texts, and the world as a run's data
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A run's world: files with the text corpus, and its tokenizer."""
+    spec = WorldSpec(dir=str(tmp_path_factory.mktemp("run") / "world"), n_train=30, n_val=0, n_test=5, vocab_size=300)
+    return spec, prepare_world(spec, progress=False)
+
+
+def test_tokenizer_texts_are_the_corpus_captions_and_turns(prepared):
+    _, root = prepared
+    texts = list(tokenizer_texts(root))
+    corpus = [json.loads(line)["text"] for line in open(root / "text_train.jsonl")]
+    records = json.loads((root / "captions_train.json").read_text()) + json.loads((root / "qa_train.json").read_text())
+    turns = [turn["value"] for r in records for turn in r["conversations"]]
+    assert texts == corpus + [t.replace(IMAGE_PLACEHOLDER, "") for t in turns]
+    assert any("What color" in t for t in texts) and any("shapes:" in t for t in texts)
+    assert not any(IMAGE_PLACEHOLDER in t for t in texts)
+    assert not any(json.loads(line)["text"] in texts for line in open(root / "text_heldout.jsonl"))
+
+
+def test_a_world_without_a_corpus_gives_captions_and_turns(world):
+    texts = list(tokenizer_texts(world["dir"]))
+    first = json.loads(Path(world["captions_train"]).read_text())[0]["conversations"][0]["value"]
+    assert texts[0] == first.replace(IMAGE_PLACEHOLDER, "")
+
+
+def test_prepare_world_trains_the_tokenizer_on_tokenizer_texts(prepared, tmp_path):
+    spec, root = prepared
+    Tokenizer.train(tokenizer_texts(root), vocab_size=spec.vocab_size).save(tmp_path / "again")
+    assert digest(root / TOKENIZER_DIR / "tokenizer.json") == digest(tmp_path / "again" / "tokenizer.json")
+    before = digest(root / "world.json")
+    assert prepare_world(spec, progress=False) == root and digest(root / "world.json") == before
+
+
+def fake_world(root, **settings):
+    root.mkdir(parents=True, exist_ok=True)
+    world = {"seed": 0, "turns_per_record": 8, "train_questions": None, "prompt_layout": "text-then-image",
+             "answer_style": "worked", "counts": {"train": {"scenes": 40}, "val": {"scenes": 0}, "test": {"scenes": 5}}}
+    world.update(settings)
+    (root / "world.json").write_text(json.dumps(world))
+
+
+def test_a_world_with_other_settings_is_refused_with_what_differs(tmp_path):
+    fake_world(tmp_path / "w")
+    spec = WorldSpec(dir=str(tmp_path / "w"), n_train=40, n_val=0, n_test=5, turns_per_record=1,
+                     train_questions={"color": 2})
+    with pytest.raises(ConfigError) as err:
+        prepare_world(spec, progress=False)
+    message = str(err.value)
+    assert "turns_per_record: 8 on disk, 1 in the config" in message
+    assert "train_questions" in message and "n_train" not in message
+
+
+def test_a_world_asked_image_first_is_refused(tmp_path):
+    """Worlds written before the question-then-image layout (no prompt_layout in world.json)."""
+    fake_world(tmp_path / "w", prompt_layout=None)
+    spec = WorldSpec(dir=str(tmp_path / "w"), n_train=40, n_val=0, n_test=5, turns_per_record=8)
+    with pytest.raises(ConfigError, match="prompt_layout: None on disk, 'text-then-image' in the config"):
+        prepare_world(spec, progress=False)
+
+
+def test_a_world_answering_in_one_word_is_refused(tmp_path):
+    """Worlds written before relation and option answers were worked (no answer_style)."""
+    fake_world(tmp_path / "w", answer_style=None)
+    spec = WorldSpec(dir=str(tmp_path / "w"), n_train=40, n_val=0, n_test=5, turns_per_record=8)
+    with pytest.raises(ConfigError, match="answer_style: None on disk, 'worked' in the config"):
+        prepare_world(spec, progress=False)
+
+
+def test_world_spec_checks_turns_per_record():
+    with pytest.raises(ConfigError, match="turns_per_record"):
+        WorldSpec(turns_per_record=0)

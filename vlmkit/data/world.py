@@ -1,0 +1,248 @@
+"""The synthetic world on disk: its files (`generate`), its tokenizer, and its settings as the data
+of a run (`WorldSpec`, `prepare_world`).
+
+The world's content (scenes, pixels, captions, questions, records) is data/synth.py; this module
+writes it in the formats users bring: images/*.png, LLaVA JSON (captions and QA), messages JSONL
+(OpenAI-style content parts), the test split as the generic benchmark JSONL, the text corpus
+(data/corpus.py) as text JSONL, and world.json (settings, counts, answer sets, chance per
+category), written last. A run's world also holds the byte-level BPE tokenizer trained on its
+texts (`tokenizer_texts`) in tokenizer/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vlmkit.constants import IMAGE_PLACEHOLDER
+from vlmkit.data.corpus import write_corpus
+from vlmkit.data.synth import (ANSWER_STYLE, CATEGORIES, GRID, IMAGE_SIZE, MIN_IMAGE_SIZE, PROMPT_LAYOUT,
+                               SceneRecords, Scene, answer_space, chance_accuracy, render, split_records,
+                               split_scenes)
+from vlmkit.data.tokenizer import TOKENIZER_FILE, Tokenizer
+from vlmkit.errors import ConfigError
+from vlmkit.schema import require_at_least
+
+WORLD_FILE = "world.json"
+"""Settings, counts, answer sets and chance per category; written last, so its presence means a
+complete world."""
+TOKENIZER_DIR = "tokenizer"
+"""The world's tokenizer, inside the world's directory."""
+IMAGE_WRITERS = 4
+"""Threads that encode and write the PNGs (PNG encoding and file writes release the GIL, so they
+overlap with building the records)."""
+
+
+@dataclass
+class WorldSpec:
+    """The synthetic world as the data of a run (the run config's `world` section): generated, with
+    a tokenizer trained on its text, the first time a run needs it, then reused. With a world,
+    relative data paths resolve inside `dir`, and a model built from `config` takes the
+    tokenizer's vocabulary size and image token id."""
+
+    dir: str = "runs/world"
+    """Where the world is written (relative to the working directory)."""
+    n_train: int = 2000
+    """Training scenes (each gives a caption and a conversation of several questions)."""
+    n_val: int = 100
+    """Validation scenes."""
+    n_test: int = 300
+    """Held-out test scenes (the benchmark file `synth.jsonl`)."""
+    seed: int = 0
+    """Seed of the world (scenes, questions, splits)."""
+    vocab_size: int = 2048
+    """Size of the tokenizer trained on the world's text (captions, QA and the text corpus)."""
+    turns_per_record: int = 8
+    """Questions per train QA record (a conversation about one image; 1 = one question a record)."""
+    train_questions: dict[str, int] | None = None
+    """Distinct questions asked per category of each train scene (None: one per category)."""
+
+    def __post_init__(self):
+        require_at_least(self, ("n_train", "n_test", "vocab_size", "turns_per_record"), 1, "world.")
+        require_at_least(self, ("n_val",), 0, "world.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the world
+# ---------------------------------------------------------------------------------------------
+
+
+def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_test: int = 1000,
+             image_size: int = IMAGE_SIZE, seed: int = 0, ocr_fraction: float = 0.35, turns_per_record: int = 8,
+             train_questions: dict[str, int] | None = None, text_corpus: bool = True,
+             progress: bool = False) -> dict:
+    """Write the synthetic world into `out_dir`; return the file paths and counts.
+
+    n_*: scenes per split. Train QA records are conversations of up to `turns_per_record` questions
+    about one image (the first turn carries the image); val and test records hold one question.
+    `train_questions` asks up to that many distinct questions per category of each train scene
+    (default: one per category, as val and test always do), so a run can see more of the
+    categories that take longest to learn.
+    Layout (paths relative to out_dir; image paths inside files are relative to out_dir):
+
+        images/{split}_{index}.png                 one PNG per scene
+        captions_{train,val}.json                  LLaVA JSON, one caption per scene (kind caption)
+        qa_{train,val,test}.json                   LLaVA JSON, QA conversations (kind chat)
+        qa_{train,val,test}.jsonl                  the same as messages JSONL (OpenAI content parts)
+        synth.jsonl                                the test split as the generic benchmark JSONL
+        text_train.jsonl, text_heldout.jsonl       the language corpus (data/corpus.py), text JSONL
+        world.json                                 settings, counts, answer sets, chance per category
+    """
+    _check_settings(n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size,
+                    ocr_fraction=ocr_fraction, turns_per_record=turns_per_record, train_questions=train_questions)
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    splits = split_scenes(seed, counts, ocr_fraction)
+    files: dict[str, str] = {}
+    stats: dict[str, dict] = {}
+    with tqdm(total=sum(counts.values()), desc="synth scenes", unit="scene", disable=not progress) as bar, \
+            ThreadPoolExecutor(max_workers=min(IMAGE_WRITERS, os.cpu_count() or 1)) as pool:
+        pending = []
+        for split, scenes in splits.items():
+            records = []
+            made = split_records(seed, split, scenes, turns_per_record=turns_per_record,
+                                 train_questions=train_questions)
+            for scene, rec in zip(scenes, made):
+                pending.append(pool.submit(_write_image, scene, image_size, out / rec.image))
+                records.append(rec)
+                bar.update(1)
+            files.update(_write_split(out, split, records))
+            stats[split] = _split_counts(records)
+        for job in pending:
+            job.result()  # re-raises a failed write
+    if text_corpus:
+        corpus = write_corpus(out, seed=seed)
+        files.update({"text_train": corpus["train"], "text_heldout": corpus["heldout"]})
+        stats["text"] = corpus["counts"]
+    world = {
+        "seed": seed, "image_size": image_size, "grid": GRID, "ocr_fraction": ocr_fraction,
+        "turns_per_record": turns_per_record, "train_questions": train_questions, "prompt_layout": PROMPT_LAYOUT,
+        "answer_style": ANSWER_STYLE, "counts": stats,
+        "categories": {c: {"answers": answer_space(c), "chance": chance_accuracy(c)} for c in CATEGORIES},
+        "files": {k: str(Path(v).relative_to(out)) for k, v in files.items()},
+    }
+    (out / WORLD_FILE).write_text(json.dumps(world, indent=2) + "\n")
+    return {"dir": str(out), **files, "world": str(out / WORLD_FILE), "counts": stats}
+
+
+def _check_settings(*, n_train: int, n_val: int, n_test: int, image_size: int, ocr_fraction: float,
+                    turns_per_record: int, train_questions: dict[str, int] | None) -> None:
+    if image_size < MIN_IMAGE_SIZE:
+        raise ConfigError(f"image_size {image_size} is too small for a {GRID}x{GRID} grid of legible objects "
+                          f"(use >= {MIN_IMAGE_SIZE})")
+    if turns_per_record < 1:
+        raise ConfigError(f"turns_per_record must be >= 1, got {turns_per_record}")
+    if min(n_train, n_val, n_test) < 0:
+        raise ConfigError(f"scene counts must be >= 0, got n_train={n_train} n_val={n_val} n_test={n_test}")
+    unknown = sorted(set(train_questions or {}) - set(CATEGORIES))
+    if unknown or any(int(n) < 0 for n in (train_questions or {}).values()):
+        raise ConfigError(f"train_questions takes a count >= 0 per category of {', '.join(CATEGORIES)}; "
+                          f"got {train_questions}")
+    if not 0.0 <= ocr_fraction <= 1.0:
+        raise ConfigError(f"ocr_fraction must be in [0, 1], got {ocr_fraction}")
+
+
+def _write_split(out: Path, split: str, records: list[SceneRecords]) -> dict[str, str]:
+    """Write one split's files; returns their paths by key (captions_{split} outside the test
+    split, qa_{split}, qa_{split}_messages, and for the test split the benchmark as `test`)."""
+    files = {}
+    if split != "test":
+        files[f"captions_{split}"] = _write_json_list(out / f"captions_{split}.json", [r.caption for r in records])
+    files[f"qa_{split}"] = _write_json_list(out / f"qa_{split}.json", [x for r in records for x in r.llava])
+    files[f"qa_{split}_messages"] = _write_jsonl(out / f"qa_{split}.jsonl", [x for r in records for x in r.messages])
+    if split == "test":
+        files["test"] = _write_jsonl(out / "synth.jsonl", [x for r in records for x in r.bench])
+    return files
+
+
+def _split_counts(records: list[SceneRecords]) -> dict:
+    """Scenes, QA records, and questions per category (in the order categories were first asked)."""
+    per_category: dict[str, int] = {}
+    for r in records:
+        for qa in r.asked:
+            per_category[qa.category] = per_category.get(qa.category, 0) + 1
+    return {"scenes": len(records), "records": sum(len(r.llava) for r in records), "questions": per_category}
+
+
+def _write_image(scene: Scene, image_size: int, path: Path) -> None:
+    render(scene, image_size).save(path, format="PNG", compress_level=1)
+
+
+def _write_json_list(path: Path, rows: list[dict]) -> str:
+    with open(path, "w") as f:  # one record per line: diffable, and still a JSON list
+        f.write("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
+    return str(path)
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict]) -> str:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The world as a run's data: files and tokenizer, made once and reused
+# ---------------------------------------------------------------------------------------------
+
+
+def tokenizer_texts(world_dir: str | Path) -> Iterator[str]:
+    """What the world's tokenizer is trained on: every text of the train split a model reads or
+    writes, i.e. the text corpus (when the world has one), captions, questions and answers, with
+    the image placeholders removed. Reads the files that world.json lists."""
+    world_dir = Path(world_dir)
+    files = json.loads((world_dir / WORLD_FILE).read_text())["files"]
+    if "text_train" in files:
+        with open(world_dir / files["text_train"]) as f:
+            for line in f:
+                yield json.loads(line)["text"]
+    for key in ("captions_train", "qa_train"):
+        for record in json.loads((world_dir / files[key]).read_text()):
+            for turn in record["conversations"]:
+                yield turn["value"].replace(IMAGE_PLACEHOLDER, "")
+
+
+def prepare_world(spec: WorldSpec, progress: bool = True) -> Path:
+    """Generate the world and train its tokenizer unless `spec.dir` already holds them.
+
+    world.json is written last by the generator and the tokenizer directory is renamed into place,
+    so a run killed half-way regenerates what is missing on its next start.
+    """
+    world_dir = Path(spec.dir)
+    if (world_dir / WORLD_FILE).is_file():
+        _check_world(spec, json.loads((world_dir / WORLD_FILE).read_text()), world_dir)
+    else:
+        generate(world_dir, n_train=spec.n_train, n_val=spec.n_val, n_test=spec.n_test, seed=spec.seed,
+                 turns_per_record=spec.turns_per_record, train_questions=spec.train_questions, progress=progress)
+    tok_dir = world_dir / TOKENIZER_DIR
+    if not (tok_dir / TOKENIZER_FILE).is_file():
+        tmp = world_dir / f".{TOKENIZER_DIR}-tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        Tokenizer.train(tokenizer_texts(world_dir), vocab_size=spec.vocab_size).save(tmp)
+        os.replace(tmp, tok_dir)
+    return world_dir
+
+
+def _check_world(spec: WorldSpec, world: dict, world_dir: Path) -> None:
+    """A world on disk is reused only when it was generated with the spec's settings."""
+    counts = world.get("counts", {})
+    have = {"seed": world.get("seed"), "n_train": counts.get("train", {}).get("scenes"),
+            "n_val": counts.get("val", {}).get("scenes"), "n_test": counts.get("test", {}).get("scenes"),
+            "turns_per_record": world.get("turns_per_record"), "train_questions": world.get("train_questions"),
+            "prompt_layout": world.get("prompt_layout"), "answer_style": world.get("answer_style")}
+    want = {"seed": spec.seed, "n_train": spec.n_train, "n_val": spec.n_val, "n_test": spec.n_test,
+            "turns_per_record": spec.turns_per_record, "train_questions": spec.train_questions,
+            "prompt_layout": PROMPT_LAYOUT,  # a world asked image-first trains another layout
+            "answer_style": ANSWER_STYLE}  # a world of one-word relation and option answers, another style
+    differ = [f"{k}: {have[k]!r} on disk, {want[k]!r} in the config" for k in want if have[k] != want[k]]
+    if differ:
+        raise ConfigError(f"{world_dir} holds a world generated with other settings ({'; '.join(differ)}); "
+                          "delete it or point world.dir elsewhere")
