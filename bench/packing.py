@@ -1,8 +1,8 @@
 """Padding waste: naive padded batching (batches of 8, padded to the longest) vs vlmkit's packing.
 
-Both see the same samples: lengths drawn log-uniformly from 16..512 (the DESIGN.md mix), in the
-same order. Waste is the share of token slots that hold padding; for packing that is the room left
-in each pack of `--budget` tokens (1 - packing efficiency). Run: .venv/bin/python bench/packing.py
+Both see the same samples: lengths drawn log-uniformly from 16..512 (short answers to long
+documents), in the same order. Waste is the share of token slots that hold padding; for packing
+that is the room left in each pack of `--budget` tokens (1 - packing efficiency). Run: .venv/bin/python bench/packing.py
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Record -> Sample, skipping and counting what cannot be used (DESIGN.md, "Principles").
+"""Record -> Sample, skipping and counting what cannot be used (docs/architecture.md, "Data flow").
 
-`SamplePipeline.encode(item)` decodes and tiles the record's images (data/images.py), tokenises
+`SamplePipeline.encode(item)` decodes and tiles the record's images (data/prompt.py's
+`encode_images`, the same path prompts take at inference), tokenises
 it with the chat template (data/template.py `encode_record`, which also builds the loss mask) and
 returns a Sample, or None for a record that cannot be used. Each skip is counted under a stable
 reason and the record is named in the log (logger "vlmkit.data"):
@@ -26,6 +27,8 @@ import torch
 from vlmkit.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from vlmkit.data.formats import BadRecord, Item
 from vlmkit.data.images import ImageProcessor
+from vlmkit.data.prompt import VisualInputs, encode_images
+from vlmkit.data.template import encode_record
 from vlmkit.data.types import Record, Sample
 from vlmkit.errors import BadRecordError, VlmkitError
 
@@ -132,37 +135,29 @@ class SamplePipeline:
         return sample
 
     def _encode(self, record: Record) -> Sample:
-        from vlmkit.data.template import encode_record
-
         check_record(record)
-        tiles = self._tiles(record)
-        tiles_per_image = [t.shape[0] for t in tiles]
-        visual = [n * self.tokens_per_image for n in tiles_per_image]
-        input_ids, labels = encode_record(record, self.tokenizer, visual)
+        visual = self._visual(record)
+        input_ids, labels = encode_record(record, self.tokenizer, visual.visual_tokens)
         input_ids, labels = self._fit(record, list(input_ids), list(labels))
         if all(t == IGNORE_INDEX for t in labels[1:]):  # labels[0] is never a target
             raise BadRecordError("no_supervised_tokens", "no supervised token is left after templating", record.id)
-        return Sample(record.id, record.source, input_ids, labels,
-                      torch.cat(tiles) if tiles else None, tiles_per_image)
+        return Sample(record.id, record.source, input_ids, labels, visual.pixel_values, visual.tiles_per_image)
 
-    def _tiles(self, record: Record) -> list[torch.Tensor]:
-        """Each image of the record decoded, checked and tiled: a list of (N_i, 3, S, S)."""
-        tiles = []
-        for ref in record.images:
-            if self.processor is None:
-                raise BadRecordError("unexpected_image", "this source is read without an image processor",
-                                     record.id)
-            try:
-                tiles.append(self.processor(self.processor.load(ref)))  # (N_i, 3, S, S)
-            except BadRecordError as e:
-                raise BadRecordError(e.reason, str(e), record.id) from None
-        return tiles
+    def _visual(self, record: Record) -> VisualInputs:
+        """The record's images decoded, checked and tiled; errors name the record."""
+        if record.images and self.processor is None:
+            raise BadRecordError("unexpected_image", "this source is read without an image processor", record.id)
+        if not record.images:
+            return VisualInputs(pixel_values=None)
+        try:
+            return encode_images(record.images, self.processor, self.tokens_per_image)
+        except BadRecordError as e:
+            raise BadRecordError(e.reason, str(e), record.id) from None
 
     def pixels(self, record: Record) -> torch.Tensor | None:
         """The (N, 3, S, S) tiles of a record that encode() accepted, made again (for the packer,
         when its buffer is past its byte cap for tiles)."""
-        tiles = self._tiles(record)
-        return torch.cat(tiles) if tiles else None
+        return self._visual(record).pixel_values
 
     def _fit(self, record: Record, input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         limit = self.max_length

@@ -1,4 +1,4 @@
-"""The data pipeline's types, in the order data flows through them (DESIGN.md, "Data flow"):
+"""The data pipeline's types, in the order data flows through them (docs/architecture.md, "Data flow"):
 
     Record  (formats.py: one per line / row / shard member, images not yet decoded)
       -> Sample  (template.py + images.py: token ids, labels, decoded image tiles)
