@@ -208,6 +208,8 @@ def _starts_with_array(path: Path) -> bool:
 
 
 def _read_arrow(ctx: _Context) -> Iterator[Item]:
+    # pyarrow is imported by the readers that need it: it takes a noticeable time to import and
+    # most runs read JSON only.
     import pyarrow as pa
     import pyarrow.parquet as pq
 
