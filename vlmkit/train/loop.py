@@ -35,6 +35,7 @@ from vlmkit.data.world import TOKENIZER_DIR, prepare_world
 from vlmkit.errors import CheckpointError
 from vlmkit.models.config import VLMConfig
 from vlmkit.models.vlm import LossOutput
+from vlmkit.models.weights import load_state
 from vlmkit.train import checkpoint as ckpt
 from vlmkit.train.data import StageData, eval_batches
 from vlmkit.train.distributed import Dist, dcp_load, dcp_save, full_state_dict, shard_model
@@ -415,7 +416,7 @@ class Trainer:
             model = self.model
             if self.sharded:  # an unsharded copy for save_pretrained
                 model = VLM(self.model.config)
-                model.load_state_dict(state)
+                load_state(model, state, "the gathered weights of the sharded run")
                 model.tokenizer = self.tokenizer
             meta = {"version": __version__, "stages": self.state.history, "data_fingerprint": self.fingerprint,
                     "global_step": self.state.global_step, "train_wall_seconds": round(self.state.wall_seconds, 2),
