@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from vlmkit.errors import CheckpointError
-from vlmkit.models.weights import distinct_names, load_state, state_to_save
+from vlmkit.models.weights import distinct_names, load_state, state_to_save, uninitialised
 
 
 def _net() -> nn.Sequential:
@@ -69,3 +69,19 @@ def test_aliases_are_saved_once_and_filled_on_load():
     again = _Tied()
     load_state(again, saved, "x")
     assert torch.equal(again.b.weight, model.a.weight)
+
+
+def test_uninitialised_allocates_without_running_init_and_zeroes_unsaved_buffers():
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(3, 2))
+            self.register_buffer("saved", torch.ones(2))
+            self.register_buffer("scratch", torch.ones(4), persistent=False)
+
+    probe = uninitialised(Probe)
+    assert probe.weight.device.type == "cpu" and probe.weight.shape == (3, 2)
+    assert probe.scratch.eq(0).all()  # built on the meta device, then zeroed: not __init__'s ones
+    assert set(probe.state_dict()) == {"weight", "saved"}
+    load_state(probe, {"weight": torch.full((3, 2), 2.0), "saved": torch.full((2,), 3.0)}, "probe")
+    assert probe.weight.eq(2).all() and probe.saved.eq(3).all()

@@ -30,6 +30,7 @@ from vlmkit.models.attention import AttnSpec
 from vlmkit.models.config import VLMConfig
 from vlmkit.models.llm import LLM
 from vlmkit.models.vision import VisionEncoder
+from vlmkit.models.weights import uninitialised
 
 
 @dataclass
@@ -74,16 +75,8 @@ class VLMModel(nn.Module):
     @classmethod
     def empty(cls, cfg: VLMConfig) -> "VLMModel":
         """The model with storage allocated but not initialised, for weights that come from a
-        checkpoint (no time spent on random init); buffers no checkpoint holds are zeroed."""
-        with torch.device("meta"):
-            model = cls(cfg)
-        model = model.to_empty(device="cpu")
-        persistent = set(model.state_dict())
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                if name not in persistent:
-                    buf.zero_()
-        return model
+        checkpoint (models/weights.py, `uninitialised`)."""
+        return uninitialised(lambda: cls(cfg))
 
     # --- images -> visual tokens ------------------------------------------------------------------
 

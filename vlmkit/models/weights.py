@@ -12,7 +12,7 @@ save and filled by its first name on load.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 import torch
 
@@ -20,6 +20,23 @@ from vlmkit.errors import CheckpointError
 
 REPORTED_PER_KIND = 20
 """Names listed per kind of problem in a load error (the count is always complete)."""
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+
+def uninitialised(build: Callable[[], ModuleT], device: str | torch.device = "cpu") -> ModuleT:
+    """`build()` with storage allocated on `device` but no initialisation run, for a module whose
+    weights come from a checkpoint next (random init of a large model costs seconds for nothing).
+    Buffers no checkpoint holds (non-persistent ones) are zeroed, so nothing reads stale memory."""
+    with torch.device("meta"):
+        module = build()
+    module = module.to_empty(device=device)
+    persistent = set(module.state_dict())
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if name not in persistent:
+                buf.zero_()
+    return module
 
 
 def distinct_names(module: torch.nn.Module) -> list[str]:

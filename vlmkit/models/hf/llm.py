@@ -26,6 +26,7 @@ from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.config import LLMConfig
 from vlmkit.models.hf.common import KeyMap, architecture, load_into, read_config, read_state_dict, rename
 from vlmkit.models.llm import LLM
+from vlmkit.models.weights import uninitialised
 
 # architectures / model_type -> family. The four share tensor names; they differ in config only.
 FAMILIES = {
@@ -128,9 +129,7 @@ def load_llm(path: str | Path, dtype: torch.dtype = torch.float32) -> LLM:
     path = Path(path)
     cfg = llm_config_from_hf(read_config(path), where=str(path))
     tensors = read_state_dict(path)
-    with torch.device("meta"):
-        model = LLM(cfg)
-    model = model.to_empty(device="cpu").to(dtype)
+    model = uninitialised(lambda: LLM(cfg)).to(dtype)
     ignore = IGNORED + ([r"lm_head\.weight"] if cfg.tie_embeddings else [])  # HF ties and ignores it too
     load_into(model, tensors, HF_TO_OURS, source=str(path), ignore=ignore)
     return model.eval()

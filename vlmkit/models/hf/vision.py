@@ -21,6 +21,7 @@ from vlmkit.errors import CheckpointError
 from vlmkit.models.config import VisionConfig
 from vlmkit.models.hf.common import KeyMap, architecture, load_into, read_config, read_state_dict
 from vlmkit.models.vision import VisionEncoder
+from vlmkit.models.weights import uninitialised
 
 # HF vision-tower name -> ours. `(?:vision_model\.)?` accepts both prefix conventions.
 _P = r"(?:vision_model\.)?"
@@ -124,6 +125,6 @@ def load_vision(path: str | Path, *, feature_layer: int = -1) -> VisionEncoder:
     architecture(hf_config, path)
     cfg = vision_config_from_hf(hf_config, str(path), feature_layer=feature_layer,
                                 preprocessor=read_preprocessor(path))
-    encoder = VisionEncoder(cfg)
+    encoder = uninitialised(lambda: VisionEncoder(cfg))
     load_vision_weights(encoder, read_state_dict(path), source=str(path))
     return encoder
