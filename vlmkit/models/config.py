@@ -72,6 +72,85 @@ class VisionConfig:
         return self.grid_size ** 2
 
 
+NATIVE_VISION_STYLES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+@dataclass
+class NativeVisionConfig:
+    """Native-resolution vision tower (models/native_vision.py): Qwen2-VL, Qwen2.5-VL, Qwen3-VL.
+
+    Field names follow HF's Qwen2_5_VLVisionConfig / Qwen3VLVisionConfig. Qwen2-VL's config names
+    the tower width `embed_dim` and the LLM width `hidden_size`; here they are `hidden_size` and
+    `out_hidden_size` for every style (models/hf/native_vision.py converts)."""
+
+    style: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"
+    """Block structure. qwen2_vl: LayerNorm, fc1/fc2 MLP, patch conv without bias. qwen2_5_vl:
+    RMSNorm, gated (SwiGLU-style) MLP with biases. qwen3_vl: LayerNorm, fc1/fc2 MLP, patch conv
+    with bias."""
+    depth: int = 4
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_heads: int = 4
+    hidden_act: str = "silu"
+    """quick_gelu (Qwen2-VL), silu (Qwen2.5-VL), gelu_pytorch_tanh (Qwen3-VL)."""
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    """Frames per patch: an image is its frame repeated, a video is cut into frame pairs."""
+    spatial_merge_size: int = 2
+    """The merger joins merge x merge neighbouring patches into one LLM token."""
+    out_hidden_size: int = 192
+    """Width of the merged tokens: the LLM's hidden size."""
+    rope_theta: float = 10000.0
+    window_size: int = 0
+    """Window attention (Qwen2.5-VL): windows of window_size x window_size pixels, a multiple of
+    patch_size * spatial_merge_size; 0 = every block attends over a whole frame."""
+    fullatt_block_indexes: tuple[int, ...] = ()
+    """With window attention: the blocks that attend over the whole frame instead."""
+    num_position_embeddings: int = 0
+    """Learned position grid (Qwen3-VL), a square number of entries resized to each image's grid;
+    0 = rotary positions only."""
+    deepstack_visual_indexes: tuple[int, ...] = ()
+    """Blocks whose output is also merged and returned for the decoder's early layers (Qwen3-VL)."""
+
+    def __post_init__(self):
+        self.fullatt_block_indexes = tuple(self.fullatt_block_indexes)
+        self.deepstack_visual_indexes = tuple(self.deepstack_visual_indexes)
+        _check(self.style in NATIVE_VISION_STYLES,
+               f"native_vision.style must be one of {list(NATIVE_VISION_STYLES)}, got {self.style!r}")
+        require_at_least(self, ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels",
+                                "patch_size", "temporal_patch_size", "spatial_merge_size", "out_hidden_size"),
+                         1, "native_vision.")
+        require_at_least(self, ("window_size", "num_position_embeddings"), 0, "native_vision.")
+        _check(self.hidden_size % self.num_heads == 0,
+               f"native_vision.hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        _check(self.head_dim % 4 == 0,
+               f"native_vision head dim {self.head_dim} must be a multiple of 4 (rows and columns each "
+               "rotate half of it in pairs)")
+        merge_pixels = self.patch_size * self.spatial_merge_size
+        _check(self.window_size % merge_pixels == 0,
+               f"native_vision.window_size {self.window_size} must be a multiple of patch_size * "
+               f"spatial_merge_size = {merge_pixels}")
+        _check(self.window_size > 0 or not self.fullatt_block_indexes,
+               "native_vision.fullatt_block_indexes needs window attention (window_size > 0)")
+        side = round(self.num_position_embeddings ** 0.5)
+        _check(side * side == self.num_position_embeddings,
+               f"native_vision.num_position_embeddings {self.num_position_embeddings} must be a square number")
+        for name in ("fullatt_block_indexes", "deepstack_visual_indexes"):
+            indexes = getattr(self, name)
+            _check(all(0 <= i < self.depth for i in indexes) and len(set(indexes)) == len(indexes),
+                   f"native_vision.{name} {list(indexes)} must be distinct blocks in 0..{self.depth - 1}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def position_grid_side(self) -> int:
+        """Entries per side of the learned position grid (0 without one)."""
+        return round(self.num_position_embeddings ** 0.5)
+
+
 @dataclass
 class AdapterConfig:
     """Vision-to-LLM adapter (models/adapter.py)."""
@@ -119,6 +198,10 @@ class MoEConfig:
         require_at_least(self, ("num_shared_experts",), 0, "moe.")
 
 
+MROPE_AXES = 3
+"""Position axes of multimodal RoPE: temporal, height, width."""
+
+
 @dataclass
 class LLMConfig:
     """Decoder LLM (models/llm.py): Llama / Qwen2 / Qwen3 / Mistral / SmolLM2 family."""
@@ -133,6 +216,12 @@ class LLMConfig:
     head_dim: int | None = None
     """None means hidden_size // num_heads (Qwen3 sets it explicitly)."""
     rope_theta: float = 10000.0
+    mrope_section: list[int] | None = None
+    """Multimodal RoPE (Qwen2-VL and later, models/mrope.py): how many of the head_dim / 2 rotary
+    frequencies follow each position axis (temporal, height, width); None = 1-D RoPE."""
+    mrope_interleaved: bool = False
+    """Qwen3-VL: the axes' frequencies interleaved (t, h, w, t, h, w, ...) rather than in
+    contiguous sections (Qwen2-VL, Qwen2.5-VL)."""
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 4096
     qkv_bias: bool = False
@@ -157,6 +246,18 @@ class LLMConfig:
                f"llm.num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
         _check(self.head_dim % 2 == 0, f"llm.head_dim {self.head_dim} must be even for RoPE")
         _check(self.vocab_size > 0, "llm.vocab_size must be > 0")
+        self._check_mrope()
+
+    def _check_mrope(self) -> None:
+        _check(self.mrope_section is not None or not self.mrope_interleaved,
+               "llm.mrope_interleaved needs llm.mrope_section")
+        if self.mrope_section is None:
+            return
+        _check(len(self.mrope_section) == MROPE_AXES and all(n > 0 for n in self.mrope_section),
+               f"llm.mrope_section {self.mrope_section} must give {MROPE_AXES} positive frequency counts "
+               "(temporal, height, width)")
+        _check(sum(self.mrope_section) == self.head_dim // 2,
+               f"llm.mrope_section {self.mrope_section} must add up to head_dim / 2 = {self.head_dim // 2}")
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Pre-norm blocks x + attn(norm(x)), x + ffn(norm(x)) with RMSNorm (Zhang & Sennrich 2019), rotary
 positions (Su et al. 2021, the "rotate half" layout of transformers' modeling_llama.py), grouped-query
 attention, SwiGLU FFN; Qwen2's q/k/v bias, Qwen3's RMSNorm over head_dim on q and k before RoPE,
-tied input / output embeddings, and DeepSeek-V3-style MoE FFNs (models/moe.py).
+tied input / output embeddings, DeepSeek-V3-style MoE FFNs (models/moe.py), and the multimodal RoPE
+of Qwen2-VL / Qwen3-VL (three position axes per token, models/mrope.py).
 
 The model takes embeddings and an `AttnSpec` (models/attention.py), so one code path serves packed
 training (positions restart per sample), padded batches and KV-cache decoding; the attention
@@ -26,9 +27,10 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from vlmkit.models.attention import AttentionBackend, AttnSpec, BackendName, KVCache, decode_attention, select_backend
-from vlmkit.models.config import LLMConfig
+from vlmkit.models.config import MROPE_AXES, LLMConfig
 from vlmkit.models.fused import FusedLinears
 from vlmkit.models.moe import MoE, SwiGLU
+from vlmkit.models.mrope import frequency_axes
 
 
 class RMSNorm(nn.Module):
@@ -68,22 +70,41 @@ class RopeTable:
     The table holds exactly what `rope_cos_sin` computes (position * inv_freq in fp32, then cos /
     sin), so looking positions up gives the same values as computing them; it grows by doubling
     when a position past its end is asked for. The sine comes with its first half negated, the
-    form `apply_rope` takes."""
+    form `apply_rope` takes.
 
-    def __init__(self, head_dim: int, theta: float):
-        self.head_dim, self.theta = head_dim, theta
+    dim_axes (Dh,) makes it a multimodal (M-RoPE) table as well: rotary dimension d follows
+    position axis dim_axes[d] (models/mrope.py), looked up by `axes`."""
+
+    def __init__(self, head_dim: int, theta: float, dim_axes: torch.Tensor | None = None):
+        self.head_dim, self.theta, self.dim_axes = head_dim, theta, dim_axes
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, position_ids: torch.Tensor, bound: int, dtype: torch.dtype):
         """position_ids (B, T), every one < bound -> cos, signed sin (B, T, 1, Dh) in dtype."""
-        device = position_ids.device
+        cos, sin = self._table(position_ids.device, bound)
+        cos, sin = cos[position_ids], sin[position_ids]  # (B, T, Dh)
+        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)
+
+    def axes(self, position_ids: torch.Tensor, bound: int, dtype: torch.dtype):
+        """M-RoPE: position_ids (3, B, T) (temporal, height, width), every one < bound -> cos,
+        signed sin (B, T, 1, Dh) in dtype, each rotary dimension at the position of its own axis."""
+        if self.dim_axes is None:
+            raise ValueError("position ids with an axis dimension (3, B, T) need llm.mrope_section")
+        cos, sin = self._table(position_ids.device, bound)
+        dim_axes = self.dim_axes.to(position_ids.device)
+        positions = position_ids[dim_axes].movedim(0, -1)  # (B, T, Dh): each dimension's position
+        dims = torch.arange(self.head_dim, device=position_ids.device)
+        cos, sin = cos[positions, dims], sin[positions, dims]  # (B, T, Dh)
+        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)
+
+    def _table(self, device: torch.device, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin (N, Dh) on `device` for N >= bound positions."""
         table = self._tables.get(device)
         if table is None or table[0].shape[0] < bound:
             size = max(bound, 2 * (table[0].shape[0] if table is not None else 0), MIN_ROPE_TABLE)
             cos, sin = rope_cos_sin(torch.arange(size, device=device)[None], self.head_dim, self.theta, torch.float32)
             table = self._tables[device] = (cos[0, :, 0], signed_sin(sin[0, :, 0]))  # (N, Dh) each
-        cos, sin = table[0][position_ids], table[1][position_ids]  # (B, T, Dh)
-        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)
+        return table
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
@@ -225,7 +246,10 @@ class LLM(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.head = FusedLinears(self.embed_tokens if self.lm_head is None else self.lm_head)
         self.gradient_checkpointing = False
-        self.rope = RopeTable(cfg.head_dim, cfg.rope_theta)
+        dim_axes = None
+        if cfg.mrope_section is not None:  # the frequency axes, twice: dimensions d and d + Dh/2 rotate together
+            dim_axes = frequency_axes(cfg.mrope_section, cfg.mrope_interleaved).repeat(2)
+        self.rope = RopeTable(cfg.head_dim, cfg.rope_theta, dim_axes)
         self._aux_loss: torch.Tensor | None = None
         self.init_weights()
 
@@ -267,12 +291,16 @@ class LLM(nn.Module):
 
         position_ids (B, T) or (T,); None derives them from the spec (restarting per packed sample,
         counting real tokens of padded rows) or from the cache (each row continues from its length).
+        A model with multimodal RoPE (`mrope_section`) also takes them per axis (temporal, height,
+        width; models/mrope.py): (3, B, T), or (3, T) for flat (T, D) inputs.
         With a cache, spec must be causal or padded (ragged prompts): the step's real tokens are
         appended to each row; with one token per row (a decode step) the blocks run their `step`
         path (`Block.step`). Returns the final-normed hidden states, shaped like inputs_embeds.
         """
         flat = inputs_embeds.dim() == 2
         x = inputs_embeds[None] if flat else inputs_embeds  # (B, T, D)
+        if flat and position_ids is not None and position_ids.dim() == 2 and position_ids.shape[0] == MROPE_AXES:
+            position_ids = position_ids[:, None]  # M-RoPE positions of a pack: (3, T) -> (3, 1, T)
         spec, cos, sin = self._attention_and_rope(x, spec or AttnSpec.causal(), position_ids, cache)
         if cache is not None and x.shape[1] == 1:  # a decode step
             hidden, aux = self._decode_step(x[:, 0], cos[:, 0], sin[:, 0], spec, cache)
@@ -310,7 +338,10 @@ class LLM(nn.Module):
         position_ids = position_ids.to(x.device)
         if bound is None:  # positions given by the caller: one read of their maximum
             bound = int(position_ids.max()) + 1 if position_ids.numel() else 1
-        cos, sin = self.rope(position_ids.expand(B, T), bound, x.dtype)
+        if position_ids.dim() == 3:  # M-RoPE: (3, B, T)
+            cos, sin = self.rope.axes(position_ids.expand(MROPE_AXES, B, T), bound, x.dtype)
+        else:
+            cos, sin = self.rope(position_ids.expand(B, T), bound, x.dtype)
         return spec, cos, sin
 
     def _run_blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: AttnSpec,
