@@ -1,6 +1,7 @@
 """The synthetic world on disk (data/world.py): deterministic files that parse and the eval reader
-reads, settings checked, the tokenizer trained on `tokenizer_texts`, and a world on disk reused
-only when it matches the run's world settings."""
+reads, settings checked, the tokenizer trained on `tokenizer_texts`, a world on disk reused only
+when it matches the run's world settings, the fixed world byte for byte as it was, and native
+worlds with clips."""
 
 import hashlib
 import json
@@ -8,12 +9,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from vlmkit.constants import IMAGE_PLACEHOLDER
-from vlmkit.data.synth import CATEGORIES, answer_space
+from vlmkit.data.formats import read_records
+from vlmkit.data.synth import (CATEGORIES, CLIP_FRAMES, MOTION_CATEGORIES, VIDEO_PLACEHOLDER, answer_space,
+                               layout_chance)
 from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.data.types import Record
 from vlmkit.data.world import TOKENIZER_DIR, WorldSpec, generate, prepare_world, tokenizer_texts
 from vlmkit.errors import ConfigError
+from vlmkit.schema import build
 
 SMALL = dict(n_train=60, n_val=20, n_test=30, text_corpus=False)
 
@@ -173,3 +179,115 @@ def test_a_world_answering_in_one_word_is_refused(tmp_path):
 def test_world_spec_checks_turns_per_record():
     with pytest.raises(ConfigError, match="turns_per_record"):
         WorldSpec(turns_per_record=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fixed world stays as it is; native scenes and clips
+# ---------------------------------------------------------------------------------------------
+
+FIXED_DIGESTS = {
+    "captions_train.json": "a2b8247dda5d288ea17ff890a0ce0704669e3480129cd9444aa6b9bf3a2fa589",
+    "captions_val.json": "9ec4bc665420a37b2a54745f791e9a27b98f643969521ccd6289a63801907944",
+    "qa_train.json": "e1ba3235be77ef9937f8302d3ff13a40ce74fe54a0eaefad4390a2148f0bc363",
+    "qa_train.jsonl": "b7318a355aebb6b546daa986eb867f6ab07c9d3eee9ead10696dbe327bdb527c",
+    "qa_val.json": "36b0e9fca14f96bedc706a3bb52d187b6ef82df518573834ad97bf8606745b83",
+    "qa_test.json": "720841448fc2184c3ac749219c8b95dbdaca8b59dfa52fec314286fc5a0b89d8",
+    "qa_test.jsonl": "875e1e4ff99fe4c0fd5e6b6bbbe61e2d9b47be45d5570232296cec350c0ef9e1",
+    "synth.jsonl": "0765f8dd77ce91d9baaf2f88dd9d462af6f6da2287543c6287b2a3c194eff040",
+    "world.json": "99629d00540093e89f60fd82aa2b7adea9175e4133a74835ced53c81c98cc0d6",
+}
+"""The SMALL fixed world's files as the generator wrote them before native scenes and clips
+existed: the demo's numbers depend on them."""
+FIXED_PIXELS = "470b9cb556c4d09a91b004054fc7129b09bb82700bd8c114449ae88659a568b0"
+"""Its images' names and decoded RGB pixels (not the PNG bytes, which depend on the zlib build)."""
+
+
+def pixel_digest(images_dir):
+    h = hashlib.sha256()
+    for path in sorted(images_dir.iterdir()):
+        h.update(path.name.encode())
+        h.update(Image.open(path).convert("RGB").tobytes())
+    return h.hexdigest()
+
+
+def test_the_fixed_world_is_byte_identical(world):
+    root = Path(world["dir"])
+    assert {name: digest(root / name) for name in FIXED_DIGESTS} == FIXED_DIGESTS
+    assert pixel_digest(root / "images") == FIXED_PIXELS
+    assert not (root / "clips").exists() and "layout" not in json.loads((root / "world.json").read_text())
+
+
+NATIVE = dict(n_train=40, n_val=5, n_test=30, text_corpus=False, layout="native", n_train_clips=20,
+              n_val_clips=4, n_test_clips=16)
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("native"), **NATIVE)
+
+
+def test_native_world_is_deterministic(native, tmp_path):
+    again = generate(tmp_path, **NATIVE)
+    root, other = Path(native["dir"]), Path(again["dir"])
+    for name in ("qa_train.json", "synth.jsonl", "clips_train.json", "clips_test.jsonl", "synth_clips.jsonl",
+                 "world.json"):
+        assert digest(root / name) == digest(other / name), name
+    assert pixel_digest(root / "images") == pixel_digest(other / "images")
+    for clip in sorted((root / "clips").iterdir())[::5]:
+        assert pixel_digest(clip) == pixel_digest(other / "clips" / clip.name)
+
+
+def test_native_world_files_read_and_reference_existing_frames(native):
+    root = Path(native["dir"])
+    sizes = {Image.open(p).size for p in (root / "images").iterdir()}
+    assert len(sizes) > 3 and any(w != h for w, h in sizes)
+    # the still records read as any user's data
+    for key in ("captions_train", "qa_train", "qa_test", "qa_train_messages"):
+        items = list(read_records(native[key]))
+        assert items and all(isinstance(item, Record) for item in items), key
+    for key in ("clips_train", "clips_val", "clips_test"):
+        for record in json.loads(Path(native[key]).read_text()):
+            frames = record["video"]
+            assert len(frames) in CLIP_FRAMES and all((root / f).is_file() for f in frames)
+            assert len({Image.open(root / f).size for f in frames}) == 1
+            assert record["conversations"][0]["value"].endswith("\n" + VIDEO_PLACEHOLDER)
+    for line in open(native["clips_test_messages"]):
+        first = json.loads(line)["messages"][0]["content"]
+        assert [part["type"] for part in first] == ["text", "video"]
+    items = [json.loads(line) for line in open(native["test_clips"])]
+    assert {i["category"] for i in items} == set(MOTION_CATEGORIES)
+    meta = json.loads((root / "world.json").read_text())
+    assert meta["layout"] == "native" and meta["counts"]["clips"]["test"]["clips"] == NATIVE["n_test_clips"]
+    assert meta["counts"]["clips"]["test"]["records"] == len(items)
+    position = meta["categories"]["position"]
+    assert position["chance_by_grid"]["3x4"] == pytest.approx(1 / 12)
+    assert position["chance"] == pytest.approx(layout_chance("position", "native"))
+    assert "row 4, column 3" in position["answers"] and "top left" not in position["answers"]
+    assert meta["categories"]["motion_which"]["chance"] == pytest.approx(1 / 24)
+    assert {k: str(root / v) for k, v in meta["files"].items()} == {k: native[k] for k in meta["files"]}
+
+
+def test_tokenizer_texts_take_the_clip_turns_too(native):
+    texts = list(tokenizer_texts(native["dir"]))
+    assert any(t.startswith("Where did the") for t in texts) and any("row 1, column" in t for t in texts)
+    assert not any(VIDEO_PLACEHOLDER in t or IMAGE_PLACEHOLDER in t for t in texts)
+
+
+def test_world_spec_reads_the_layout_and_clips(tmp_path):
+    spec = build(WorldSpec, {"layout": "native", "n_test_clips": 3}, "world")
+    assert spec.layout == "native" and spec.n_test_clips == 3 and spec.n_train_clips == 0
+    with pytest.raises(ConfigError, match="world.layout"):
+        build(WorldSpec, {"layout": "square"}, "world")
+    with pytest.raises(ConfigError, match="n_train_clips"):
+        WorldSpec(n_train_clips=-1)
+    with pytest.raises(ConfigError, match="layout"):
+        generate(tmp_path, **{**SMALL, "layout": "square"})
+
+
+def test_a_world_of_another_layout_or_clips_is_refused(tmp_path):
+    fake_world(tmp_path / "w")  # a fixed world without clips
+    spec = WorldSpec(dir=str(tmp_path / "w"), n_train=40, n_val=0, n_test=5, layout="native", n_test_clips=2)
+    with pytest.raises(ConfigError) as err:
+        prepare_world(spec, progress=False)
+    assert "layout: 'fixed' on disk, 'native' in the config" in str(err.value)
+    assert "n_test_clips: 0 on disk, 2 in the config" in str(err.value)

@@ -36,17 +36,27 @@ top left cell" by a fixed offset. With the image first the offset varies with ev
 the demo's 4-layer decoder learned position-based categories far more slowly (measured in
 docs/training.md). The benchmark prompt for this world (`eval.prompts.SYNTH_PROMPTS`) does the same.
 
-This module is the world's content: scenes (`split_scenes`), their pixels (`render`), and their
-captions and questions as records (`split_records`). Everything is a function of the seed; test,
-val and train scenes are disjoint (no scene appears in two splits). Writing the world to disk and
-training its tokenizer is data/world.py.
+Native layout (`layout="native"`, for models that read images at their own size): a scene's grid
+is one of NATIVE_GRIDS (2x3 to 4x3 cells, wide, tall and square) at one of NATIVE_CELL_SIZES,
+and cells are named by number, "row 2, column 3" (counted from the top left), on every grid, the
+3x3 ones included: one rule that every grid shares, where words like "middle" exist only for three
+rows. Answers and chance are per grid (`answer_space(category, grid)`). Clips (`Clip`) are a few
+frames of a scene in which one or two shapes jump to a free cell, asked `motion_which` ("Which
+shape moved?") and `motion_where` ("Where did the red circle move to?"); their records carry the
+frames as a video part (VIDEO_PLACEHOLDER, `{"type": "video", "video": [frame paths]}`).
+
+This module is the world's content: scenes (`split_scenes`), clips (`split_clips`), their pixels
+(`render`; a clip's frames are scenes, `Clip.frame`), and their captions and questions as records
+(`split_records`, `split_clip_records`). Everything is a function of the seed; test, val and train
+scenes are disjoint (no scene appears in two splits), and so are clips. Writing the world to disk
+and training its tokenizer is data/world.py.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from PIL import Image, ImageDraw
 
@@ -80,6 +90,21 @@ DIRECTIONS = {"left": (0, -1, "directly to the left of"), "right": (0, 1, "direc
               "above": (-1, 0, "directly above"), "below": (1, 0, "directly below")}
 NEIGHBOUR = {"left": "Left of it", "right": "Right of it", "above": "Above it", "below": "Below it"}
 CATEGORIES = ("color", "shape", "count", "position", "relation", "existence", "ocr", "multiple_choice")
+MOTION_CATEGORIES = ("motion_which", "motion_where")
+"""The questions of a clip (never of a still scene)."""
+LAYOUTS = ("fixed", "native")
+"""fixed: 3x3 scenes at the world's image size, cells named in words; native: NATIVE_GRIDS at
+NATIVE_CELL_SIZES, cells named by number."""
+NATIVE_CELL_SIZES = (16, 28, 32)
+"""Pixels per cell of a native scene: one visual token of patch 8 with a 2x2 merge (vlmkit's tiny
+towers), of patch 14 (Qwen2-VL, Qwen2.5-VL) and of patch 16 (Qwen3-VL), so each family has scenes
+where a token is a cell."""
+CLIP_FRAMES = (4, 6, 8)
+"""Frames a clip may have: even, since the Qwen-VL video processors merge frames in pairs."""
+MAX_MOVERS = 2
+"""Shapes that move in one clip (1 or 2, uniformly)."""
+VIDEO_PLACEHOLDER = "<video>"
+"""Where a clip goes in a LLaVA-style conversation (LLaVA-Video's placeholder)."""
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 
 # 5x7 digit glyphs, drawn on a light tile and scaled to the cell (no font files involved, so the
@@ -107,8 +132,54 @@ CAPTION_PROMPTS = ("Describe the image.", "What is in the picture?", "Give a sho
 
 
 # ---------------------------------------------------------------------------------------------
-# Scenes
+# Grids and scenes
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A scene's cells, `rows` x `cols`, indexed row * cols + col from the top left. The fixed
+    world's 3x3 grid names its cells in words (POSITIONS, `named`); every other grid by number,
+    "row 1, column 2"."""
+
+    rows: int
+    cols: int
+    named: bool = False
+
+    @property
+    def cells(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def name(self) -> str:
+        return f"{self.rows}x{self.cols}"
+
+    def position(self, cell: int) -> str:
+        """The cell's name as an answer: "top left" or "row 1, column 1"."""
+        if self.named:
+            return POSITIONS[cell]
+        row, col = divmod(cell, self.cols)
+        return f"row {row + 1}, column {col + 1}"
+
+    def place(self, cell: int) -> str:
+        """The cell as it follows "in": "the top left" or "row 1, column 1"."""
+        return f"the {POSITIONS[cell]}" if self.named else self.position(cell)
+
+    def positions(self) -> list[str]:
+        return [self.position(cell) for cell in range(self.cells)]
+
+    def neighbour(self, cell: int, direction: str) -> int | None:
+        """The adjacent cell in `direction` (a key of DIRECTIONS), None past the edge."""
+        dr, dc, _ = DIRECTIONS[direction]
+        row, col = divmod(cell, self.cols)
+        r, c = row + dr, col + dc
+        return r * self.cols + c if 0 <= r < self.rows and 0 <= c < self.cols else None
+
+
+FIXED_GRID = Grid(GRID, GRID, named=True)
+NATIVE_GRIDS = (Grid(2, 3), Grid(3, 2), Grid(3, 3), Grid(2, 4), Grid(4, 2), Grid(3, 4), Grid(4, 3))
+"""Grids of native scenes (rows x cols): small, square, wide and tall; each holds MAX_OBJECTS."""
+LAYOUT_GRIDS = {"fixed": (FIXED_GRID,), "native": NATIVE_GRIDS}
 
 
 @dataclass(frozen=True)
@@ -116,7 +187,7 @@ class Obj:
     shape: str
     color: str
     size: str
-    cell: int  # row * GRID + col
+    cell: int  # row * grid.cols + col
 
     @property
     def name(self) -> str:
@@ -129,33 +200,59 @@ class Scene:
     objects: list[Obj]  # in reading order (by cell)
     digit: str | None = None
     digit_cell: int | None = None
+    grid: Grid = FIXED_GRID
+    cell_size: int | None = None
+    """Pixels per cell of a native scene; None: the world's image size / GRID (fixed layout)."""
 
     def signature(self) -> tuple:
-        return tuple((o.shape, o.color, o.size, o.cell) for o in self.objects) + (self.digit, self.digit_cell)
+        objects = tuple((o.shape, o.color, o.size, o.cell) for o in self.objects)
+        return objects + (self.digit, self.digit_cell, self.grid, self.cell_size)
 
     def at(self, cell: int) -> Obj | None:
         return next((o for o in self.objects if o.cell == cell), None)
 
 
 def sample_scene(rng: random.Random, scene_id: str, ocr_fraction: float) -> Scene:
-    """1-6 objects (uniform count) in distinct cells; a digit in a free cell with p=ocr_fraction."""
+    """A fixed-layout scene: 1-6 objects (uniform count) in distinct cells of the 3x3 grid; a digit
+    in a free cell with p=ocr_fraction."""
     n = rng.randint(1, MAX_OBJECTS)
     has_digit = rng.random() < ocr_fraction
-    cells = rng.sample(range(GRID * GRID), n + has_digit)
+    return _fill(rng, scene_id, n, has_digit, FIXED_GRID, None)
+
+
+def sample_native_scene(rng: random.Random, scene_id: str, ocr_fraction: float) -> Scene:
+    """A native-layout scene: a grid of NATIVE_GRIDS at a cell size of NATIVE_CELL_SIZES (uniformly),
+    a digit with p=ocr_fraction, and 1-6 objects (uniform count, as many as the free cells allow)."""
+    grid = rng.choice(NATIVE_GRIDS)
+    cell_size = rng.choice(NATIVE_CELL_SIZES)
+    has_digit = rng.random() < ocr_fraction
+    n = rng.randint(1, min(MAX_OBJECTS, grid.cells - has_digit))
+    return _fill(rng, scene_id, n, has_digit, grid, cell_size)
+
+
+SAMPLERS = {"fixed": sample_scene, "native": sample_native_scene}
+"""A layout's scene sampler (LAYOUTS)."""
+
+
+def _fill(rng: random.Random, scene_id: str, n: int, has_digit: bool, grid: Grid, cell_size: int | None) -> Scene:
+    """`n` random objects, and the digit when `has_digit`, in distinct random cells of `grid`."""
+    cells = rng.sample(range(grid.cells), n + has_digit)
     objects = sorted((Obj(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(SIZES), c) for c in cells[:n]),
                      key=lambda o: o.cell)
     if has_digit:
-        return Scene(scene_id, objects, rng.choice(DIGITS), cells[n])
-    return Scene(scene_id, objects)
+        return Scene(scene_id, objects, rng.choice(DIGITS), cells[n], grid, cell_size)
+    return Scene(scene_id, objects, grid=grid, cell_size=cell_size)
 
 
 def render(scene: Scene, image_size: int = IMAGE_SIZE) -> Image.Image:
-    """Draw the scene; every object stays inside its cell (cell = image_size / 3)."""
-    img = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    """Draw the scene; every object stays inside its cell. A fixed scene is image_size square
+    (cell = image_size / 3); a native scene is its grid at its own `cell_size` (image_size unused)."""
+    grid = scene.grid
+    cell = image_size / GRID if scene.cell_size is None else scene.cell_size
+    img = Image.new("RGB", (round(cell * grid.cols), round(cell * grid.rows)), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    cell = image_size / GRID
     for o in scene.objects:
-        row, col = divmod(o.cell, GRID)
+        row, col = divmod(o.cell, grid.cols)
         cx, cy = (col + 0.5) * cell, (row + 0.5) * cell
         r = cell * (0.44 if o.size == "large" else 0.3)
         color = COLORS[o.color]
@@ -171,7 +268,7 @@ def render(scene: Scene, image_size: int = IMAGE_SIZE) -> Image.Image:
             draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=color)
             draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=color)
     if scene.digit is not None:
-        row, col = divmod(scene.digit_cell, GRID)
+        row, col = divmod(scene.digit_cell, grid.cols)
         x0, y0 = col * cell, row * cell
         draw.rectangle((x0 + 1, y0 + 1, x0 + cell - 2, y0 + cell - 2), fill=TILE)
         glyph = Image.new("L", (5, 7))
@@ -217,21 +314,38 @@ class QA:
         return " ".join(self.steps + [self.fact, f"Answer: {final}"])
 
 
-def answer_space(category: str) -> list[str]:
-    """Every answer a question of `category` can have."""
+def answer_space(category: str, grid: Grid = FIXED_GRID) -> list[str]:
+    """Every answer a question of `category` can have on `grid` (positions and counts depend on it)."""
+    names = [f"{c} {s}" for c in COLORS for s in SHAPES]
     spaces = {
-        "color": list(COLORS), "shape": list(SHAPES), "count": [str(n) for n in range(1, MAX_OBJECTS + 1)],
-        "position": list(POSITIONS), "relation": [f"{c} {s}" for c in COLORS for s in SHAPES],
-        "existence": ["yes", "no"], "ocr": list(DIGITS), "multiple_choice": list(LETTERS),
+        "color": list(COLORS), "shape": list(SHAPES),
+        "count": [str(n) for n in range(1, min(MAX_OBJECTS, grid.cells) + 1)],
+        "position": grid.positions(), "relation": names, "existence": ["yes", "no"], "ocr": list(DIGITS),
+        "multiple_choice": list(LETTERS), "motion_which": names, "motion_where": grid.positions(),
     }
     if category not in spaces:
-        raise KeyError(f"unknown category {category!r}; expected one of {', '.join(CATEGORIES)}")
+        raise KeyError(f"unknown category {category!r}; expected one of "
+                       f"{', '.join(CATEGORIES + MOTION_CATEGORIES)}")
     return spaces[category]
 
 
-def chance_accuracy(category: str) -> float:
-    """Accuracy of a uniform guess over the category's answers (answers are balanced per category)."""
-    return 1.0 / len(answer_space(category))
+def chance_accuracy(category: str, grid: Grid = FIXED_GRID) -> float:
+    """Accuracy of a uniform guess over the category's answers on `grid` (answers are balanced per
+    category)."""
+    return 1.0 / len(answer_space(category, grid))
+
+
+def layout_chance(category: str, layout: str) -> float:
+    """Chance of a category over a layout's scenes: the mean over its grids, which are drawn
+    uniformly. A blind model does as well by always answering what every grid has (e.g. "row 1,
+    column 1"), so this is also the blind baseline's expected score."""
+    grids = LAYOUT_GRIDS[layout]
+    return sum(chance_accuracy(category, g) for g in grids) / len(grids)
+
+
+def layout_answers(category: str, layout: str) -> list[str]:
+    """Every answer a question of `category` can have on any grid of `layout`, in a fixed order."""
+    return list(dict.fromkeys(a for grid in LAYOUT_GRIDS[layout] for a in answer_space(category, grid)))
 
 
 def article(word: str) -> str:
@@ -241,11 +355,12 @@ def article(word: str) -> str:
 def caption(scene: Scene) -> str:
     """Dense caption: how many shapes, each in reading order with size, colour and place; the digit."""
     n = len(scene.objects)
-    parts = [f"{article(o.size)} {o.size} {o.color} {o.shape} in the {POSITIONS[o.cell]}" for o in scene.objects]
+    grid = scene.grid
+    parts = [f"{article(o.size)} {o.size} {o.color} {o.shape} in {grid.place(o.cell)}" for o in scene.objects]
     listed = parts[0] if n == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     text = f"{NUMBER_WORDS[n].capitalize()} shape{'s' if n > 1 else ''}: {listed}."
     if scene.digit is not None:
-        text += f" The number {scene.digit} is written in the {POSITIONS[scene.digit_cell]}."
+        text += f" The number {scene.digit} is written in {grid.place(scene.digit_cell)}."
     return text
 
 
@@ -266,17 +381,17 @@ def _ask_attribute(scene: Scene, rng: random.Random, attribute: str, other: str,
         ref = by_other.format(getattr(o, other))
     else:
         o = rng.choice(scene.objects)
-        ref = by_place.format(POSITIONS[o.cell])
+        ref = by_place.format(scene.grid.place(o.cell))
     value = getattr(o, attribute)
     return QA(attribute, f"What {attribute} is {ref}?", value, fact=fact.format(ref[0].upper() + ref[1:], value))
 
 
 def ask_color(scene: Scene, rng: random.Random) -> QA:
-    return _ask_attribute(scene, rng, "color", "shape", "the {}", "the shape in the {}", "{} is {}.")
+    return _ask_attribute(scene, rng, "color", "shape", "the {}", "the shape in {}", "{} is {}.")
 
 
 def ask_shape(scene: Scene, rng: random.Random) -> QA:
-    return _ask_attribute(scene, rng, "shape", "color", "the {} object", "in the {}", "{} is a {}.")
+    return _ask_attribute(scene, rng, "shape", "color", "the {} object", "in {}", "{} is a {}.")
 
 
 def ask_count(scene: Scene, rng: random.Random) -> QA:
@@ -289,18 +404,17 @@ def ask_position(scene: Scene, rng: random.Random) -> QA | None:
     if not named:
         return None
     o = rng.choice(named)
-    return QA("position", f"Where is the {o.name}?", POSITIONS[o.cell],
-              fact=f"The {o.name} is in the {POSITIONS[o.cell]}.")
+    return QA("position", f"Where is the {o.name}?", scene.grid.position(o.cell),
+              fact=f"The {o.name} is in {scene.grid.place(o.cell)}.")
 
 
 def relations(scene: Scene) -> list[tuple[Obj, str, Obj]]:
     """(reference, direction, answer) for every uniquely named object with an adjacent neighbour."""
     out = []
     for o in _unique(scene, lambda o: o.name):
-        row, col = divmod(o.cell, GRID)
-        for direction, (dr, dc, _) in DIRECTIONS.items():
-            r, c = row + dr, col + dc
-            if 0 <= r < GRID and 0 <= c < GRID and (other := scene.at(r * GRID + c)) is not None:
+        for direction in DIRECTIONS:
+            cell = scene.grid.neighbour(o.cell, direction)
+            if cell is not None and (other := scene.at(cell)) is not None:
                 out.append((o, direction, other))
     return out
 
@@ -312,10 +426,10 @@ def ask_relation(scene: Scene, rng: random.Random) -> QA | None:
     ref, direction, other = rng.choice(found)
     # Worked: find the reference, name the neighbouring cell, then read it: three lookups a small
     # decoder makes one token at a time instead of composing them inside one forward pass.
+    place = scene.grid.place
     return QA("relation", f"What is {DIRECTIONS[direction][2]} the {ref.name}?", other.name,
-              steps=[f"The {ref.name} is in the {POSITIONS[ref.cell]}."],
-              fact=f"{NEIGHBOUR[direction]}, in the {POSITIONS[other.cell]}, is "
-                   f"{article(other.name)} {other.name}.")
+              steps=[f"The {ref.name} is in {place(ref.cell)}."],
+              fact=f"{NEIGHBOUR[direction]}, in {place(other.cell)}, is {article(other.name)} {other.name}.")
 
 
 def ask_existence(scene: Scene, rng: random.Random) -> QA:
@@ -349,7 +463,7 @@ def ask_choice(scene: Scene, rng: random.Random) -> QA | None:
         qa = ask_color(scene, rng)
     # Never offer what the question itself names (the reference of a relation): a blind model
     # could rule it out.
-    wrong = [a for a in answer_space(qa.category) if a != qa.answer and a not in qa.question]
+    wrong = [a for a in answer_space(qa.category, scene.grid) if a != qa.answer and a not in qa.question]
     if qa.category == "relation":  # prefer distractors that are in the scene
         near = sorted({o.name for o in scene.objects if o.name in wrong})
         rng.shuffle(near)
@@ -396,6 +510,97 @@ def _new_question(category: str, scene: Scene, rng: random.Random, asked: list[Q
 
 
 # ---------------------------------------------------------------------------------------------
+# Clips: shapes that move
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Move:
+    """One shape's jump from cell `start` to the free cell `end`, where frame `frame` first shows it."""
+
+    start: int
+    end: int
+    frame: int
+
+
+@dataclass
+class Clip:
+    """`n_frames` frames of `scene` (the first frame) in which each move of `moves` (in the order
+    they happen, never two at once) takes one shape to a cell free in every frame."""
+
+    id: str
+    scene: Scene
+    moves: list[Move]
+    n_frames: int
+
+    def signature(self) -> tuple:
+        return self.scene.signature() + tuple((m.start, m.end, m.frame) for m in self.moves) + (self.n_frames,)
+
+    def mover(self, move: Move) -> Obj:
+        return self.scene.at(move.start)
+
+    def frame(self, t: int) -> Scene:
+        """The scene frame `t` shows: every move of a frame <= t made."""
+        moved = {m.start: m.end for m in self.moves if m.frame <= t}
+        objects = sorted((replace(o, cell=moved.get(o.cell, o.cell)) for o in self.scene.objects),
+                         key=lambda o: o.cell)
+        return replace(self.scene, id=f"{self.id}_{t:02d}", objects=objects)
+
+    def frame_paths(self) -> list[str]:
+        """Where the frames are written, as the records name them (relative to the world)."""
+        return [f"clips/{self.id}/{t:02d}.png" for t in range(self.n_frames)]
+
+
+def sample_clip(rng: random.Random, clip_id: str, ocr_fraction: float, layout: str = "fixed") -> Clip:
+    """A scene of `layout` with 1-MAX_MOVERS of its shapes (uniformly many, then uniformly chosen)
+    jumping to distinct free cells at distinct frames; a scene without enough shapes or free
+    cells is drawn again."""
+    while True:
+        scene = SAMPLERS[layout](rng, clip_id, ocr_fraction)
+        n_movers = rng.randint(1, MAX_MOVERS)
+        taken = {o.cell for o in scene.objects} | {scene.digit_cell}
+        free = [cell for cell in range(scene.grid.cells) if cell not in taken]
+        if len(scene.objects) >= n_movers and len(free) >= n_movers:
+            break
+    n_frames = rng.choice(CLIP_FRAMES)
+    movers = rng.sample(scene.objects, n_movers)
+    ends = rng.sample(free, n_movers)
+    frames = sorted(rng.sample(range(1, n_frames), n_movers))
+    return Clip(clip_id, scene, [Move(o.cell, end, t) for o, end, t in zip(movers, ends, frames)], n_frames)
+
+
+def ask_motion_which(clip: Clip, rng: random.Random) -> QA:
+    """Which shape moved (one mover), or which moved first / last (two)."""
+    if len(clip.moves) == 1:
+        question = rng.choice(("Which shape moved?", "Which shape moves in the video?"))
+        return QA("motion_which", question, clip.mover(clip.moves[0]).name)
+    order = rng.choice(("first", "last"))
+    move = clip.moves[0] if order == "first" else clip.moves[-1]
+    return QA("motion_which", f"Which shape moved {order}?", clip.mover(move).name)
+
+
+def ask_motion_where(clip: Clip, rng: random.Random) -> QA | None:
+    """Where a mover went, asked of a mover no other shape of the clip shares its name with."""
+    names = [o.name for o in clip.scene.objects]
+    named = [m for m in clip.moves if names.count(clip.mover(m).name) == 1]
+    if not named:
+        return None
+    move = rng.choice(named)
+    name, grid = clip.mover(move).name, clip.scene.grid
+    return QA("motion_where", f"Where did the {name} move to?", grid.position(move.end),
+              fact=f"The {name} moved from {grid.place(move.start)} to {grid.place(move.end)}.")
+
+
+MOTION_ASKERS = {"motion_which": ask_motion_which, "motion_where": ask_motion_where}
+
+
+def clip_questions(clip: Clip, rng: random.Random) -> list[QA]:
+    """One question of each motion category the clip can answer."""
+    asked = (MOTION_ASKERS[category](clip, rng) for category in MOTION_CATEGORIES)
+    return [qa for qa in asked if qa is not None]
+
+
+# ---------------------------------------------------------------------------------------------
 # Splits and records
 # ---------------------------------------------------------------------------------------------
 
@@ -403,20 +608,36 @@ SPLITS = ("test", "val", "train")
 """In the order their scenes are drawn: a later split resamples any scene an earlier one holds."""
 
 
-def split_scenes(seed: int, counts: dict[str, int], ocr_fraction: float) -> dict[str, list[Scene]]:
-    """Scenes per split, each split from its own seeded stream; a later split resamples any scene
-    an earlier one holds, so test scenes do not depend on the size of train."""
+def split_scenes(seed: int, counts: dict[str, int], ocr_fraction: float,
+                 layout: str = "fixed") -> dict[str, list[Scene]]:
+    """Scenes of `layout` per split, each split from its own seeded stream; a later split resamples
+    any scene an earlier one holds, so test scenes do not depend on the size of train."""
+    sample = SAMPLERS[layout]
+    return _disjoint_splits(seed, counts, "scenes",
+                            lambda rng, index, split: sample(rng, f"{split}_{index:06d}", ocr_fraction))
+
+
+def split_clips(seed: int, counts: dict[str, int], ocr_fraction: float, layout: str = "fixed") -> dict[str, list[Clip]]:
+    """Clips per split, drawn as `split_scenes` draws scenes (own streams, disjoint splits)."""
+    return _disjoint_splits(seed, counts, "clips",
+                            lambda rng, index, split: sample_clip(rng, f"{split}_clip_{index:06d}", ocr_fraction,
+                                                                  layout))
+
+
+def _disjoint_splits(seed: int, counts: dict[str, int], stream: str, draw) -> dict[str, list]:
+    """`draw(rng, index, split)` until each split of SPLITS has its count, skipping anything whose
+    signature an earlier draw holds."""
     seen: set[tuple] = set()
     out = {}
     for split in SPLITS:
-        rng = random.Random(f"vlmkit-synth/{seed}/{split}/scenes")
-        scenes = []
-        while len(scenes) < counts.get(split, 0):
-            scene = sample_scene(rng, f"{split}_{len(scenes):06d}", ocr_fraction)
-            if scene.signature() not in seen:
-                seen.add(scene.signature())
-                scenes.append(scene)
-        out[split] = scenes
+        rng = random.Random(f"vlmkit-synth/{seed}/{split}/{stream}")
+        drawn = []
+        while len(drawn) < counts.get(split, 0):
+            item = draw(rng, len(drawn), split)
+            if item.signature() not in seen:
+                seen.add(item.signature())
+                drawn.append(item)
+        out[split] = drawn
     return out
 
 
@@ -456,41 +677,88 @@ def scene_records(scene: Scene, split: str, rng: random.Random, *, turns_per_rec
     image = f"images/{scene.id}.png"
     caption_record = _llava(f"{scene.id}-cap", image, [(rng.choice(CAPTION_PROMPTS), caption(scene))])
     asked = questions(scene, rng, per_category=per_category)
+    llava, messages, bench = _qa_records(scene.id, split, "image", image, asked, rng, turns_per_record)
+    return SceneRecords(image, asked, caption_record, llava, messages, bench)
+
+
+@dataclass
+class ClipRecords:
+    """One clip's records: as SceneRecords, with the frames as a video part and no caption."""
+
+    frames: list[str]
+    """The clip's frame images, in order, as the records name them (relative to the world)."""
+    asked: list[QA]
+    llava: list[dict]
+    """LLaVA JSON with the frames under "video" and VIDEO_PLACEHOLDER in the first turn."""
+    messages: list[dict]
+    """Messages JSONL with a {"type": "video", "video": [frame paths]} part."""
+    bench: list[dict]
+    """Benchmark JSONL items with the frames under "video" (test split only)."""
+
+
+def split_clip_records(seed: int, split: str, clips: list[Clip], *, turns_per_record: int) -> Iterator[ClipRecords]:
+    """The records of each clip of a split, in order, from the split's own seeded stream."""
+    rng = random.Random(f"vlmkit-synth/{seed}/{split}/clip-questions")
+    for clip in clips:
+        yield clip_records(clip, split, rng, turns_per_record=turns_per_record)
+
+
+def clip_records(clip: Clip, split: str, rng: random.Random, *, turns_per_record: int) -> ClipRecords:
+    """A clip's motion questions and their records (grouped as a scene's are)."""
+    frames = clip.frame_paths()
+    asked = clip_questions(clip, rng)
+    llava, messages, bench = _qa_records(clip.id, split, "video", frames, asked, rng, turns_per_record)
+    return ClipRecords(frames, asked, llava, messages, bench)
+
+
+VISUAL_PLACEHOLDERS = {"image": IMAGE_PLACEHOLDER, "video": VIDEO_PLACEHOLDER}
+"""A visual kind (the records' key and content-part type) -> its placeholder in LLaVA text."""
+
+
+def _qa_records(item_id: str, split: str, kind: str, visual, asked: list[QA], rng: random.Random,
+                turns_per_record: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(LLaVA records, messages records, benchmark items) of the questions about one image or clip
+    (`kind` "image": `visual` is its path; "video": the list of frame paths). A train item's
+    questions are shuffled into conversations of up to `turns_per_record`; any other split's are
+    one a record, and the test split's are also benchmark items."""
     if split == "train":
         shuffled = list(asked)
         rng.shuffle(shuffled)
         starts = range(0, len(shuffled), turns_per_record)
-        groups = [(f"{scene.id}-{k}", shuffled[i:i + turns_per_record]) for k, i in enumerate(starts)]
+        groups = [(f"{item_id}-{k}", shuffled[i:i + turns_per_record]) for k, i in enumerate(starts)]
     else:
-        groups = [(f"{scene.id}-{qa.category}", [qa]) for qa in asked]
+        groups = [(f"{item_id}-{qa.category}", [qa]) for qa in asked]
     llava, messages = [], []
     for rid, group in groups:
         turns = [(qa.prompt(), qa.reply()) for qa in group]
-        llava.append(_llava(rid, image, turns))
-        messages.append(_messages(rid, image, turns))
-    bench = [_bench_item(scene, image, qa) for qa in asked] if split == "test" else []
-    return SceneRecords(image, asked, caption_record, llava, messages, bench)
+        llava.append(_llava(rid, visual, turns, kind))
+        messages.append(_messages(rid, visual, turns, kind))
+    bench = [_bench_item(item_id, kind, visual, qa) for qa in asked] if split == "test" else []
+    return llava, messages, bench
 
 
-def _llava(rid: str, image: str, turns: list[tuple[str, str]]) -> dict:
+def _llava(rid: str, visual, turns: list[tuple[str, str]], kind: str = "image") -> dict:
     conv = []
     for i, (q, a) in enumerate(turns):
-        conv.append({"from": "human", "value": f"{q}\n{IMAGE_PLACEHOLDER}" if i == 0 else q})
+        conv.append({"from": "human", "value": f"{q}\n{VISUAL_PLACEHOLDERS[kind]}" if i == 0 else q})
         conv.append({"from": "gpt", "value": a})
-    return {"id": rid, "image": image, "conversations": conv}
+    return {"id": rid, kind: visual, "conversations": conv}
 
 
-def _messages(rid: str, image: str, turns: list[tuple[str, str]]) -> dict:
+def _messages(rid: str, visual, turns: list[tuple[str, str]], kind: str = "image") -> dict:
     msgs = []
     for i, (q, a) in enumerate(turns):
-        parts = [{"type": "text", "text": q}] + ([{"type": "image", "image": image}] if i == 0 else [])
+        parts = [{"type": "text", "text": q}] + ([{"type": kind, kind: visual}] if i == 0 else [])
         msgs.append({"role": "user", "content": parts})
         msgs.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
     return {"id": rid, "messages": msgs}
 
 
-def _bench_item(scene: Scene, image: str, qa: QA) -> dict:
-    item = {"id": f"{scene.id}-{qa.category}", "images": [image], "question": qa.question, "answer": qa.answer,
+def _bench_item(item_id: str, kind: str, visual, qa: QA) -> dict:
+    """A benchmark item: an image under "images" (a list, the generic benchmark JSONL), a clip's
+    frames under "video"."""
+    media = {"images": [visual]} if kind == "image" else {"video": visual}
+    item = {"id": f"{item_id}-{qa.category}", **media, "question": qa.question, "answer": qa.answer,
             "category": qa.category}
     if qa.choices:
         item["choices"] = qa.choices

@@ -1,12 +1,15 @@
 """The synthetic world on disk: its files (`generate`), its tokenizer, and its settings as the data
 of a run (`WorldSpec`, `prepare_world`).
 
-The world's content (scenes, pixels, captions, questions, records) is data/synth.py; this module
-writes it in the formats users bring: images/*.png, LLaVA JSON (captions and QA), messages JSONL
-(OpenAI-style content parts), the test split as the generic benchmark JSONL, the text corpus
+The world's content (scenes, clips, pixels, captions, questions, records) is data/synth.py; this
+module writes it in the formats users bring: images/*.png, LLaVA JSON (captions and QA), messages
+JSONL (OpenAI-style content parts), the test split as the generic benchmark JSONL, the text corpus
 (data/corpus.py) as text JSONL, and world.json (settings, counts, answer sets, chance per
-category), written last. A run's world also holds the byte-level BPE tokenizer trained on its
-texts (`tokenizer_texts`) in tokenizer/.
+category), written last. A native-layout world (`layout="native"`) has scenes of many sizes;
+clips (`n_*_clips`) add clips/*/NN.png frames and their own QA files with video parts. With the
+defaults (fixed layout, no clips) the files are those of the demo's world, byte for byte. A
+run's world also holds the byte-level BPE tokenizer trained on its texts (`tokenizer_texts`) in
+tokenizer/.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tqdm import tqdm
 
-from vlmkit.constants import IMAGE_PLACEHOLDER
 from vlmkit.data.corpus import write_corpus
-from vlmkit.data.synth import (ANSWER_STYLE, CATEGORIES, GRID, IMAGE_SIZE, MIN_IMAGE_SIZE, PROMPT_LAYOUT,
-                               SceneRecords, Scene, answer_space, chance_accuracy, render, split_records,
-                               split_scenes)
+from vlmkit.data.synth import (ANSWER_STYLE, CATEGORIES, CLIP_FRAMES, GRID, IMAGE_SIZE, LAYOUTS, MAX_MOVERS,
+                               MIN_IMAGE_SIZE, MOTION_CATEGORIES, NATIVE_CELL_SIZES, NATIVE_GRIDS, PROMPT_LAYOUT,
+                               VISUAL_PLACEHOLDERS, Clip, ClipRecords, Scene, SceneRecords, chance_accuracy,
+                               layout_answers, layout_chance, render, split_clip_records, split_clips,
+                               split_records, split_scenes)
 from vlmkit.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from vlmkit.errors import ConfigError
 from vlmkit.schema import require_at_least
@@ -63,10 +68,18 @@ class WorldSpec:
     """Questions per train QA record (a conversation about one image; 1 = one question a record)."""
     train_questions: dict[str, int] | None = None
     """Distinct questions asked per category of each train scene (None: one per category)."""
+    layout: Literal["fixed", "native"] = "fixed"
+    """fixed: the demo's 3x3 scenes at one image size; native: grids of several shapes and cell
+    sizes, for models that read images at their own size (data/synth.py, docs/data-synthetic.md)."""
+    n_train_clips: int = 0
+    """Training clips (frames where shapes move, asked motion questions); 0: a world of stills."""
+    n_val_clips: int = 0
+    n_test_clips: int = 0
+    """Held-out clips (the benchmark file `synth_clips.jsonl`)."""
 
     def __post_init__(self):
         require_at_least(self, ("n_train", "n_test", "vocab_size", "turns_per_record"), 1, "world.")
-        require_at_least(self, ("n_val",), 0, "world.")
+        require_at_least(self, ("n_val", "n_train_clips", "n_val_clips", "n_test_clips"), 0, "world.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,15 +89,16 @@ class WorldSpec:
 
 def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_test: int = 1000,
              image_size: int = IMAGE_SIZE, seed: int = 0, ocr_fraction: float = 0.35, turns_per_record: int = 8,
-             train_questions: dict[str, int] | None = None, text_corpus: bool = True,
-             progress: bool = False) -> dict:
+             train_questions: dict[str, int] | None = None, text_corpus: bool = True, layout: str = "fixed",
+             n_train_clips: int = 0, n_val_clips: int = 0, n_test_clips: int = 0, progress: bool = False) -> dict:
     """Write the synthetic world into `out_dir`; return the file paths and counts.
 
     n_*: scenes per split. Train QA records are conversations of up to `turns_per_record` questions
     about one image (the first turn carries the image); val and test records hold one question.
     `train_questions` asks up to that many distinct questions per category of each train scene
     (default: one per category, as val and test always do), so a run can see more of the
-    categories that take longest to learn.
+    categories that take longest to learn. `layout` picks the scenes (synth.LAYOUTS: "fixed" 3x3
+    at `image_size`, "native" grids of several shapes and cell sizes); n_*_clips: clips per split.
     Layout (paths relative to out_dir; image paths inside files are relative to out_dir):
 
         images/{split}_{index}.png                 one PNG per scene
@@ -94,47 +108,131 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
         synth.jsonl                                the test split as the generic benchmark JSONL
         text_train.jsonl, text_heldout.jsonl       the language corpus (data/corpus.py), text JSONL
         world.json                                 settings, counts, answer sets, chance per category
+
+    and with clips:
+
+        clips/{split}_clip_{index}/{frame}.png     a clip's frames
+        clips_{train,val,test}.json                LLaVA JSON, "video": [frames], <video> in the first turn
+        clips_{train,val,test}.jsonl               messages JSONL, {"type": "video", "video": [frames]}
+        synth_clips.jsonl                          the test clips' questions, "video": [frames]
     """
+    clip_counts = {"train": n_train_clips, "val": n_val_clips, "test": n_test_clips}
     _check_settings(n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size,
-                    ocr_fraction=ocr_fraction, turns_per_record=turns_per_record, train_questions=train_questions)
+                    ocr_fraction=ocr_fraction, turns_per_record=turns_per_record, train_questions=train_questions,
+                    layout=layout, clip_counts=clip_counts)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     counts = {"train": n_train, "val": n_val, "test": n_test}
-    splits = split_scenes(seed, counts, ocr_fraction)
-    files: dict[str, str] = {}
-    stats: dict[str, dict] = {}
-    with tqdm(total=sum(counts.values()), desc="synth scenes", unit="scene", disable=not progress) as bar, \
+    with_clips = any(clip_counts.values())
+    with tqdm(total=sum(counts.values()) + sum(clip_counts.values()), desc="synth scenes", unit="scene",
+              disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=min(IMAGE_WRITERS, os.cpu_count() or 1)) as pool:
-        pending = []
-        for split, scenes in splits.items():
-            records = []
-            made = split_records(seed, split, scenes, turns_per_record=turns_per_record,
-                                 train_questions=train_questions)
-            for scene, rec in zip(scenes, made):
-                pending.append(pool.submit(_write_image, scene, image_size, out / rec.image))
-                records.append(rec)
-                bar.update(1)
-            files.update(_write_split(out, split, records))
-            stats[split] = _split_counts(records)
-        for job in pending:
-            job.result()  # re-raises a failed write
+        writer = _ImageWriter(out, image_size, pool, bar)
+        files, stats = _write_scenes(out, writer, seed=seed, counts=counts, layout=layout, ocr_fraction=ocr_fraction,
+                                     turns_per_record=turns_per_record, train_questions=train_questions)
+        if with_clips:
+            clip_files, stats["clips"] = _write_clips(out, writer, seed=seed, counts=clip_counts, layout=layout,
+                                                      ocr_fraction=ocr_fraction, turns_per_record=turns_per_record)
+            files.update(clip_files)
+        writer.wait()
     if text_corpus:
         corpus = write_corpus(out, seed=seed)
         files.update({"text_train": corpus["train"], "text_heldout": corpus["heldout"]})
         stats["text"] = corpus["counts"]
     world = {
-        "seed": seed, "image_size": image_size, "grid": GRID, "ocr_fraction": ocr_fraction,
+        "seed": seed, **_layout_settings(layout, image_size), "ocr_fraction": ocr_fraction,
         "turns_per_record": turns_per_record, "train_questions": train_questions, "prompt_layout": PROMPT_LAYOUT,
         "answer_style": ANSWER_STYLE, "counts": stats,
-        "categories": {c: {"answers": answer_space(c), "chance": chance_accuracy(c)} for c in CATEGORIES},
+        "categories": _categories(layout, CATEGORIES + (MOTION_CATEGORIES if with_clips else ())),
         "files": {k: str(Path(v).relative_to(out)) for k, v in files.items()},
     }
+    if with_clips:
+        world["clips"] = {"frames": list(CLIP_FRAMES), "max_movers": MAX_MOVERS}
     (out / WORLD_FILE).write_text(json.dumps(world, indent=2) + "\n")
     return {"dir": str(out), **files, "world": str(out / WORLD_FILE), "counts": stats}
 
 
+class _ImageWriter:
+    """Encodes and writes PNGs on a thread pool while the records are built; `wait` re-raises the
+    first failed write."""
+
+    def __init__(self, out: Path, image_size: int, pool: ThreadPoolExecutor, bar: tqdm):
+        self.out, self.image_size, self.pool, self.bar = out, image_size, pool, bar
+        self.jobs: list = []
+
+    def scene(self, scene: Scene, path: str) -> None:
+        self.jobs.append(self.pool.submit(_write_image, scene, self.image_size, self.out / path))
+        self.bar.update(1)
+
+    def clip(self, clip: Clip, paths: list[str]) -> None:
+        (self.out / paths[0]).parent.mkdir(parents=True, exist_ok=True)
+        for t, path in enumerate(paths):
+            self.jobs.append(self.pool.submit(_write_image, clip.frame(t), self.image_size, self.out / path))
+        self.bar.update(1)
+
+    def wait(self) -> None:
+        for job in self.jobs:
+            job.result()
+
+
+def _write_scenes(out: Path, writer: _ImageWriter, *, seed: int, counts: dict[str, int], layout: str,
+                  ocr_fraction: float, turns_per_record: int,
+                  train_questions: dict[str, int] | None) -> tuple[dict[str, str], dict[str, dict]]:
+    """Every split's scenes (images queued on `writer`) and files; returns (files, counts by split)."""
+    files: dict[str, str] = {}
+    stats: dict[str, dict] = {}
+    for split, scenes in split_scenes(seed, counts, ocr_fraction, layout).items():
+        records = []
+        made = split_records(seed, split, scenes, turns_per_record=turns_per_record, train_questions=train_questions)
+        for scene, rec in zip(scenes, made):
+            writer.scene(scene, rec.image)
+            records.append(rec)
+        files.update(_write_split(out, split, records))
+        stats[split] = _split_counts(records)
+    return files, stats
+
+
+def _write_clips(out: Path, writer: _ImageWriter, *, seed: int, counts: dict[str, int], layout: str,
+                 ocr_fraction: float, turns_per_record: int) -> tuple[dict[str, str], dict[str, dict]]:
+    """Every split's clips (frames queued on `writer`) and files; returns (files, counts by split)."""
+    files: dict[str, str] = {}
+    stats: dict[str, dict] = {}
+    for split, clips in split_clips(seed, counts, ocr_fraction, layout).items():
+        records = []
+        for clip, rec in zip(clips, split_clip_records(seed, split, clips, turns_per_record=turns_per_record)):
+            writer.clip(clip, rec.frames)
+            records.append(rec)
+        files[f"clips_{split}"] = _write_json_list(out / f"clips_{split}.json", [x for r in records for x in r.llava])
+        files[f"clips_{split}_messages"] = _write_jsonl(out / f"clips_{split}.jsonl",
+                                                        [x for r in records for x in r.messages])
+        if split == "test":
+            files["test_clips"] = _write_jsonl(out / "synth_clips.jsonl", [x for r in records for x in r.bench])
+        stats[split] = _split_counts(records, unit="clips")
+    return files, stats
+
+
+def _layout_settings(layout: str, image_size: int) -> dict:
+    """world.json's description of the scenes: the fixed world's image size and grid (its keys
+    as they have always been), or the native layout's grids and cell sizes."""
+    if layout == "fixed":
+        return {"image_size": image_size, "grid": GRID}
+    return {"layout": layout, "grids": [g.name for g in NATIVE_GRIDS], "cell_sizes": list(NATIVE_CELL_SIZES)}
+
+
+def _categories(layout: str, categories: tuple[str, ...]) -> dict:
+    """Answer set and chance of each category over the layout's grids; a native world also gives
+    the chance on each grid (positions and their chance depend on the grid)."""
+    out = {}
+    for c in categories:
+        out[c] = {"answers": layout_answers(c, layout), "chance": layout_chance(c, layout)}
+        if layout != "fixed":
+            out[c]["chance_by_grid"] = {g.name: chance_accuracy(c, g) for g in NATIVE_GRIDS}
+    return out
+
+
 def _check_settings(*, n_train: int, n_val: int, n_test: int, image_size: int, ocr_fraction: float,
-                    turns_per_record: int, train_questions: dict[str, int] | None) -> None:
+                    turns_per_record: int, train_questions: dict[str, int] | None, layout: str,
+                    clip_counts: dict[str, int]) -> None:
     if image_size < MIN_IMAGE_SIZE:
         raise ConfigError(f"image_size {image_size} is too small for a {GRID}x{GRID} grid of legible objects "
                           f"(use >= {MIN_IMAGE_SIZE})")
@@ -148,6 +246,10 @@ def _check_settings(*, n_train: int, n_val: int, n_test: int, image_size: int, o
                           f"got {train_questions}")
     if not 0.0 <= ocr_fraction <= 1.0:
         raise ConfigError(f"ocr_fraction must be in [0, 1], got {ocr_fraction}")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if min(clip_counts.values()) < 0:
+        raise ConfigError(f"clip counts must be >= 0, got {clip_counts}")
 
 
 def _write_split(out: Path, split: str, records: list[SceneRecords]) -> dict[str, str]:
@@ -163,13 +265,14 @@ def _write_split(out: Path, split: str, records: list[SceneRecords]) -> dict[str
     return files
 
 
-def _split_counts(records: list[SceneRecords]) -> dict:
-    """Scenes, QA records, and questions per category (in the order categories were first asked)."""
+def _split_counts(records: list[SceneRecords] | list[ClipRecords], unit: str = "scenes") -> dict:
+    """Scenes (or clips), QA records, and questions per category (in the order categories were
+    first asked)."""
     per_category: dict[str, int] = {}
     for r in records:
         for qa in r.asked:
             per_category[qa.category] = per_category.get(qa.category, 0) + 1
-    return {"scenes": len(records), "records": sum(len(r.llava) for r in records), "questions": per_category}
+    return {unit: len(records), "records": sum(len(r.llava) for r in records), "questions": per_category}
 
 
 def _write_image(scene: Scene, image_size: int, path: Path) -> None:
@@ -196,18 +299,27 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> str:
 
 def tokenizer_texts(world_dir: str | Path) -> Iterator[str]:
     """What the world's tokenizer is trained on: every text of the train split a model reads or
-    writes, i.e. the text corpus (when the world has one), captions, questions and answers, with
-    the image placeholders removed. Reads the files that world.json lists."""
+    writes, i.e. the text corpus (when the world has one), captions, questions and answers (of
+    clips too, when the world has them), with the image and video placeholders removed. Reads the
+    files that world.json lists."""
     world_dir = Path(world_dir)
     files = json.loads((world_dir / WORLD_FILE).read_text())["files"]
     if "text_train" in files:
         with open(world_dir / files["text_train"]) as f:
             for line in f:
                 yield json.loads(line)["text"]
-    for key in ("captions_train", "qa_train"):
+    for key in ("captions_train", "qa_train", "clips_train"):
+        if key not in files:  # a world without clips
+            continue
         for record in json.loads((world_dir / files[key]).read_text()):
             for turn in record["conversations"]:
-                yield turn["value"].replace(IMAGE_PLACEHOLDER, "")
+                yield _without_placeholders(turn["value"])
+
+
+def _without_placeholders(text: str) -> str:
+    for placeholder in VISUAL_PLACEHOLDERS.values():
+        text = text.replace(placeholder, "")
+    return text
 
 
 def prepare_world(spec: WorldSpec, progress: bool = True) -> Path:
@@ -221,7 +333,9 @@ def prepare_world(spec: WorldSpec, progress: bool = True) -> Path:
         _check_world(spec, json.loads((world_dir / WORLD_FILE).read_text()), world_dir)
     else:
         generate(world_dir, n_train=spec.n_train, n_val=spec.n_val, n_test=spec.n_test, seed=spec.seed,
-                 turns_per_record=spec.turns_per_record, train_questions=spec.train_questions, progress=progress)
+                 turns_per_record=spec.turns_per_record, train_questions=spec.train_questions, layout=spec.layout,
+                 n_train_clips=spec.n_train_clips, n_val_clips=spec.n_val_clips, n_test_clips=spec.n_test_clips,
+                 progress=progress)
     tok_dir = world_dir / TOKENIZER_DIR
     if not (tok_dir / TOKENIZER_FILE).is_file():
         tmp = world_dir / f".{TOKENIZER_DIR}-tmp"
@@ -234,14 +348,19 @@ def prepare_world(spec: WorldSpec, progress: bool = True) -> Path:
 def _check_world(spec: WorldSpec, world: dict, world_dir: Path) -> None:
     """A world on disk is reused only when it was generated with the spec's settings."""
     counts = world.get("counts", {})
+    clips = counts.get("clips", {})  # absent: a world of stills
     have = {"seed": world.get("seed"), "n_train": counts.get("train", {}).get("scenes"),
             "n_val": counts.get("val", {}).get("scenes"), "n_test": counts.get("test", {}).get("scenes"),
             "turns_per_record": world.get("turns_per_record"), "train_questions": world.get("train_questions"),
-            "prompt_layout": world.get("prompt_layout"), "answer_style": world.get("answer_style")}
+            "prompt_layout": world.get("prompt_layout"), "answer_style": world.get("answer_style"),
+            "layout": world.get("layout", "fixed"),  # a fixed world writes no layout key (_layout_settings)
+            **{f"n_{split}_clips": clips.get(split, {}).get("clips", 0) for split in ("train", "val", "test")}}
     want = {"seed": spec.seed, "n_train": spec.n_train, "n_val": spec.n_val, "n_test": spec.n_test,
             "turns_per_record": spec.turns_per_record, "train_questions": spec.train_questions,
             "prompt_layout": PROMPT_LAYOUT,  # a world asked image-first trains another layout
-            "answer_style": ANSWER_STYLE}  # a world of one-word relation and option answers, another style
+            "answer_style": ANSWER_STYLE,  # a world of one-word relation and option answers, another style
+            "layout": spec.layout, "n_train_clips": spec.n_train_clips, "n_val_clips": spec.n_val_clips,
+            "n_test_clips": spec.n_test_clips}
     differ = [f"{k}: {have[k]!r} on disk, {want[k]!r} in the config" for k in want if have[k] != want[k]]
     if differ:
         raise ConfigError(f"{world_dir} holds a world generated with other settings ({'; '.join(differ)}); "
