@@ -3,6 +3,7 @@
     VLM(config)                                  a fresh model (weights initialised for training)
     VLM.from_pretrained(dir)                     a vlmkit checkpoint directory
     VLM.from_hf(vision=dir, llm=dir, adapter=)   a HF SigLIP / CLIP tower + a HF decoder, new adapter
+    VLM.from_hf(dir)                             a whole HF Qwen2-VL / Qwen2.5-VL / Qwen3-VL directory
     VLM.from_hf_llava(dir)                       a llava-hf LlavaForConditionalGeneration directory
     model.save_pretrained(dir, meta=None)        the checkpoint directory (docs/architecture.md)
     model.generate(messages, ...)                chat generation (infer/generate.py)
@@ -33,6 +34,7 @@ from vlmkit.models.adapter import build_adapter
 from vlmkit.models.config import AdapterConfig, VLMConfig
 from vlmkit.models.hf.llava import export_hf_llava, load_llava
 from vlmkit.models.hf.llm import load_llm
+from vlmkit.models.hf.qwen_vl import load_qwen_vl
 from vlmkit.models.hf.vision import load_vision
 from vlmkit.models.vlm import VLMModel
 from vlmkit.models.weights import load_state, state_to_save
@@ -91,15 +93,28 @@ class VLM(VLMModel):
     # --- HF imports -------------------------------------------------------------------------------
 
     @classmethod
-    def from_hf(cls, vision: str | Path, llm: str | Path, adapter: str | dict | AdapterConfig = "mlp", *,
+    def from_hf(cls, path: str | Path | None = None, *, vision: str | Path | None = None,
+                llm: str | Path | None = None, adapter: str | dict | AdapterConfig = "mlp",
                 feature_layer: int = -2) -> "VLM":
-        """A new VLM from a HF vision tower and a HF decoder; only the adapter is initialised.
+        """A VLM from HF checkpoints: one whole VLM directory (`path`), or a vision tower and a
+        decoder assembled with a new adapter (`vision=`, `llm=`).
 
+        path: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL directory (models/hf/qwen_vl.py), every weight
+        loaded, its tokenizer attached when it has one.
+        vision, llm: a HF SigLIP / CLIP tower and a HF decoder; only the adapter is initialised.
         feature_layer: the vision hidden state the adapter reads (LLaVA reads the second to last).
         The LLM directory's tokenizer is attached when it has one; when its vocabulary has no image
         token, one is added (and the embeddings grow by a row). Without a tokenizer the image
         token is a new last row of the vocabulary.
         """
+        if (path is None) == (vision is None and llm is None):
+            raise ValueError("VLM.from_hf takes either a whole VLM directory or vision= and llm=")
+        if path is not None:
+            model = load_qwen_vl(path, model_cls=cls)
+            model.tokenizer = _load_tokenizer(Path(path))
+            return model
+        if vision is None or llm is None:
+            raise ValueError("VLM.from_hf(vision=..., llm=...) needs both directories")
         encoder = load_vision(vision, feature_layer=feature_layer)
         decoder = load_llm(llm)
         tokenizer = _load_tokenizer(Path(llm))

@@ -21,6 +21,7 @@ Shape suffixes: B batch, T tokens, D hidden, H heads, Hkv kv heads, Dh head dim,
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -224,6 +225,23 @@ class Block(nn.Module):
         return x + self.mlp.forward(self.mlp_norm.forward(x)), None, None
 
 
+@dataclass(frozen=True)
+class Deepstack:
+    """Qwen3-VL's deepstack: visual features added to the hidden states at the visual positions
+    after each of the first len(features) decoder layers (features[i] after layer i), so that the
+    vision tower's intermediate blocks reach the decoder's early layers."""
+
+    mask: torch.Tensor
+    """(B, T), or (T,) for flat inputs: True at the visual tokens."""
+    features: tuple[torch.Tensor, ...]
+    """One (M, D) tensor per level, M = mask.sum(), in the order of the visual tokens (row by row)."""
+
+    def add(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        """x (B, T, D) with level `level`'s features added at the visual positions (out of place)."""
+        mask = self.mask.to(x.device).reshape(x.shape[:2])
+        return x.index_put((mask,), self.features[level].to(x.dtype), accumulate=True)
+
+
 class LLM(nn.Module):
     """The decoder. `forward(input_ids, attention_mask)` is the HF-style call; training and decoding
     go through `embed` -> `decode` -> `logits`.
@@ -248,7 +266,10 @@ class LLM(nn.Module):
         self.gradient_checkpointing = False
         dim_axes = None
         if cfg.mrope_section is not None:  # the frequency axes, twice: dimensions d and d + Dh/2 rotate together
-            dim_axes = frequency_axes(cfg.mrope_section, cfg.mrope_interleaved).repeat(2)
+            # an index table, not a weight: on the CPU also when the model is built on the meta
+            # device to be loaded (models/weights.py's `uninitialised`), where it would hold no values
+            with torch.device("cpu"):
+                dim_axes = frequency_axes(cfg.mrope_section, cfg.mrope_interleaved).repeat(2)
         self.rope = RopeTable(cfg.head_dim, cfg.rope_theta, dim_axes)
         self._aux_loss: torch.Tensor | None = None
         self.init_weights()
@@ -286,7 +307,8 @@ class LLM(nn.Module):
         return self.embed_tokens(input_ids)
 
     def decode(self, inputs_embeds: torch.Tensor, *, position_ids: torch.Tensor | None = None,
-               spec: AttnSpec | None = None, cache: KVCache | None = None) -> torch.Tensor:
+               spec: AttnSpec | None = None, cache: KVCache | None = None,
+               deepstack: Deepstack | None = None) -> torch.Tensor:
         """Run the blocks and the final norm. inputs_embeds (B, T, D), or (T, D) for a packed spec.
 
         position_ids (B, T) or (T,); None derives them from the spec (restarting per packed sample,
@@ -295,18 +317,20 @@ class LLM(nn.Module):
         width; models/mrope.py): (3, B, T), or (3, T) for flat (T, D) inputs.
         With a cache, spec must be causal or padded (ragged prompts): the step's real tokens are
         appended to each row; with one token per row (a decode step) the blocks run their `step`
-        path (`Block.step`). Returns the final-normed hidden states, shaped like inputs_embeds.
+        path (`Block.step`). `deepstack` (Qwen3-VL) adds visual features after the first layers; the
+        prompt's visual tokens carry it, so it goes with a whole-prompt call, never a decode step.
+        Returns the final-normed hidden states, shaped like inputs_embeds.
         """
         flat = inputs_embeds.dim() == 2
         x = inputs_embeds[None] if flat else inputs_embeds  # (B, T, D)
         if flat and position_ids is not None and position_ids.dim() == 2 and position_ids.shape[0] == MROPE_AXES:
             position_ids = position_ids[:, None]  # M-RoPE positions of a pack: (3, T) -> (3, 1, T)
         spec, cos, sin = self._attention_and_rope(x, spec or AttnSpec.causal(), position_ids, cache)
-        if cache is not None and x.shape[1] == 1:  # a decode step
+        if cache is not None and x.shape[1] == 1 and deepstack is None:  # a decode step
             hidden, aux = self._decode_step(x[:, 0], cos[:, 0], sin[:, 0], spec, cache)
             hidden = self.norm(hidden)[:, None]
         else:
-            hidden, aux = self._run_blocks(x, cos, sin, spec, cache)
+            hidden, aux = self._run_blocks(x, cos, sin, spec, cache, deepstack)
             hidden = self.norm(hidden)
         if cache is not None:
             cache.end()
@@ -345,17 +369,21 @@ class LLM(nn.Module):
         return spec, cos, sin
 
     def _run_blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: AttnSpec,
-                    cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+                    cache: KVCache | None, deepstack: Deepstack | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The module path: every block's `forward` (checkpointed when training with gradient
-        checkpointing) on x (B, T, D) -> (hidden (B, T, D), summed MoE aux loss)."""
+        checkpointing) on x (B, T, D), deepstack features added after the first layers ->
+        (hidden (B, T, D), summed MoE aux loss)."""
         aux = x.new_zeros((), dtype=torch.float32)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
-        for block in self.layers:
+        levels = len(deepstack.features) if deepstack is not None else 0
+        for i, block in enumerate(self.layers):
             if use_ckpt:
                 x, block_aux, counts = checkpoint(block, x, cos, sin, spec, None, use_reentrant=False)
             else:
                 x, block_aux, counts = block(x, cos, sin, spec, cache)
             aux = _add_moe_outputs(block, aux, block_aux, counts)
+            if i < levels:
+                x = deepstack.add(x, i)
         return x, aux
 
     def _decode_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: AttnSpec,

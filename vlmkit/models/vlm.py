@@ -12,6 +12,14 @@ Two calls: `forward(input_ids (B, T), pixel_values, attention_mask)` -> logits i
 padded call; `compute_loss(...)` takes a packed batch (one flat sequence, `cu_seqlens`, positions
 restarting per sample, as data/packing.py builds it) and shifts labels within each sample only.
 
+A native-resolution model (`VLMConfig.native_vision`: Qwen2-VL, Qwen2.5-VL, Qwen3-VL; transformers'
+modeling_qwen2_vl.py and its successors) is the same class: the tower (models/native_vision.py)
+takes the processor's patch rows and `grid_thw` of images and videos, its merged tokens replace
+the image and video tokens in order, positions are multimodal RoPE's (models/mrope.py), and
+Qwen3-VL's deepstack features join the decoder's first layers (models/llm.py, `Deepstack`).
+`forward` then takes transformers' keyword arguments (`image_grid_thw`, `pixel_values_videos`,
+`video_grid_thw`, `second_per_grid_ts`).
+
 Shape suffixes: B rows, T tokens, S samples, N tiles, D LLM width, V vocabulary.
 """
 
@@ -27,8 +35,10 @@ from vlmkit.constants import IGNORE_INDEX
 from vlmkit.errors import BadRecordError
 from vlmkit.models.adapter import build_adapter
 from vlmkit.models.attention import AttnSpec
-from vlmkit.models.config import VLMConfig
-from vlmkit.models.llm import LLM
+from vlmkit.models.config import MROPE_AXES, VLMConfig
+from vlmkit.models.llm import LLM, Deepstack
+from vlmkit.models.mrope import MRopeLayout, rope_positions
+from vlmkit.models.native_vision import NativeVisionOutput, NativeVisionTower, merged_token_counts
 from vlmkit.models.vision import VisionEncoder
 from vlmkit.models.weights import uninitialised
 
@@ -62,14 +72,39 @@ def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor
     return targets
 
 
+NO_TOKEN = -1
+"""A token id no input holds: the video token of a native model that takes no video."""
+
+
+def mrope_layout(cfg: VLMConfig) -> MRopeLayout:
+    """What multimodal RoPE needs to know of a native model's prompts (models/mrope.py)."""
+    return MRopeLayout(cfg.image_token_id, NO_TOKEN if cfg.video_token_id is None else cfg.video_token_id,
+                       cfg.native_vision.spatial_merge_size, tokens_per_second=cfg.tokens_per_second,
+                       video_frames_apart=cfg.video_frames_apart)
+
+
+@dataclass
+class NativeInputs:
+    """A native model's decoder inputs: `embed_native`'s result."""
+
+    embeds: torch.Tensor
+    """(..., D) token embeddings with the visual tokens placed."""
+    deepstack: Deepstack | None
+    """Qwen3-VL's deepstack features at the visual positions (None without deepstack or images)."""
+
+
 class VLMModel(nn.Module):
-    """vision -> adapter -> llm. See the module docstring for the two calls."""
+    """vision -> adapter -> llm, or a native tower -> llm. See the module docstring for the calls."""
 
     def __init__(self, cfg: VLMConfig):
         super().__init__()
         self.config = cfg
-        self.vision = VisionEncoder(cfg.vision)
-        self.adapter = build_adapter(cfg.adapter, cfg.vision.hidden_size, cfg.llm.hidden_size)
+        if cfg.is_native:
+            self.vision = NativeVisionTower(cfg.native_vision)
+            self.adapter = nn.Identity()  # the tower's merger already maps to the LLM width
+        else:
+            self.vision = VisionEncoder(cfg.vision)
+            self.adapter = build_adapter(cfg.adapter, cfg.vision.hidden_size, cfg.llm.hidden_size)
         self.llm = LLM(cfg.llm)
 
     @classmethod
@@ -110,29 +145,104 @@ class VLMModel(nn.Module):
         visual = visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)  # (N * tokens, D)
         return embeds.masked_scatter(is_image.unsqueeze(-1), visual)
 
+    # --- native models: images and videos of any size -> visual tokens -------------------------------
+
+    @property
+    def mrope_layout(self) -> MRopeLayout:
+        return mrope_layout(self.config)
+
+    def embed_native(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                     image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
+                     video_grid_thw: torch.Tensor | None = None) -> NativeInputs:
+        """A native model's token embeddings, input_ids (B, T) or (T,), with the tower's merged
+        tokens of the images (pixel_values (P, C*T*p*p), image_grid_thw (N, 3)) at the image tokens
+        and those of the videos at the video tokens, each in order; plus the deepstack features.
+
+        Raises BadRecordError (reason "placeholder_mismatch") naming both numbers when the image
+        (video) tokens differ from the merged tokens their grids give."""
+        embeds = self.llm.embed(input_ids)  # (..., D)
+        placed = []  # (positions, deepstack features) of images, then videos
+        for kind, token_id, pixels, grid_thw in (
+                ("image", self.config.image_token_id, pixel_values, image_grid_thw),
+                ("video", self.mrope_layout.video_token_id, pixel_values_videos, video_grid_thw)):
+            is_kind = input_ids == token_id  # (...)
+            visual = self._native_features(kind, is_kind, pixels, grid_thw)
+            if visual is None:
+                continue
+            embeds = embeds.masked_scatter(is_kind.unsqueeze(-1), visual.features.to(embeds.dtype))
+            placed.append((is_kind, visual.deepstack_features))
+        return NativeInputs(embeds, _joint_deepstack(placed))
+
+    def _native_features(self, kind: str, is_kind: torch.Tensor, pixels: torch.Tensor | None,
+                         grid_thw: torch.Tensor | None) -> NativeVisionOutput | None:
+        """The tower's output for one kind of visual input (None without any), once its token
+        count is checked against the text's."""
+        n_tokens = int(is_kind.sum())
+        if pixels is None:
+            if n_tokens:
+                raise BadRecordError("placeholder_mismatch", f"the text holds {n_tokens} {kind} token(s) "
+                                     f"but no {kind} pixel values were given")
+            return None
+        if grid_thw is None:
+            raise ValueError(f"{kind} pixel values need {kind}_grid_thw (the patch grid of each {kind})")
+        counts = merged_token_counts(grid_thw, self.config.native_vision.spatial_merge_size)
+        if sum(counts) != n_tokens:
+            raise BadRecordError("placeholder_mismatch", (
+                f"the text holds {n_tokens} {kind} token(s) but {kind}_grid_thw gives {sum(counts)} merged "
+                f"token(s) ({len(counts)} {kind}(s) of {counts}); each {kind} needs exactly its tokens in the text"))
+        return self.vision(pixels, grid_thw)
+
     # --- the two calls -----------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """HF-style padded call: input_ids (B, T), attention_mask (B, T) 1 = real -> logits (B, T, V)."""
-        embeds = self.embed_inputs(input_ids, pixel_values)  # (B, T, D)
+                attention_mask: torch.Tensor | None = None, *, image_grid_thw: torch.Tensor | None = None,
+                pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
+                second_per_grid_ts: torch.Tensor | None = None) -> torch.Tensor:
+        """HF-style padded call: input_ids (B, T), attention_mask (B, T) 1 = real -> logits (B, T, V).
+
+        LLaVA-shaped models take image tiles (N, 3, H, W) as pixel_values. Native models take what
+        transformers' Qwen-VL processors make: pixel_values (P, C*T*p*p) with image_grid_thw (N, 3),
+        pixel_values_videos with video_grid_thw, and second_per_grid_ts (Qwen2.5-VL, one per video)."""
         spec = AttnSpec.causal() if attention_mask is None else AttnSpec.padded(attention_mask)
-        return self.llm.logits(self.llm.decode(embeds, spec=spec))
+        if not self.config.is_native:
+            if image_grid_thw is not None or pixel_values_videos is not None or video_grid_thw is not None:
+                raise ValueError("grids and videos are inputs of native-resolution models; this model "
+                                 "takes image tiles as pixel_values")
+            embeds = self.embed_inputs(input_ids, pixel_values)  # (B, T, D)
+            return self.llm.logits(self.llm.decode(embeds, spec=spec))
+        inputs = self.embed_native(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        positions, _ = rope_positions(input_ids, self.mrope_layout, image_grid_thw=image_grid_thw,
+                                      video_grid_thw=video_grid_thw, video_seconds_per_grid=second_per_grid_ts,
+                                      attention_mask=attention_mask)  # (3, B, T)
+        hidden = self.llm.decode(inputs.embeds, position_ids=positions, spec=spec, deepstack=inputs.deepstack)
+        return self.llm.logits(hidden)
 
     def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
-                     cu_seqlens: torch.Tensor, pixel_values: torch.Tensor | None = None) -> LossOutput:
+                     cu_seqlens: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
+                     image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
+                     video_grid_thw: torch.Tensor | None = None) -> LossOutput:
         """Loss of a packed batch: input_ids, labels (unshifted), position_ids (T,); cu_seqlens (S+1,).
 
-        Logits are computed only at positions that have a target, which saves the (T, V) matrix.
+        A native model takes its M-RoPE positions (3, T) (models/mrope.py's `packed_rope_positions`)
+        and the pack's images and videos as `forward` does. Logits are computed only at positions
+        that have a target, which saves the (T, V) matrix.
         """
-        if input_ids.dim() != 1 or labels.shape != input_ids.shape or position_ids.shape != input_ids.shape:
-            raise ValueError(f"compute_loss takes flat (T,) input_ids, labels and position_ids; got "
-                             f"{tuple(input_ids.shape)}, {tuple(labels.shape)}, {tuple(position_ids.shape)}")
+        positions_shape = (MROPE_AXES, *input_ids.shape) if self.config.is_native else input_ids.shape
+        if input_ids.dim() != 1 or labels.shape != input_ids.shape or position_ids.shape not in (
+                input_ids.shape, positions_shape):
+            raise ValueError(f"compute_loss takes flat (T,) input_ids, labels and position_ids (or (3, T) M-RoPE "
+                             f"positions of a native model); got {tuple(input_ids.shape)}, {tuple(labels.shape)}, "
+                             f"{tuple(position_ids.shape)}")
         T = input_ids.shape[0]
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
             raise ValueError(f"cu_seqlens must run from 0 to the {T} tokens, got {cu_seqlens.tolist()}")
-        embeds = self.embed_inputs(input_ids, pixel_values, cu_seqlens=cu_seqlens)  # (T, D)
-        hidden = self.llm.decode(embeds, position_ids=position_ids, spec=AttnSpec.packed(cu_seqlens))  # (T, D)
+        if self.config.is_native:
+            native = self.embed_native(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+            embeds, deepstack = native.embeds, native.deepstack  # (T, D)
+        else:
+            embeds, deepstack = self.embed_inputs(input_ids, pixel_values, cu_seqlens=cu_seqlens), None
+        hidden = self.llm.decode(embeds, position_ids=position_ids, spec=AttnSpec.packed(cu_seqlens),
+                                 deepstack=deepstack)  # (T, D)
         targets = shift_labels(labels, cu_seqlens)  # (T,)
         supervised = targets != IGNORE_INDEX
         logits = self.llm.logits(hidden[supervised])  # (M, V)
@@ -150,6 +260,23 @@ class VLMModel(nn.Module):
         """Recompute each vision and LLM block in the backward pass instead of storing activations."""
         self.vision.gradient_checkpointing = bool(on)
         self.llm.gradient_checkpointing = bool(on)
+
+
+def _joint_deepstack(placed: list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]) -> Deepstack | None:
+    """One `Deepstack` over the image and video positions together: each level's features of both
+    kinds in the order of their tokens (the reference's joint image / video deepstack)."""
+    if not placed or not placed[0][1]:
+        return None
+    visual = placed[0][0]
+    for is_kind, _ in placed[1:]:
+        visual = visual | is_kind
+    levels = []
+    for features in zip(*(deepstack for _, deepstack in placed)):  # one level: images', videos'
+        joint = features[0].new_zeros(int(visual.sum()), features[0].shape[-1])  # (M, D)
+        for (is_kind, _), kind_features in zip(placed, features):
+            joint[is_kind[visual]] = kind_features
+        levels.append(joint)
+    return Deepstack(visual, tuple(levels))
 
 
 def _count_message(n_placeholders: int, n_visual: int, visual_desc: str, is_image: torch.Tensor,

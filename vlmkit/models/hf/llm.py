@@ -1,8 +1,10 @@
 """Load HF decoder checkpoints (Llama / SmolLM2, Mistral, Qwen2, Qwen3) into `LLM`, and export back.
 
 `llm_config_from_hf` reads a transformers config.json (4.x keeps `rope_theta` at the top level,
-5.x writes it under `rope_parameters`) and refuses what `LLM` would compute differently: RoPE
-scaling, biased output projections, MLP bias, non-silu activations. `load_llm` builds the model on
+5.x writes it under `rope_parameters`; a multimodal model's decoder config nested under
+`text_config`, with multimodal RoPE's `mrope_section`) and refuses what `LLM` would compute
+differently: RoPE scaling, biased output projections, MLP bias, non-silu activations. `load_llm`
+builds the model on
 the meta device, allocates it without initialising, checks every tensor against the key map
 (common.load_into: missing, unexpected and mis-shaped tensors are all reported together) and only
 then copies the weights, so a failed load leaves nothing half-loaded. The key maps are data, one table per direction, shared by the four
@@ -34,7 +36,12 @@ FAMILIES = {
     "MistralForCausalLM": "mistral", "mistral": "mistral",
     "Qwen2ForCausalLM": "qwen2", "qwen2": "qwen2",
     "Qwen3ForCausalLM": "qwen3", "qwen3": "qwen3",
+    # the decoders of the native-resolution VLMs (their `text_config` model types)
+    "qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3",
 }
+
+DEFAULT_ROPE_TYPES = ("default", "mrope")
+"""RoPE types computed as plain rotary embeddings (4.x configs of Qwen2-VL name M-RoPE "mrope")."""
 
 # One table of (HF name, our name) templates; both key maps are generated from it. A `{field}`
 # stands for the regex in NAME_FIELDS and is carried across by name.
@@ -67,23 +74,37 @@ HF_TO_OURS: KeyMap = key_map(NAMES)
 OURS_TO_HF: KeyMap = key_map(NAMES, reverse=True)
 
 
-def _rope_theta(cfg: dict[str, Any], where: str) -> float:
-    """rope_theta from a 4.x (top level, rope_scaling) or 5.x (rope_parameters) config; rejects scaling."""
+def _rope_parameters(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """The RoPE settings of a 4.x (top level, rope_scaling) or 5.x (rope_parameters) config, as one
+    mapping with `rope_theta`; rejects scaling."""
     params = cfg.get("rope_parameters") or {}
     if "full_attention" in params and isinstance(params["full_attention"], dict):  # per-layer-type form
         params = params["full_attention"]
     scaling = cfg.get("rope_scaling") or {}
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
+    if rope_type not in DEFAULT_ROPE_TYPES:
         raise CheckpointError(f"{where}: RoPE scaling {rope_type!r} is not supported (only the default rotary "
                               "embedding); the logits would differ from the reference")
     theta = params.get("rope_theta", cfg.get("rope_theta"))
-    return float(theta) if theta is not None else 10000.0
+    return {**scaling, **params, "rope_theta": float(theta) if theta is not None else 10000.0}
+
+
+def decoder_config(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The decoder's part of a config: a multimodal model's `text_config` (with the top level's
+    `tie_word_embeddings`, where transformers 5 keeps it), else the config itself."""
+    text = hf_config.get("text_config")
+    if text is None:
+        return hf_config
+    if "tie_word_embeddings" in hf_config:
+        text = {**text, "tie_word_embeddings": hf_config["tie_word_embeddings"]}
+    return text
 
 
 def llm_config_from_hf(hf_config: dict[str, Any], where: str = "config") -> LLMConfig:
-    """Translate a transformers config dict of a supported family into an LLMConfig.
-    `where` names the source in error messages (load_llm passes the directory)."""
+    """Translate a transformers config dict of a supported family into an LLMConfig; a multimodal
+    config's decoder is read from its `text_config`. `where` names the source in error messages
+    (load_llm passes the directory)."""
+    hf_config = decoder_config(hf_config)
     arch = architecture(hf_config, where)
     family = FAMILIES.get(arch)
     if family is None:
@@ -103,6 +124,7 @@ def llm_config_from_hf(hf_config: dict[str, Any], where: str = "config") -> LLMC
         warnings.warn(f"{where}: sliding-window attention (window {window}) is not implemented; results match "
                       f"the reference only for sequences of at most {window} tokens", stacklevel=2)
     heads = get("num_attention_heads")
+    rope = _rope_parameters(hf_config, where)
     try:
         return LLMConfig(
             vocab_size=get("vocab_size"),
@@ -112,7 +134,9 @@ def llm_config_from_hf(hf_config: dict[str, Any], where: str = "config") -> LLMC
             num_heads=heads,
             num_kv_heads=get("num_key_value_heads") or heads,
             head_dim=get("head_dim") or None,
-            rope_theta=_rope_theta(hf_config, where),
+            rope_theta=rope["rope_theta"],
+            mrope_section=list(rope["mrope_section"]) if rope.get("mrope_section") else None,
+            mrope_interleaved=bool(rope.get("mrope_interleaved", False)),
             rms_norm_eps=get("rms_norm_eps", 1e-6),
             max_position_embeddings=get("max_position_embeddings", 4096),
             qkv_bias=family == "qwen2",
