@@ -23,6 +23,11 @@ from vlmkit.models.weights import load_state
 KeyMap = list[tuple[str, str]]
 
 
+def prefixed(key_map: KeyMap, src: str, dst: str) -> KeyMap:
+    """A component's key map under a prefix on each side, e.g. vision_tower. -> vision."""
+    return [(re.escape(src) + pattern, dst + repl) for pattern, repl in key_map]
+
+
 def read_config(path: str | Path) -> dict:
     path = Path(path)
     cfg = path / "config.json"

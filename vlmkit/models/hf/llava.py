@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 from vlmkit.constants import IMAGE_TOKEN
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.config import AdapterConfig, VLMConfig
-from vlmkit.models.hf.common import KeyMap, architecture, load_into, read_config, read_state_dict, rename
+from vlmkit.models.hf.common import (KeyMap, architecture, load_into, prefixed, read_config, read_state_dict,
+                                     rename)
 from vlmkit.models.hf.llm import HF_TO_OURS, IGNORED, llm_config_from_hf, llm_config_to_hf, llm_state_dict_to_hf
 from vlmkit.models.hf.vision import (VISION_EXPORT_KEYS, VISION_IGNORE, VISION_KEYS, read_preprocessor,
                                      vision_config_from_hf)
@@ -50,16 +51,11 @@ PROJECTOR_KEYS: KeyMap = [(r"linear_([12])\.(weight|bias)", r"mlp.linear_\1.\2")
 PROJECTOR_EXPORT_KEYS: KeyMap = [(r"mlp\.linear_([12])\.(weight|bias)", r"linear_\1.\2")]
 
 
-def _prefixed(key_map: KeyMap, src: str, dst: str) -> KeyMap:
-    """A component's key map under a prefix on each side, e.g. vision_tower. -> vision."""
-    return [(re.escape(src) + pattern, dst + repl) for pattern, repl in key_map]
-
-
 def llava_key_map(style: str) -> tuple[KeyMap, list[str]]:
     """(key map, ignore patterns) from normalised llava-hf names to VLMModel names."""
-    key_map = (_prefixed(VISION_KEYS, "vision_tower.", "vision.")
-               + _prefixed(PROJECTOR_KEYS, "multi_modal_projector.", "adapter.")
-               + _prefixed(HF_TO_OURS, "language_model.", "llm."))
+    key_map = (prefixed(VISION_KEYS, "vision_tower.", "vision.")
+               + prefixed(PROJECTOR_KEYS, "multi_modal_projector.", "adapter.")
+               + prefixed(HF_TO_OURS, "language_model.", "llm."))
     ignore = ([re.escape("vision_tower.") + p for p in VISION_IGNORE[style]]
               + [re.escape("language_model.") + p for p in IGNORED])
     return key_map, ignore

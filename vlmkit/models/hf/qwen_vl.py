@@ -27,8 +27,8 @@ from pathlib import Path
 
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.config import VLMConfig
-from vlmkit.models.hf.common import KeyMap, architecture, load_into, read_config, read_state_dict, rename
-from vlmkit.models.hf.llava import _prefixed
+from vlmkit.models.hf.common import (KeyMap, architecture, load_into, prefixed, read_config, read_state_dict,
+                                     rename)
 from vlmkit.models.hf.llm import HF_TO_OURS, IGNORED, llm_config_from_hf
 from vlmkit.models.hf.native_vision import NATIVE_VISION_KEYS, TOWER_PREFIXES, native_vision_config_from_hf
 from vlmkit.models.vlm import VLMModel
@@ -119,8 +119,8 @@ def qwen_vl_config(hf_config: dict, where: str) -> VLMConfig:
 
 def qwen_vl_key_map(cfg: VLMConfig) -> tuple[KeyMap, list[str]]:
     """(key map, ignore patterns) from normalised names (LAYOUTS) to VLMModel's."""
-    key_map = (_prefixed(NATIVE_VISION_KEYS[cfg.native_vision.style], "visual.", "vision.")
-               + _prefixed(HF_TO_OURS, "language_model.", "llm."))
+    key_map = (prefixed(NATIVE_VISION_KEYS[cfg.native_vision.style], "visual.", "vision.")
+               + prefixed(HF_TO_OURS, "language_model.", "llm."))
     ignore = [re.escape("language_model.") + p for p in IGNORED]
     if cfg.llm.tie_embeddings:  # transformers ties lm_head to the embeddings and ignores the stored copy
         ignore.append(r"language_model\.lm_head\.weight")
