@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from vlmkit.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vlmkit.errors import ConfigError
 from vlmkit.schema import build, require_at_least
 
@@ -47,11 +48,30 @@ class VisionConfig:
     """Std of the learned position embeddings at initialisation (ViT's 0.02). A tower trained from
     scratch learns its positions; a random tower kept frozen (the demo's) keeps them, and a larger
     std makes where a patch is a larger share of its features."""
+    norm: Literal["layer_norm", "rms_norm"] = "layer_norm"
+    """Every norm of the tower (blocks, pre / post, patch norm): LayerNorm (SigLIP, CLIP) or
+    weight-only RMSNorm (AIMv2), both with layer_norm_eps."""
+    mlp: Literal["fc", "gated"] = "fc"
+    """fc2(act(fc1(x))) (SigLIP, CLIP) or down(act(gate(x)) * up(x)) (AIMv2's SwiGLU)."""
+    linear_bias: bool = True
+    """Biases on the attention and MLP linears (AIMv2 has none)."""
+    patch_norm: bool = False
+    """A norm on the patch embeddings before the positions are added (AIMv2)."""
+    positions: Literal["learned", "sincos"] = "learned"
+    """learned: a position table, resized for other grids. sincos: fixed 2-D sine-cosine positions
+    computed for each grid, no table (AIMv2's native-resolution checkpoints)."""
 
     def __post_init__(self):
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
         require_at_least(self, ("position_init_std",), 0, "vision.")
+        for name, allowed in (("norm", ("layer_norm", "rms_norm")), ("mlp", ("fc", "gated")),
+                              ("positions", ("learned", "sincos"))):
+            _check(getattr(self, name) in allowed,
+                   f"vision.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        _check(self.positions == "learned" or (self.style != "clip" and self.hidden_size % 4 == 0),
+               "vision.positions 'sincos' needs a tower without a class token (style siglip) and a "
+               f"hidden_size divisible by 4, got style {self.style!r}, hidden_size {self.hidden_size}")
         _check(self.style in ("siglip", "clip"), f"vision.style must be 'siglip' or 'clip', got {self.style!r}")
         _check(self.image_size % self.patch_size == 0,
                f"vision.image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
@@ -261,34 +281,176 @@ class LLMConfig:
 
 
 @dataclass
-class VLMConfig:
-    """The whole model: vision -> adapter -> llm (models/vlm.py). Saved as config.json."""
+class SamVisionConfig:
+    """SAM-style ViT (models/sam.py): the high-resolution tower of DeepSeek-VL. Field names follow
+    HF SamVisionConfig, except `intermediate_size` (its `mlp_dim`) and `num_layers`."""
 
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    image_size: int = 64
+    """The one side in pixels the tower takes (its absolute position grid has no resizing)."""
+    patch_size: int = 8
+    num_channels: int = 3
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    use_abs_pos: bool = True
+    """A learned absolute position grid added to the patch embeddings."""
+    use_rel_pos: bool = True
+    """Decomposed relative position bias (one table per axis) in every attention."""
+    window_size: int = 4
+    """Blocks attend within window_size x window_size patch windows (the grid zero-padded to a
+    multiple), except the global blocks; 0 = every block is global."""
+    global_attn_indexes: tuple[int, ...] = (1, 3)
+    """The blocks that attend over the whole grid."""
+    output_channels: int = 32
+    """Channels of the neck (conv 1x1 -> norm -> conv 3x3 -> norm) after the blocks."""
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
+    """Per-channel normalisation of the high-resolution pixels (DeepSeek-VL's processor: CLIP's)."""
+
+    def __post_init__(self):
+        self.global_attn_indexes = tuple(self.global_attn_indexes)
+        self.image_mean = tuple(self.image_mean)
+        self.image_std = tuple(self.image_std)
+        require_at_least(self, ("image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size",
+                                "num_layers", "num_heads", "output_channels"), 1, "sam_vision.")
+        require_at_least(self, ("window_size",), 0, "sam_vision.")
+        _check(self.image_size % self.patch_size == 0,
+               f"sam_vision.image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+        _check(self.hidden_size % self.num_heads == 0,
+               f"sam_vision.hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        indexes = self.global_attn_indexes
+        _check(all(0 <= i < self.num_layers for i in indexes) and len(set(indexes)) == len(indexes),
+               f"sam_vision.global_attn_indexes {list(indexes)} must be distinct blocks in 0..{self.num_layers - 1}")
+        _check(len(self.image_mean) == self.num_channels and len(self.image_std) == self.num_channels,
+               "sam_vision.image_mean / image_std need one value per channel")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    def block_window(self, index: int) -> int:
+        """The window side of block `index` in patches; 0 = it attends over the whole grid."""
+        return 0 if index in self.global_attn_indexes else self.window_size
+
+
+HYBRID_DOWNSAMPLE = 4
+"""DeepSeek-VL's hybrid tower resizes the high-resolution features to 4x the low-resolution grid,
+then halves it twice with stride-2 convolutions, landing on the low-resolution grid."""
+
+
+@dataclass
+class HybridVisionConfig:
+    """DeepSeek-VL's hybrid vision (models/sam.py's `HybridVisionTower`): a SigLIP tower on the
+    low-resolution image, a SAM tower on the high-resolution one, their features combined into
+    one token per low-resolution patch of the LLM's width."""
+
+    low_res: VisionConfig = field(default_factory=VisionConfig)
+    high_res: SamVisionConfig = field(default_factory=SamVisionConfig)
+    out_hidden_size: int = 192
+    """Width of the combined tokens: the LLM's hidden size (each tower is projected to half)."""
+
+    def __post_init__(self):
+        self.low_res = build(VisionConfig, self.low_res, "hybrid_vision.low_res")
+        self.high_res = build(SamVisionConfig, self.high_res, "hybrid_vision.high_res")
+        _check(self.low_res.style == "siglip",
+               f"hybrid_vision.low_res.style must be 'siglip' (one token per patch), got {self.low_res.style!r}")
+        _check(bool(self.high_res.global_attn_indexes),
+               "hybrid_vision.high_res needs a global block (its first one's output is combined too)")
+        _check(self.out_hidden_size >= 2 and self.out_hidden_size % 2 == 0,
+               f"hybrid_vision.out_hidden_size {self.out_hidden_size} must be even (half per tower)")
+
+    @property
+    def high_res_block(self) -> int:
+        """The SAM block whose output feeds the second (global) branch of the combination."""
+        return self.high_res.global_attn_indexes[0]
+
+    @property
+    def high_res_channels(self) -> int:
+        """Channels of the reduced high-resolution features: each stride-2 conv doubles the neck's
+        channels as it halves the side."""
+        return self.high_res.output_channels * HYBRID_DOWNSAMPLE
+
+
+@dataclass
+class VLMConfig:
+    """The whole model (models/vlm.py), saved as config.json. Two shapes:
+
+    - LLaVA-shaped: `vision` (a ViT of fixed image size) -> `adapter` -> `llm`, images as tiles of
+      `tokens_per_image` visual tokens each;
+    - native-resolution (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): `native_vision`, whose merger already
+      maps to the LLM width (so no adapter), -> `llm` with multimodal RoPE; images of any size and
+      videos, each as many tokens as its grid gives.
+
+    `native_vision` set makes the second: `vision` and `adapter` are then None. Left out, a
+    LLaVA-shaped config gets the default `vision` and `adapter`."""
+
+    vision: VisionConfig | None = None
+    adapter: AdapterConfig | None = None
     llm: LLMConfig = field(default_factory=LLMConfig)
+    native_vision: NativeVisionConfig | None = None
     image_token_id: int = 0
     """Token id that marks visual-token positions in input_ids (one per visual token)."""
     max_tiles: int = 1
     """Dynamic high-resolution tiling (InternVL): at most this many tiles per image; 1 = no tiling."""
     use_thumbnail: bool = True
     """With tiling (max_tiles > 1), add a global thumbnail tile after the grid tiles."""
+    video_token_id: int | None = None
+    """Native models: the token id of a video's visual tokens (None: the model takes no video)."""
+    tokens_per_second: float | None = None
+    """Native models, Qwen2.5-VL: video frames are spaced on the temporal position axis by
+    tokens_per_second * seconds per frame pair (models/mrope.py's `MRopeLayout`); None = by 1."""
+    video_frames_apart: bool = False
+    """Native models, Qwen3-VL: each video frame is a block of its own in the text (its timestamp
+    in between), laid out as a grid of one frame pair on the position axes."""
 
     def __post_init__(self):
         # VLMConfig(vision={...}) written by hand: sections given as mappings are built here.
-        self.vision = build(VisionConfig, self.vision, "vision")
-        self.adapter = build(AdapterConfig, self.adapter, "adapter")
         self.llm = build(LLMConfig, self.llm, "llm")
+        if self.native_vision is not None:
+            self._check_native()
+        else:
+            self.vision = build(VisionConfig, self.vision, "vision")
+            self.adapter = build(AdapterConfig, self.adapter, "adapter")
+            _check(self.video_token_id is None and self.tokens_per_second is None and not self.video_frames_apart,
+                   "video_token_id, tokens_per_second and video_frames_apart need a native_vision tower")
         _check(0 <= self.image_token_id < self.llm.vocab_size,
                f"image_token_id {self.image_token_id} is outside the vocabulary ({self.llm.vocab_size})")
-        if self.adapter.kind == "pixel_shuffle":
+        if self.adapter is not None and self.adapter.kind == "pixel_shuffle":
             _check(self.vision.grid_size % self.adapter.scale_factor == 0,
                    f"pixel_shuffle scale_factor {self.adapter.scale_factor} must divide the patch grid "
                    f"{self.vision.grid_size}x{self.vision.grid_size}")
 
+    def _check_native(self) -> None:
+        self.native_vision = build(NativeVisionConfig, self.native_vision, "native_vision")
+        _check(self.vision is None and self.adapter is None,
+               "a native_vision model has no vision or adapter section (its merger maps to the LLM width)")
+        _check(self.native_vision.out_hidden_size == self.llm.hidden_size,
+               f"native_vision.out_hidden_size {self.native_vision.out_hidden_size} must equal "
+               f"llm.hidden_size {self.llm.hidden_size}")
+        _check(self.llm.mrope_section is not None, "a native_vision model needs llm.mrope_section (M-RoPE)")
+        _check(len(self.native_vision.deepstack_visual_indexes) <= self.llm.num_layers,
+               f"{len(self.native_vision.deepstack_visual_indexes)} deepstack levels need as many decoder "
+               f"layers, the llm has {self.llm.num_layers}")
+        _check(self.video_token_id is None or 0 <= self.video_token_id < self.llm.vocab_size,
+               f"video_token_id {self.video_token_id} is outside the vocabulary ({self.llm.vocab_size})")
+        _check(self.video_token_id != self.image_token_id, "video_token_id must differ from image_token_id")
+
+    @property
+    def is_native(self) -> bool:
+        """A native-resolution model (`native_vision` tower, M-RoPE decoder)."""
+        return self.native_vision is not None
+
     @property
     def tokens_per_image(self) -> int:
         """Visual tokens one image tile becomes in the LLM (at the encoder's native size)."""
+        if self.is_native:
+            raise ValueError("a native_vision model has no fixed tokens per image: each image gives "
+                             "t * h * w / spatial_merge_size^2 tokens of its own patch grid")
         if self.adapter.kind == "resampler":
             return self.adapter.num_queries
         if self.adapter.kind == "pixel_shuffle":

@@ -1,7 +1,7 @@
-"""ViT vision encoder, compatible with HF `SiglipVisionModel` and `CLIPVisionModel`.
+"""ViT vision encoder, compatible with HF `SiglipVisionModel`, `CLIPVisionModel` and `Aimv2VisionModel`.
 
-Follows transformers' modeling_siglip.py / modeling_clip.py (vision towers) so that their weights
-load by renaming alone (models/hf/vision.py):
+Follows transformers' modeling_siglip.py / modeling_clip.py / modeling_aimv2.py (vision towers) so
+that their weights load by renaming alone (models/hf/vision.py, models/hf/aimv2.py):
 
 - siglip (Zhai et al., "Sigmoid Loss for Language Image Pre-Training", 2023): patch conv with bias,
   learned position embeddings, no class token, gelu-tanh MLP, `post_layernorm` applied to the last
@@ -10,6 +10,12 @@ load by renaming alone (models/hf/vision.py):
   ("pre_layrnorm" in HF) on the embeddings, quick-gelu MLP. HF's `last_hidden_state` is the last
   layer's output as is (CLIP's post-layernorm only feeds the pooled output, which vlmkit does not
   use), so the CLIP encoder here has no post-layernorm.
+- AIMv2 (Fini et al., "Multimodal Autoregressive Pre-training of Large Vision Encoders", 2024;
+  SAIL-VL2's tower): the siglip style with config switches: RMSNorm everywhere (`norm`), an RMSNorm
+  on the patch embeddings before the positions (`patch_norm`), a SwiGLU MLP (`mlp="gated"`), no
+  biases on the attention and MLP linears (`linear_bias`), and for the native-resolution
+  checkpoints fixed 2-D sine-cosine positions computed per grid (`positions="sincos"`). Its
+  weights load through models/hf/aimv2.py; the attention-pooling head is not used.
 
 Other image sizes work: the learned position grid is resized bicubically (align_corners=False), as
 HF's `interpolate_pos_encoding=True` does (from DINO). The adapter gets `features()`: the hidden
@@ -28,10 +34,13 @@ from torch.utils.checkpoint import checkpoint
 
 from vlmkit.models.attention import AttnSpec, select_backend
 from vlmkit.models.config import VisionConfig
+from vlmkit.models.llm import RMSNorm
 
 
 INIT_STD = 0.02
 """Std of the truncated-normal weights and of the class embedding at initialisation (ViT)."""
+SINCOS_TEMPERATURE = 10000.0
+"""Base of the frequency decay of the 2-D sine-cosine positions (as in MAE / AIMv2)."""
 QUICK_GELU_SCALE = 1.702
 """CLIP's quick-gelu, x * sigmoid(1.702 x): a sigmoid approximation of gelu."""
 
@@ -73,10 +82,35 @@ def init_dense_and_norms(root: nn.Module, std: float = INIT_STD) -> None:
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+
+def norm_layer(cfg: VisionConfig, dim: int) -> nn.Module:
+    """The tower's norm (`cfg.norm`): LayerNorm or weight-only RMSNorm, eps `cfg.layer_norm_eps`."""
+    if cfg.norm == "rms_norm":
+        return RMSNorm(dim, cfg.layer_norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+
+
+def sincos_positions(grid_h: int, grid_w: int, dim: int) -> torch.Tensor:
+    """(grid_h * grid_w, dim) fixed 2-D positions in raster order, laid out as [sin(col * f),
+    cos(col * f), sin(row * f), cos(row * f)] with f the dim / 4 frequencies 1 / T^(i / (dim / 4)).
+
+    Computed in float64 on the CPU (the reference's precision; some devices have no float64) and
+    returned in float32; the caller moves it."""
+    quarter = dim // 4
+    freqs = 1.0 / SINCOS_TEMPERATURE ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                                torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+    row_angles = rows.flatten().outer(freqs)  # (gh*gw, dim / 4)
+    col_angles = cols.flatten().outer(freqs)
+    return torch.cat([col_angles.sin(), col_angles.cos(), row_angles.sin(), row_angles.cos()], dim=1).float()
 
 
 class VisionEmbeddings(nn.Module):
-    """Patches -> tokens, plus (for clip) a class token, plus learned position embeddings."""
+    """Patches -> tokens (maybe normed), plus (for clip) a class token, plus position embeddings
+    (a learned table, or fixed sine-cosine positions)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -84,12 +118,18 @@ class VisionEmbeddings(nn.Module):
         self.has_class_token = cfg.style == "clip"
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size,
                                          stride=cfg.patch_size, bias=not self.has_class_token)
+        self.patch_norm = norm_layer(cfg, cfg.hidden_size) if cfg.patch_norm else None
         if self.has_class_token:
             self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
-        self.position_embedding = nn.Embedding(cfg.num_patches + int(self.has_class_token), cfg.hidden_size)
+        self.position_embedding = (nn.Embedding(cfg.num_patches + int(self.has_class_token), cfg.hidden_size)
+                                   if cfg.positions == "learned" else None)
 
     def patch_positions(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """(grid_h * grid_w, Dv) position embeddings of the patches, resized bicubically off-native."""
+        """(grid_h * grid_w, Dv) position embeddings of the patches: sine-cosine positions of this
+        grid, or the learned table, resized bicubically off-native."""
+        if self.position_embedding is None:
+            weight = self.patch_embedding.weight
+            return sincos_positions(grid_h, grid_w, self.cfg.hidden_size).to(weight.device, weight.dtype)
         weight = self.position_embedding.weight
         patch_pos = weight[1:] if self.has_class_token else weight  # (g*g, Dv)
         g = self.cfg.grid_size
@@ -103,6 +143,8 @@ class VisionEmbeddings(nn.Module):
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (N, Dv, gh, gw)
         grid_h, grid_w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # (N, gh*gw, Dv)
+        if self.patch_norm is not None:
+            x = self.patch_norm(x)
         x = x + self.patch_positions(grid_h, grid_w)
         if self.has_class_token:
             cls = (self.class_embedding + self.position_embedding.weight[0]).expand(x.shape[0], 1, -1)
@@ -118,11 +160,11 @@ class VisionAttention(nn.Module):
         super().__init__()
         self.attend = select_backend("sdpa")
         self.num_heads = cfg.num_heads
-        D = cfg.hidden_size
-        self.q_proj = nn.Linear(D, D)
-        self.k_proj = nn.Linear(D, D)
-        self.v_proj = nn.Linear(D, D)
-        self.out_proj = nn.Linear(D, D)
+        D, bias = cfg.hidden_size, cfg.linear_bias
+        self.q_proj = nn.Linear(D, D, bias=bias)
+        self.k_proj = nn.Linear(D, D, bias=bias)
+        self.v_proj = nn.Linear(D, D, bias=bias)
+        self.out_proj = nn.Linear(D, D, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, P, D = x.shape
@@ -135,13 +177,24 @@ class VisionAttention(nn.Module):
 
 
 class VisionMLP(nn.Module):
+    """fc2(act(fc1(x))), or with `cfg.mlp == "gated"` down(act(gate(x)) * up(x))."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        D, I, bias = cfg.hidden_size, cfg.intermediate_size, cfg.linear_bias
+        self.gated = cfg.mlp == "gated"
+        if self.gated:
+            self.gate_proj = nn.Linear(D, I, bias=bias)
+            self.up_proj = nn.Linear(D, I, bias=bias)
+            self.down_proj = nn.Linear(I, D, bias=bias)
+        else:
+            self.fc1 = nn.Linear(D, I, bias=bias)
+            self.fc2 = nn.Linear(I, D, bias=bias)
         self.act = activation(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -150,9 +203,9 @@ class VisionBlock(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm1 = norm_layer(cfg, cfg.hidden_size)
         self.self_attn = VisionAttention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm2 = norm_layer(cfg, cfg.hidden_size)
         self.mlp = VisionMLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,9 +221,9 @@ class VisionEncoder(nn.Module):
         self.config = cfg
         self.embeddings = VisionEmbeddings(cfg)
         is_clip = cfg.style == "clip"
-        self.pre_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if is_clip else None
+        self.pre_layernorm = norm_layer(cfg, cfg.hidden_size) if is_clip else None
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
-        self.post_layernorm = None if is_clip else nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.post_layernorm = None if is_clip else norm_layer(cfg, cfg.hidden_size)
         self.gradient_checkpointing = False
         self.init_weights()
 
@@ -179,10 +232,12 @@ class VisionEncoder(nn.Module):
         """Initialisation for training from scratch (loading a checkpoint overwrites it).
 
         Linear and conv weights: truncated normal, std 0.02 (ViT); biases 0; position and class
-        embeddings: normal, std 0.02 (positions: `position_init_std`); layer norms: weight 1, bias 0.
+        embeddings: normal, std 0.02 (a learned position table: `position_init_std`); norms: weight 1,
+        bias 0.
         """
         init_dense_and_norms(self)
-        nn.init.normal_(self.embeddings.position_embedding.weight, std=self.config.position_init_std)
+        if self.embeddings.position_embedding is not None:
+            nn.init.normal_(self.embeddings.position_embedding.weight, std=self.config.position_init_std)
         if self.embeddings.has_class_token:
             nn.init.normal_(self.embeddings.class_embedding, std=INIT_STD)
 

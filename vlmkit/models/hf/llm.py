@@ -7,8 +7,9 @@ differently: RoPE scaling, biased output projections, MLP bias, non-silu activat
 builds the model on
 the meta device, allocates it without initialising, checks every tensor against the key map
 (common.load_into: missing, unexpected and mis-shaped tensors are all reported together) and only
-then copies the weights, so a failed load leaves nothing half-loaded. The key maps are data, one table per direction, shared by the four
-families because they name their tensors alike (transformers' modeling_llama.py and its copies).
+then copies the weights, so a failed load leaves nothing half-loaded. The key maps are data, one
+table per direction, shared by the four families because they name their tensors alike
+(transformers' modeling_llama.py and its copies).
 
 Sliding-window attention (Mistral, Qwen2 with use_sliding_window) is not implemented: such a
 checkpoint loads, with a warning, and matches the reference for sequences up to the window length;

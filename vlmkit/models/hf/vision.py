@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from vlmkit.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vlmkit.errors import CheckpointError
 from vlmkit.models.config import VisionConfig
 from vlmkit.models.hf.common import KeyMap, architecture, load_into, read_config, read_state_dict
@@ -24,22 +25,23 @@ from vlmkit.models.vision import VisionEncoder
 from vlmkit.models.weights import uninitialised
 
 # HF vision-tower name -> ours. `(?:vision_model\.)?` accepts both prefix conventions.
-_P = r"(?:vision_model\.)?"
+VISION_MODEL_PREFIX = r"(?:vision_model\.)?"
+_V = VISION_MODEL_PREFIX  # short, for the tables below
 VISION_KEYS: KeyMap = [
-    (_P + r"embeddings\.(patch_embedding\.(?:weight|bias)|class_embedding|position_embedding\.weight)",
+    (_V + r"embeddings\.(patch_embedding\.(?:weight|bias)|class_embedding|position_embedding\.weight)",
      r"embeddings.\1"),
-    (_P + r"pre_layrnorm\.(weight|bias)", r"pre_layernorm.\1"),
-    (_P + r"encoder\.layers\.(\d+)\.(layer_norm[12]|self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc[12])"
+    (_V + r"pre_layrnorm\.(weight|bias)", r"pre_layernorm.\1"),
+    (_V + r"encoder\.layers\.(\d+)\.(layer_norm[12]|self_attn\.[qkv]_proj|self_attn\.out_proj|mlp\.fc[12])"
           r"\.(weight|bias)", r"layers.\1.\2.\3"),
-    (_P + r"post_layernorm\.(weight|bias)", r"post_layernorm.\1"),
+    (_V + r"post_layernorm\.(weight|bias)", r"post_layernorm.\1"),
 ]
 
 # Tensors of these checkpoints that a vision encoder does not use.
 _COMMON_IGNORE = [r"text_model\..*", r"logit_scale", r"logit_bias", r"visual_projection\..*",
                   r"text_projection\..*", r".*position_ids"]
 VISION_IGNORE = {
-    "siglip": _COMMON_IGNORE + [_P + r"head\..*"],
-    "clip": _COMMON_IGNORE + [_P + r"post_layernorm\..*"],
+    "siglip": _COMMON_IGNORE + [_V + r"head\..*"],
+    "clip": _COMMON_IGNORE + [_V + r"post_layernorm\..*"],
 }
 
 # Ours -> HF vision-tower names (export to llava-hf, which nests the tower without a prefix).
@@ -60,7 +62,7 @@ _STYLES = {
 # Normalisation constants of the reference image processors (SiglipImageProcessor, CLIPImageProcessor).
 _DEFAULT_MEAN_STD = {
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
 }
 
 
