@@ -93,6 +93,21 @@ class NativeInputs:
     """Qwen3-VL's deepstack features at the visual positions (None without deepstack or images)."""
 
 
+@dataclass
+class DecoderInputs:
+    """A padded batch as the decoder takes it (`VLMModel.decoder_inputs`)."""
+
+    embeds: torch.Tensor
+    """(B, T, D) token embeddings with the visual tokens placed."""
+    position_ids: torch.Tensor | None = None
+    """(3, B, T) M-RoPE positions of a native model; None: the decoder's own (from the spec or cache)."""
+    deepstack: Deepstack | None = None
+    """Qwen3-VL's deepstack features (None without)."""
+    rope_deltas: torch.Tensor | None = None
+    """(B, 1) native models: each row's next position minus its length, for decoding past the prompt
+    (models/mrope.py, `continue_positions`)."""
+
+
 class VLMModel(nn.Module):
     """vision -> adapter -> llm, or a native tower -> llm. See the module docstring for the calls."""
 
@@ -194,27 +209,42 @@ class VLMModel(nn.Module):
 
     # --- the two calls -----------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, *, image_grid_thw: torch.Tensor | None = None,
-                pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
-                second_per_grid_ts: torch.Tensor | None = None) -> torch.Tensor:
-        """HF-style padded call: input_ids (B, T), attention_mask (B, T) 1 = real -> logits (B, T, V).
+    def decoder_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                       attention_mask: torch.Tensor | None = None, *, image_grid_thw: torch.Tensor | None = None,
+                       pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
+                       second_per_grid_ts: torch.Tensor | list[float] | None = None) -> DecoderInputs:
+        """What the decoder takes for a padded batch input_ids (B, T): the embeddings with the
+        visual tokens placed, and for native models their M-RoPE positions, deepstack features and
+        per-row rope deltas (the HF-style call and the generation engine's prefill share this).
 
         LLaVA-shaped models take image tiles (N, 3, H, W) as pixel_values. Native models take what
         transformers' Qwen-VL processors make: pixel_values (P, C*T*p*p) with image_grid_thw (N, 3),
         pixel_values_videos with video_grid_thw, and second_per_grid_ts (Qwen2.5-VL, one per video)."""
-        spec = AttnSpec.causal() if attention_mask is None else AttnSpec.padded(attention_mask)
         if not self.config.is_native:
             if image_grid_thw is not None or pixel_values_videos is not None or video_grid_thw is not None:
                 raise ValueError("grids and videos are inputs of native-resolution models; this model "
                                  "takes image tiles as pixel_values")
-            embeds = self.embed_inputs(input_ids, pixel_values)  # (B, T, D)
-            return self.llm.logits(self.llm.decode(embeds, spec=spec))
-        inputs = self.embed_native(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
-        positions, _ = rope_positions(input_ids, self.mrope_layout, image_grid_thw=image_grid_thw,
-                                      video_grid_thw=video_grid_thw, video_seconds_per_grid=second_per_grid_ts,
-                                      attention_mask=attention_mask)  # (3, B, T)
-        hidden = self.llm.decode(inputs.embeds, position_ids=positions, spec=spec, deepstack=inputs.deepstack)
+            return DecoderInputs(self.embed_inputs(input_ids, pixel_values))
+        native = self.embed_native(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        if second_per_grid_ts is not None and not torch.is_tensor(second_per_grid_ts):
+            second_per_grid_ts = torch.tensor(second_per_grid_ts, dtype=torch.float32) if second_per_grid_ts else None
+        positions, deltas = rope_positions(input_ids, self.mrope_layout, image_grid_thw=image_grid_thw,
+                                           video_grid_thw=video_grid_thw, video_seconds_per_grid=second_per_grid_ts,
+                                           attention_mask=attention_mask)  # (3, B, T), (B, 1)
+        return DecoderInputs(native.embeds, positions, native.deepstack, deltas)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, *, image_grid_thw: torch.Tensor | None = None,
+                pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
+                second_per_grid_ts: torch.Tensor | None = None) -> torch.Tensor:
+        """HF-style padded call: input_ids (B, T), attention_mask (B, T) 1 = real -> logits (B, T, V);
+        the inputs as `decoder_inputs` takes them."""
+        spec = AttnSpec.causal() if attention_mask is None else AttnSpec.padded(attention_mask)
+        inputs = self.decoder_inputs(input_ids, pixel_values, attention_mask, image_grid_thw=image_grid_thw,
+                                     pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+                                     second_per_grid_ts=second_per_grid_ts)
+        hidden = self.llm.decode(inputs.embeds, position_ids=inputs.position_ids, spec=spec,
+                                 deepstack=inputs.deepstack)
         return self.llm.logits(hidden)
 
     def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
