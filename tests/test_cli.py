@@ -19,7 +19,8 @@ def test_help_lists_commands():
         assert name in out.stdout
 
 
-@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["build", "--help"], ["export", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["build", "--help"], ["export", "--help"],
+                                  ["data", "--help"], ["data", "synth", "--help"]])
 def test_help_does_not_import_torch(args):
     """The subcommand modules import torch inside run(), so that help stays fast."""
     code = ("import sys\nfrom vlmkit.cli import main\n"

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from vlmkit.cli import main
+from vlmkit.data.cli import clip_counts
 
 
 def write_data(tmp_path):
@@ -58,3 +59,27 @@ def test_synth_writes_the_world(tmp_path, capsys):
     capsys.readouterr()
     report = inspect_json(capsys, str(tmp_path / "w" / "qa_train.json"), "--image-size", "32")
     assert report["records"] >= 8 and report["bad"] == {} and report["modality"] == {"image": report["ok"]}
+
+
+def test_synth_native_layout_with_clips(tmp_path, capsys):
+    out = tmp_path / "w"
+    assert main(["data", "synth", "--out", str(out), "--scenes", "4", "--layout", "native", "--clips", "2,1,1"]) == 0
+    capsys.readouterr()
+    world = json.loads((out / "world.json").read_text())
+    assert world["layout"] == "native" and "clips" in world
+    assert [len(json.loads((out / f"clips_{split}.json").read_text())) > 0 for split in ("train", "val", "test")] \
+        == [True] * 3
+    frames = sorted((out / "clips").iterdir())
+    assert [f.name.split("_clip_")[0] for f in frames] == ["test", "train", "train", "val"]
+
+
+@pytest.mark.parametrize("value, counts", [("3", (3, 3, 3)), ("4,0,2", (4, 0, 2))])
+def test_clip_counts(value, counts):
+    assert clip_counts(value) == counts
+
+
+@pytest.mark.parametrize("value", ["x", "1,2", "-1", "1,2,-3"])
+def test_clip_counts_refuse_bad_values(value, capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "synth", "--out", "unused", "--clips", value])
+    assert "--clips" in capsys.readouterr().err

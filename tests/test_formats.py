@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from vlmkit.data.formats import BadRecord, detect_format, image_ref, read_records
+from vlmkit.data.pipeline import check_record
 from vlmkit.data.types import Record
+from vlmkit.data.world import generate
 from vlmkit.errors import BadRecordError, ConfigError
 
 
@@ -196,3 +198,70 @@ def test_format_override_and_errors(tmp_path):
         list(read_records(tmp_path / "missing.jsonl"))
     with pytest.raises(ConfigError, match="unknown data format"):
         list(read_records(path, "csv"))
+
+
+# ---- videos: messages parts, LLaVA's "video" key, the root rule on frames -----------------------
+
+def write_frames(directory, n=4):
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (directory / f"{i:02d}.png").write_bytes(png((40 * i, 0, 0)))
+    return [f"{directory.name}/{i:02d}.png" for i in range(n)]
+
+
+def test_video_parts_and_llava_video_key(tmp_path):
+    frames = write_frames(tmp_path / "clip")
+    (tmp_path / "a.png").write_bytes(png())
+    question = [{"type": "text", "text": "Which moves?"}]
+    rows = [
+        {"id": "parts", "messages": [{"role": "user", "content": [{"type": "video", "video": frames},
+                                                                   {"type": "image", "image": "a.png"}, *question]},
+                                     {"role": "assistant", "content": "the circle"}]},
+        {"id": "url", "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "clip"}},
+                                                                 *question]},
+                                   {"role": "assistant", "content": "the circle"}]},
+        {"id": "llava", "video": frames, "conversations": [{"from": "human", "value": "<video>\nWhich moves?"},
+                                                           {"from": "gpt", "value": "the circle"}]},
+        {"id": "several", "video": [frames, frames[:2]], "conversations": [{"from": "human", "value": "Which?"},
+                                                                          {"from": "gpt", "value": "the circle"}]},
+    ]
+    parts, url, llava, several = list(read_records(write_jsonl(tmp_path / "v.jsonl", rows)))
+    frame_paths = [(tmp_path / f).resolve() for f in frames]
+    assert [ref.path for ref in parts.videos[0]] == frame_paths and parts.images[0].path == (tmp_path / "a.png")
+    assert parts.messages[0].content == "<video>\n<image>\nWhich moves?" and parts.modality == "image"
+    assert url.videos[0].path == (tmp_path / "clip").resolve()  # a frame directory (or a video file) by path
+    assert [ref.path for ref in llava.videos[0]] == frame_paths and llava.messages[0].content.count("<video>") == 1
+    assert [len(v) for v in several.videos] == [4, 2]
+    assert several.messages[0].content == "<video>\n<video>\nWhich?"  # placeholders prepended, as for images
+
+
+@pytest.mark.parametrize("video, reason", [
+    (["clip/00.png", "../outside.png"], "path_escapes_root"),
+    ("../elsewhere", "path_escapes_root"),
+    (["https://example.com/f.png"], "remote_image"),
+    ([], "malformed_record"),
+    (7, "malformed_record"),
+])
+def test_video_frames_follow_the_root_rule(tmp_path, video, reason):
+    write_frames(tmp_path / "clip")
+    rows = [{"id": "v", "messages": [{"role": "user", "content": [{"type": "video", "video": video}]},
+                                     {"role": "assistant", "content": "x"}]},
+            {"id": "l", "video": video, "conversations": [{"from": "human", "value": "<video>"},
+                                                          {"from": "gpt", "value": "x"}]}]
+    items = list(read_records(write_jsonl(tmp_path / "v.jsonl", rows)))
+    assert [(type(i), i.reason) for i in items] == [(BadRecord, reason)] * 2
+
+
+def test_the_worlds_clips_read_without_bad_records(tmp_path):
+    generate(tmp_path, n_train=2, n_val=1, n_test=1, layout="native", n_train_clips=3, n_val_clips=1,
+             n_test_clips=2, text_corpus=False)
+    for split, clips in (("train", 3), ("val", 1), ("test", 2)):
+        for name in (f"clips_{split}.json", f"clips_{split}.jsonl"):
+            items = list(read_records(tmp_path / name))
+            bad = [str(i) for i in items if isinstance(i, BadRecord)]
+            assert items and not bad, bad
+            clip_dirs = {i.videos[0][0].path.parent.name for i in items}
+            assert clip_dirs == {f"{split}_clip_{k:06d}" for k in range(clips)}
+            for record in items:
+                check_record(record)  # one <video> per clip, no image
+                assert all(ref.path.is_file() for ref in record.videos[0])

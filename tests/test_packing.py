@@ -175,3 +175,23 @@ def test_buffered_tiles_kept_under_the_byte_cap_and_redone_past_it():
         for a, b in zip(packs[1 << 20][0], packs[cap][0]):
             assert a.sample_ids == b.sample_ids
             assert (a.pixel_values is None and b.pixel_values is None) or torch.equal(a.pixel_values, b.pixel_values)
+
+
+def test_collate_concatenates_native_grids_in_sample_order():
+    grid = lambda *rows: torch.tensor(rows, dtype=torch.int64)  # noqa: E731
+    image = Sample("image", "s", [1, 2], [1, 2], torch.ones(16, 8), image_grid_thw=grid((1, 4, 4)))
+    text = Sample("text", "s", [3], [3])
+    both = Sample("both", "s", [4, 5, 6], [4, 5, 6], torch.zeros(8, 8), image_grid_thw=grid((1, 2, 4)),
+                  pixel_values_videos=torch.full((32, 8), 2.0), video_grid_thw=grid((2, 4, 4)),
+                  second_per_grid_ts=[0.5])
+    video = Sample("video", "s", [7], [7], pixel_values_videos=torch.full((16, 8), 3.0),
+                   video_grid_thw=grid((1, 4, 4)), second_per_grid_ts=[1.0])
+    batch = collate([image, text, both, video], budget=8)
+    assert batch.image_grid_thw.tolist() == [[1, 4, 4], [1, 2, 4]]
+    assert batch.video_grid_thw.tolist() == [[2, 4, 4], [1, 4, 4]] and batch.second_per_grid_ts == [0.5, 1.0]
+    assert batch.pixel_values.shape == (24, 8) and batch.pixel_values_videos[:, 0].unique().tolist() == [2.0, 3.0]
+    assert batch.pixel_values_videos.shape[0] == int(batch.video_grid_thw.prod(-1).sum())
+    assert [s.modality for s in (image, text, both, video)] == ["image", "text", "image", "image"]
+    assert collate([video], budget=8).modality == "image"
+    tiles = collate([Sample("a", "s", [1], [1], torch.zeros(1, 3, 4, 4), [1])], budget=8)
+    assert tiles.image_grid_thw is None and tiles.video_grid_thw is None and tiles.second_per_grid_ts == []

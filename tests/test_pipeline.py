@@ -11,8 +11,12 @@ from PIL import Image
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.formats import read_records
 from vlmkit.data.images import ImageProcessor
+from vlmkit.data.native_images import NativeImageProcessor
+from vlmkit.data.packing import Packer, SourceStream
 from vlmkit.data.pipeline import SamplePipeline, TooManyBadRecords
+from vlmkit.data.world import generate
 from test_images import bomb_png
+from test_template import QWEN3_VL_TEMPLATE, qwen_vl_dir, small_config
 
 pytest.importorskip("vlmkit.data.template")
 pytest.importorskip("vlmkit.data.tokenizer")
@@ -122,8 +126,6 @@ def test_too_many_bad_records_stops_with_examples(data_dir, tok):
 
 @pytest.mark.parametrize("max_pixel_bytes", [0, 256 << 20])  # tiles redone at pack time / kept in the buffer
 def test_packs_of_real_samples_redo_pixels_and_resume(tmp_path, tok, max_pixel_bytes):
-    from vlmkit.data.packing import Packer, SourceStream
-
     colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
     rows = []
     for i in range(24):
@@ -153,3 +155,27 @@ def test_packs_of_real_samples_redo_pixels_and_resume(tmp_path, tok, max_pixel_b
     b.load_state_dict(cursor)
     for want_pack, got in zip(expected, (b.next_pack() for _ in range(6))):
         assert got.sample_ids == want_pack.sample_ids and torch.equal(got.pixel_values, want_pack.pixel_values)
+
+
+def test_native_samples_carry_grids_and_pack_in_order(tmp_path):
+    """A native-resolution pipeline (Qwen3-VL's format) on the world's clips and scenes: each sample's
+    visual tokens match its grids, and the packs carry the grids in sample order."""
+    generate(tmp_path / "w", n_train=3, n_val=1, n_test=1, layout="native", n_train_clips=3, text_corpus=False)
+    qwen = Tokenizer.load(qwen_vl_dir(tmp_path / "tok", QWEN3_VL_TEMPLATE))
+    processor = NativeImageProcessor(small_config("qwen3_vl"))
+    merge = processor.config.merge_size ** 2
+    pipe = SamplePipeline(qwen, processor, 0, max_length=4096, max_bad_fraction=0.0)
+    for name in ("clips_train.jsonl", "qa_train.json"):
+        items = list(read_records(tmp_path / "w" / name))
+        samples = [pipe.encode(item) for item in items]
+        for sample in samples:
+            images = 0 if sample.image_grid_thw is None else int(sample.image_grid_thw.prod(-1).sum()) // merge
+            videos = 0 if sample.video_grid_thw is None else int(sample.video_grid_thw.prod(-1).sum()) // merge
+            assert sample.input_ids.count(qwen.image_token_id) == images
+            assert sample.input_ids.count(qwen.video_token_id) == videos
+            assert (videos > 0) == (name.startswith("clips")) and len(sample.second_per_grid_ts) == (videos > 0)
+        packs = list(Packer(SourceStream(tmp_path / "w" / name, shuffle_block=1, loop=False), pipe, budget=4096))
+        grids = torch.cat([b.video_grid_thw if name.startswith("clips") else b.image_grid_thw for b in packs])
+        expected = torch.cat([s.video_grid_thw if name.startswith("clips") else s.image_grid_thw for s in samples])
+        assert torch.equal(grids, expected)
+    assert pipe.stats.num_bad == 0

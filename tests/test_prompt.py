@@ -4,6 +4,7 @@ and a Python-API conversation with the same content become the same prompt."""
 
 import io
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,12 +13,13 @@ from PIL import Image
 from tests.serving_support import build_checkpoint, data_url, png_bytes
 from tests.tokenizer_support import builtin_tokenizer
 from vlmkit.api import VLM
-from vlmkit.constants import IMAGE_PLACEHOLDER
+from vlmkit.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from vlmkit.data.formats import read_records
 from vlmkit.data.images import ImageProcessor
-from vlmkit.data.messages import parse_content, to_messages, user_content
+from vlmkit.data.messages import keep_image, parse_content, read_conversation, to_messages, user_content
+from vlmkit.data.native_images import FAMILIES, NativeImageProcessor
 from vlmkit.data.prompt import build_prompt, encode_images
-from vlmkit.data.template import encode_prompt
+from vlmkit.data.template import VideoTokens, encode_prompt
 from vlmkit.data.types import Message
 from vlmkit.errors import BadRecordError
 from vlmkit.infer.engine import Engine
@@ -50,8 +52,12 @@ def picture(width: int, height: int, seed: int = 0) -> Image.Image:
     ([{"role": "user", "content": {"text": "hi"}}], r"messages\[0\]\.content must be a string or a list",
      "malformed_record"),
     ([{"role": "user", "content": "hi"},
-      {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "video"}]}],
+      {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "audio"}]}],
      r"messages\[1\]\.content\[1\] must be a part of type", "malformed_record"),
+    ([{"role": "user", "content": [{"type": "video", "video": ["a.png", "b.png"]}]}],
+     r"messages\[0\]\.content\[0\] is a video; this input takes images only", "unexpected_video"),
+    ([{"role": "user", "content": [{"type": "video", "video": []}]}], r"messages\[0\]\.content\[0\] has no video",
+     "malformed_record"),
     ([{"role": "user", "content": ["plain string part"]}], r"messages\[0\]\.content\[0\] must be a part",
      "malformed_record"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}]}],
@@ -180,3 +186,55 @@ def test_server_images_only_from_users_and_within_the_count(model):
         serving.prepare(ChatCompletionRequest(messages=[{"role": "system", "content": [image]},
                                                         {"role": "user", "content": "hi"}]))
     assert caught.value.param == "messages[0].content[0]"
+
+
+# ---- video parts ---------------------------------------------------------------------------------
+
+def test_video_parts_become_video_placeholders_with_their_resolver():
+    seen = []
+
+    def resolve_video(value, where, role):
+        seen.append((where, role))
+        return ("video", value)
+
+    frames = ["f0.png", "f1.png"]
+    conversation = read_conversation([
+        {"role": "user", "content": [{"type": "video", "video": frames}, {"type": "image", "image": "a.png"},
+                                     {"type": "text", "text": "which moves?"},
+                                     {"type": "video_url", "video_url": {"url": "file:///clips/c.mp4"}},
+                                     {"type": "video_url", "video_url": "clip_dir"}]}], resolve_video=resolve_video)
+    assert conversation.messages == [Message("user", f"{VIDEO_PLACEHOLDER}\n{IMAGE_PLACEHOLDER}\nwhich moves?\n"
+                                                     f"{VIDEO_PLACEHOLDER}\n{VIDEO_PLACEHOLDER}")]
+    assert conversation.images == ["a.png"]
+    assert conversation.videos == [("video", frames), ("video", "file:///clips/c.mp4"), ("video", "clip_dir")]
+    assert seen == [("messages[0].content[0]", "user"), ("messages[0].content[3]", "user"),
+                    ("messages[0].content[4]", "user")]
+    side_by_side = read_conversation([{"role": "user", "content": [{"type": "video", "video": frames},
+                                                                   {"type": "text", "text": "q"}]}], separator="")
+    assert side_by_side.messages[0].content == f"{VIDEO_PLACEHOLDER}q"
+
+
+def test_videos_are_refused_where_they_cannot_go(tok):
+    processor = ImageProcessor(image_size=16, mean=MEAN, std=STD)
+    video = [{"role": "user", "content": [{"type": "video", "video": [picture(16, 16)] * 2}]}]
+    with pytest.raises(BadRecordError) as caught:  # build_prompt takes videos only with a resolver
+        build_prompt(video, tok, processor, TOKENS_PER_TILE)
+    assert caught.value.reason == "unexpected_video"
+    with pytest.raises(BadRecordError) as caught:  # a tiling processor takes images only
+        build_prompt(video, tok, processor, TOKENS_PER_TILE, resolve_video=keep_image)
+    assert caught.value.reason == "unexpected_video"
+
+
+def test_native_images_and_videos_give_grids_and_token_counts():
+    processor = NativeImageProcessor(replace(FAMILIES["qwen3_vl"], min_pixels=32 * 32, max_pixels=64 * 64,
+                                             video_min_pixels=32 * 32, video_max_pixels=4 * 64 * 64))
+    images, frames = [picture(64, 32), picture(20, 40, seed=1)], [picture(40, 40, seed=s) for s in range(5)]
+    visual = encode_images(images, processor, TOKENS_PER_TILE, [frames])
+    expected = processor.images(images)
+    video = processor.video(frames)
+    assert torch.equal(visual.grid_thw, expected.grid_thw) and visual.visual_tokens == expected.visual_tokens
+    assert torch.equal(visual.pixel_values, expected.pixel_values) and visual.tiles_per_image == []
+    assert visual.video_grid_thw.tolist() == [list(video.grid_thw)]
+    assert visual.second_per_grid_ts == [video.seconds_per_group]
+    assert visual.video_tokens == [VideoTokens(video.grid_thw[0], video.tokens_per_group, tuple(video.group_times))]
+    assert encode_images([], processor, TOKENS_PER_TILE).grid_thw is None

@@ -1,12 +1,26 @@
 """Templates: what is supervised (decoded back to text), image placeholder expansion, bad-record
-reasons, and parity of the rendered text and ids with transformers' apply_chat_template."""
+reasons, and parity of the rendered text and ids with transformers' apply_chat_template; the
+Qwen-VL format's prompts equal to transformers' Qwen2-VL / Qwen2.5-VL / Qwen3-VL processors."""
 
+import json
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
-from transformers import AutoTokenizer
+import torch
+from PIL import Image
+from transformers import (AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil,
+                          Qwen2VLProcessor, Qwen3VLProcessor)
+from transformers.video_utils import VideoMetadata
 
-from tests.tokenizer_support import LLAMA31_TEMPLATE, builtin_tokenizer, chatml_dir, llama3_dir
-from vlmkit.constants import IGNORE_INDEX
-from vlmkit.data.template import encode_prompt, encode_record, render
+from tests.tokenizer_support import CHATML_TEMPLATE, LLAMA31_TEMPLATE, builtin_tokenizer, chatml_dir, hf_dir, llama3_dir
+from vlmkit.constants import (IGNORE_INDEX, IM_END, IM_START, IMAGE_PAD, QWEN_VL_TOKENS, VIDEO_PAD, VIDEO_PLACEHOLDER,
+                              VISION_START)
+from vlmkit.data.messages import keep_image
+from vlmkit.data.native_images import FAMILIES, NativeImageProcessor
+from vlmkit.data.prompt import build_prompt
+from vlmkit.data.template import VideoTokens, encode_prompt, encode_record, render
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.types import Message, Record
 from vlmkit.errors import BadRecordError
@@ -150,3 +164,152 @@ def test_builtin_template_renders_image_parts_like_the_engine(dirs):
     parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
     assert hf.apply_chat_template(parts, tokenize=False, add_generation_prompt=True) == \
         render([Message("user", "<image>\nWhat is it?")], tok, add_generation_prompt=True)
+
+
+# ---- the Qwen-VL format (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) against transformers' processors -------
+
+# Chat templates written for these tests from the families' documented format: Qwen2-VL's and
+# Qwen2.5-VL's (a default system prompt, parts side by side) and Qwen3-VL's (no default system).
+QWEN2_VL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QWEN3_VL_TEMPLATE = (
+    "{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
+    "{%- for content in message['content'] -%}"
+    "{%- if content['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif content['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in content -%}{{- content['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}{{- '<|im_end|>\n' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}")
+QWEN_VL_SPECIALS = ["<|endoftext|>", IM_START, IM_END, *QWEN_VL_TOKENS]
+QWEN_FAMILIES = {  # model_type: (chat template, transformers' processor class); small pixel budgets
+    "qwen2_vl": (QWEN2_VL_TEMPLATE, Qwen2VLProcessor),
+    "qwen2_5_vl": (QWEN2_VL_TEMPLATE, Qwen2_5_VLProcessor),
+    "qwen3_vl": (QWEN3_VL_TEMPLATE, Qwen3VLProcessor),
+}
+
+
+def qwen_vl_dir(path, template):
+    return hf_dir(path, QWEN_VL_SPECIALS, {"eos_token": IM_END, "pad_token": "<|endoftext|>",
+                                           "chat_template": template})
+
+
+def picture(width, height, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def small_config(family):
+    return replace(FAMILIES[family], min_pixels=32 * 32, max_pixels=128 * 128, video_min_pixels=32 * 32,
+                   video_max_pixels=4 * 64 * 64)
+
+
+def reference_processor(family, tokenizer_dir):
+    """transformers' processor of the family with its PIL image processor. Its argument class check
+    needs torchvision for the video processor, which this environment lacks; the video side only
+    needs merge_size for the text, so a stand-in with it is passed and the check is skipped."""
+    template, processor_class = QWEN_FAMILIES[family]
+    config = small_config(family)
+
+    class Reference(processor_class):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            return type(argument)
+
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=config.min_pixels, max_pixels=config.max_pixels, patch_size=config.patch_size,
+        image_mean=list(config.mean), image_std=list(config.std), merge_size=config.merge_size,
+        temporal_patch_size=config.temporal_patch_size)
+    video_processor = SimpleNamespace(merge_size=config.merge_size, temporal_patch_size=config.temporal_patch_size)
+    return Reference(image_processor=image_processor, tokenizer=PreTrainedTokenizerFast.from_pretrained(tokenizer_dir),
+                     video_processor=video_processor, chat_template=template)
+
+
+@pytest.fixture(scope="module", params=sorted(QWEN_FAMILIES))
+def qwen(request, tmp_path_factory):
+    family = request.param
+    directory = qwen_vl_dir(tmp_path_factory.mktemp(family) / "tok", QWEN_FAMILIES[family][0])
+    return SimpleNamespace(family=family, tok=Tokenizer.load(directory),
+                           reference=reference_processor(family, directory),
+                           processor=NativeImageProcessor(small_config(family)))
+
+
+def test_qwen_vl_tokenizers_are_detected_by_their_template(qwen, tmp_path):
+    assert qwen.tok.template == "qwen_vl" and qwen.tok.part_separator == ""
+    assert qwen.tok.image_token == IMAGE_PAD and qwen.tok.video_token_id == qwen.tok.token_id(VIDEO_PAD)
+    assert qwen.tok.default_system == ("You are a helpful assistant." if qwen.family != "qwen3_vl" else None)
+    # The same vocabulary with a text-only ChatML template (Qwen2.5's text models) stays chatml.
+    assert Tokenizer.load(qwen_vl_dir(tmp_path / "text", CHATML_TEMPLATE)).template == "chatml"
+    # Multimodal checkpoints may keep the template in the processor's chat_template.json.
+    directory = hf_dir(tmp_path / "processor", QWEN_VL_SPECIALS, {"eos_token": IM_END})
+    (directory / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_FAMILIES[qwen.family][0]}))
+    assert Tokenizer.load(directory).template == "qwen_vl"
+
+
+def test_qwen_vl_images_equal_the_processor(qwen):
+    """Images of three sizes, end to end through transformers' processor call."""
+    images = [picture(90, 40), picture(33, 70, seed=1), picture(64, 64, seed=2)]
+    conversation = [
+        {"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A red circle."},
+        {"role": "user", "content": [{"type": "text", "text": "And these:"}, {"type": "image", "image": images[1]},
+                                     {"type": "image", "image": images[2]}, {"type": "text", "text": "?"}]}]
+    text = qwen.reference.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    expected = qwen.reference(text=[text], images=images, return_tensors="pt")
+    prompt = build_prompt(conversation, qwen.tok, qwen.processor, 0)
+    assert prompt.input_ids == expected["input_ids"][0].tolist()
+    assert torch.equal(prompt.image_grid_thw, expected["image_grid_thw"])
+    assert len(set(prompt.image_grid_thw.prod(-1).tolist())) == 3  # three different grids
+    torch.testing.assert_close(prompt.pixel_values, expected["pixel_values"], rtol=0, atol=0)
+
+
+def test_qwen_vl_videos_equal_the_processor_text(qwen):
+    """A video among images: the reference's own placeholder expansion (Qwen3-VL: a `<t seconds>`
+    before each frame pair, tokenised with the text before it: " <" is one token here) on its rendered
+    template, tokenised by its tokenizer. Its video processor needs torchvision, so the grid comes
+    from ours (equal to it by tests/test_native_images.py)."""
+    images, frames = [picture(90, 40), picture(33, 70, seed=1)], [picture(50, 40, seed=s) for s in range(2, 7)]
+    conversation = [{"role": "user", "content": [
+        {"type": "image", "image": images[0]}, {"type": "text", "text": "Compare: "},
+        {"type": "video", "video": frames},
+        {"type": "text", "text": "with"}, {"type": "image", "image": images[1]}]}]
+    prompt = build_prompt(conversation, qwen.tok, qwen.processor, 0, resolve_video=keep_image)
+    video = qwen.processor.video(frames)
+    text = qwen.reference.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    image_inputs = qwen.reference.image_processor(images=images, return_tensors="pt")
+    video_inputs = {"video_grid_thw": torch.tensor([video.grid_thw]),
+                    "video_metadata": [VideoMetadata(total_num_frames=len(frames), fps=None,
+                                                     frames_indices=video.frame_indices)]}
+    replacements = ([qwen.reference.replace_image_token(image_inputs, i) for i in range(len(images))],
+                    [qwen.reference.replace_video_token(video_inputs, 0)])
+    [expanded], _ = qwen.reference.get_text_with_replacements([text], *replacements)
+    assert prompt.input_ids == qwen.reference.tokenizer(expanded, add_special_tokens=False)["input_ids"]
+    assert ("seconds>" in expanded) == (qwen.family == "qwen3_vl")
+    assert prompt.video_grid_thw.tolist() == [list(video.grid_thw)]
+    assert torch.equal(prompt.pixel_values_videos, video.pixel_values)
+    assert prompt.second_per_grid_ts == [video.seconds_per_group]
+
+
+def test_qwen_vl_records_supervise_the_answer_and_wrap_the_visuals(qwen):
+    record = Record("r", "test", "chat", [Message("user", f"{VIDEO_PLACEHOLDER}\nWhich shape moves?"),
+                                          Message("assistant", "the red circle")])
+    video = VideoTokens(groups=2, tokens_per_group=3, times=(0.5, 1.5))
+    ids, labels = encode_record(record, qwen.tok, [], [video])
+    assert [qwen.tok.decode(run, skip_special=False) for run in supervised(labels)] == \
+        [f"the red circle{IM_END}"]
+    assert ids.count(qwen.tok.video_token_id) == 6 and ids.count(qwen.tok.token_id(VISION_START)) == 2
+    with pytest.raises(BadRecordError) as caught:
+        encode_record(record, qwen.tok, [], [])
+    assert caught.value.reason == "placeholder_mismatch"
+
+
+def test_videos_need_a_video_token(tok):
+    record = chat(("user", f"{VIDEO_PLACEHOLDER} what moves?"), ("assistant", "a circle"))
+    with pytest.raises(BadRecordError) as caught:
+        encode_record(record, tok, [], [VideoTokens(1, 4)])
+    assert caught.value.reason == "no_video_token"

@@ -6,6 +6,12 @@ IGNORE_INDEX = -100
 # The placeholder users write in text where an image goes (LLaVA convention). Templates expand
 # each placeholder into the image's visual tokens, all carrying the tokenizer's image token id.
 IMAGE_PLACEHOLDER = "<image>"
+# Where a video goes (LLaVA-Video's convention); templates expand it into the video's tokens.
+VIDEO_PLACEHOLDER = "<video>"
+
+# Normalisation of the images CLIP was trained on (OpenAI's CLIP, Qwen2-VL and Qwen2.5-VL).
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Special tokens of the built-in tokenizer (data/tokenizer.py). Loaded tokenizers bring their own.
 IMAGE_TOKEN = "<image>"
@@ -26,6 +32,15 @@ LLAMA3_END_OF_MESSAGE = "<|eom_id|>"
 """Ends an assistant message that calls a tool (Llama-3.1); generation stops on it too."""
 LLAMA3_CHAT_TOKENS = (LLAMA3_BEGIN_OF_TEXT, LLAMA3_HEADER_START, LLAMA3_HEADER_END, LLAMA3_END_OF_TURN)
 """The tokens a vocabulary needs for the Llama-3 chat format."""
+
+# The Qwen-VL chat format (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; data/template.py renders it): ChatML
+# turns, an image as <|vision_start|><|image_pad|>...<|vision_end|>, a video likewise with <|video_pad|>.
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+QWEN_VL_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+"""The tokens a vocabulary needs for the Qwen-VL chat format."""
 
 # File names of the checkpoint directory (docs/architecture.md, "Checkpoint format").
 CONFIG_FILE = "config.json"

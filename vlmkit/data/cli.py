@@ -1,15 +1,9 @@
 """`vlmkit data synth` (write the synthetic world) and `vlmkit data inspect` (look at data files).
 
-inspect reads each path with the format readers, decodes every image (the same checks as training)
-and reports: record counts by modality, bad records by reason (with examples), truncated samples,
-a histogram of text-token lengths, and the packing efficiency the data reaches at `--budget`.
-
-Token lengths: with `--tokenizer DIR` every record goes through the real pipeline (chat template,
-loss mask) and lengths are exact. Without one, lengths are byte-level: the UTF-8 bytes of the text
-(placeholders removed) plus the visual tokens. A byte-level count is an upper bound on any
-byte-level BPE tokenizer's count (typically 3-5x more than a trained one on English), so it is
-useful for spotting outliers and bad records, not for sizing budgets; pass a tokenizer for that.
-Visual tokens are `tiles * --tokens-per-image` (tiles per `--image-size` / `--max-tiles`).
+synth writes the world of data/world.py: `--layout fixed` (the demo's scenes) or `native` (grids
+for native-resolution models), with `--clips` motion clips per split (WorldSpec's n_*_clips). inspect reports what
+data/inspection.py counts: records by modality, bad records by reason, token lengths (exact with
+`--tokenizer DIR`, byte-level without), packing efficiency at `--budget`.
 """
 
 from __future__ import annotations
@@ -17,19 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
 
-from vlmkit.constants import IMAGE_PLACEHOLDER
-from vlmkit.data.formats import FORMATS, Item
-from vlmkit.data.images import ImageProcessor
-from vlmkit.data.packing import Packer, SourceStream
-from vlmkit.data.pipeline import SamplePipeline, check_record
-from vlmkit.data.synth import IMAGE_SIZE
-from vlmkit.data.tokenizer import Tokenizer
-from vlmkit.data.types import Record, Sample
+from vlmkit.data.formats import FORMATS
+from vlmkit.data.synth import IMAGE_SIZE, LAYOUTS
 from vlmkit.data.world import generate
 
-HISTOGRAM_EDGES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+SPLITS = ("train", "val", "test")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("--scenes", type=int, default=20000,
                        help="training scenes (validation gets 1/40 of that, test 1/20)")
     synth.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="image side in pixels")
+    synth.add_argument("--layout", choices=LAYOUTS, default="fixed",
+                       help="fixed: the demo's 3x3 scenes; native: grids of several shapes and cell sizes")
+    synth.add_argument("--clips", type=clip_counts, default=(0, 0, 0), metavar="N | TRAIN,VAL,TEST",
+                       help="motion clips: N in each split, or one count per split (default: none)")
     synth.add_argument("--seed", type=int, default=0)
     inspect = sub.add_parser("inspect", help="count records, bad records by reason, lengths, packing efficiency")
     inspect.add_argument("paths", nargs="+", metavar="PATH", help="data files or directories")
@@ -52,9 +43,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
 
 
+def clip_counts(text: str) -> tuple[int, int, int]:
+    """`--clips`: "N" (N clips in each split) or "TRAIN,VAL,TEST" -> (train, val, test)."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or TRAIN,VAL,TEST (whole numbers), got {text!r}") from None
+    if len(counts) == 1:
+        counts *= len(SPLITS)
+    if len(counts) != len(SPLITS) or min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"expected N or TRAIN,VAL,TEST (counts >= 0), got {text!r}")
+    return tuple(counts)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.action == "synth":
         return _synth(args)
+    # Imported here to keep torch (the pipeline, packing and image decoding it runs) out of
+    # `vlmkit data --help`.
+    from vlmkit.data.inspection import format_report, inspect_paths
+
     report = inspect_paths(args.paths, fmt=args.format, root=args.root, tokenizer_dir=args.tokenizer,
                            budget=args.budget, tokens_per_image=args.tokens_per_image,
                            image_size=args.image_size, max_tiles=args.max_tiles)
@@ -64,104 +72,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _synth(args: argparse.Namespace) -> int:
     n = args.scenes
+    n_train_clips, n_val_clips, n_test_clips = args.clips
     result = generate(args.out, n_train=n, n_val=max(1, n // 40), n_test=max(1, n // 20),
-                      image_size=args.image_size, seed=args.seed, progress=sys.stderr.isatty())
+                      image_size=args.image_size, seed=args.seed, layout=args.layout, n_train_clips=n_train_clips,
+                      n_val_clips=n_val_clips, n_test_clips=n_test_clips, progress=sys.stderr.isatty())
     print(json.dumps(result, indent=1, default=str))
     return 0
-
-
-class ByteLengthPipeline(SamplePipeline):
-    """SamplePipeline whose samples are byte-level lengths: no tokenizer or template needed.
-
-    Same checks and counting as training (readers, structure, every image decoded); the sample's
-    ids are placeholders of the right length (UTF-8 bytes of the text + visual tokens).
-    """
-
-    def _encode(self, record: Record) -> Sample:
-        check_record(record)
-        tiles = [self.processor.num_tiles(*self.processor.load(ref).size) for ref in record.images]
-        text = record.text if record.kind == "text" else "".join(m.content for m in record.messages)
-        n = len(text.replace(IMAGE_PLACEHOLDER, "").encode("utf-8")) + sum(tiles) * self.tokens_per_image
-        ids, labels = self._fit(record, [0] * n, [0] * n)
-        return Sample(record.id, record.source, ids, labels, None, tiles)
-
-
-class _Inspector:
-    """The packer's pipeline for inspect: counts lengths and modalities; never stops a run."""
-
-    def __init__(self, pipeline: SamplePipeline):
-        self.pipeline, self.stats = pipeline, pipeline.stats
-        self.text_lengths: list[int] = []
-        self.modalities: Counter[str] = Counter()
-
-    def encode(self, item: Item) -> Sample | None:
-        sample = self.pipeline.encode(item)
-        if sample is None:
-            return None
-        visual = sum(sample.tiles_per_image) * self.pipeline.tokens_per_image
-        self.text_lengths.append(len(sample) - visual)
-        self.modalities[sample.modality] += 1
-        sample.pixel_values = None  # lengths are all the packer needs here
-        return sample
-
-
-def inspect_paths(paths: list[str], *, fmt: str = "auto", root: str | None = None, tokenizer_dir: str | None = None,
-                  budget: int = 4096, tokens_per_image: int = 64, image_size: int = 384, max_tiles: int = 1) -> dict:
-    """Read every record of `paths` and return the report `vlmkit data inspect --json` prints."""
-    tokenizer = Tokenizer.load(tokenizer_dir) if tokenizer_dir is not None else None
-    processor = ImageProcessor(image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), max_tiles=max_tiles)
-    kind = SamplePipeline if tokenizer is not None else ByteLengthPipeline
-    inspector = _Inspector(kind(tokenizer, processor, tokens_per_image, max_length=budget, max_bad_fraction=1.0,
-                                name="inspect"))
-    packs = 0
-    tokens = 0
-    for path in paths:
-        stream = SourceStream(path, fmt, root=root, shuffle_block=1, loop=False)
-        for batch in Packer(stream, inspector, budget):
-            packs += 1
-            tokens += batch.num_tokens
-    lengths = inspector.text_lengths
-    stats = inspector.stats
-    return {
-        "paths": [str(p) for p in paths],
-        "records": stats.seen,
-        "ok": stats.ok,
-        "bad": dict(sorted(stats.bad.items())),
-        "bad_examples": stats.examples,
-        "truncated": stats.truncated,
-        "modality": dict(inspector.modalities),
-        "tokenizer": tokenizer_dir or "bytes",
-        "text_tokens": {"mean": sum(lengths) / len(lengths) if lengths else 0.0, "max": max(lengths, default=0),
-                        "histogram": _histogram(lengths)},
-        "budget": budget,
-        "packs": packs,
-        "packing_efficiency": tokens / (packs * budget) if packs else 0.0,
-    }
-
-
-def _histogram(lengths: list[int]) -> dict[str, int]:
-    bins = Counter()
-    for n in lengths:
-        upper = next((e for e in HISTOGRAM_EDGES if n < e), None)
-        bins[f"<{upper}" if upper else f">={HISTOGRAM_EDGES[-1]}"] += 1
-    order = [f"<{e}" for e in HISTOGRAM_EDGES] + [f">={HISTOGRAM_EDGES[-1]}"]
-    return {k: bins[k] for k in order if bins[k]}
-
-
-def format_report(report: dict) -> str:
-    lines = [f"{', '.join(report['paths'])}",
-             f"records: {report['records']}  ok: {report['ok']}  bad: {sum(report['bad'].values())}  "
-             f"truncated: {report['truncated']}  by modality: {report['modality']}"]
-    for reason, n in report["bad"].items():
-        lines.append(f"  bad {reason}: {n}  e.g. {report['bad_examples'][reason][0]}")
-    t = report["text_tokens"]
-    lines.append(f"text tokens ({report['tokenizer']}): mean {t['mean']:.1f}, max {t['max']}")
-    peak = max(t["histogram"].values(), default=1)
-    for label, n in t["histogram"].items():
-        lines.append(f"  {label:>7} {n:8d} {'#' * max(1, round(40 * n / peak))}")
-    lines.append(f"packing at budget {report['budget']}: {report['packs']} packs, "
-                 f"efficiency {report['packing_efficiency']:.1%}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:  # `python -m vlmkit.data.cli`

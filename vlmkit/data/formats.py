@@ -4,11 +4,15 @@ Formats (DataSource.format in vlmkit/config.py):
 - llava       LLaVA JSON (a list) or JSONL: {"id", "image": path | [paths], "conversations":
               [{"from": "human"|"gpt"|"user"|"assistant"|"system", "value": "...<image>..."}]}.
               A record with images but no `<image>` placeholder gets one per image prepended to
-              its first user turn, as LLaVA's preprocessing does.
+              its first user turn, as LLaVA's preprocessing does. Videos (LLaVA-Video's form):
+              "video": a video file or frame directory | [frame paths] (one clip) | [[frame
+              paths], ...] (several), with `<video>` placeholders (prepended likewise when absent).
 - messages    OpenAI-style chat JSONL: {"messages": [{"role", "content": str | [parts]}]} where a
               part is {"type": "text", "text"}, {"type": "image", "image": path} or
-              {"type": "image_url", "image_url": {"url": path | file:// | data: URL}}, read by
-              data/messages.py as every OpenAI-style conversation is.
+              {"type": "image_url", "image_url": {"url": path | file:// | data: URL}}, a video
+              {"type": "video", "video": [frame paths] | path} or {"type": "video_url",
+              "video_url": {"url": path | file://}}, read by data/messages.py as every
+              OpenAI-style conversation is.
 - text        language data JSONL: {"text": "..."} (every token supervised).
 - parquet     parquet files (one, or a directory of them), rows in any of the shapes above, or
               caption rows {"image", "caption"|"text"}; an image cell is bytes, a path, or an
@@ -22,7 +26,8 @@ Every reader yields Record or BadRecord and never raises on one bad row: malform
 by file:line, a bad image path by record. Image paths resolve under a root (the file's directory
 unless stated); a path that leaves it (`..`, an absolute path elsewhere, a symlink pointing out)
 makes the record bad ("path_escapes_root"); `image_ref` is that rule, for benchmark files too
-(eval/benchmarks.py). Images are not opened here (data/images.py does).
+(eval/benchmarks.py); a video's frames and a video path follow the same rule. Images and videos
+are not opened here (data/images.py and data/native_images.py do).
 """
 
 from __future__ import annotations
@@ -37,9 +42,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmkit.constants import IMAGE_PLACEHOLDER
-from vlmkit.data.messages import ROLES, to_messages
-from vlmkit.data.types import ImageRef, Message, Record
+from vlmkit.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from vlmkit.data.messages import ROLES, read_conversation
+from vlmkit.data.types import ImageRef, Message, Record, VideoRef
 from vlmkit.errors import BadRecordError, ConfigError
 
 FORMATS = ("llava", "messages", "text", "parquet", "hf_dataset", "webdataset")
@@ -274,13 +279,16 @@ def _webdataset_sample(ctx: _Context, key: str, group: dict[str, bytes]) -> Item
 def record_from_row(row: dict, root: Path, rid: str, source: str) -> Record:
     """Interpret one row of any supported shape; raises BadRecordError."""
     images = [image_ref(v, root) for v in _as_list(row.get("image", row.get("images")))]
+    videos = [video_ref(v, root, "video") for v in _llava_videos(row.get("video", row.get("videos")))]
     if "conversations" in row:
-        messages = _llava_messages(row["conversations"])
-        return Record(rid, source, "chat", _with_placeholders(messages, len(images)), images)
+        messages = _with_placeholders(_llava_messages(row["conversations"]), len(images), len(videos))
+        return Record(rid, source, "chat", messages, images, videos=videos)
     if "messages" in row:
-        messages, part_images = to_messages(row["messages"], functools.partial(_message_image, root=root))
-        return Record(rid, source, "chat", _with_placeholders(messages, len(images + part_images)),
-                      images + part_images)
+        conversation = read_conversation(row["messages"], functools.partial(_message_image, root=root),
+                                         functools.partial(_message_video, root=root))
+        images, videos = images + conversation.images, videos + conversation.videos
+        messages = _with_placeholders(conversation.messages, len(images), len(videos))
+        return Record(rid, source, "chat", messages, images, videos=videos)
     caption = row.get("caption", row.get("text"))
     if images:
         if not isinstance(caption, str) or not caption.strip():
@@ -326,15 +334,52 @@ def _message_image(value, where: str, role: str, *, root: Path) -> ImageRef:
     return image_ref(value, root)
 
 
-def _with_placeholders(messages: list[Message], n_images: int) -> list[Message]:
-    """LLaVA convention: images without any placeholder go before the first user turn's text."""
-    if n_images == 0 or any(IMAGE_PLACEHOLDER in m.content for m in messages):
+def _message_video(value, where: str, role: str, *, root: Path) -> VideoRef:
+    """A video part of a messages record: its frame paths, or a video file / frame directory path,
+    resolved under the record's image root."""
+    return video_ref(value, root, where)
+
+
+def _llava_videos(value) -> list:
+    """LLaVA's "video" value -> one entry per video: a path, or a list of frame paths (one clip),
+    or a list of such lists (several clips)."""
+    if value is None:
+        return []
+    if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+        return value
+    return [value]
+
+
+def _with_placeholders(messages: list[Message], n_images: int, n_videos: int = 0) -> list[Message]:
+    """LLaVA convention: images (or videos) without any placeholder of their kind go before the
+    first user turn's text, videos first."""
+    missing = ""
+    if n_videos and not any(VIDEO_PLACEHOLDER in m.content for m in messages):
+        missing += (VIDEO_PLACEHOLDER + "\n") * n_videos
+    if n_images and not any(IMAGE_PLACEHOLDER in m.content for m in messages):
+        missing += (IMAGE_PLACEHOLDER + "\n") * n_images
+    if not missing:
         return messages
     for m in messages:
         if m.role == "user":
-            m.content = (IMAGE_PLACEHOLDER + "\n") * n_images + m.content
+            m.content = missing + m.content
             break
     return messages
+
+
+def video_ref(value, root: Path, where: str) -> VideoRef:
+    """One video entry -> VideoRef: a list of frames (each by `image_ref`'s rule) or a path / file://
+    URL of a video file or frame directory under `root` (the same root rule). Raises BadRecordError
+    (malformed_record: none of these, or a video given as bytes; remote_image; path_escapes_root)."""
+    if isinstance(value, list):
+        if not value:
+            raise BadRecordError("malformed_record", f"{where}: a video needs at least one frame")
+        return [image_ref(frame, root) for frame in value]
+    ref = image_ref(value, root) if isinstance(value, str) else None
+    if ref is None or ref.path is None:
+        raise BadRecordError("malformed_record", f"{where}: a video is a list of frames or a path, "
+                             f"got {str(value)[:60]!r}")
+    return ref
 
 
 def image_ref(value, root: Path) -> ImageRef:

@@ -42,11 +42,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageSequence
 
+from vlmkit.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vlmkit.data.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, to_rgb
 from vlmkit.errors import BadRecordError
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF_MEAN_STD = (0.5, 0.5, 0.5)
 """Qwen3-VL's mean and std (the reference's IMAGENET_STANDARD values)."""
 
@@ -102,6 +101,11 @@ class NativeProcessorConfig:
     def window(self) -> int:
         """Pixels per side of one merge window: every resized side is a multiple of it."""
         return self.patch_size * self.merge_size
+
+    @property
+    def timestamps_in_prompt(self) -> bool:
+        """Whether the prompt writes `<t seconds>` before each temporal group of a video (Qwen3-VL)."""
+        return self.video_rules == "qwen3_vl"
 
     @property
     def patch_dim(self) -> int:

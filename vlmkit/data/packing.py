@@ -18,7 +18,12 @@ times goes first, so none starves. Its cursor (`state_dict`) is a small JSON-abl
 stream position, the positions of the buffered samples and the pipeline's counters; restoring it
 re-reads and re-encodes those few samples, so the following packs are exactly the same.
 
-Shape suffixes: T = tokens of a pack, S = samples, N = image tiles.
+Samples of native-resolution models (data/native_images.py) carry patch rows instead of tiles,
+and their image and video grids (`grid_thw`) and seconds per temporal group are concatenated in
+sample order beside them.
+
+Shape suffixes: T = tokens of a pack, S = samples, N = image tiles; native: P = patch rows, D =
+values per row, I = images, V = videos.
 """
 
 from __future__ import annotations
@@ -43,19 +48,28 @@ def collate(samples: list[Sample], budget: int) -> PackedBatch:
     lengths = [len(s) for s in samples]
     cu = torch.zeros(len(samples) + 1, dtype=torch.int32)  # (S+1,)
     cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
-    pixels = [s.pixel_values for s in samples if s.pixel_values is not None]
     return PackedBatch(
         input_ids=torch.tensor([t for s in samples for t in s.input_ids], dtype=torch.long),  # (T,)
         labels=torch.tensor([t for s in samples for t in s.labels], dtype=torch.long),  # (T,)
         position_ids=torch.cat([torch.arange(n, dtype=torch.long) for n in lengths]) if samples
         else torch.zeros(0, dtype=torch.long),  # (T,)
         cu_seqlens=cu,
-        pixel_values=torch.cat(pixels) if pixels else None,  # (N, 3, H, W)
+        pixel_values=_cat_or_none([s.pixel_values for s in samples]),  # (N, 3, H, W); native (P, D)
         tiles_per_image=[n for s in samples for n in s.tiles_per_image],
         sample_ids=[s.id for s in samples],
         sources=[s.source for s in samples],
         budget=budget,
+        image_grid_thw=_cat_or_none([s.image_grid_thw for s in samples]),  # (I, 3)
+        pixel_values_videos=_cat_or_none([s.pixel_values_videos for s in samples]),  # (P, D)
+        video_grid_thw=_cat_or_none([s.video_grid_thw for s in samples]),  # (V, 3)
+        second_per_grid_ts=[t for s in samples for t in s.second_per_grid_ts],
     )
+
+
+def _cat_or_none(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The samples' tensors of one field concatenated in sample order; None when none has one."""
+    present = [t for t in tensors if t is not None]
+    return torch.cat(present) if present else None
 
 
 class SourceStream:

@@ -1,15 +1,17 @@
 """Record -> Sample, skipping and counting what cannot be used (docs/architecture.md, "Data flow").
 
 `SamplePipeline.encode(item)` decodes and tiles the record's images (data/prompt.py's
-`encode_images`, the same path prompts take at inference), tokenises
+`encode_images`, the same path prompts take at inference; with a NativeImageProcessor images and
+videos become patch rows and grids, carried by the Sample), tokenises
 it with the chat template (data/template.py `encode_record`, which also builds the loss mask) and
 returns a Sample, or None for a record that cannot be used. Each skip is counted under a stable
 reason and the record is named in the log (logger "vlmkit.data"):
 
     malformed_json, malformed_record, unknown_role, remote_image, path_escapes_root, no_caption,
     empty_text (from the readers);  missing_image, empty_image, truncated_image, not_an_image,
-    image_too_large (images);  no_assistant_turn, placeholder_mismatch, no_supervised_tokens
-    (template and here);  too_long (over max_length and not truncatable, or overflow="drop").
+    image_too_large (images);  unexpected_video, missing_video, empty_video, ... (videos);
+    no_assistant_turn, placeholder_mismatch, no_supervised_tokens (template and here);  too_long
+    (over max_length and not truncatable, or overflow="drop").
 
 A sample longer than `max_length` is cut to it when overflow="truncate" (counted as truncated)
 unless the cut would split an image's visual tokens, in which case it is dropped as too_long.
@@ -24,9 +26,10 @@ from collections import Counter
 
 import torch
 
-from vlmkit.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from vlmkit.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from vlmkit.data.formats import BadRecord, Item
 from vlmkit.data.images import ImageProcessor
+from vlmkit.data.native_images import NativeImageProcessor
 from vlmkit.data.prompt import VisualInputs, encode_images
 from vlmkit.data.template import encode_record
 from vlmkit.data.types import Record, Sample
@@ -93,10 +96,12 @@ def check_record(record: Record) -> None:
         return
     if not any(m.role == "assistant" and m.content.strip() for m in record.messages):
         raise BadRecordError("no_assistant_turn", "the conversation has no non-empty assistant turn", record.id)
-    placeholders = sum(m.content.count(IMAGE_PLACEHOLDER) for m in record.messages)
-    if placeholders != len(record.images):
-        raise BadRecordError("placeholder_mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders but "
-                             f"{len(record.images)} images", record.id)
+    for placeholder, found, what in ((IMAGE_PLACEHOLDER, record.images, "images"),
+                                     (VIDEO_PLACEHOLDER, record.videos, "videos")):
+        placeholders = sum(m.content.count(placeholder) for m in record.messages)
+        if placeholders != len(found):
+            raise BadRecordError("placeholder_mismatch", f"{placeholders} {placeholder} placeholders but "
+                                 f"{len(found)} {what}", record.id)
 
 
 def describe(record: Record, error: BadRecordError) -> str:
@@ -108,7 +113,7 @@ def describe(record: Record, error: BadRecordError) -> str:
 class SamplePipeline:
     """Record -> Sample with bad-record accounting; see the module docstring for the reasons."""
 
-    def __init__(self, tokenizer, processor: ImageProcessor | None, tokens_per_image: int, *,
+    def __init__(self, tokenizer, processor: ImageProcessor | NativeImageProcessor | None, tokens_per_image: int, *,
                  max_length: int | None = None, overflow: str = "truncate", max_bad_fraction: float = 0.01,
                  min_records: int = 100, name: str = "data"):
         if overflow not in ("truncate", "drop"):
@@ -137,34 +142,36 @@ class SamplePipeline:
     def _encode(self, record: Record) -> Sample:
         check_record(record)
         visual = self._visual(record)
-        input_ids, labels = encode_record(record, self.tokenizer, visual.visual_tokens)
+        input_ids, labels = encode_record(record, self.tokenizer, visual.visual_tokens, visual.video_tokens)
         input_ids, labels = self._fit(record, list(input_ids), list(labels))
         if all(t == IGNORE_INDEX for t in labels[1:]):  # labels[0] is never a target
             raise BadRecordError("no_supervised_tokens", "no supervised token is left after templating", record.id)
-        return Sample(record.id, record.source, input_ids, labels, visual.pixel_values, visual.tiles_per_image)
+        return Sample(record.id, record.source, input_ids, labels, visual.pixel_values, visual.tiles_per_image,
+                      visual.grid_thw, visual.pixel_values_videos, visual.video_grid_thw, visual.second_per_grid_ts)
 
     def _visual(self, record: Record) -> VisualInputs:
-        """The record's images decoded, checked and tiled; errors name the record."""
-        if record.images and self.processor is None:
+        """The record's images (and videos) decoded, checked and tiled; errors name the record."""
+        if (record.images or record.videos) and self.processor is None:
             raise BadRecordError("unexpected_image", "this source is read without an image processor", record.id)
-        if not record.images:
+        if not record.images and not record.videos:
             return VisualInputs(pixel_values=None)
         try:
-            return encode_images(record.images, self.processor, self.tokens_per_image)
+            return encode_images(record.images, self.processor, self.tokens_per_image, record.videos)
         except BadRecordError as e:
             raise BadRecordError(e.reason, str(e), record.id) from None
 
     def pixels(self, record: Record) -> torch.Tensor | None:
-        """The (N, 3, S, S) tiles of a record that encode() accepted, made again (for the packer,
-        when its buffer is past its byte cap for tiles)."""
+        """The (N, 3, S, S) tiles (native: (P, D) patch rows) of a record that encode() accepted,
+        made again (for the packer, when its buffer is past its byte cap for tiles)."""
         return self._visual(record).pixel_values
 
     def _fit(self, record: Record, input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         limit = self.max_length
         if limit is None or len(input_ids) <= limit:
             return input_ids, labels
-        image_id = getattr(self.tokenizer, "image_token_id", None)
-        if self.overflow == "drop" or (record.images and image_id in input_ids[limit:]):
+        visual_ids = {getattr(self.tokenizer, "image_token_id", None), getattr(self.tokenizer, "video_token_id", None)}
+        cut_visual = (record.images or record.videos) and not visual_ids.isdisjoint(input_ids[limit:])
+        if self.overflow == "drop" or cut_visual:
             raise BadRecordError("too_long", f"{len(input_ids)} tokens > max_length {limit}"
                                  + (" (cutting would split an image)" if self.overflow == "truncate" else ""),
                                  record.id)

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field, replace
 
 from PIL import Image, ImageDraw
 
-from vlmkit.constants import IMAGE_PLACEHOLDER
+from vlmkit.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -103,8 +103,6 @@ CLIP_FRAMES = (4, 6, 8)
 """Frames a clip may have: even, since the Qwen-VL video processors merge frames in pairs."""
 MAX_MOVERS = 2
 """Shapes that move in one clip (1 or 2, uniformly)."""
-VIDEO_PLACEHOLDER = "<video>"
-"""Where a clip goes in a LLaVA-style conversation (LLaVA-Video's placeholder)."""
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 
 # 5x7 digit glyphs, drawn on a light tile and scaled to the cell (no font files involved, so the

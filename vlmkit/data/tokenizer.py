@@ -11,7 +11,12 @@ ones) and works out the chat format from the special tokens it holds:
 
     builtin   ChatML markers, no default system prompt (vlmkit's own tokenizer)
     chatml    <|im_start|>role\\n ... <|im_end|>\\n    (Qwen2, Qwen3, SmolLM2)
+    qwen_vl   ChatML with <|vision_start|> <|image_pad|> / <|video_pad|> <|vision_end|> around
+              visual tokens and content parts joined with nothing (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
     llama3    <|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\n ... <|eot_id|>
+
+A Qwen-VL template is told from a plain ChatML one by its jinja writing <|vision_start|> (Qwen2.5's
+text tokenizers hold the vision tokens too).
 
 The system text that the directory's own jinja template adds (a default system prompt when a
 conversation has none, as Qwen2's; a prefix before a given one, as Llama-3.1's date lines) is read
@@ -30,16 +35,20 @@ from tokenizers import AddedToken, Tokenizer as _Backend, decoders, models, pre_
 
 from vlmkit.constants import (BUILTIN_SPECIAL_TOKENS, EOS_TOKEN, IM_END, IM_START, IMAGE_TOKEN, LLAMA3_BEGIN_OF_TEXT,
                               LLAMA3_CHAT_TOKENS, LLAMA3_END_OF_MESSAGE, LLAMA3_END_OF_TEXT, LLAMA3_END_OF_TURN,
-                              LLAMA3_HEADER_END, LLAMA3_HEADER_START, PAD_TOKEN)
+                              LLAMA3_HEADER_END, LLAMA3_HEADER_START, PAD_TOKEN, IMAGE_PAD, QWEN_VL_TOKENS,
+                              VIDEO_PAD, VISION_START)
 from vlmkit.errors import ConfigError
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_MAP_FILE = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+PROCESSOR_TEMPLATE_FILE = "chat_template.json"
+"""Where multimodal checkpoints (Qwen-VL) keep the processor's chat template: {"chat_template": ...}."""
 
 # Image tokens recognised in loaded vocabularies, in order of preference.
-IMAGE_TOKENS = (IMAGE_TOKEN, "<|image_pad|>")
+IMAGE_TOKENS = (IMAGE_TOKEN, IMAGE_PAD)
+TEMPLATES = ("builtin", "chatml", "llama3", "qwen_vl")
 
 # The built-in chat template, ChatML without a default system prompt. Message content is a string
 # (IMAGE_PLACEHOLDER marks images) or a list of {"type": "text" | "image"} parts joined by newlines,
@@ -62,8 +71,8 @@ class Tokenizer:
     """A HF `tokenizers` backend plus what vlmkit's templates need: special ids and the chat format."""
 
     def __init__(self, backend: _Backend, config: dict, template: str):
-        if template not in ("builtin", "chatml", "llama3"):
-            raise ConfigError(f"unknown chat template {template!r}; expected builtin, chatml or llama3")
+        if template not in TEMPLATES:
+            raise ConfigError(f"unknown chat template {template!r}; expected one of {TEMPLATES}")
         self.backend = backend
         self.config = config  # the tokenizer_config.json mapping, written back by save()
         self.template = template
@@ -124,6 +133,12 @@ class Tokenizer:
         jinja = path / CHAT_TEMPLATE_FILE  # newer HF directories keep the template beside the config
         if "chat_template" not in config and jinja.is_file():
             config["chat_template"] = jinja.read_text()
+        processor_template = path / PROCESSOR_TEMPLATE_FILE
+        if "chat_template" not in config and processor_template.is_file():
+            try:
+                config["chat_template"] = json.loads(processor_template.read_text()).get("chat_template")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise ConfigError(f"{processor_template}: not a JSON object with a chat_template ({e})") from None
         tok = cls(backend, config, _template_kind(backend, config, path))
         if tok.template != "builtin":
             tok.default_system, tok.system_prefix = _system_text(tok)
@@ -191,6 +206,21 @@ class Tokenizer:
         return None if token is None else self.token_id(token)
 
     @property
+    def video_token(self) -> str | None:
+        """The token a video's visual tokens carry (Qwen-VL's <|video_pad|>), or None."""
+        return VIDEO_PAD if self.token_id(VIDEO_PAD) is not None else None
+
+    @property
+    def video_token_id(self) -> int | None:
+        return self.token_id(VIDEO_PAD)
+
+    @property
+    def part_separator(self) -> str:
+        """What joins the pieces of a list content (data/messages.py): the Qwen-VL templates put
+        parts side by side, vlmkit's built-in one on separate lines."""
+        return "" if self.template == "qwen_vl" else "\n"
+
+    @property
     def eos_id(self) -> int:
         """End of a text document (the id appended to text records)."""
         for token in (_token_str(self.config.get("eos_token")), EOS_TOKEN, LLAMA3_END_OF_TEXT):
@@ -243,7 +273,10 @@ def _template_kind(backend: _Backend, config: dict, path: Path) -> str:
     if all(backend.token_to_id(t) is not None for t in LLAMA3_CHAT_TOKENS):
         return "llama3"
     if backend.token_to_id(IM_START) is not None and backend.token_to_id(IM_END) is not None:
-        return "chatml"
+        # Qwen2.5's text tokenizers hold the vision tokens too: only a template that writes them is Qwen-VL's.
+        vision_template = VISION_START in str(config.get("chat_template") or "")
+        has_tokens = all(backend.token_to_id(t) is not None for t in QWEN_VL_TOKENS)
+        return "qwen_vl" if vision_template and has_tokens else "chatml"
     raise ConfigError(f"{path}: unsupported chat format: the vocabulary has neither ChatML markers "
                       f"({IM_START}, {IM_END}) nor Llama-3 headers ({', '.join(LLAMA3_CHAT_TOKENS)})")
 

@@ -5,16 +5,19 @@
         -> PackedBatch  (packing.py: many samples in one flat sequence, no padding)
 
 PackedBatch is the contract with the model (VLM.compute_loss) and the training loop.
-Shape suffixes: T = total tokens of a pack, S = samples in a pack, N = image tiles in a pack.
+Shape suffixes: T = total tokens of a pack, S = samples in a pack, N = image tiles in a pack;
+for native-resolution models (data/native_images.py) P = patch rows, D = values per patch row,
+I = images, V = videos.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # tensors appear in annotations only: the readers (formats.py) load without torch
+    import torch
 
 Modality = Literal["image", "text"]
 RecordKind = Literal["chat", "caption", "text"]
@@ -31,9 +34,15 @@ class ImageRef:
         return str(self.path) if self.path is not None else f"<{len(self.data or b'')} bytes>"
 
 
+VideoRef = ImageRef | list[ImageRef]
+"""A video before decoding: a video file or a directory of frames (an ImageRef with a path), or
+its frames in order."""
+
+
 @dataclass
 class Message:
-    """One chat turn. `content` is text in which IMAGE_PLACEHOLDER marks where each image goes."""
+    """One chat turn. `content` is text in which IMAGE_PLACEHOLDER marks where each image goes and
+    VIDEO_PLACEHOLDER where each video goes."""
 
     role: Literal["system", "user", "assistant"]
     content: str
@@ -54,10 +63,12 @@ class Record:
     images: list[ImageRef] = field(default_factory=list)
     text: str = ""
     meta: dict = field(default_factory=dict)
+    videos: list[VideoRef] = field(default_factory=list)
+    """One per VIDEO_PLACEHOLDER, in reading order."""
 
     @property
     def modality(self) -> Modality:
-        return "image" if self.images else "text"
+        return "image" if self.images or self.videos else "text"
 
 
 @dataclass
@@ -73,12 +84,19 @@ class Sample:
     source: str
     input_ids: list[int]
     labels: list[int]
-    pixel_values: torch.Tensor | None = None  # (N, 3, H, W) tiles of all images, in order
+    pixel_values: torch.Tensor | None = None  # (N, 3, H, W) tiles of all images, in order; native: (P, D)
     tiles_per_image: list[int] = field(default_factory=list)
+    # Native-resolution models only (None otherwise): each image's and video's grid, the videos' pixels.
+    image_grid_thw: torch.Tensor | None = None  # (I, 3) int64 (1, patch rows, patch columns) per image
+    pixel_values_videos: torch.Tensor | None = None  # (P, D) every video's patch rows, in order
+    video_grid_thw: torch.Tensor | None = None  # (V, 3) int64 (temporal groups, rows, columns) per video
+    second_per_grid_ts: list[float] = field(default_factory=list)
+    """Seconds one temporal group of each video spans (Qwen2.5-VL's temporal positions)."""
 
     @property
     def modality(self) -> Modality:
-        return "image" if self.tiles_per_image else "text"
+        visual = self.tiles_per_image or self.image_grid_thw is not None or self.video_grid_thw is not None
+        return "image" if visual else "text"
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -97,6 +115,11 @@ class PackedBatch:
     sample_ids: list[str]
     sources: list[str]  # one per sample, for per-source loss logging
     budget: int  # token budget of the pack: T / budget is the packing efficiency
+    # Native-resolution models only, concatenated in sample order (None / empty otherwise).
+    image_grid_thw: torch.Tensor | None = None  # (I, 3) int64
+    pixel_values_videos: torch.Tensor | None = None  # (P, D)
+    video_grid_thw: torch.Tensor | None = None  # (V, 3) int64
+    second_per_grid_ts: list[float] = field(default_factory=list)  # one per video
 
     @property
     def num_tokens(self) -> int:
@@ -112,4 +135,4 @@ class PackedBatch:
 
     @property
     def modality(self) -> Modality:
-        return "image" if self.pixel_values is not None else "text"
+        return "image" if self.pixel_values is not None or self.pixel_values_videos is not None else "text"
