@@ -341,3 +341,60 @@ def test_native_config_checks():
         VLMConfig(video_token_id=3)
     with pytest.raises(ValueError, match="no fixed tokens per image"):
         VLMConfig(**native).tokens_per_image
+
+
+# --- generation through the engine --------------------------------------------------------------------
+
+NEW_TOKENS = 6
+
+
+def _row_prompts(family: str):
+    """The two visual rows of `_batch`, unpadded, each with its own images / video, as Prompts."""
+    from vlmkit.data.prompt import Prompt
+
+    inputs = _batch(family)
+    image_grid, pixels = inputs["image_grid_thw"], inputs["pixel_values"]
+    starts = [0] + torch.cumsum(image_grid.prod(-1), 0).tolist()
+    prompts = []
+    for row, images, with_video in ((1, [0, 1], False), (2, [2], True)):
+        ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()].tolist()
+        video = dict(pixel_values_videos=inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"],
+                     second_per_grid_ts=inputs["second_per_grid_ts"].tolist()
+                     if "second_per_grid_ts" in inputs else []) if with_video else {}
+        prompts.append(Prompt(ids, torch.cat([pixels[starts[i]:starts[i + 1]] for i in images]),
+                              image_grid_thw=image_grid[images], **video))
+    return prompts
+
+
+def _reference_tokens(ref, prompt) -> list[int]:
+    ids = torch.tensor([prompt.input_ids])
+    kw = dict(pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
+    if prompt.video_grid_thw is not None:
+        kw.update(pixel_values_videos=prompt.pixel_values_videos, video_grid_thw=prompt.video_grid_thw)
+        if prompt.second_per_grid_ts:
+            kw["second_per_grid_ts"] = torch.tensor(prompt.second_per_grid_ts)
+    kinds = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
+    with torch.no_grad():
+        out = ref.generate(ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=kinds, max_new_tokens=NEW_TOKENS,
+                           do_sample=False, eos_token_id=None, pad_token_id=0, **kw)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_cached_greedy_decoding_gives_transformers_tokens(pair):
+    """Both rows decode together through the engine's KV cache, each continuing from its own
+    M-RoPE position (its rope delta), and give the tokens of transformers' generate."""
+    from vlmkit.infer.engine import Engine
+    from vlmkit.infer.sampling import SamplingParams
+
+    family, ref, ours, _ = pair
+    prompts = _row_prompts(family)
+    expected = [_reference_tokens(ref, p) for p in prompts]
+    engine = Engine(ours, tokenizer=None)
+    engine.tokenizer = None  # token ids only: nothing stops the rows early
+    seqs = [engine.add(p, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0)) for p in prompts]
+    assert any(s.rope_delta != 0 for s in seqs)  # images make the positions run behind the tokens
+    while engine.rows:
+        engine.step()
+        for s in [s for s in engine.rows if s.finished]:
+            engine.remove(s)
+    assert [s.output_ids for s in seqs] == expected

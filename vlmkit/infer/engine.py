@@ -30,6 +30,7 @@ from vlmkit.errors import VlmkitError
 from vlmkit.infer.sampling import SamplingParams, next_token
 from vlmkit.infer.streaming import TextStream
 from vlmkit.models.attention import AttnSpec, KVCache
+from vlmkit.models.mrope import continue_positions
 
 
 class PromptError(VlmkitError, ValueError):
@@ -48,6 +49,8 @@ class Sequence:
     generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length"
+    rope_delta: int = 0
+    """Native models: this row's next M-RoPE position minus its length (models/mrope.py)."""
     _pending: str = ""
     _seen: torch.Tensor | None = None  # ids the repetition penalty looks at (prompt + output)
 
@@ -124,6 +127,7 @@ class Engine:
         self.tokenizer = tokenizer if tokenizer is not None else getattr(vlm, "tokenizer", None)
         self.device = next(vlm.parameters()).device
         self.max_positions = vlm.config.llm.max_position_embeddings
+        self.native = vlm.config.is_native  # decode steps then take positions shifted by rope deltas
         self.rows: list[Sequence] = []  # the running sequences, in cache order
         self.cache: KVCache | None = None
         # The cache follows `rows` lazily: rows removed since the last step are still in it, rows
@@ -157,11 +161,13 @@ class Engine:
         stop_ids = frozenset(eos_ids) | frozenset(params.stop_token_ids)
         stream = TextStream(self.tokenizer, params.stop) if self.tokenizer is not None else None
         seq = Sequence(prompt, params, stream, stop_ids, params.make_generator(self.device))
-        ids_1T = torch.tensor([prompt.input_ids], device=self.device)
-        pixels = prompt.pixel_values.to(self.device) if prompt.pixel_values is not None else None
+        inputs = self.vlm.decoder_inputs(torch.tensor([prompt.input_ids], device=self.device),
+                                         **_visual_inputs(prompt, self.device))
+        if inputs.rope_deltas is not None:
+            seq.rope_delta = int(inputs.rope_deltas[0, 0])
         row_cache = self.vlm.llm.new_cache(capacity=n + min(params.max_new_tokens, RESERVED_NEW_TOKENS))
-        embeds_1TD = self.vlm.embed_inputs(ids_1T, pixels)
-        hidden_1TD = self.vlm.llm.decode(embeds_1TD, spec=AttnSpec.causal(), cache=row_cache)
+        hidden_1TD = self.vlm.llm.decode(inputs.embeds, position_ids=inputs.position_ids, spec=AttnSpec.causal(),
+                                         cache=row_cache, deepstack=inputs.deepstack)
         logits_V = self.vlm.llm.logits(hidden_1TD[0, -1])
         seq.push(self._sample(logits_V, seq))
         if not seq.finished:
@@ -178,8 +184,14 @@ class Engine:
         self._sync_cache()
         last_B1 = torch.tensor([[s.output_ids[-1]] for s in self.rows], device=self.device)
         embeds_B1D = self.vlm.llm.embed(last_B1)
-        # positions come from the cache: each row continues from its own length
-        hidden_B1D = self.vlm.llm.decode(embeds_B1D, spec=AttnSpec.causal(), cache=self.cache)
+        # positions come from the cache: each row continues from its own length (None), shifted by
+        # its rope delta in a native model (its images took fewer M-RoPE positions than tokens)
+        positions_B1 = None
+        if self.native:
+            deltas_B1 = torch.tensor([[s.rope_delta] for s in self.rows], device=self.device)
+            positions_B1 = continue_positions(self.cache.position_ids(), deltas_B1)
+        hidden_B1D = self.vlm.llm.decode(embeds_B1D, position_ids=positions_B1, spec=AttnSpec.causal(),
+                                         cache=self.cache)
         logits_BV = self.vlm.llm.logits(hidden_B1D[:, -1])
         plain_greedy = [s.params.greedy and s.params.repetition_penalty == 1.0 for s in self.rows]
         # one argmax and one device-to-host copy for every plain greedy row (max's indices: the
@@ -245,3 +257,14 @@ class Engine:
                 else:
                     still.append((index, seq))
             active = still
+
+
+def _visual_inputs(prompt: Prompt, device: torch.device) -> dict:
+    """The prompt's pixels (and a native model's grids and videos) as `decoder_inputs` takes them."""
+    def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
+    return dict(pixel_values=on_device(prompt.pixel_values), image_grid_thw=on_device(prompt.image_grid_thw),
+                pixel_values_videos=on_device(prompt.pixel_values_videos),
+                video_grid_thw=on_device(prompt.video_grid_thw),
+                second_per_grid_ts=prompt.second_per_grid_ts or None)
