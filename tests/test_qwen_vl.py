@@ -69,13 +69,17 @@ def _hf_model(family: str):
             vision_config=dict(depth=3, hidden_size=32, intermediate_size=40, out_hidden_size=64,
                                num_position_embeddings=36, deepstack_visual_indexes=[0, 1], **VISION))
         model_class = transformers.Qwen3VLForConditionalGeneration
+    return _randomized(model_class(config))
+
+
+def _randomized(model):
+    """`model` in eval mode with every weight drawn at WEIGHT_STD (norm scales around 1)."""
     torch.manual_seed(0)
-    model = model_class(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             is_norm_scale = p.dim() == 1 and ("norm" in name or "ln_q" in name) and name.endswith("weight")
             p.normal_(1.0 if is_norm_scale else 0.0, WEIGHT_STD)
-    return model
+    return model.eval()
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
@@ -366,14 +370,14 @@ def _row_prompts(family: str):
     return prompts
 
 
-def _reference_tokens(ref, prompt) -> list[int]:
+def _reference_tokens(ref, prompt, image: int = IMAGE, video: int = VIDEO) -> list[int]:
     ids = torch.tensor([prompt.input_ids])
     kw = dict(pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
     if prompt.video_grid_thw is not None:
         kw.update(pixel_values_videos=prompt.pixel_values_videos, video_grid_thw=prompt.video_grid_thw)
         if prompt.second_per_grid_ts:
             kw["second_per_grid_ts"] = torch.tensor(prompt.second_per_grid_ts)
-    kinds = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
+    kinds = (ids == image).int() + 2 * (ids == video).int()  # the processor's mm_token_type_ids
     with torch.no_grad():
         out = ref.generate(ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=kinds, max_new_tokens=NEW_TOKENS,
                            do_sample=False, eos_token_id=None, pad_token_id=0, **kw)
@@ -398,3 +402,53 @@ def test_cached_greedy_decoding_gives_transformers_tokens(pair):
         for s in [s for s in engine.rows if s.finished]:
             engine.remove(s)
     assert [s.output_ids for s in seqs] == expected
+
+
+def test_generate_from_messages_through_the_native_processor(tmp_path):
+    """A Qwen2-VL directory with its tokenizer and processor config: a conversation with an image
+    becomes a prompt through the model's own native processor and chat format (data/prompt.py),
+    decodes to transformers' generate tokens on that prompt, and a vlmkit checkpoint keeps the
+    processor settings (processor.json)."""
+    from tests.tokenizer_support import QWEN2_VL_TEMPLATE, qwen_vl_dir
+    from vlmkit.constants import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+    from vlmkit.data.tokenizer import Tokenizer
+    from vlmkit.infer.engine import Engine
+    from vlmkit.infer.generate import prompt_for
+    from vlmkit.infer.sampling import SamplingParams
+
+    directory = qwen_vl_dir(tmp_path / "qwen2_vl", QWEN2_VL_TEMPLATE)
+    tok = Tokenizer.load(directory)
+    tokens = dict(image_token_id=tok.token_id(IMAGE_PAD), video_token_id=tok.token_id(VIDEO_PAD),
+                  vision_start_token_id=tok.token_id(VISION_START), vision_end_token_id=tok.token_id(VISION_END))
+    config = transformers.Qwen2VLConfig(
+        text_config={**TEXT, "vocab_size": tok.vocab_size,
+                     "rope_parameters": dict(rope_type="default", rope_theta=500.0, mrope_section=[4, 6, 6])},
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, **VISION), **tokens)
+    ref = _randomized(transformers.Qwen2VLForConditionalGeneration(config))
+    ref.save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text(json.dumps(dict(
+        min_pixels=8 * 8, max_pixels=32 * 32, patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL)))
+
+    ours = VLM.from_hf(directory)
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (20, 36, 3), dtype=np.uint8))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "What is it?"}]}]
+    prompt = prompt_for(ours, messages)
+    assert prompt.image_grid_thw.tolist() == [[1, 4, 8]]  # 20 x 36 -> 16 x 32 within max_pixels
+    assert prompt.input_ids.count(tokens["image_token_id"]) == 8  # 4 x 8 patches, 2 x 2 merged
+
+    engine = Engine(ours)
+    seq = engine.add(prompt, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    while engine.rows:
+        engine.step()
+        if seq.finished:
+            engine.remove(seq)
+    expected = _reference_tokens(ref, prompt, tokens["image_token_id"], tokens["video_token_id"])
+    assert seq.output_ids == expected and len(set(expected)) > 1
+    assert isinstance(ours.generate(messages, max_new_tokens=2), str)
+
+    ours.save_pretrained(tmp_path / "saved")
+    back = VLM.from_pretrained(tmp_path / "saved")
+    assert back.processor_config == ours.processor_config and back.processor_config.max_pixels == 32 * 32
+    again = prompt_for(back, messages)
+    assert again.input_ids == prompt.input_ids and torch.equal(again.pixel_values, prompt.pixel_values)

@@ -14,8 +14,10 @@ from transformers import (AutoTokenizer, PreTrainedTokenizerFast, Qwen2_5_VLProc
                           Qwen2VLProcessor, Qwen3VLProcessor)
 from transformers.video_utils import VideoMetadata
 
-from tests.tokenizer_support import CHATML_TEMPLATE, LLAMA31_TEMPLATE, builtin_tokenizer, chatml_dir, hf_dir, llama3_dir
-from vlmkit.constants import (IGNORE_INDEX, IM_END, IM_START, IMAGE_PAD, QWEN_VL_TOKENS, VIDEO_PAD, VIDEO_PLACEHOLDER,
+from tests.tokenizer_support import (CHATML_TEMPLATE, LLAMA31_TEMPLATE, QWEN2_VL_TEMPLATE, QWEN3_VL_TEMPLATE,
+                                     QWEN_VL_SPECIALS, builtin_tokenizer, chatml_dir, hf_dir, llama3_dir,
+                                     qwen_vl_dir)
+from vlmkit.constants import (IGNORE_INDEX, IM_END, IMAGE_PAD, VIDEO_PAD, VIDEO_PLACEHOLDER,
                               VISION_START)
 from vlmkit.data.messages import keep_image
 from vlmkit.data.native_images import FAMILIES, NativeImageProcessor
@@ -168,37 +170,11 @@ def test_builtin_template_renders_image_parts_like_the_engine(dirs):
 
 # ---- the Qwen-VL format (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) against transformers' processors -------
 
-# Chat templates written for these tests from the families' documented format: Qwen2-VL's and
-# Qwen2.5-VL's (a default system prompt, parts side by side) and Qwen3-VL's (no default system).
-QWEN2_VL_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-QWEN3_VL_TEMPLATE = (
-    "{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
-    "{%- for content in message['content'] -%}"
-    "{%- if content['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif content['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
-    "{%- elif 'text' in content -%}{{- content['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}{{- '<|im_end|>\n' -}}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}")
-QWEN_VL_SPECIALS = ["<|endoftext|>", IM_START, IM_END, *QWEN_VL_TOKENS]
 QWEN_FAMILIES = {  # model_type: (chat template, transformers' processor class); small pixel budgets
     "qwen2_vl": (QWEN2_VL_TEMPLATE, Qwen2VLProcessor),
     "qwen2_5_vl": (QWEN2_VL_TEMPLATE, Qwen2_5_VLProcessor),
     "qwen3_vl": (QWEN3_VL_TEMPLATE, Qwen3VLProcessor),
 }
-
-
-def qwen_vl_dir(path, template):
-    return hf_dir(path, QWEN_VL_SPECIALS, {"eos_token": IM_END, "pad_token": "<|endoftext|>",
-                                           "chat_template": template})
 
 
 def picture(width, height, seed=0):

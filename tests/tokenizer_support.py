@@ -1,6 +1,7 @@
 """Tiny tokenizer directories for tests, built on the spot (no downloads): vlmkit's built-in
 tokenizer, and HF-layout directories in the ChatML (Qwen2-style, default system prompt) and
-Llama-3 formats with their own jinja chat templates, written for these tests."""
+Llama-3 formats, and the Qwen-VL format, with their own jinja chat templates, written for these
+tests."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
 
+from vlmkit.constants import IM_END, IM_START, QWEN_VL_TOKENS
 from vlmkit.data.tokenizer import Tokenizer
 
 SENTENCES = [
@@ -81,3 +83,31 @@ def llama3_dir(path: Path, template: str = LLAMA3_TEMPLATE) -> Path:
     return hf_dir(path, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                          "<|eot_id|>", "<|eom_id|>"],
                   {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": template})
+
+
+# Chat templates written for these tests from the families' documented format: Qwen2-VL's and
+# Qwen2.5-VL's (a default system prompt, parts side by side) and Qwen3-VL's (no default system).
+QWEN2_VL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QWEN3_VL_TEMPLATE = (
+    "{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
+    "{%- for content in message['content'] -%}"
+    "{%- if content['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif content['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in content -%}{{- content['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}{{- '<|im_end|>\n' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}")
+QWEN_VL_SPECIALS = ["<|endoftext|>", IM_START, IM_END, *QWEN_VL_TOKENS]
+
+
+def qwen_vl_dir(path, template):
+    return hf_dir(path, QWEN_VL_SPECIALS, {"eos_token": IM_END, "pad_token": "<|endoftext|>",
+                                           "chat_template": template})

@@ -10,12 +10,14 @@
 
 Checkpoint directory: config.json (VLMConfig.to_dict, every field written), model.safetensors,
 the tokenizer's files when the model has a tokenizer, vlmkit.json (vlmkit version and whatever
-`meta` the caller passes: stage history, data fingerprint). Weights are written and read by
+`meta` the caller passes: stage history, data fingerprint), and for native-resolution models
+processor.json (how images and videos are sized and normalised). Weights are written and read by
 models/weights.py: every tensor once, and a strict load that reports every problem before copying.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,8 @@ from safetensors.torch import load_file, save_file
 from vlmkit import __version__
 from vlmkit.constants import CONFIG_FILE, META_FILE, WEIGHTS_FILE
 from vlmkit.data.images import ImageProcessor
+from vlmkit.data.native_images import (FAMILIES, IMAGE_CONFIG_FILE, NativeImageProcessor, NativeProcessorConfig,
+                                       processor_config_from_dir)
 from vlmkit.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.infer.generate import generate_messages
@@ -38,6 +42,10 @@ from vlmkit.models.hf.qwen_vl import load_qwen_vl
 from vlmkit.models.hf.vision import load_vision
 from vlmkit.models.vlm import VLMModel
 from vlmkit.models.weights import load_state, state_to_save
+from vlmkit.schema import build
+
+PROCESSOR_FILE = "processor.json"
+"""A native-resolution model's NativeProcessorConfig in its checkpoint directory."""
 
 
 class VLM(VLMModel):
@@ -46,6 +54,9 @@ class VLM(VLMModel):
     def __init__(self, cfg: VLMConfig, tokenizer=None):
         super().__init__(cfg)
         self.tokenizer = tokenizer
+        self.processor_config: NativeProcessorConfig | None = None
+        """Native-resolution models: how images and videos are prepared (None: the family's
+        published settings, data/native_images.py's FAMILIES)."""
 
     # --- vlmkit checkpoints ---------------------------------------------------------------------
 
@@ -76,6 +87,7 @@ class VLM(VLMModel):
             model.to(floats[0])
         load_state(model, state, str(weights))
         model.tokenizer = _load_tokenizer(path)
+        model.processor_config = _load_processor_config(path)
         return model.eval()
 
     def save_pretrained(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
@@ -86,6 +98,9 @@ class VLM(VLMModel):
         save_file(state_to_save(self), str(path / WEIGHTS_FILE), metadata={"format": "pt"})
         if self.tokenizer is not None:
             self.tokenizer.save(path)
+        if self.config.is_native:
+            settings = dataclasses.asdict(self.native_processor_config())
+            (path / PROCESSOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
         info = {"version": __version__, **(meta or {})}
         (path / META_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
         return path
@@ -112,6 +127,8 @@ class VLM(VLMModel):
         if path is not None:
             model = load_qwen_vl(path, model_cls=cls)
             model.tokenizer = _load_tokenizer(Path(path))
+            if (Path(path) / IMAGE_CONFIG_FILE).is_file():
+                model.processor_config = processor_config_from_dir(path)
             return model
         if vision is None or llm is None:
             raise ValueError("VLM.from_hf(vision=..., llm=...) needs both directories")
@@ -146,11 +163,21 @@ class VLM(VLMModel):
 
     # --- use ----------------------------------------------------------------------------------------
 
-    def image_processor(self) -> ImageProcessor:
-        """The data.images.ImageProcessor that prepares images for this model."""
+    def image_processor(self) -> ImageProcessor | NativeImageProcessor:
+        """What prepares images for this model: data.images.ImageProcessor (fixed size, tiles), or
+        for a native-resolution model data.native_images.NativeImageProcessor (images and videos
+        at their own size)."""
+        if self.config.is_native:
+            return NativeImageProcessor(self.native_processor_config())
         v = self.config.vision
         return ImageProcessor(image_size=v.image_size, mean=v.image_mean, std=v.image_std,
                               max_tiles=self.config.max_tiles, use_thumbnail=self.config.use_thumbnail)
+
+    def native_processor_config(self) -> NativeProcessorConfig:
+        """A native model's processor settings: the checkpoint's own, else its family's."""
+        if self.processor_config is not None:
+            return self.processor_config
+        return FAMILIES[self.config.native_vision.style]
 
     def generate(self, messages: list[dict] | list[list[dict]], **kw) -> str | list[str]:
         """Answer an OpenAI-style conversation (-> str) or a list of them (-> list[str], decoded
@@ -190,3 +217,16 @@ def _add_image_token(tokenizer, vocab_size: int) -> int:
     if tokenizer is None:
         return vocab_size
     return tokenizer.add_image_token()
+
+
+def _load_processor_config(path: Path) -> NativeProcessorConfig | None:
+    """The processor.json of a native model's checkpoint directory, or None without one."""
+    file = path / PROCESSOR_FILE
+    if not file.is_file():
+        return None
+    try:
+        return build(NativeProcessorConfig, json.loads(file.read_text()), "processor")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: {e}") from None

@@ -104,7 +104,7 @@ def _generate_rows(model, items: list[ItemImages], *, batch_size: int, fmt: Prom
         for item, images in chunk:
             try:
                 prompt = build_prompt(chat_messages(item, images, fmt, list_options=True), model.tokenizer,
-                                      processor, model.config.tokens_per_image)
+                                      processor, model.config.tokens_per_tile)
             except BadRecordError as e:
                 bad.append(BadRow.from_error(item.row, e, item.id))
                 continue
@@ -151,7 +151,7 @@ def _option_samples(model, processor: ImageProcessor, item: BenchItem, images: l
     option as the assistant's reply, supervised as training supervises a reply. Raises
     BadRecordError."""
     user, images = to_messages(chat_messages(item, images, fmt, list_options=False))
-    visual = encode_images(images, processor, model.config.tokens_per_image)
+    visual = encode_images(images, processor, model.config.tokens_per_tile)
     samples = []
     for option in options:
         record = Record(id=item.id, source="eval", kind="chat", messages=user + [Message("assistant", option)])

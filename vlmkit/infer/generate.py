@@ -29,7 +29,7 @@ def prompt_for(vlm, messages: list[dict], resolve_image: ImageResolver = keep_im
     if vlm.tokenizer is None:
         raise VlmkitError("this model has no tokenizer, so it cannot read messages; save the checkpoint "
                           "with its tokenizer")
-    return build_prompt(messages, vlm.tokenizer, vlm.image_processor(), vlm.config.tokens_per_image,
+    return build_prompt(messages, vlm.tokenizer, vlm.image_processor(), vlm.config.tokens_per_tile,
                         resolve_image)
 
 

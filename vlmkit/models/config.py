@@ -457,6 +457,12 @@ class VLMConfig:
             return self.vision.num_patches // self.adapter.scale_factor ** 2
         return self.vision.num_patches
 
+    @property
+    def tokens_per_tile(self) -> int:
+        """What the data side's `encode_images` takes as visual tokens per image tile:
+        `tokens_per_image`, or 0 for a native model, whose processor counts each image's own grid."""
+        return 0 if self.is_native else self.tokens_per_image
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
