@@ -89,4 +89,4 @@ def test_export_unknown_format_names_the_choices(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["export", "--model", str(tmp_path), "--to", "onnx", str(tmp_path / "out")])
     assert exit_.value.code == 2
-    assert "argument --to: invalid choice: 'onnx' (choose from 'hf-llava')" in capsys.readouterr().err
+    assert "argument --to: invalid choice: 'onnx' (choose from 'hf', 'hf-llava')" in capsys.readouterr().err

@@ -6,6 +6,7 @@
     VLM.from_hf(dir)                             a whole HF Qwen2-VL / Qwen2.5-VL / Qwen3-VL directory
     VLM.from_hf_llava(dir)                       a llava-hf LlavaForConditionalGeneration directory
     model.save_pretrained(dir, meta=None)        the checkpoint directory (docs/architecture.md)
+    model.export_hf(dir)                         a transformers directory (Qwen-VL family or llava-hf)
     model.generate(messages, ...)                chat generation (infer/generate.py)
 
 Checkpoint directory: config.json (VLMConfig.to_dict, every field written), model.safetensors,
@@ -38,7 +39,7 @@ from vlmkit.models.adapter import build_adapter
 from vlmkit.models.config import AdapterConfig, VLMConfig
 from vlmkit.models.hf.llava import export_hf_llava, load_llava
 from vlmkit.models.hf.llm import load_llm
-from vlmkit.models.hf.qwen_vl import load_qwen_vl
+from vlmkit.models.hf.qwen_vl import export_hf_qwen_vl, load_qwen_vl
 from vlmkit.models.hf.vision import load_vision
 from vlmkit.models.vlm import VLMModel
 from vlmkit.models.weights import load_state, state_to_save
@@ -159,6 +160,13 @@ class VLM(VLMModel):
 
     def export_hf_llava(self, path: str | Path) -> Path:
         """Write a directory transformers' LlavaForConditionalGeneration loads (models/hf/llava.py)."""
+        return export_hf_llava(self, path)
+
+    def export_hf(self, path: str | Path) -> Path:
+        """Write the transformers directory of whatever this model is: a native model's Qwen-VL
+        family (models/hf/qwen_vl.py, with its processor settings), else llava-hf."""
+        if self.config.is_native:
+            return export_hf_qwen_vl(self, path, self.native_processor_config())
         return export_hf_llava(self, path)
 
     # --- use ----------------------------------------------------------------------------------------

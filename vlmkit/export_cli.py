@@ -1,21 +1,25 @@
 """`vlmkit export`: write a vlmkit checkpoint in another format.
 
+    vlmkit export --model DIR --to hf OUT
     vlmkit export --model DIR --to hf-llava OUT
 
-hf-llava: a directory transformers' LlavaForConditionalGeneration loads (models/hf/llava.py says
-which models it can express and refuses the others with the reason).
+hf: the transformers directory of whatever the model is (`VLM.export_hf`): a native-resolution
+model as its Qwen2-VL / Qwen2.5-VL / Qwen3-VL family (models/hf/qwen_vl.py), any other as
+llava-hf. hf-llava: a directory transformers' LlavaForConditionalGeneration loads
+(models/hf/llava.py). Each says which models it can express and refuses the others with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
 
-FORMATS = ("hf-llava",)
+FORMATS = ("hf", "hf-llava")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="vlmkit checkpoint directory (VLM.from_pretrained)")
-    parser.add_argument("--to", required=True, choices=FORMATS, help="target format")
+    parser.add_argument("--to", required=True, choices=FORMATS,
+                        help="target format: hf (the model's own transformers family) or hf-llava")
     parser.add_argument("out", help="directory to write")
 
 
@@ -25,7 +29,10 @@ def run(args: argparse.Namespace) -> int:
     from vlmkit.models.hf.llava import check_llava_exportable
 
     model = VLM.from_pretrained(args.model)
-    check_llava_exportable(model.config)
-    out = model.export_hf_llava(args.out)
+    if args.to == "hf":
+        out = model.export_hf(args.out)
+    else:
+        check_llava_exportable(model.config)
+        out = model.export_hf_llava(args.out)
     print(f"wrote {out} ({args.to})")
     return 0

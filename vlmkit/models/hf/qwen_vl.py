@@ -1,4 +1,4 @@
-"""Load transformers checkpoints of the native-resolution VLMs: Qwen2-VL, Qwen2.5-VL, Qwen3-VL.
+"""Load and export transformers checkpoints of the native-resolution VLMs: Qwen2-VL, Qwen2.5-VL, Qwen3-VL.
 
 A directory of `Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration` or
 `Qwen3VLForConditionalGeneration` becomes one `VLMModel` with a native tower
@@ -17,21 +17,34 @@ dense layers only where `mlp_only_layers` is a leading range) is what models/moe
 the checkpoint stores each layer's experts fused in 3-D tensors (`experts.gate_up_proj`
 (E, 2I, D) as transformers 5 writes it, `experts.down_proj` (E, D, I)), which a renaming load
 cannot split into vlmkit's per-expert projections, and the router has no `score_bias` to load.
+
+Export (`export_hf_qwen_vl`) writes a native model back as its family's transformers directory:
+config.json, model.safetensors in the layout transformers itself saves for that family (the
+released files' for Qwen2-VL and Qwen2.5-VL, transformers 5's modules for Qwen3-VL), the processor
+configs from the model's processor settings and its tokenizer when it has one. What the family's
+class cannot compute is refused with the reason (`check_qwen_vl_exportable`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
+from safetensors.torch import save_file
+
+from vlmkit.constants import VISION_END, VISION_START
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.config import VLMConfig
 from vlmkit.models.hf.common import (KeyMap, architecture, load_into, prefixed, read_config, read_state_dict,
                                      rename)
-from vlmkit.models.hf.llm import HF_TO_OURS, IGNORED, llm_config_from_hf
+from vlmkit.models.hf.llm import HF_TO_OURS, IGNORED, llm_config_from_hf, llm_config_to_hf, llm_state_dict_to_hf
 from vlmkit.models.hf.native_vision import NATIVE_VISION_KEYS, TOWER_PREFIXES, native_vision_config_from_hf
 from vlmkit.models.vlm import VLMModel
+from vlmkit.models.weights import for_safetensors
 
 @dataclass(frozen=True)
 class VideoSpacing:
@@ -139,3 +152,238 @@ def load_qwen_vl(path: str | Path, model_cls: type[VLMModel] = VLMModel) -> VLMM
     key_map, ignore = qwen_vl_key_map(cfg)
     load_into(model, normalised, key_map, source=str(path), ignore=ignore)
     return model.eval()
+
+
+# --- export ------------------------------------------------------------------------------------------
+
+ARCHITECTURE_NAMES = {family: name for name, family in ARCHITECTURES.items() if name[0].isupper()}
+"""family -> its transformers class name (what config.json's `architectures` holds)."""
+PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+                     "qwen3_vl": "Qwen3VLProcessor"}
+VIDEO_PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLVideoProcessor", "qwen2_5_vl": "Qwen2VLVideoProcessor",
+                           "qwen3_vl": "Qwen3VLVideoProcessor"}
+VIDEO_RULES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl"}
+"""family -> how its video processor sizes and samples frames (NativeProcessorConfig.video_rules)."""
+IMAGE_PROCESSOR_CLASS = "Qwen2VLImageProcessor"  # all three families size images alike
+BICUBIC = 3
+"""PIL's bicubic filter, the resample the processors use."""
+
+# ours -> HF tower names (inside `visual.`), per style: the inverse of NATIVE_VISION_KEYS.
+_EXPORT_BLOCK_COMMON: KeyMap = [
+    (r"patch_embed\.proj\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"blocks\.(\d+)\.(norm[12]|attn\.qkv|attn\.proj)\.(weight|bias)", r"blocks.\1.\2.\3"),
+]
+NATIVE_VISION_EXPORT_KEYS: dict[str, KeyMap] = {
+    "qwen2_vl": _EXPORT_BLOCK_COMMON + [
+        (r"blocks\.(\d+)\.mlp\.(fc[12])\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
+        (r"merger\.norm\.(weight|bias)", r"merger.ln_q.\1"),
+        (r"merger\.fc1\.(weight|bias)", r"merger.mlp.0.\1"),
+        (r"merger\.fc2\.(weight|bias)", r"merger.mlp.2.\1"),
+    ],
+    "qwen2_5_vl": _EXPORT_BLOCK_COMMON + [
+        (r"blocks\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
+        (r"merger\.norm\.weight", r"merger.ln_q.weight"),
+        (r"merger\.fc1\.(weight|bias)", r"merger.mlp.0.\1"),
+        (r"merger\.fc2\.(weight|bias)", r"merger.mlp.2.\1"),
+    ],
+    "qwen3_vl": _EXPORT_BLOCK_COMMON + [
+        (r"pos_embed\.weight", r"pos_embed.weight"),
+        (r"blocks\.(\d+)\.mlp\.(fc[12])\.(weight|bias)", r"blocks.\1.mlp.linear_\2.\3"),
+        (r"merger\.norm\.(weight|bias)", r"merger.norm.\1"),
+        (r"merger\.(fc[12])\.(weight|bias)", r"merger.linear_\1.\2"),
+        (r"deepstack_mergers\.(\d+)\.norm\.(weight|bias)", r"deepstack_merger_list.\1.norm.\2"),
+        (r"deepstack_mergers\.(\d+)\.(fc[12])\.(weight|bias)", r"deepstack_merger_list.\1.linear_\2.\3"),
+    ],
+}
+
+# Step 2 of export: normalised names (`visual.`, `language_model.`, as LAYOUTS makes them) -> the
+# file layout transformers' save_pretrained writes for the family.
+RELEASED_LAYOUT: KeyMap = [(r"language_model\.(.*)", r"\1"), (r"(.*)", r"\1")]
+MODULE_LAYOUT: KeyMap = [
+    (r"visual\.(.*)", r"model.visual.\1"),
+    (r"language_model\.model\.(.*)", r"model.language_model.\1"),
+    (r"language_model\.(.*)", r"\1"),
+]
+EXPORT_LAYOUTS = {"qwen2_vl": RELEASED_LAYOUT, "qwen2_5_vl": RELEASED_LAYOUT, "qwen3_vl": MODULE_LAYOUT}
+
+
+def check_qwen_vl_exportable(cfg: VLMConfig) -> None:
+    """Raise ConfigError saying why the family's transformers class cannot compute this model
+    (nothing when it can); the family is the tower's style."""
+    if not cfg.is_native:
+        raise ConfigError("cannot export to a Qwen-VL family: the model has no native-resolution tower")
+    reasons = _decoder_reasons(cfg) + _tower_reasons(cfg)
+    if reasons:
+        raise ConfigError(f"cannot export to {ARCHITECTURE_NAMES[cfg.native_vision.style]}: " + "; ".join(reasons))
+
+
+def _decoder_reasons(cfg: VLMConfig) -> list[str]:
+    family, llm = cfg.native_vision.style, cfg.llm
+    if llm.moe is not None:
+        return ["the decoder has MoE layers; the family's text model is dense"]
+    qwen3 = family == "qwen3_vl"
+    reasons = []
+    if llm.qk_norm != qwen3 or llm.qkv_bias == qwen3:
+        reasons.append("Qwen3-VL's decoder has q/k norms and no q/k/v bias" if qwen3 else
+                       f"{family}'s decoder has a q/k/v bias and no q/k norms")
+    if llm.mrope_interleaved != qwen3:
+        reasons.append(f"{family} {'interleaves' if qwen3 else 'does not interleave'} M-RoPE's axes "
+                       f"(llm.mrope_interleaved is {llm.mrope_interleaved})")
+    if not qwen3 and llm.head_dim * llm.num_heads != llm.hidden_size:
+        reasons.append(f"{family}'s attention has head_dim = hidden_size / num_heads, not {llm.head_dim}")
+    if cfg.video_token_id is None:
+        reasons.append("the model has no video_token_id, which the family's config requires")
+    if (cfg.tokens_per_second is not None) != (family == "qwen2_5_vl"):
+        reasons.append("Qwen2.5-VL, and only it, spaces video frames by tokens_per_second")
+    if cfg.video_frames_apart != qwen3:
+        reasons.append("Qwen3-VL, and only it, writes each video frame pair apart (video_frames_apart)")
+    return reasons
+
+
+def _tower_reasons(cfg: VLMConfig) -> list[str]:
+    v, family = cfg.native_vision, cfg.native_vision.style
+    reasons = []
+    if family == "qwen2_5_vl" and v.window_size == 0:
+        reasons.append("Qwen2.5-VL's tower always uses window attention (native_vision.window_size is 0)")
+    if family != "qwen2_5_vl" and v.window_size:
+        reasons.append(f"{family}'s tower has no window attention")
+    if family == "qwen3_vl" and v.num_position_embeddings == 0:
+        reasons.append("Qwen3-VL's tower always has a learned position grid (num_position_embeddings is 0)")
+    if family != "qwen3_vl" and (v.num_position_embeddings or v.deepstack_visual_indexes):
+        reasons.append(f"{family}'s tower has no learned position grid or deepstack")
+    if family == "qwen2_vl" and int(v.hidden_size * _mlp_ratio(cfg)) != v.intermediate_size:
+        reasons.append(f"Qwen2-VL's tower MLP width is a ratio of its width; {v.intermediate_size} is not "
+                       f"expressible from {v.hidden_size}")
+    return reasons
+
+
+def _mlp_ratio(cfg: VLMConfig) -> float | int:
+    v = cfg.native_vision
+    ratio = v.intermediate_size / v.hidden_size
+    return int(ratio) if ratio.is_integer() else ratio
+
+
+def qwen_vl_hf_config(cfg: VLMConfig, token_ids: dict[str, int] | None = None) -> dict[str, Any]:
+    """The family's config.json for `cfg` (check_qwen_vl_exportable first). token_ids: extra
+    top-level ids (vision_start_token_id, vision_end_token_id) where the tokenizer knows them."""
+    family = cfg.native_vision.style
+    text = llm_config_to_hf(cfg.llm)
+    for key in ("architectures", "rope_theta", "tie_word_embeddings"):  # the top level holds the tie
+        text.pop(key)
+    if family != "qwen3_vl":  # the Qwen2 decoders have no head_dim or attention_bias setting
+        text.pop("head_dim")
+        text.pop("attention_bias")
+    rope = {"rope_type": "default", "rope_theta": cfg.llm.rope_theta, "mrope_section": list(cfg.llm.mrope_section)}
+    if cfg.llm.mrope_interleaved:
+        rope["mrope_interleaved"] = True
+    text.update(model_type=f"{family}_text", rope_parameters=rope)
+    return {
+        "architectures": [ARCHITECTURE_NAMES[family]],
+        "model_type": family,
+        "text_config": text,
+        "vision_config": _vision_hf_config(cfg),
+        "image_token_id": cfg.image_token_id,
+        "video_token_id": cfg.video_token_id,
+        **(token_ids or {}),
+        "tie_word_embeddings": cfg.llm.tie_embeddings,
+    }
+
+
+def _vision_hf_config(cfg: VLMConfig) -> dict[str, Any]:
+    v, family = cfg.native_vision, cfg.native_vision.style
+    out: dict[str, Any] = {
+        "model_type": f"{family}_vision", "depth": v.depth, "num_heads": v.num_heads, "in_channels": v.in_channels,
+        "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
+        "spatial_merge_size": v.spatial_merge_size, "hidden_act": v.hidden_act,
+        "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
+    }
+    if family == "qwen2_vl":  # tower width `embed_dim`, LLM width `hidden_size`, MLP width by ratio
+        out.update(embed_dim=v.hidden_size, hidden_size=v.out_hidden_size, mlp_ratio=_mlp_ratio(cfg))
+        return out
+    out.update(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, out_hidden_size=v.out_hidden_size)
+    if family == "qwen2_5_vl":
+        seconds = cfg.tokens_per_second
+        out.update(window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_block_indexes),
+                   tokens_per_second=int(seconds) if seconds.is_integer() else seconds)
+    else:
+        out.update(num_position_embeddings=v.num_position_embeddings,
+                   deepstack_visual_indexes=list(v.deepstack_visual_indexes))
+    return out
+
+
+def qwen_vl_state_dict(model: VLMModel) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names transformers' save_pretrained writes for its family."""
+    style = model.config.native_vision.style
+    tower = model.vision.state_dict()
+    mapping, unmatched = rename(tower, NATIVE_VISION_EXPORT_KEYS[style])
+    if unmatched:
+        raise ConfigError(f"no {style} tower name for {unmatched}")
+    normalised = {"visual." + hf: tower[ours] for ours, hf in mapping.items()}
+    normalised.update({"language_model." + name: t for name, t in llm_state_dict_to_hf(model.llm).items()})
+    names, _ = rename(normalised, EXPORT_LAYOUTS[style])  # the catch-all pattern renames every tensor
+    return {names[name]: t for name, t in normalised.items()}
+
+
+def processor_hf_configs(family: str, settings: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(preprocessor_config.json, video_preprocessor_config.json) for a native model's processor
+    settings (data/native_images.py's NativeProcessorConfig, which reads them back)."""
+    common = {"do_resize": True, "resample": BICUBIC, "do_rescale": True, "rescale_factor": settings.rescale_factor,
+              "do_normalize": True, "image_mean": list(settings.mean), "image_std": list(settings.std),
+              "do_convert_rgb": True, "patch_size": settings.patch_size,
+              "temporal_patch_size": settings.temporal_patch_size, "merge_size": settings.merge_size}
+    image = {"image_processor_type": IMAGE_PROCESSOR_CLASS, **common,
+             "size": {"shortest_edge": settings.min_pixels, "longest_edge": settings.max_pixels}}
+    video = {"video_processor_type": VIDEO_PROCESSOR_CLASSES[family], **common,
+             "size": {"shortest_edge": settings.video_min_pixels, "longest_edge": settings.video_max_pixels},
+             "do_sample_frames": settings.video_fps is not None,
+             "min_frames": settings.min_frames, "max_frames": settings.max_frames,
+             # read back by vlmkit only: qwen-vl-utils' cap on a video's pixels
+             "cap_pixels_per_frame": settings.cap_frame_pixels, "max_video_tokens": settings.max_video_tokens}
+    if settings.video_fps is not None:
+        video["fps"] = settings.video_fps
+    return image, video
+
+
+def export_hf_qwen_vl(model: VLMModel, out_dir: str | Path, processor: Any) -> Path:
+    """Write a native `model` as a directory its family's transformers class
+    (`AutoModelForImageTextToText`) loads: config.json, model.safetensors, preprocessor_config.json
+    and video_preprocessor_config.json from `processor` (the model's NativeProcessorConfig); and
+    when the model has a tokenizer, its files plus processor_config.json and chat_template.jinja."""
+    cfg = model.config
+    check_qwen_vl_exportable(cfg)
+    family = cfg.native_vision.style
+    if processor.video_rules != VIDEO_RULES[family]:
+        raise ConfigError(f"cannot export to {ARCHITECTURE_NAMES[family]}: its video processor follows "
+                          f"{VIDEO_RULES[family]}'s rules, the model's processor {processor.video_rules}'s")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = getattr(model, "tokenizer", None)
+    tensors = for_safetensors(qwen_vl_state_dict(model))
+    hf_config = qwen_vl_hf_config(cfg, _vision_token_ids(tokenizer))
+    hf_config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(out / "config.json", hf_config)
+    image, video = processor_hf_configs(family, processor)
+    _write_json(out / "preprocessor_config.json", image)
+    _write_json(out / "video_preprocessor_config.json", video)
+    if tokenizer is not None:
+        tokenizer.save(out)
+        _write_json(out / "processor_config.json", {"processor_class": PROCESSOR_CLASSES[family]})
+        template = getattr(tokenizer, "chat_template", None)
+        if isinstance(template, str):  # the processor reads its own copy (AutoProcessor.apply_chat_template)
+            (out / "chat_template.jinja").write_text(template)
+    return out
+
+
+def _vision_token_ids(tokenizer) -> dict[str, int]:
+    """vision_start_token_id / vision_end_token_id where the tokenizer has the tokens (transformers'
+    processors and generate read them; the forward pass does not)."""
+    if tokenizer is None:
+        return {}
+    ids = {"vision_start_token_id": tokenizer.token_id(VISION_START),
+           "vision_end_token_id": tokenizer.token_id(VISION_END)}
+    return {key: i for key, i in ids.items() if i is not None}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
