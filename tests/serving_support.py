@@ -1,11 +1,13 @@
 """Shared by the chat, serve and web-page tests: a tiny random VLM checkpoint with a tokenizer
-trained here, a live server on a free local port, and images as files / data URLs."""
+trained here, a tiny random Qwen2-VL directory (native resolution, images of any size and video),
+a live server on a free local port, and images as files / data URLs."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
 import io
+import json
 import socket
 import threading
 import time
@@ -16,7 +18,9 @@ import torch
 import uvicorn
 from PIL import Image
 
+from tests.tokenizer_support import QWEN2_VL_TEMPLATE, qwen_vl_dir
 from vlmkit.api import VLM
+from vlmkit.constants import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.models.config import AdapterConfig, LLMConfig, VisionConfig, VLMConfig
 
@@ -48,8 +52,48 @@ def build_checkpoint(out: Path) -> Path:
     return out
 
 
-def png_bytes(seed: int, size: int = 20) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+NATIVE_PATCH, NATIVE_MERGE, NATIVE_TEMPORAL = 4, 2, 2
+NATIVE_MAX_PIXELS = 32 * 32
+"""The tiny Qwen2-VL's processor sizes every image within 32 x 32 pixels (at most 16 tokens)."""
+NATIVE_WEIGHT_STD = 0.1
+"""Random weights larger than transformers' init, so that greedy answers vary with the input."""
+
+
+def build_qwen2_vl_dir(out: Path) -> Path:
+    """A tiny random Qwen2-VL directory as transformers writes it, with a Qwen-VL tokenizer, chat
+    template and processor config (patch 4, merge 2, images and videos within NATIVE_MAX_PIXELS):
+    what `VLM.from_hf(out)` loads."""
+    # Deferred: transformers is heavy and only the native-model tests need it.
+    import transformers
+
+    directory = qwen_vl_dir(out, QWEN2_VL_TEMPLATE)
+    tok = Tokenizer.load(directory)
+    config = transformers.Qwen2VLConfig(
+        text_config=dict(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         rms_norm_eps=1e-6,
+                         rope_parameters=dict(rope_type="default", rope_theta=500.0, mrope_section=[4, 6, 6])),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=NATIVE_PATCH,
+                           spatial_merge_size=NATIVE_MERGE, temporal_patch_size=NATIVE_TEMPORAL),
+        image_token_id=tok.token_id(IMAGE_PAD), video_token_id=tok.token_id(VIDEO_PAD),
+        vision_start_token_id=tok.token_id(VISION_START), vision_end_token_id=tok.token_id(VISION_END))
+    torch.manual_seed(0)
+    model = transformers.Qwen2VLForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm_scale = p.dim() == 1 and "norm" in name and name.endswith("weight")
+            p.normal_(1.0 if is_norm_scale else 0.0, NATIVE_WEIGHT_STD)
+    model.save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text(json.dumps(dict(
+        min_pixels=NATIVE_PATCH * NATIVE_PATCH * 4, max_pixels=NATIVE_MAX_PIXELS, patch_size=NATIVE_PATCH,
+        merge_size=NATIVE_MERGE, temporal_patch_size=NATIVE_TEMPORAL)))
+    return directory
+
+
+def png_bytes(seed: int, size: int | tuple[int, int] = 20) -> bytes:
+    """A random PNG, size x size pixels or (height, width)."""
+    height, width = (size, size) if isinstance(size, int) else size
+    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     parser.add_argument("--allow-dir", default=None,
-                        help="allow image_url file:// paths inside this directory (refused otherwise)")
+                        help="allow image_url / video_url file:// paths inside this directory (refused otherwise)")
     parser.add_argument("--max-batch", type=int, default=ServerSettings.max_batch,
                         help="requests decoded together (continuous batching); 1 = one at a time")
     parser.add_argument("--max-queue", type=int, default=ServerSettings.max_queue, help="waiting requests before 429")

@@ -1,7 +1,8 @@
 """The OpenAI chat completions protocol: typed requests, response and stream-chunk bodies, errors.
 
 The request models follow the public OpenAI API reference (POST /v1/chat/completions): messages
-whose content is a string or a list of `text` / `image_url` parts, `max_tokens` (or its newer
+whose content is a string or a list of `text` / `image_url` parts (and `video_url`, vLLM's form, for
+native-resolution models), `max_tokens` (or its newer
 name `max_completion_tokens`), `temperature`, `top_p`, `stop`, `seed`, `stream` and
 `stream_options.include_usage`. `top_k`, `repetition_penalty` and `ignore_eos` are vlmkit extensions
 (as in vLLM). Unknown fields are ignored, as OpenAI-compatible servers usually do, so newer clients
@@ -40,7 +41,18 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+class VideoURL(BaseModel):
+    url: str = Field(min_length=1)
+    """file:///path under the server's --allow-dir (a video file, a directory of frames, an animated
+    image) or a data URL of a video or an animated image (data:video/mp4;base64,...)."""
+
+
+class VideoPart(BaseModel):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):

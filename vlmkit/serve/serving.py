@@ -4,7 +4,8 @@
                                   server-sent events (serve/protocol.py writes both)
 
 A request is checked beyond its schema and its prompt built in a worker thread (images are
-decoded there, data/prompt.py's `build_prompt` with `RequestImages` as the image resolver), so a
+decoded there, data/prompt.py's `build_prompt` with `RequestImages` as the image resolver and
+serve/videos.py's `RequestVideos` as the video resolver), so a
 bad request is refused before it reaches the scheduler thread, which runs every request's decode
 steps in one continuously changing batch (serve/scheduler.py). The routes, authentication and
 error handlers are serve/app.py's.
@@ -13,18 +14,19 @@ error handlers are serve/app.py's.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator
 
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from vlmkit.data.prompt import Prompt
-from vlmkit.errors import VlmkitError
+from vlmkit.data.prompt import Prompt, build_prompt
+from vlmkit.errors import BadRecordError, VlmkitError
 from vlmkit.infer.engine import Engine
-from vlmkit.infer.generate import prompt_for
 from vlmkit.infer.sampling import SamplingParams
 from vlmkit.serve.images import resolve_image
 from vlmkit.serve.protocol import (MAX_STOP_STRINGS, SSE_DONE, APIError, ChatCompletionRequest, Completion,
@@ -32,6 +34,13 @@ from vlmkit.serve.protocol import (MAX_STOP_STRINGS, SSE_DONE, APIError, ChatCom
                                    usage_body, usage_chunk_body)
 from vlmkit.serve.scheduler import Event, QueueFullError, Scheduler, Ticket
 from vlmkit.serve.settings import ImageLimits, ServerSettings
+from vlmkit.serve.videos import RequestVideos, video_error
+
+SCRATCH_PREFIX = "vlmkit-request-"
+VIDEO_REASONS = {"missing_video", "empty_video", "not_a_video", "truncated_video", "mixed_frame_sizes",
+                 "not_an_image", "truncated_image", "image_too_large"}
+"""Reasons the processor gives for a video it cannot decode past its first frame (a bad frame
+in a directory, a file shorter than its header says); images are decoded before, by RequestImages."""
 
 
 class RequestImages:
@@ -93,16 +102,32 @@ class ChatServing:
         requested = request.requested_max_tokens()
         if requested is not None and requested > cap:
             raise bad_request(f"max_tokens {requested} is over this server's limit of {cap}", "max_tokens")
-        conversation = [message.model_dump(exclude_none=True) for message in request.messages]
-        try:
-            prompt = prompt_for(self.engine.vlm, conversation, RequestImages(self.settings.images))
-        except VlmkitError as e:
-            raise bad_request(str(e), "messages") from None
+        prompt = self.build(request)
         params = SamplingParams(max_new_tokens=self._max_new_tokens(len(prompt.input_ids), requested),
                                 temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
                                 repetition_penalty=request.repetition_penalty, seed=request.seed, stop=stop,
                                 ignore_eos=request.ignore_eos)
         return prompt, params
+
+    def build(self, request: ChatCompletionRequest) -> Prompt:
+        """The request's prompt through the model's own processor (tiles, or native-resolution grids
+        and videos); a data-URL video lives in a scratch directory only while its prompt is built."""
+        conversation = [message.model_dump(exclude_none=True) for message in request.messages]
+        vlm = self.engine.vlm
+        if vlm.tokenizer is None:
+            raise bad_request("this model has no tokenizer, so it cannot read messages", "messages")
+        limits = self.settings.images
+        with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) as scratch:
+            videos = RequestVideos(limits, Path(scratch), takes_video=vlm.config.is_native)
+            try:
+                return build_prompt(conversation, vlm.tokenizer, vlm.image_processor(), vlm.config.tokens_per_tile,
+                                    RequestImages(limits), videos)
+            except BadRecordError as e:
+                if len(videos.parts) == 1 and e.reason in VIDEO_REASONS:  # only that video can be at fault
+                    raise video_error(e, videos.parts[0]) from None
+                raise bad_request(str(e), "messages") from None
+            except VlmkitError as e:
+                raise bad_request(str(e), "messages") from None
 
     def _max_new_tokens(self, prompt_tokens: int, requested: int | None) -> int:
         """The request's max_tokens (by default as many as the cap and the context allow), checked

@@ -15,7 +15,7 @@ MiB = 1024 * 1024
 
 @dataclass
 class ImageLimits:
-    """What a request's images may be (serve/images.py checks them)."""
+    """What a request's images and videos may be (serve/images.py and serve/videos.py check them)."""
 
     max_bytes: int = 8 * MiB
     """Largest encoded image (after base64 decoding) a request may carry."""
@@ -23,8 +23,14 @@ class ImageLimits:
     """Largest width * height accepted (checked from the header, before decoding)."""
     max_images: int = 8
     """Most images in one request."""
+    max_videos: int = 2
+    """Most video_url parts in one request (native-resolution models only)."""
+    max_video_bytes: int = 64 * MiB
+    """Largest video: a file, an inline data URL, or a directory's frame files together."""
+    max_video_frames: int = 2048
+    """Most frames a video may hold before sampling (decoding reads up to the last sampled one)."""
     allow_dir: Path | None = None
-    """file:// URLs must point inside this directory; None refuses them."""
+    """file:// URLs (images, videos, frame directories) must point inside this directory; None refuses them."""
 
 
 @dataclass
