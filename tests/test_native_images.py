@@ -379,6 +379,7 @@ def test_bad_videos_get_a_reason(tmp_path):
     assert reason([random_image(40, 40), b"garbage"]) == "not_an_image"
     assert reason([random_image(40, 40), random_image(50, 40)]) == "mixed_frame_sizes"
     assert reason(random_frames(3), num_frames=8) == "too_few_frames"
+    assert reason(random_frames(4), fps=2.0) == "unknown_frame_rate"  # frames carry no rate to sample by
     if importlib.util.find_spec("av") is not None:
         assert reason(tmp_path / "text.mp4") == "not_a_video"
 

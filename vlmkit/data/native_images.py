@@ -288,8 +288,10 @@ def _stride_sample(total: int, config: NativeProcessorConfig, source_fps: float 
     if num_frames is not None:
         num_frames = round(num_frames / group) * group
     else:
-        if source_fps is None:
-            raise ValueError("sampling a video by fps needs its frame rate (source_fps)")
+        if source_fps is None:  # a list or folder of frames: no rate to sample by (as the reference)
+            raise BadRecordError("unknown_frame_rate", f"this model samples videos at {fps} frames per second, "
+                                 f"but these {total} frames come without a frame rate; send a video file, or "
+                                 "frames already sampled with num_frames")
         longest = math.floor(min(config.max_frames, total) / group) * group
         wanted = min(max(total / source_fps * fps, config.min_frames), longest, total)
         num_frames = math.floor(wanted / group) * group

@@ -15,22 +15,24 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from vlmkit.data.messages import ImageResolver, keep_image
+from vlmkit.data.messages import ImageResolver, VideoResolver, keep_image
 from vlmkit.data.prompt import Prompt, build_prompt
 from vlmkit.errors import VlmkitError
 from vlmkit.infer.engine import Engine
 from vlmkit.infer.sampling import SamplingParams
 
 
-def prompt_for(vlm, messages: list[dict], resolve_image: ImageResolver = keep_image) -> Prompt:
+def prompt_for(vlm, messages: list[dict], resolve_image: ImageResolver = keep_image,
+               resolve_video: VideoResolver | None = None) -> Prompt:
     """The prompt of an OpenAI-style conversation for `vlm`: its tokenizer and chat template, its
-    image processor, its visual tokens per tile. Raises BadRecordError for a conversation or image
-    it cannot read."""
+    image processor (tiles, or a native model's grids and videos), its visual tokens per tile.
+    Video parts need `resolve_video` (data/prompt.py's `build_prompt` refuses them without one).
+    Raises BadRecordError for a conversation, image or video it cannot read."""
     if vlm.tokenizer is None:
         raise VlmkitError("this model has no tokenizer, so it cannot read messages; save the checkpoint "
                           "with its tokenizer")
     return build_prompt(messages, vlm.tokenizer, vlm.image_processor(), vlm.config.tokens_per_tile,
-                        resolve_image)
+                        resolve_image, resolve_video)
 
 
 def generate_messages(vlm, messages: list[dict] | list[list[dict]], **kw) -> str | list[str]:

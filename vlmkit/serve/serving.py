@@ -4,9 +4,9 @@
                                   server-sent events (serve/protocol.py writes both)
 
 A request is checked beyond its schema and its prompt built in a worker thread (images are
-decoded there, data/prompt.py's `build_prompt` with `RequestImages` as the image resolver and
-serve/videos.py's `RequestVideos` as the video resolver), so a
-bad request is refused before it reaches the scheduler thread, which runs every request's decode
+decoded there: infer/generate.py's `prompt_for`, with `RequestImages` as the image resolver and
+serve/videos.py's `RequestVideos` as the video resolver), so a bad request is refused before it
+reaches the scheduler thread, which runs every request's decode
 steps in one continuously changing batch (serve/scheduler.py). The routes, authentication and
 error handlers are serve/app.py's.
 """
@@ -24,9 +24,10 @@ from typing import AsyncIterator
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from vlmkit.data.prompt import Prompt, build_prompt
+from vlmkit.data.prompt import Prompt
 from vlmkit.errors import BadRecordError, VlmkitError
 from vlmkit.infer.engine import Engine
+from vlmkit.infer.generate import prompt_for
 from vlmkit.infer.sampling import SamplingParams
 from vlmkit.serve.images import resolve_image
 from vlmkit.serve.protocol import (MAX_STOP_STRINGS, SSE_DONE, APIError, ChatCompletionRequest, Completion,
@@ -114,14 +115,11 @@ class ChatServing:
         and videos); a data-URL video lives in a scratch directory only while its prompt is built."""
         conversation = [message.model_dump(exclude_none=True) for message in request.messages]
         vlm = self.engine.vlm
-        if vlm.tokenizer is None:
-            raise bad_request("this model has no tokenizer, so it cannot read messages", "messages")
         limits = self.settings.images
         with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) as scratch:
             videos = RequestVideos(limits, Path(scratch), takes_video=vlm.config.is_native)
             try:
-                return build_prompt(conversation, vlm.tokenizer, vlm.image_processor(), vlm.config.tokens_per_tile,
-                                    RequestImages(limits), videos)
+                return prompt_for(vlm, conversation, RequestImages(limits), videos)
             except BadRecordError as e:
                 if len(videos.parts) == 1 and e.reason in VIDEO_REASONS:  # only that video can be at fault
                     raise video_error(e, videos.parts[0]) from None
