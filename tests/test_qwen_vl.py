@@ -452,3 +452,18 @@ def test_generate_from_messages_through_the_native_processor(tmp_path):
     assert back.processor_config == ours.processor_config and back.processor_config.max_pixels == 32 * 32
     again = prompt_for(back, messages)
     assert again.input_ids == prompt.input_ids and torch.equal(again.pixel_values, prompt.pixel_values)
+
+
+def test_load_tells_a_transformers_directory_from_a_vlmkit_checkpoint(pair, tmp_path):
+    """VLM.load (what `--model` of chat, serve, eval and export goes through) reads both."""
+    family, _, ours, path = pair
+    inputs = _batch(family)
+    hf = VLM.load(path)
+    ours.save_pretrained(tmp_path / "ck")
+    ck = VLM.load(tmp_path / "ck")
+    with torch.no_grad():
+        expected = ours(**inputs)
+        torch.testing.assert_close(hf(**inputs), expected, rtol=0, atol=0)
+        torch.testing.assert_close(ck(**inputs), expected, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="config.json"):
+        VLM.load(tmp_path / "nothing-here")

@@ -2,6 +2,7 @@
 
     VLM(config)                                  a fresh model (weights initialised for training)
     VLM.from_pretrained(dir)                     a vlmkit checkpoint directory
+    VLM.load(dir)                                a vlmkit checkpoint or a whole transformers VLM directory
     VLM.from_hf(vision=dir, llm=dir, adapter=)   a HF SigLIP / CLIP tower + a HF decoder, new adapter
     VLM.from_hf(dir)                             a whole HF Qwen2-VL / Qwen2.5-VL / Qwen3-VL directory
     VLM.from_hf_llava(dir)                       a llava-hf LlavaForConditionalGeneration directory
@@ -90,6 +91,22 @@ class VLM(VLMModel):
         model.tokenizer = _load_tokenizer(path)
         model.processor_config = _load_processor_config(path)
         return model.eval()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "VLM":
+        """Whatever model directory `path` is: a vlmkit checkpoint (it has vlmkit.json), else a
+        whole transformers VLM directory (llava-hf, or a Qwen-VL family), by its architecture.
+        What the commands (chat, serve, eval, export) load `--model` with."""
+        path = Path(path)
+        if (path / META_FILE).is_file() or not (path / CONFIG_FILE).is_file():
+            return cls.from_pretrained(path)
+        try:
+            architectures = json.loads((path / CONFIG_FILE).read_text()).get("architectures") or []
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{path / CONFIG_FILE}: not a JSON object ({e})") from None
+        if "LlavaForConditionalGeneration" in architectures:
+            return cls.from_hf_llava(path)
+        return cls.from_hf(path)
 
     def save_pretrained(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
         """Write the checkpoint directory; `meta` (JSON-able) goes into vlmkit.json."""

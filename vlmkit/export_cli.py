@@ -17,7 +17,7 @@ FORMATS = ("hf", "hf-llava")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="vlmkit checkpoint directory (VLM.from_pretrained)")
+    parser.add_argument("--model", required=True, help="a vlmkit checkpoint or a transformers VLM directory (VLM.load)")
     parser.add_argument("--to", required=True, choices=FORMATS,
                         help="target format: hf (the model's own transformers family) or hf-llava")
     parser.add_argument("out", help="directory to write")
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from vlmkit.api import VLM
     from vlmkit.models.hf.llava import check_llava_exportable
 
-    model = VLM.from_pretrained(args.model)
+    model = VLM.load(args.model)
     if args.to == "hf":
         out = model.export_hf(args.out)
     else:

@@ -10,7 +10,8 @@ from vlmkit.serve.settings import ImageLimits, ServerSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory (config.json, model.safetensors, tokenizer)")
+    parser.add_argument("--model", required=True,
+                        help="a vlmkit checkpoint or a transformers VLM directory (VLM.load)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = VLM.from_pretrained(args.model).to(device).eval()
+    model = VLM.load(args.model).to(device).eval()
     settings = ServerSettings(model_name=args.name or Path(args.model).resolve().name, api_key=args.api_key,
                               max_batch=args.max_batch, max_queue=args.max_queue,
                               max_tokens_cap=args.max_tokens_cap, images=ImageLimits(allow_dir=allow_dir))
