@@ -1,24 +1,73 @@
-"""torchrun + FSDP2 on gloo: 2 processes (each on its own share of the data, grad_accum 1) train
-like 1 process with grad_accum 2 (the same global batch size): same loss curve within tolerance.
+"""torchrun + FSDP2 on gloo, 2 CPU processes.
 
-The two runs see different packs (each rank packs its own disjoint share), so the curves agree
-to data noise, not bitwise."""
+2 processes (each on its own share of the data, grad_accum 1) train like 1 process with
+grad_accum 2 (the same global batch size): same loss curve within tolerance. The two runs see
+different packs (each rank packs its own disjoint share), so the curves agree to data noise, not
+bitwise.
+
+A 2-process run stopped at a checkpoint and resumed under torchrun ends with bit-for-bit the
+weights of the uninterrupted 2-process run: inside the second stage (whose optimizer covers
+modules the first stage froze, and a parameter no gradient reaches), at the first stage's end,
+after the last stage. Without torchrun, DCP's optimizer round trip keeps which parameters have
+state."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
 
 from vlmkit.config import load_config
 from vlmkit.data.world import prepare_world
+from vlmkit.errors import CheckpointError
+from vlmkit.train.checkpoint import list_checkpoints
+from vlmkit.train.distributed import dcp_load_optimizer, dcp_save
 
-pytestmark = pytest.mark.slow
-
+# Checkpoints at global steps 2 (inside align), 3 (end of align), 5 (inside sft, the first after
+# the hand-off that unfreezes vision and the LLM), 7 (end of sft); all kept for the resume tests.
 SETTINGS = ["progress=false", "tensorboard=false", "stages.0.steps=3", "stages.1.steps=4",
-            "stages.1.save_every=2", "stages.1.mixture={qa: 1.0}"]
+            "stages.1.save_every=2", "stages.1.mixture={qa: 1.0}", "stages.0.keep_last=10", "stages.1.keep_last=10"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    spec = load_config("tiny").world
+    spec.dir = str(tmp_path_factory.mktemp("world"))
+    prepare_world(spec, progress=False)
+    return Path(spec.dir)
+
+
+def train_args(world: Path, out: Path, *extra: str) -> list[str]:
+    args = ["train", "tiny", "--out", str(out), "--set", f"world.dir={world}"]
+    for item in SETTINGS:
+        args += ["--set", item]
+    return args + list(extra)
+
+
+def torchrun(world: Path, out: Path, *extra: str) -> None:
+    """The 2-process run (grad_accum 1) into `out`."""
+    # --standalone: a free rendezvous port, so runs of the suite side by side do not collide.
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "vlmkit",
+                           *train_args(world, out, "--set", "stages.0.grad_accum=1", "--set", "stages.1.grad_accum=1",
+                                        *extra)],
+                          capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def sharded(world, tmp_path_factory) -> Path:
+    """The uninterrupted 2-process run."""
+    out = tmp_path_factory.mktemp("fsdp")
+    torchrun(world, out)
+    return out
 
 
 def losses(out: Path) -> list[float]:
@@ -26,26 +75,13 @@ def losses(out: Path) -> list[float]:
             if not json.loads(x).get("eval")]
 
 
-def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
-    spec = load_config("tiny").world
-    spec.dir = str(tmp_path / "world")
-    prepare_world(spec, progress=False)
-    common = ["train", "tiny", "--set", f"world.dir={spec.dir}"]
-    for item in SETTINGS:
-        common += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
+@pytest.mark.slow
+def test_two_processes_match_one_process_on_the_same_global_batch(world, sharded, tmp_path):
     single = tmp_path / "single"
-    done = subprocess.run([sys.executable, "-m", "vlmkit", *common, "--out", str(single),
-                           "--set", "stages.0.grad_accum=2", "--set", "stages.1.grad_accum=2",
-                           "--set", "num_threads=1"], capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    sharded = tmp_path / "fsdp"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "-m", "vlmkit", *common, "--out", str(sharded),
-                           "--set", "stages.0.grad_accum=1", "--set", "stages.1.grad_accum=1"],
-                          capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, "-m", "vlmkit",
+                           *train_args(world, single, "--set", "stages.0.grad_accum=2", "--set", "stages.1.grad_accum=2",
+                                       "--set", "num_threads=1")],
+                          capture_output=True, text=True, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
 
     a, b = losses(single), losses(sharded)
@@ -57,3 +93,83 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
 
     model = VLM.from_pretrained(sharded / "final")
     assert model.tokenizer is not None
+
+
+def stopped_after_checkpoint(run: Path, global_step: int, out: Path) -> None:
+    """Into `out`, what a run killed right after writing its checkpoint of `global_step` leaves:
+    the finished run's directory without the later checkpoints and the final model (a checkpoint
+    is renamed into place whole, the final model comes after the last stage, and the resume cuts
+    the metrics lines past its step)."""
+    shutil.copytree(run, out)
+    shutil.rmtree(out / "final")
+    later = [p for p in list_checkpoints(out) if int(p.name.split("-")[1]) > global_step]
+    for checkpoint in later:
+        shutil.rmtree(checkpoint)
+    assert list_checkpoints(out)[-1].name == f"step-{global_step:08d}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("global_step", [5, 3, 7], ids=["inside-sft", "end-of-align", "end-of-sft"])
+def test_sharded_run_resumes_bitwise(world, sharded, tmp_path, global_step):
+    out = tmp_path / "resumed"
+    stopped_after_checkpoint(sharded, global_step, out)
+    torchrun(world, out, "--resume")
+    a = load_file(str(sharded / "final" / "model.safetensors"))
+    b = load_file(str(out / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"weights differ after resume: {differ[:5]}"
+    steps = [json.loads(x)["global_step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if not json.loads(x).get("eval")]
+    assert steps == list(range(1, 8))
+
+
+# DCP runs in this one process too (no process group): the optimizer state round trip alone.
+no_process_group = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+def adamw(model: nn.Module) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+
+
+@no_process_group
+def test_dcp_restores_exactly_the_optimizer_state_it_saved(tmp_path):
+    # A parameter no gradient has reached has no AdamW state: it comes back without any.
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"used": nn.Linear(4, 4), "unused": nn.Linear(4, 4)})
+    optimizer = adamw(model)
+    model["used"](torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # as the trainer leaves it between steps
+    dcp_save(tmp_path / "dcp", model, optimizer)
+    restored = adamw(model)
+    dcp_load_optimizer(tmp_path / "dcp", model, restored)
+    saved, loaded = optimizer.state_dict()["state"], restored.state_dict()["state"]
+    assert saved.keys() == loaded.keys() == {0, 1}  # used.weight, used.bias
+    for index, entries in saved.items():
+        assert entries.keys() == loaded[index].keys()
+        assert all(torch.equal(value, loaded[index][key]) for key, value in entries.items())
+
+
+@no_process_group
+def test_dcp_optimizer_state_for_other_parameters_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"first": nn.Linear(4, 4), "second": nn.Linear(4, 4)})
+    optimizer = adamw(model["first"])
+    model["first"](torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    dcp_save(tmp_path / "dcp", model, optimizer)
+    with pytest.raises(CheckpointError, match="config changed"):
+        dcp_load_optimizer(tmp_path / "dcp", model, adamw(model["second"]))
+
+
+@no_process_group
+def test_saving_an_optimizer_that_never_stepped_leaves_it_as_it_was(tmp_path):
+    model = nn.Linear(4, 4)
+    optimizer = adamw(model)
+    dcp_save(tmp_path / "dcp", model, optimizer)
+    assert not optimizer.state
+    restored = adamw(model)
+    dcp_load_optimizer(tmp_path / "dcp", model, restored)
+    assert not restored.state

@@ -1,5 +1,7 @@
 """vlmkit/configs/tiny.yaml end to end in a subprocess, and exact resume: a run killed with
-SIGKILL in the middle of a stage and resumed ends with bit-for-bit the weights of an uninterrupted run."""
+SIGKILL in the middle of a stage and resumed ends with bit-for-bit the weights of an uninterrupted
+run, and so does a run stopped after any step (before any checkpoint, at a checkpoint inside a
+stage or at a stage's end, between checkpoints, after the last stage) or after it finished."""
 
 import json
 import os
@@ -10,10 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from vlmkit.config import load_config
 from vlmkit.data.world import prepare_world
+from vlmkit.train.checkpoint import list_checkpoints
+from vlmkit.train.loop import Trainer, train
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +47,12 @@ def reference(world, tmp_path_factory) -> Path:
     done = subprocess.run(command(out, world), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"weights differ after resume: {differ[:5]}"
 
 
 def test_tiny_runs_end_to_end(reference):
@@ -77,11 +88,8 @@ def test_killed_run_resumes_bitwise(world, reference, tmp_path):
     assert not (out / "final").exists()
     resumed = subprocess.run(command(out, world, "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = load_file(str(reference / "final" / "model.safetensors"))
-    b = load_file(str(out / "final" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    differ = [k for k in a if not (a[k] == b[k]).all()]
-    assert not differ, f"weights differ after resume: {differ[:5]}"
+    assert_same_weights(load_file(str(reference / "final" / "model.safetensors")),
+                        load_file(str(out / "final" / "model.safetensors")))
     # The resumed metrics pick up where the checkpoint left off, with no repeated step.
     steps = [json.loads(x)["global_step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
@@ -90,3 +98,77 @@ def test_killed_run_resumes_bitwise(world, reference, tmp_path):
 def test_existing_run_needs_resume(reference, world):
     again = subprocess.run(command(reference, world), capture_output=True, text=True)
     assert again.returncode != 0 and "--resume" in again.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume from every point of a run
+# ---------------------------------------------------------------------------------------------
+
+# Two short stages, each with a checkpoint inside it and one at its end: global steps 2 (inside
+# align), 3 (end of align), 5 (inside sft), 7 (end of sft); the sft stage mixes text steps in.
+MATRIX_SETTINGS = ["num_threads=1", "progress=false", "tensorboard=false",
+                   "stages.0.steps=3", "stages.0.save_every=2", "stages.1.steps=4", "stages.1.save_every=2"]
+MATRIX_STEPS = 7
+MATRIX_CHECKPOINTS = [2, 3, 5, 7]
+
+
+class Stopped(Exception):
+    """Stands in for the kill: raised where the run is to stop."""
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # The trainer sets the process's thread count; the tests after these keep theirs.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def matrix_config(world: Path):
+    return load_config("tiny", [f"world.dir={world}", *MATRIX_SETTINGS])
+
+
+@pytest.fixture(scope="module")
+def matrix_reference(world, one_thread, tmp_path_factory) -> dict[str, torch.Tensor]:
+    out = tmp_path_factory.mktemp("matrix-reference")
+    train(matrix_config(world), out)
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def stop_after(monkeypatch, global_step: int) -> None:
+    """Make the next run stop once `global_step` steps are done and any checkpoint of that step
+    is written: before the next step, or before the final model after the last one."""
+    def stop_at(method):
+        def stopping(self, *args, **kwargs):
+            if self.state.global_step == global_step:
+                raise Stopped
+            return method(self, *args, **kwargs)
+        return stopping
+
+    monkeypatch.setattr(Trainer, "_train_step", stop_at(Trainer._train_step))
+    monkeypatch.setattr(Trainer, "_save_final", stop_at(Trainer._save_final))
+
+
+# Stopped after each step: before any checkpoint (1), at a checkpoint inside a stage (2, 5), at a
+# stage-end checkpoint (3), between checkpoints (4, 6), after the last stage's checkpoint (7).
+@pytest.mark.parametrize("stopped_after", range(1, MATRIX_STEPS + 1))
+def test_resume_from_any_step_is_bitwise(world, matrix_reference, monkeypatch, tmp_path, stopped_after):
+    cfg = matrix_config(world)
+    stop_after(monkeypatch, stopped_after)
+    with pytest.raises(Stopped):
+        train(cfg, tmp_path)
+    monkeypatch.undo()
+    assert not (tmp_path / "final").exists()
+    written = [int(p.name.split("-")[1]) for p in list_checkpoints(tmp_path)]
+    assert written[-1:] == [c for c in MATRIX_CHECKPOINTS if c <= stopped_after][-1:]
+    train(matrix_config(world), tmp_path, resume=True)
+    assert_same_weights(matrix_reference, load_file(str(tmp_path / "final" / "model.safetensors")))
+    steps = [json.loads(x)["global_step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if not json.loads(x).get("eval")]
+    assert steps == list(range(1, MATRIX_STEPS + 1))
+
+
+def test_resume_of_a_finished_run_is_bitwise(world, matrix_reference, one_thread, tmp_path):
+    train(matrix_config(world), tmp_path)
+    train(matrix_config(world), tmp_path, resume=True)
+    assert_same_weights(matrix_reference, load_file(str(tmp_path / "final" / "model.safetensors")))

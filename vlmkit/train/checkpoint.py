@@ -253,8 +253,11 @@ def load_model_weights(ckpt: Path, model: torch.nn.Module) -> None:
 
 
 def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer state of a checkpoint written inside a stage (a stage-end checkpoint has none:
+    the next stage builds a fresh optimizer)."""
     if not (ckpt / "optimizer.json").is_file():
-        return  # a stage-end checkpoint: the next stage builds a fresh optimizer
+        raise CheckpointError(f"{ckpt}: no optimizer state in a checkpoint written inside a stage; delete this "
+                              "checkpoint to resume from an older one")
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     rest = json.loads((ckpt / "optimizer.json").read_text())
     try:

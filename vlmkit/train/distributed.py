@@ -6,7 +6,9 @@ build, then activation checkpointing, then shard each block, then the root).
 A single process needs no torchrun and none of this: `Dist.single()` is a world of one.
 Backend: NCCL on CUDA, gloo on the CPU. Every rank holds a shard of each block's parameters;
 gradients are reduce-scattered with averaging. Checkpoints go through
-torch.distributed.checkpoint (each rank writes its shards; any world size can read them back).
+torch.distributed.checkpoint (each rank writes its shards; any world size can read them back, but
+the data cursors beside them are per rank, so a run resumes with the number of processes that
+wrote it).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vlmkit.errors import CheckpointError
 from vlmkit.models.vlm import VLMModel
 
 
@@ -118,30 +121,72 @@ def full_state_dict(model: nn.Module, ctx: Dist) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+MODEL_KEY, OPTIM_KEY = "model", "optim"
+"""The two parts of a DCP checkpoint; DCP names each saved value by its dotted path under them
+(e.g. `optim.state.llm.norm.weight.exp_avg`)."""
+
+
 def dcp_save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Every rank writes its shards of model (+ optimizer) into path (a directory)."""
+    """Every rank writes its shards of model (+ optimizer state) into path (a directory).
+
+    An optimizer that has stepped no parameter yet holds no state, as a fresh one does, and is
+    not written: DCP would give it some by stepping it with zero gradients, which changes the
+    run that saves it."""
     import torch.distributed.checkpoint as dcp  # deferred: see shard_model
-    from torch.distributed.checkpoint.state_dict import get_state_dict, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    if optimizer is not None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
-    else:
-        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(path))
+    state = {MODEL_KEY: get_model_state_dict(model)}
+    if optimizer is not None and optimizer.state:
+        state[OPTIM_KEY] = get_optimizer_state_dict(model, optimizer)
+    dcp.save(state, checkpoint_id=str(path))
 
 
-def dcp_load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Read a checkpoint of `dcp_save` into the (sharded) model, and the optimizer when given."""
+def dcp_load_model(path: Path, model: nn.Module) -> None:
+    """Read the weights of a checkpoint of `dcp_save` into the (sharded) model, strictly."""
     import torch.distributed.checkpoint as dcp  # deferred: see shard_model
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
-                                                         set_model_state_dict, set_state_dict)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    if optimizer is not None:  # a mid-stage checkpoint (stage-end ones hold the model only)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    else:
-        state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=str(path))
-        set_model_state_dict(model, state["model"])
+    state = {MODEL_KEY: get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state[MODEL_KEY])
+
+
+def dcp_load_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Give `optimizer` (freshly built for the stage) the state saved in a checkpoint of `dcp_save`:
+    exactly the parameters that had state when it was written.
+
+    AdamW creates a parameter's state at its first gradient, so a trainable parameter that has
+    had none yet has no state in the checkpoint: the vision tower after text steps only, or
+    `vision.post_layernorm`, which the LLaVA-style features never pass through. DCP's template
+    for loading holds state for every trainable parameter, so it is cut to what the checkpoint
+    holds, and the other parameters stay without state, as in the run that wrote it."""
+    import torch.distributed.checkpoint as dcp  # deferred: see shard_model
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    if not any(key.startswith(f"{OPTIM_KEY}.") for key in saved):
+        return  # saved with no state: the fresh optimizer is what the run had
+    # With the gradients None (as between steps), DCP fills the template by a zero-gradient step.
+    template = get_optimizer_state_dict(model, optimizer)
+    template["state"] = _entries_saved(template["state"], saved)
+    wanted = sum(len(entries) for entries in template["state"].values())
+    if wanted != sum(key.startswith(f"{OPTIM_KEY}.state.") for key in saved):
+        raise CheckpointError(f"{path}: optimizer state for parameters this stage's optimizer does not train; "
+                              "was the config changed since this run started?")
+    state = {OPTIM_KEY: template}
+    dcp.load(state, checkpoint_id=str(path))
+    # strict=False: a parameter without saved state is expected (above). Loading replaces the
+    # optimizer's whole state, so the zero-gradient state DCP gave it for the template is dropped.
+    set_optimizer_state_dict(model, optimizer, state[OPTIM_KEY], options=StateDictOptions(strict=False))
+
+
+def _entries_saved(state: dict[str, dict], saved: set[str]) -> dict[str, dict]:
+    """The entries of an optimizer's per-parameter state ({FQN: {key: value}}) that a checkpoint
+    holds (`saved`: its keys); a parameter with none left is dropped."""
+    kept = {}
+    for fqn, entries in state.items():
+        held = {key: value for key, value in entries.items() if f"{OPTIM_KEY}.state.{fqn}.{key}" in saved}
+        if held:
+            kept[fqn] = held
+    return kept

@@ -8,8 +8,10 @@ are averaged over ranks, so each rank scales by the world size to keep the globa
 
 Resume: `Trainer(..., resume=True)` continues from the newest complete checkpoint in
 DIR/checkpoints/ and reaches bit for bit the weights the uninterrupted run would have (same
-device, same thread count): model, optimizer, step, RNG states and data cursors are restored,
-and the learning rate is a pure function of the step.
+device, same thread count), wherever that checkpoint is: inside a stage (model, optimizer, step,
+RNG states and data cursors are restored; the learning rate is a pure function of the step), at a
+stage's end (the weights; the next stage starts from its seed as it always does), or after the
+last stage (the weights, written again as DIR/final).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from vlmkit.models.vlm import LossOutput
 from vlmkit.models.weights import load_state
 from vlmkit.train import checkpoint as ckpt
 from vlmkit.train.data import StageData, eval_batches
-from vlmkit.train.distributed import Dist, dcp_load, dcp_save, full_state_dict, shard_model
+from vlmkit.train.distributed import (Dist, dcp_load_model, dcp_load_optimizer, dcp_save, full_state_dict,
+                                     shard_model)
 from vlmkit.train.logging import MetricsLogger, plot_loss_curve
 from vlmkit.train.stages import apply_freezing, build_optimizer, set_lr, stage_seed
 
@@ -205,21 +208,31 @@ class Trainer:
         if self.ctx.is_distributed:
             shard_model(self.model, self.ctx)
             self.sharded = True
+        if resume_from is not None:
+            # Whatever point the checkpoint marks (inside a stage, a stage's end, after the last
+            # stage), the weights are the run's: even when no stage is left to run.
+            self._load_weights(resume_from)
+        # Only a checkpoint inside a stage carries an optimizer, data cursors and RNG to go on from.
+        inside_stage = resume_from if resume_from is not None and self.state.step > 0 else None
         self.logger = MetricsLogger(self.out, enabled=self.ctx.is_main, tensorboard=self.cfg.tensorboard,
                                     progress=self.cfg.progress, resume_step=self.state.global_step)
         try:
             for index in range(self.state.stage, len(self.cfg.stages)):
-                self._run_stage(index, resume_from if index == self.state.stage else None)
-                resume_from = None
+                self._run_stage(index, inside_stage)
+                inside_stage = None
         finally:
             self.logger.close()
         final = self._save_final()
         if self.ctx.is_main:
             plot_loss_curve(self.out)
+        # The ranks leave together: a gloo rank that destroys its process group while rank 0 is
+        # still at work (the plot) can abort at exit ("terminate called"), failing the torchrun job.
+        self.ctx.barrier()
         return final
 
     # ------------------------------------------------------------------------------------------
     def _run_stage(self, index: int, resume_from: Path | None) -> None:
+        """Run stage `index` from its start, or from `resume_from`, a checkpoint inside it."""
         stage = self.cfg.stages[index]
         optimizer, data = self._start_stage(index, resume_from)
         self.logger.start_stage(f"{index}:{stage.name}", stage.steps, self.state.step)
@@ -241,25 +254,26 @@ class Trainer:
         self._end_stage(index, last)
 
     def _start_stage(self, index: int, resume_from: Path | None) -> tuple[torch.optim.Optimizer, StageData]:
-        """Freeze, build the stage's optimizer and data; restore them from `resume_from` when given."""
+        """Freeze, build the stage's optimizer and data; when `resume_from` (a checkpoint inside
+        this stage) is given, restore the optimizer, this rank's data cursor and RNG from it."""
         cfg, stage, ctx = self.cfg, self.cfg.stages[index], self.ctx
         apply_freezing(self.model, stage)
         self.model.set_gradient_checkpointing(stage.gradient_checkpointing)
         optimizer = build_optimizer(self.model, stage)
-        if resume_from is None or self.state.step == 0:
-            # A stage starts from its seed; a resumed mid-stage run restores the RNG instead.
+        if resume_from is None:
+            # A stage starts from its seed; a run resumed inside a stage restores the RNG instead.
             torch.manual_seed(stage_seed(cfg, index))
         data = StageData(cfg, index, self.tokenizer, self.processor, self.model.config.tokens_per_image,
                          rank=ctx.rank, world=ctx.world)
         if resume_from is None:
             self.state.stage, self.state.step, self.state.tokens = index, 0, 0
             return optimizer, data
-        self._load(resume_from, optimizer if self.state.step > 0 else None)
-        cursor = self.state.data.get(str(ctx.rank))
-        if cursor:
-            data.load_state_dict(cursor)
-        if self.state.step > 0:
-            ckpt.restore_rng(resume_from, ctx.rank)
+        self._load_optimizer(resume_from, optimizer)
+        if len(self.state.data) != ctx.world:  # each rank reads its own share of the data
+            raise CheckpointError(f"{resume_from} was written by {len(self.state.data)} processes; resume it with "
+                                  f"as many (this run has {ctx.world})")
+        data.load_state_dict(self.state.data[str(ctx.rank)])
+        ckpt.restore_rng(resume_from, ctx.rank)  # last: the next draw is the next step's
         return optimizer, data
 
     def _end_stage(self, index: int, last: dict) -> None:
@@ -400,12 +414,16 @@ class Trainer:
             ckpt.prune(self.out, keep_last)
         self.ctx.barrier()
 
-    def _load(self, path: Path, optimizer) -> None:
+    def _load_weights(self, path: Path) -> None:
         if self.sharded:
-            dcp_load(path / "dcp", self.model, optimizer)
-            return
-        ckpt.load_model_weights(path, self.model)
-        if optimizer is not None:
+            dcp_load_model(path / "dcp", self.model)
+        else:
+            ckpt.load_model_weights(path, self.model)
+
+    def _load_optimizer(self, path: Path, optimizer: torch.optim.Optimizer) -> None:
+        if self.sharded:
+            dcp_load_optimizer(path / "dcp", self.model, optimizer)
+        else:
             ckpt.load_optimizer(path, optimizer)
 
     def _save_final(self) -> Path:
