@@ -47,9 +47,12 @@ class ModelSpec:
     `hf_vision` + `hf_llm` pair (assembled with a fresh adapter)."""
 
     config: dict | None = None
-    """A VLMConfig as a mapping (vision / adapter / llm / image_token_id ...): a fresh model."""
+    """A VLMConfig as a mapping (vision / adapter / llm / image_token_id ..., or native_vision /
+    llm with mrope_section for a native-resolution model): a fresh model."""
     pretrained: str | None = None
-    """A vlmkit checkpoint directory (config.json + model.safetensors + tokenizer)."""
+    """A model directory as `VLM.load` reads it: a vlmkit checkpoint (config.json +
+    model.safetensors + tokenizer), or a whole transformers VLM directory (a Qwen2-VL / Qwen2.5-VL /
+    Qwen3-VL one with its tokenizer and processor settings, or llava-hf)."""
     hf_llava: str | None = None
     """A llava-hf model directory (LlavaForConditionalGeneration, saved with save_pretrained)."""
     hf_vision: str | None = None

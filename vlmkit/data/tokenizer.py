@@ -2,7 +2,9 @@
 
 `Tokenizer.train(texts, vocab_size)` trains a byte-level BPE (GPT-2's byte-to-unicode pre-tokenizer
 and decoder, via HF `tokenizers`) whose first ids are the special tokens of vlmkit.constants
-(pad, end of text, the ChatML role markers, the image token). `save(dir)` writes the HF layout
+(pad, end of text, the ChatML role markers, the image token; with `qwen_vl=True`, for
+native-resolution models, the Qwen-VL vision tokens instead of the image token, in the qwen_vl
+format below). `save(dir)` writes the HF layout
 (tokenizer.json, tokenizer_config.json with the chat template as a jinja string, special_tokens_map.json),
 so transformers' AutoTokenizer loads the directory as a PreTrainedTokenizerFast.
 
@@ -66,6 +68,26 @@ BUILTIN_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
 )
 
+# The built-in tokenizer of native-resolution models (`Tokenizer.train(..., qwen_vl=True)`): the
+# Qwen-VL chat format without a default system prompt; images and videos are written as
+# <|vision_start|><|image_pad|><|vision_end|> (<|video_pad|>), parts side by side.
+NATIVE_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- else -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+NATIVE_SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, IM_START, IM_END, *QWEN_VL_TOKENS)
+"""The first ids of a native tokenizer: the Qwen-VL vision tokens stand where the built-in one has
+its single image token."""
+
 
 class Tokenizer:
     """A HF `tokenizers` backend plus what vlmkit's templates need: special ids and the chat format."""
@@ -84,34 +106,40 @@ class Tokenizer:
     # --- making one --------------------------------------------------------------------------------
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> "Tokenizer":
-        """Train the built-in byte-level BPE on `texts` (deterministic for the same texts)."""
-        if vocab_size < 256 + len(BUILTIN_SPECIAL_TOKENS):
-            raise ConfigError(f"vocab_size {vocab_size} is below 256 bytes + "
-                              f"{len(BUILTIN_SPECIAL_TOKENS)} special tokens")
+    def train(cls, texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2, *,
+              qwen_vl: bool = False) -> "Tokenizer":
+        """Train the built-in byte-level BPE on `texts` (deterministic for the same texts).
+
+        qwen_vl: the tokenizer of a native-resolution model (the Qwen-VL chat format, with
+        <|image_pad|> and <|video_pad|> between <|vision_start|> and <|vision_end|>) instead of the
+        built-in format with its single image token."""
+        specials = NATIVE_SPECIAL_TOKENS if qwen_vl else BUILTIN_SPECIAL_TOKENS
+        if vocab_size < 256 + len(specials):
+            raise ConfigError(f"vocab_size {vocab_size} is below 256 bytes + {len(specials)} special tokens")
         backend = _Backend(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-                                      special_tokens=list(BUILTIN_SPECIAL_TOKENS),
+                                      special_tokens=list(specials),
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         # The role names of the chat headers are frequent in every chat sample: make them whole tokens.
         headers = ["system\nuser\nassistant\n"] * 1000
         backend.train_from_iterator(itertools.chain(texts, headers), trainer=trainer)
-        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BUILTIN_SPECIAL_TOKENS])
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": None,
             "eos_token": EOS_TOKEN,
             "pad_token": PAD_TOKEN,
             "unk_token": None,
-            "additional_special_tokens": [IM_START, IM_END, IMAGE_TOKEN],
-            "chat_template": BUILTIN_CHAT_TEMPLATE,
+            "additional_special_tokens": list(specials[2:]),
+            "chat_template": NATIVE_CHAT_TEMPLATE if qwen_vl else BUILTIN_CHAT_TEMPLATE,
             "model_max_length": 1_000_000,
             "clean_up_tokenization_spaces": False,
-            "vlmkit_template": "builtin",
         }
-        return cls(backend, config, "builtin")
+        if not qwen_vl:  # a native tokenizer is told by its template and tokens, as Qwen-VL's are
+            config["vlmkit_template"] = "builtin"
+        return cls(backend, config, "qwen_vl" if qwen_vl else "builtin")
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":

@@ -9,7 +9,7 @@ category), written last. A native-layout world (`layout="native"`) has scenes of
 clips (`n_*_clips`) add clips/*/NN.png frames and their own QA files with video parts. With the
 defaults (fixed layout, no clips) the files are those of the demo's world, byte for byte. A
 run's world also holds the byte-level BPE tokenizer trained on its texts (`tokenizer_texts`) in
-tokenizer/.
+tokenizer/ (a native world's in the Qwen-VL chat format, with image and video tokens).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class WorldSpec:
     """The synthetic world as the data of a run (the run config's `world` section): generated, with
     a tokenizer trained on its text, the first time a run needs it, then reused. With a world,
     relative data paths resolve inside `dir`, and a model built from `config` takes the
-    tokenizer's vocabulary size and image token id."""
+    tokenizer's vocabulary size and image (and video) token ids."""
 
     dir: str = "runs/world"
     """Where the world is written (relative to the working directory)."""
@@ -340,7 +340,9 @@ def prepare_world(spec: WorldSpec, progress: bool = True) -> Path:
     if not (tok_dir / TOKENIZER_FILE).is_file():
         tmp = world_dir / f".{TOKENIZER_DIR}-tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        Tokenizer.train(tokenizer_texts(world_dir), vocab_size=spec.vocab_size).save(tmp)
+        # A native world's models read images and videos in the Qwen-VL chat format.
+        Tokenizer.train(tokenizer_texts(world_dir), vocab_size=spec.vocab_size,
+                        qwen_vl=spec.layout == "native").save(tmp)
         os.replace(tmp, tok_dir)
     return world_dir
 

@@ -22,12 +22,12 @@ def source_modality(src: DataSource) -> Modality:
     return "text" if src.kind == "text" or src.format == "text" else "image"
 
 
-def _packer(cfg: RunConfig, name: str, tokenizer, processor, tokens_per_image: int, budget: int, *,
+def _packer(cfg: RunConfig, name: str, tokenizer, processor, tokens_per_tile: int, budget: int, *,
             rank: int, world: int, seed: int, loop: bool = True, shuffle_block: int = 1024) -> Packer:
     src = cfg.data[name]
     stream = SourceStream(cfg.resolve(src.path), src.format, root=cfg.resolve(src.root), kind=src.kind, name=name,
                           rank=rank, world=world, seed=seed, loop=loop, shuffle_block=shuffle_block)
-    pipeline = SamplePipeline(tokenizer, processor if source_modality(src) == "image" else None, tokens_per_image,
+    pipeline = SamplePipeline(tokenizer, processor if source_modality(src) == "image" else None, tokens_per_tile,
                               max_length=budget, max_bad_fraction=cfg.max_bad_fraction, name=name)
     return Packer(stream, pipeline, budget)
 
@@ -36,11 +36,11 @@ class StageData:
     """The micro-batches of one stage for one rank: `modality(step)`, `next_batch(modality)`,
     and a JSON-able cursor (`state_dict` / `load_state_dict`)."""
 
-    def __init__(self, cfg: RunConfig, index: int, tokenizer, processor, tokens_per_image: int, *,
+    def __init__(self, cfg: RunConfig, index: int, tokenizer, processor, tokens_per_tile: int, *,
                  rank: int = 0, world: int = 1):
         stage = cfg.stages[index]
         seed = stage_seed(cfg, index)
-        sources = [MixtureSource(name, _packer(cfg, name, tokenizer, processor, tokens_per_image, stage.token_budget,
+        sources = [MixtureSource(name, _packer(cfg, name, tokenizer, processor, tokens_per_tile, stage.token_budget,
                                                rank=rank, world=world, seed=seed),
                                  weight, source_modality(cfg.data[name]))
                    for name, weight in cfg.stage_mixture(index).items() if weight > 0]
@@ -61,10 +61,10 @@ class StageData:
         self.mixture.load_state_dict(state)
 
 
-def eval_batches(cfg: RunConfig, name: str, tokenizer, processor, tokens_per_image: int, budget: int, *,
+def eval_batches(cfg: RunConfig, name: str, tokenizer, processor, tokens_per_tile: int, budget: int, *,
                  rank: int = 0, world: int = 1) -> list[PackedBatch]:
     """The first `cfg.eval_batches` packs of a source in file order (the same at every eval point)."""
-    packer = _packer(cfg, name, tokenizer, processor, tokens_per_image, budget, rank=rank, world=world, seed=0,
+    packer = _packer(cfg, name, tokenizer, processor, tokens_per_tile, budget, rank=rank, world=world, seed=0,
                      loop=False, shuffle_block=1)
     out = []
     for batch in packer:

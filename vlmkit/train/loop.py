@@ -36,6 +36,7 @@ from vlmkit.data.types import Modality, PackedBatch
 from vlmkit.data.world import TOKENIZER_DIR, prepare_world
 from vlmkit.errors import CheckpointError
 from vlmkit.models.config import VLMConfig
+from vlmkit.models.mrope import MRopeLayout, packed_rope_positions
 from vlmkit.models.vlm import LossOutput
 from vlmkit.models.weights import load_state
 from vlmkit.train import checkpoint as ckpt
@@ -65,9 +66,11 @@ def build_model(cfg: RunConfig) -> VLM:
         if cfg.world is not None:  # the vocabulary is the world tokenizer's
             model_cfg["llm"] = {**model_cfg.get("llm", {}), "vocab_size": tokenizer.vocab_size}
             model_cfg["image_token_id"] = tokenizer.image_token_id
+            if model_cfg.get("native_vision") is not None:
+                model_cfg["video_token_id"] = tokenizer.video_token_id
         model = VLM(VLMConfig.from_dict(model_cfg))
     elif spec.kind == "pretrained":
-        model = VLM.from_pretrained(cfg.resolve(spec.pretrained))
+        model = VLM.load(cfg.resolve(spec.pretrained))
     elif spec.kind == "hf_llava":
         model = VLM.from_hf_llava(cfg.resolve(spec.hf_llava))
     else:
@@ -263,7 +266,7 @@ class Trainer:
         if resume_from is None:
             # A stage starts from its seed; a run resumed inside a stage restores the RNG instead.
             torch.manual_seed(stage_seed(cfg, index))
-        data = StageData(cfg, index, self.tokenizer, self.processor, self.model.config.tokens_per_image,
+        data = StageData(cfg, index, self.tokenizer, self.processor, self.model.config.tokens_per_tile,
                          rank=ctx.rank, world=ctx.world)
         if resume_from is None:
             self.state.stage, self.state.step, self.state.tokens = index, 0, 0
@@ -349,9 +352,14 @@ class Trainer:
         return record
 
     def _compute_loss(self, batch: PackedBatch) -> LossOutput:
+        """The model's loss on a pack; a native model's M-RoPE positions are made here, where the
+        pack meets the model (data/ knows no model layout)."""
+        if self.model.config.is_native:
+            batch = replace(batch, position_ids=packed_positions(batch, self.model.mrope_layout))
         b = _to_device(batch, self.ctx.device)
         return self.model.compute_loss(b.input_ids, b.labels, b.position_ids, b.cu_seqlens,
-                                       pixel_values=b.pixel_values)
+                                       pixel_values=b.pixel_values, image_grid_thw=b.image_grid_thw,
+                                       pixel_values_videos=b.pixel_values_videos, video_grid_thw=b.video_grid_thw)
 
     def _clip(self, max_norm: float) -> float:
         """Clip the gradients to `max_norm` (0: no clipping); returns their global norm (0 when no
@@ -377,7 +385,7 @@ class Trainer:
         result = {}
         for name in self.cfg.eval_sources:
             s, n = 0.0, 0.0
-            for batch in eval_batches(self.cfg, name, self.tokenizer, self.processor, self.model.config.tokens_per_image,
+            for batch in eval_batches(self.cfg, name, self.tokenizer, self.processor, self.model.config.tokens_per_tile,
                                       self.cfg.stages[index].token_budget, rank=self.ctx.rank, world=self.ctx.world):
                 out = self._compute_loss(batch)
                 s += float(out.loss_sum)
@@ -436,6 +444,7 @@ class Trainer:
                 model = VLM(self.model.config)
                 load_state(model, state, "the gathered weights of the sharded run")
                 model.tokenizer = self.tokenizer
+                model.processor_config = self.model.processor_config
             meta = {"version": __version__, "stages": self.state.history, "data_fingerprint": self.fingerprint,
                     "global_step": self.state.global_step, "train_wall_seconds": round(self.state.wall_seconds, 2),
                     **self.extra_meta}
@@ -446,13 +455,25 @@ class Trainer:
         return final
 
 
+def packed_positions(batch: PackedBatch, layout: MRopeLayout) -> torch.Tensor:
+    """A pack's M-RoPE positions (3, T) for a native model: each sample's as it has them alone."""
+    return packed_rope_positions(batch.input_ids, batch.cu_seqlens, layout, image_grid_thw=batch.image_grid_thw,
+                                 video_grid_thw=batch.video_grid_thw,
+                                 video_seconds_per_grid=batch.second_per_grid_ts or None)
+
+
 def _to_device(batch: PackedBatch, device: torch.device) -> PackedBatch:
     if device.type == "cpu":
         return batch
+
+    def moved(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
     return replace(
         batch, input_ids=batch.input_ids.to(device), labels=batch.labels.to(device),
         position_ids=batch.position_ids.to(device), cu_seqlens=batch.cu_seqlens.to(device),
-        pixel_values=None if batch.pixel_values is None else batch.pixel_values.to(device))
+        pixel_values=moved(batch.pixel_values), image_grid_thw=moved(batch.image_grid_thw),
+        pixel_values_videos=moved(batch.pixel_values_videos), video_grid_thw=moved(batch.video_grid_thw))
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, model: VLM | None = None,

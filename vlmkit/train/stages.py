@@ -6,6 +6,11 @@ trainable parameters only, one param group per (module, decay / no-decay), as na
 LLaVA do. Each stage builds a fresh optimizer: stage hand-off carries the weights, not the
 moments (LLaVA and DeepSeek-VL restart the schedule per stage).
 
+A native-resolution model has no separate adapter: its tower's mergers (the patch merger and
+Qwen3-VL's deepstack mergers) map patches to the LLM width, so they are its adapter here, and
+`vision` is the rest of the tower. An alignment stage (adapter_lr only) then trains the mergers,
+as it trains a LLaVA-shaped model's projector.
+
 The schedule is a pure function of the step, so resuming needs only the step number.
 """
 
@@ -29,8 +34,17 @@ def stage_seed(cfg: RunConfig, index: int) -> int:
     return cfg.stages[index].seed * STAGE_SEED_STRIDE + index
 
 
-def module_of(model: nn.Module, name: str) -> nn.Module:
-    return getattr(model, name)
+NATIVE_ADAPTER_PARTS = ("merger", "deepstack_mergers")
+"""The children of a native tower that count as the adapter (module docstring)."""
+
+
+def module_parameters(model: nn.Module, name: str) -> list[tuple[str, nn.Parameter]]:
+    """The named parameters of one of MODULES; every parameter belongs to exactly one."""
+    if not model.config.is_native or name == "llm":
+        return list(getattr(model, name).named_parameters())
+    wants_adapter = name == "adapter"
+    return [(n, p) for n, p in model.vision.named_parameters()
+            if (n.split(".", 1)[0] in NATIVE_ADAPTER_PARTS) == wants_adapter]
 
 
 def apply_freezing(model: nn.Module, stage: Stage) -> dict[str, int]:
@@ -38,7 +52,7 @@ def apply_freezing(model: nn.Module, stage: Stage) -> dict[str, int]:
     counts = {}
     for name in MODULES:
         trainable = stage.lr_of(name) > 0
-        params = list(module_of(model, name).parameters())
+        params = [p for _, p in module_parameters(model, name)]
         for p in params:
             p.requires_grad_(trainable)
         counts[name] = sum(p.numel() for p in params) if trainable else 0
@@ -56,7 +70,7 @@ def param_groups(model: nn.Module, stage: Stage) -> list[dict]:
         lr = stage.lr_of(module)
         if lr <= 0:
             continue
-        named = [(n, p) for n, p in module_of(model, module).named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in module_parameters(model, module) if p.requires_grad]
         decay = [p for n, p in named if not _no_decay(n, p)]
         no_decay = [p for n, p in named if _no_decay(n, p)]
         for params, wd, tag in ((decay, stage.weight_decay, "decay"), (no_decay, 0.0, "no_decay")):
