@@ -467,3 +467,24 @@ def test_load_tells_a_transformers_directory_from_a_vlmkit_checkpoint(pair, tmp_
         torch.testing.assert_close(ck(**inputs), expected, rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="config.json"):
         VLM.load(tmp_path / "nothing-here")
+
+
+def test_eval_runs_on_a_native_model_with_its_blind_baseline(tmp_path):
+    """`evaluate` (gen and ppl) on a Qwen2-VL directory with its tokenizer: every question is
+    asked through the native processor, and the blind baseline blanks to the processor's mean."""
+    from tests.serving_support import build_qwen2_vl_dir
+    from vlmkit.eval.runner import evaluate_with_blind
+
+    model = VLM.load(build_qwen2_vl_dir(tmp_path / "model"))
+    rng = np.random.default_rng(4)
+    rows = []
+    for i, (h, w) in enumerate([(20, 36), (32, 24), (28, 28)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"id": str(i), "images": [f"{i}.png"], "question": "Is there a circle?",
+                     "answer": "yes" if i % 2 else "no"})
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for mode in ("gen", "ppl"):
+        results = evaluate_with_blind(model, bench, mode=mode, max_new_tokens=3, progress=False)
+        for result in results.values():
+            assert result.summary["n"] == 3 and not result.bad_rows

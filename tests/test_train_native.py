@@ -21,7 +21,7 @@ from vlmkit.data.packing import SourceStream, collate
 from vlmkit.data.pipeline import SamplePipeline
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.world import TOKENIZER_DIR, prepare_world
-from vlmkit.train.loop import build_model, packed_positions, train
+from vlmkit.train.loop import build_model, train
 from vlmkit.train.stages import NATIVE_ADAPTER_PARTS, apply_freezing
 
 pytestmark = pytest.mark.slow
@@ -124,9 +124,7 @@ def test_packed_native_loss_is_the_sum_of_each_samples_loss(world):
     assert pack.image_grid_thw is not None and pack.video_grid_thw is not None
 
     def loss_sum(batch):
-        out = model.compute_loss(batch.input_ids, batch.labels, packed_positions(batch, model.mrope_layout),
-                                 batch.cu_seqlens, batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-                                 pixel_values_videos=batch.pixel_values_videos, video_grid_thw=batch.video_grid_thw)
+        out = model.pack_loss(batch)
         return out.loss_sum, out.num_targets
 
     def unpacked_loss_sum(batch):  # the HF-style call: its own M-RoPE positions, no packing

@@ -34,6 +34,7 @@ from vlmkit.data.images import ImageProcessor
 from vlmkit.data.native_images import (FAMILIES, IMAGE_CONFIG_FILE, NativeImageProcessor, NativeProcessorConfig,
                                        processor_config_from_dir)
 from vlmkit.data.tokenizer import TOKENIZER_FILE, Tokenizer
+from vlmkit.data.types import PackedBatch
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.infer.generate import generate_messages
 from vlmkit.models.adapter import build_adapter
@@ -42,7 +43,8 @@ from vlmkit.models.hf.llava import export_hf_llava, load_llava
 from vlmkit.models.hf.llm import load_llm
 from vlmkit.models.hf.qwen_vl import export_hf_qwen_vl, load_qwen_vl
 from vlmkit.models.hf.vision import load_vision
-from vlmkit.models.vlm import VLMModel
+from vlmkit.models.mrope import packed_rope_positions
+from vlmkit.models.vlm import LossOutput, VLMModel
 from vlmkit.models.weights import load_state, state_to_save
 from vlmkit.schema import build
 
@@ -187,6 +189,32 @@ class VLM(VLMModel):
         return export_hf_llava(self, path)
 
     # --- use ----------------------------------------------------------------------------------------
+
+    def pack_loss(self, batch: PackedBatch, device: torch.device | None = None) -> LossOutput:
+        """The loss of a packed batch (data/packing.py's `PackedBatch`) on `device` (default: the
+        parameters'). A native model's M-RoPE positions are made here, where the pack meets the
+        model (data/ knows no model layout). Training steps, held-out loss and likelihood scoring
+        all go through this."""
+        device = device if device is not None else next(self.parameters()).device
+        position_ids = batch.position_ids
+        if self.config.is_native:
+            position_ids = packed_rope_positions(batch.input_ids, batch.cu_seqlens, self.mrope_layout,
+                                                 image_grid_thw=batch.image_grid_thw,
+                                                 video_grid_thw=batch.video_grid_thw,
+                                                 video_seconds_per_grid=batch.second_per_grid_ts or None)
+        dtype = next(self.parameters()).dtype
+
+        def moved(t: torch.Tensor | None, floating: bool = False) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return t.to(device, dtype) if floating else t.to(device)
+
+        return self.compute_loss(moved(batch.input_ids), moved(batch.labels), moved(position_ids),
+                                 moved(batch.cu_seqlens), moved(batch.pixel_values, True),
+                                 image_grid_thw=moved(batch.image_grid_thw),
+                                 pixel_values_videos=moved(batch.pixel_values_videos, True),
+                                 video_grid_thw=moved(batch.video_grid_thw))
+
 
     def image_processor(self) -> ImageProcessor | NativeImageProcessor:
         """What prepares images for this model: data.images.ImageProcessor (fixed size, tiles), or

@@ -146,8 +146,7 @@ class SamplePipeline:
         input_ids, labels = self._fit(record, list(input_ids), list(labels))
         if all(t == IGNORE_INDEX for t in labels[1:]):  # labels[0] is never a target
             raise BadRecordError("no_supervised_tokens", "no supervised token is left after templating", record.id)
-        return Sample(record.id, record.source, input_ids, labels, visual.pixel_values, visual.tiles_per_image,
-                      visual.grid_thw, visual.pixel_values_videos, visual.video_grid_thw, visual.second_per_grid_ts)
+        return visual.sample(record.id, record.source, input_ids, labels)
 
     def _visual(self, record: Record) -> VisualInputs:
         """The record's images (and videos) decoded, checked and tiled; errors name the record."""

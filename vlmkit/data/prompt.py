@@ -28,7 +28,7 @@ from vlmkit.data.images import ImageProcessor
 from vlmkit.data.messages import ImageResolver, VideoResolver, keep_image, read_conversation
 from vlmkit.data.native_images import NativeImageProcessor, stack_videos
 from vlmkit.data.template import VideoTokens, encode_prompt
-from vlmkit.data.types import ImageRef
+from vlmkit.data.types import ImageRef, Sample
 from vlmkit.errors import BadRecordError
 
 
@@ -47,6 +47,11 @@ class VisualInputs:
     """Seconds one temporal group of each video spans."""
     video_tokens: list[VideoTokens] = field(default_factory=list)
     """How each video is written in the text (data/template.py)."""
+
+    def sample(self, id: str, source: str, input_ids: list[int], labels: list[int]) -> Sample:
+        """A tokenised sample carrying these images and videos (training and likelihood scoring)."""
+        return Sample(id, source, input_ids, labels, self.pixel_values, self.tiles_per_image, self.grid_thw,
+                      self.pixel_values_videos, self.video_grid_thw, self.second_per_grid_ts)
 
 
 def encode_images(images: list, processor: ImageProcessor | NativeImageProcessor, tokens_per_tile: int,

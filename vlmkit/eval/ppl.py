@@ -44,15 +44,12 @@ def _num_targets(sample: Sample) -> int:
 def sequence_logprobs(model, samples: list[Sample]) -> list[tuple[float, int]]:
     """(sum of log-probabilities of the supervised tokens, their count) for each sample.
 
-    The samples go through one packed `compute_loss` call (data/packing.py's collate).
+    The samples go through one packed loss call (`VLM.pack_loss` on data/packing.py's collate).
     """
     if not samples:
         return []
     batch = collate(samples, budget=sum(len(s) for s in samples))
-    param = next(model.parameters())
-    pixel_values = None if batch.pixel_values is None else batch.pixel_values.to(param.device, param.dtype)
-    out = model.compute_loss(batch.input_ids.to(param.device), batch.labels.to(param.device),
-                             batch.position_ids.to(param.device), batch.cu_seqlens.to(param.device), pixel_values)
+    out = model.pack_loss(batch)
     token_loss = out.token_loss.float().cpu()  # (T,) CE on each target's own position, 0 elsewhere
     cu = batch.cu_seqlens.tolist()
     return [(-float(token_loss[cu[i]:cu[i + 1]].sum()), _num_targets(s)) for i, s in enumerate(samples)]

@@ -156,8 +156,7 @@ def _option_samples(model, processor: ImageProcessor, item: BenchItem, images: l
     for option in options:
         record = Record(id=item.id, source="eval", kind="chat", messages=user + [Message("assistant", option)])
         ids, labels = encode_record(record, model.tokenizer, visual.visual_tokens)
-        samples.append(Sample(id=item.id, source="eval", input_ids=list(ids), labels=list(labels),
-                              pixel_values=visual.pixel_values, tiles_per_image=visual.tiles_per_image))
+        samples.append(visual.sample(item.id, "eval", list(ids), list(labels)))
     return samples
 
 
@@ -227,7 +226,9 @@ def _load_questions(model, benchmark: Benchmark, *, blind: bool,
                     circular: bool) -> tuple[list[ItemImages], list[BadRow]]:
     """Decode each item's images once (blanked when blind), then expand CircularEval rotations;
     items whose images cannot be decoded are bad rows."""
-    processor, mean = model.image_processor(), model.config.vision.image_mean
+    processor = model.image_processor()
+    # a blank image is the normalisation mean: all-zero pixel values after the processor
+    mean = model.native_processor_config().mean if model.config.is_native else model.config.vision.image_mean
     ready, bad = [], []
     for item in benchmark.items:
         try:

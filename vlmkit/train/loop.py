@@ -21,7 +21,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,7 +36,6 @@ from vlmkit.data.types import Modality, PackedBatch
 from vlmkit.data.world import TOKENIZER_DIR, prepare_world
 from vlmkit.errors import CheckpointError
 from vlmkit.models.config import VLMConfig
-from vlmkit.models.mrope import MRopeLayout, packed_rope_positions
 from vlmkit.models.vlm import LossOutput
 from vlmkit.models.weights import load_state
 from vlmkit.train import checkpoint as ckpt
@@ -352,14 +351,7 @@ class Trainer:
         return record
 
     def _compute_loss(self, batch: PackedBatch) -> LossOutput:
-        """The model's loss on a pack; a native model's M-RoPE positions are made here, where the
-        pack meets the model (data/ knows no model layout)."""
-        if self.model.config.is_native:
-            batch = replace(batch, position_ids=packed_positions(batch, self.model.mrope_layout))
-        b = _to_device(batch, self.ctx.device)
-        return self.model.compute_loss(b.input_ids, b.labels, b.position_ids, b.cu_seqlens,
-                                       pixel_values=b.pixel_values, image_grid_thw=b.image_grid_thw,
-                                       pixel_values_videos=b.pixel_values_videos, video_grid_thw=b.video_grid_thw)
+        return self.model.pack_loss(batch, self.ctx.device)
 
     def _clip(self, max_norm: float) -> float:
         """Clip the gradients to `max_norm` (0: no clipping); returns their global norm (0 when no
@@ -453,27 +445,6 @@ class Trainer:
             ckpt.commit_dir(tmp, final)
         self.ctx.barrier()
         return final
-
-
-def packed_positions(batch: PackedBatch, layout: MRopeLayout) -> torch.Tensor:
-    """A pack's M-RoPE positions (3, T) for a native model: each sample's as it has them alone."""
-    return packed_rope_positions(batch.input_ids, batch.cu_seqlens, layout, image_grid_thw=batch.image_grid_thw,
-                                 video_grid_thw=batch.video_grid_thw,
-                                 video_seconds_per_grid=batch.second_per_grid_ts or None)
-
-
-def _to_device(batch: PackedBatch, device: torch.device) -> PackedBatch:
-    if device.type == "cpu":
-        return batch
-
-    def moved(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(device)
-
-    return replace(
-        batch, input_ids=batch.input_ids.to(device), labels=batch.labels.to(device),
-        position_ids=batch.position_ids.to(device), cu_seqlens=batch.cu_seqlens.to(device),
-        pixel_values=moved(batch.pixel_values), image_grid_thw=moved(batch.image_grid_thw),
-        pixel_values_videos=moved(batch.pixel_values_videos), video_grid_thw=moved(batch.video_grid_thw))
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, model: VLM | None = None,
