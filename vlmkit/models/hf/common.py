@@ -23,6 +23,18 @@ from vlmkit.models.weights import load_state
 KeyMap = list[tuple[str, str]]
 
 
+def key_map(names: list[tuple[str, str]], fields: dict[str, str], reverse: bool = False) -> KeyMap:
+    """(regex, replacement) pairs from name templates ("layers.{i}.{wb}", ours), HF -> ours, or
+    ours -> HF with `reverse`; `fields` gives each {field}'s regex. One table serves both ways."""
+    out = []
+    for hf, ours in names:
+        src, dst = (ours, hf) if reverse else (hf, ours)
+        parts = re.split(r"\{(\w+)\}", src)  # literal, field, literal, field, ...
+        pattern = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{fields[p]})" for i, p in enumerate(parts))
+        out.append((pattern, re.sub(r"\{(\w+)\}", r"\\g<\1>", dst)))
+    return out
+
+
 def prefixed(key_map: KeyMap, src: str, dst: str) -> KeyMap:
     """A component's key map under a prefix on each side, e.g. vision_tower. -> vision."""
     return [(re.escape(src) + pattern, dst + repl) for pattern, repl in key_map]

@@ -27,7 +27,7 @@ import torch
 
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.config import LLMConfig
-from vlmkit.models.hf.common import KeyMap, architecture, load_into, read_config, read_state_dict, rename
+from vlmkit.models.hf.common import KeyMap, architecture, key_map, load_into, read_config, read_state_dict, rename
 from vlmkit.models.llm import LLM
 from vlmkit.models.weights import uninitialised
 
@@ -60,19 +60,8 @@ NAME_FIELDS = {"i": r"\d+", "qkvo": "[qkvo]", "qk": "[qk]", "wb": "weight|bias",
 IGNORED = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq"]
 
 
-def key_map(names: list[tuple[str, str]], reverse: bool = False) -> KeyMap:
-    """(regex, replacement) pairs from name templates: HF -> ours, or ours -> HF with reverse."""
-    out = []
-    for hf, ours in names:
-        src, dst = (ours, hf) if reverse else (hf, ours)
-        parts = re.split(r"\{(\w+)\}", src)  # literal, field, literal, field, ...
-        pattern = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{NAME_FIELDS[p]})" for i, p in enumerate(parts))
-        out.append((pattern, re.sub(r"\{(\w+)\}", r"\\g<\1>", dst)))
-    return out
-
-
-HF_TO_OURS: KeyMap = key_map(NAMES)
-OURS_TO_HF: KeyMap = key_map(NAMES, reverse=True)
+HF_TO_OURS: KeyMap = key_map(NAMES, NAME_FIELDS)
+OURS_TO_HF: KeyMap = key_map(NAMES, NAME_FIELDS, reverse=True)
 
 
 def _rope_parameters(cfg: dict[str, Any], where: str) -> dict[str, Any]:

@@ -18,41 +18,46 @@ import torch
 
 from vlmkit.errors import CheckpointError
 from vlmkit.models.config import NativeVisionConfig
-from vlmkit.models.hf.common import KeyMap, load_into, read_config, read_state_dict
+from vlmkit.models.hf.common import KeyMap, key_map, load_into, read_config, read_state_dict
 from vlmkit.models.native_vision import NativeVisionTower
 from vlmkit.models.weights import uninitialised
 
 TOWER_PREFIXES = ("model.visual.", "visual.")
 """Where a whole checkpoint keeps the vision tower: transformers 5's layout, then the released files'."""
 
-_BLOCK_COMMON: KeyMap = [
-    (r"patch_embed\.proj\.(weight|bias)", r"patch_embed.proj.\1"),
-    (r"blocks\.(\d+)\.(norm[12]|attn\.qkv|attn\.proj)\.(weight|bias)", r"blocks.\1.\2.\3"),
+# HF tower names (prefix removed) <-> ours, per style: one table of name templates, read both ways
+# (models/hf/common.py's `key_map`): loading here, export in models/hf/qwen_vl.py.
+_BLOCK_NAMES = [
+    ("patch_embed.proj.{wb}", "patch_embed.proj.{wb}"),
+    ("blocks.{i}.{part}.{wb}", "blocks.{i}.{part}.{wb}"),
 ]
-
-# HF tower name (prefix removed) -> ours, per style.
-NATIVE_VISION_KEYS: dict[str, KeyMap] = {
-    "qwen2_vl": _BLOCK_COMMON + [
-        (r"blocks\.(\d+)\.mlp\.(fc[12])\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
-        (r"merger\.ln_q\.(weight|bias)", r"merger.norm.\1"),
-        (r"merger\.mlp\.0\.(weight|bias)", r"merger.fc1.\1"),
-        (r"merger\.mlp\.2\.(weight|bias)", r"merger.fc2.\1"),
+_MERGER_MLP_NAMES = [("merger.mlp.0.{wb}", "merger.fc1.{wb}"), ("merger.mlp.2.{wb}", "merger.fc2.{wb}")]
+NATIVE_VISION_NAMES: dict[str, list[tuple[str, str]]] = {
+    "qwen2_vl": _BLOCK_NAMES + _MERGER_MLP_NAMES + [
+        ("blocks.{i}.mlp.{fc}.{wb}", "blocks.{i}.mlp.{fc}.{wb}"),
+        ("merger.ln_q.{wb}", "merger.norm.{wb}"),
     ],
-    "qwen2_5_vl": _BLOCK_COMMON + [
-        (r"blocks\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
-        (r"merger\.ln_q\.weight", r"merger.norm.weight"),
-        (r"merger\.mlp\.0\.(weight|bias)", r"merger.fc1.\1"),
-        (r"merger\.mlp\.2\.(weight|bias)", r"merger.fc2.\1"),
+    "qwen2_5_vl": _BLOCK_NAMES + _MERGER_MLP_NAMES + [
+        ("blocks.{i}.mlp.{ffn}_proj.{wb}", "blocks.{i}.mlp.{ffn}_proj.{wb}"),
+        ("merger.ln_q.weight", "merger.norm.weight"),
     ],
-    "qwen3_vl": _BLOCK_COMMON + [
-        (r"pos_embed\.weight", r"pos_embed.weight"),
-        (r"blocks\.(\d+)\.mlp\.linear_(fc[12])\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
-        (r"merger\.norm\.(weight|bias)", r"merger.norm.\1"),
-        (r"merger\.linear_(fc[12])\.(weight|bias)", r"merger.\1.\2"),
-        (r"deepstack_merger_list\.(\d+)\.norm\.(weight|bias)", r"deepstack_mergers.\1.norm.\2"),
-        (r"deepstack_merger_list\.(\d+)\.linear_(fc[12])\.(weight|bias)", r"deepstack_mergers.\1.\2.\3"),
+    "qwen3_vl": _BLOCK_NAMES + [
+        ("pos_embed.weight", "pos_embed.weight"),
+        ("blocks.{i}.mlp.linear_{fc}.{wb}", "blocks.{i}.mlp.{fc}.{wb}"),
+        ("merger.norm.{wb}", "merger.norm.{wb}"),
+        ("merger.linear_{fc}.{wb}", "merger.{fc}.{wb}"),
+        ("deepstack_merger_list.{i}.norm.{wb}", "deepstack_mergers.{i}.norm.{wb}"),
+        ("deepstack_merger_list.{i}.linear_{fc}.{wb}", "deepstack_mergers.{i}.{fc}.{wb}"),
     ],
 }
+NATIVE_VISION_FIELDS = {"i": r"\d+", "wb": "weight|bias", "part": r"norm[12]|attn\.qkv|attn\.proj",
+                        "fc": "fc[12]", "ffn": "gate|up|down"}
+NATIVE_VISION_KEYS: dict[str, KeyMap] = {style: key_map(names, NATIVE_VISION_FIELDS)
+                                         for style, names in NATIVE_VISION_NAMES.items()}
+"""HF tower name (prefix removed) -> ours, per style."""
+NATIVE_VISION_EXPORT_KEYS: dict[str, KeyMap] = {style: key_map(names, NATIVE_VISION_FIELDS, reverse=True)
+                                                for style, names in NATIVE_VISION_NAMES.items()}
+"""Ours -> HF tower names (inside `visual.`), per style: the same table read backwards."""
 
 # model_type of a whole VLM config or of its vision_config -> style. Qwen3-VL-MoE's tower is Qwen3-VL's.
 MODEL_TYPE_STYLES = {

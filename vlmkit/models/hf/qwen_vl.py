@@ -42,7 +42,8 @@ from vlmkit.models.config import VLMConfig
 from vlmkit.models.hf.common import (KeyMap, architecture, load_into, prefixed, read_config, read_state_dict,
                                      rename)
 from vlmkit.models.hf.llm import HF_TO_OURS, IGNORED, llm_config_from_hf, llm_config_to_hf, llm_state_dict_to_hf
-from vlmkit.models.hf.native_vision import NATIVE_VISION_KEYS, TOWER_PREFIXES, native_vision_config_from_hf
+from vlmkit.models.hf.native_vision import (NATIVE_VISION_EXPORT_KEYS, NATIVE_VISION_KEYS, TOWER_PREFIXES,
+                                            native_vision_config_from_hf)
 from vlmkit.models.vlm import VLMModel
 from vlmkit.models.weights import for_safetensors
 
@@ -167,34 +168,6 @@ VIDEO_RULES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qw
 IMAGE_PROCESSOR_CLASS = "Qwen2VLImageProcessor"  # all three families size images alike
 BICUBIC = 3
 """PIL's bicubic filter, the resample the processors use."""
-
-# ours -> HF tower names (inside `visual.`), per style: the inverse of NATIVE_VISION_KEYS.
-_EXPORT_BLOCK_COMMON: KeyMap = [
-    (r"patch_embed\.proj\.(weight|bias)", r"patch_embed.proj.\1"),
-    (r"blocks\.(\d+)\.(norm[12]|attn\.qkv|attn\.proj)\.(weight|bias)", r"blocks.\1.\2.\3"),
-]
-NATIVE_VISION_EXPORT_KEYS: dict[str, KeyMap] = {
-    "qwen2_vl": _EXPORT_BLOCK_COMMON + [
-        (r"blocks\.(\d+)\.mlp\.(fc[12])\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
-        (r"merger\.norm\.(weight|bias)", r"merger.ln_q.\1"),
-        (r"merger\.fc1\.(weight|bias)", r"merger.mlp.0.\1"),
-        (r"merger\.fc2\.(weight|bias)", r"merger.mlp.2.\1"),
-    ],
-    "qwen2_5_vl": _EXPORT_BLOCK_COMMON + [
-        (r"blocks\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
-        (r"merger\.norm\.weight", r"merger.ln_q.weight"),
-        (r"merger\.fc1\.(weight|bias)", r"merger.mlp.0.\1"),
-        (r"merger\.fc2\.(weight|bias)", r"merger.mlp.2.\1"),
-    ],
-    "qwen3_vl": _EXPORT_BLOCK_COMMON + [
-        (r"pos_embed\.weight", r"pos_embed.weight"),
-        (r"blocks\.(\d+)\.mlp\.(fc[12])\.(weight|bias)", r"blocks.\1.mlp.linear_\2.\3"),
-        (r"merger\.norm\.(weight|bias)", r"merger.norm.\1"),
-        (r"merger\.(fc[12])\.(weight|bias)", r"merger.linear_\1.\2"),
-        (r"deepstack_mergers\.(\d+)\.norm\.(weight|bias)", r"deepstack_merger_list.\1.norm.\2"),
-        (r"deepstack_mergers\.(\d+)\.(fc[12])\.(weight|bias)", r"deepstack_merger_list.\1.linear_\2.\3"),
-    ],
-}
 
 # Step 2 of export: normalised names (`visual.`, `language_model.`, as LAYOUTS makes them) -> the
 # file layout transformers' save_pretrained writes for the family.
