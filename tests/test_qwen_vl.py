@@ -488,3 +488,21 @@ def test_eval_runs_on_a_native_model_with_its_blind_baseline(tmp_path):
         results = evaluate_with_blind(model, bench, mode=mode, max_new_tokens=3, progress=False)
         for result in results.values():
             assert result.summary["n"] == 3 and not result.bad_rows
+
+
+def test_generate_takes_a_video_as_a_list_of_frames(tmp_path):
+    """The Python API reads video parts as given (here four PIL frames): the prompt carries the
+    video's grid and its tokens, and generation runs on it."""
+    from tests.serving_support import build_qwen2_vl_dir
+    from vlmkit.data.messages import keep_image
+    from vlmkit.infer.generate import prompt_for
+
+    model = VLM.load(build_qwen2_vl_dir(tmp_path / "model"))
+    rng = np.random.default_rng(5)
+    frames = [Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)) for _ in range(4)]
+    messages = [{"role": "user", "content": [{"type": "video", "video": frames},
+                                             {"type": "text", "text": "What moved?"}]}]
+    prompt = prompt_for(model, messages, resolve_video=keep_image)
+    assert prompt.video_grid_thw.tolist() == [[2, 4, 6]] and prompt.image_grid_thw is None
+    assert prompt.input_ids.count(model.config.video_token_id) == 2 * 2 * 3
+    assert isinstance(model.generate(messages, max_new_tokens=2), str)

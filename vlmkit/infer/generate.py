@@ -36,11 +36,12 @@ def prompt_for(vlm, messages: list[dict], resolve_image: ImageResolver = keep_im
 
 
 def generate_messages(vlm, messages: list[dict] | list[list[dict]], **kw) -> str | list[str]:
-    """Answer one conversation (-> str) or a list of conversations (-> list[str], batched)."""
+    """Answer one conversation (-> str) or a list of conversations (-> list[str], batched). Image
+    and video parts are taken as given (PIL images, paths, frame lists: the caller's own files)."""
     max_batch = kw.pop("max_batch", None)
     params = SamplingParams(**kw)
     batched = _is_batch(messages)
-    prompts = [prompt_for(vlm, m) for m in (messages if batched else [messages])]
+    prompts = [prompt_for(vlm, m, resolve_video=keep_image) for m in (messages if batched else [messages])]
     texts = [""] * len(prompts)
     for index, delta in Engine(vlm).run(prompts, params, max_batch):
         texts[index] += delta
@@ -49,7 +50,7 @@ def generate_messages(vlm, messages: list[dict] | list[list[dict]], **kw) -> str
 
 def stream_messages(vlm, messages: list[dict], **kw) -> Iterator[str]:
     """Answer one conversation as a stream of text deltas."""
-    prompt = prompt_for(vlm, messages)
+    prompt = prompt_for(vlm, messages, resolve_video=keep_image)
     for _, delta in Engine(vlm).run([prompt], SamplingParams(**kw)):
         yield delta
 
