@@ -175,3 +175,31 @@ def test_circular_rotations():
     assert [r.answer for r in rotated[:4]] == ["A", "D", "C", "B"]
     assert all(r.choices[r.answer_index] == "w" for r in rotated[:4])
     assert {r.source_id for r in rotated[:4]} == {"q"} and [r.rotation for r in rotated[:4]] == [0, 1, 2, 3]
+
+
+def test_video_rows_follow_the_image_root_rule_frame_by_frame(tmp_path):
+    """`video` / `videos` hold frames, a frame directory or a video file, each under the image root;
+    a frame outside the root or missing makes the row bad, the rest of the file is still read."""
+    root = tmp_path / "media"
+    (root / "clip").mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / "clip" / f"{i:02d}.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    frames = ["clip/00.png", "clip/01.png"]
+    path = tmp_path / "bench.jsonl"
+    write_jsonl(path, [
+        {"id": "frames", "video": frames, "question": "Which moved?", "answer": "red"},
+        {"id": "dir", "videos": "clip", "images": ["clip/00.png"], "question": "Moved?", "answer": "yes"},
+        {"id": "two", "videos": [frames, frames[::-1]], "question": "Same?", "answer": "no"},
+        {"id": "escapes", "video": ["clip/00.png", "../outside.png"], "question": "Moved?", "answer": "no"},
+        {"id": "missing", "video": ["clip/00.png", "clip/02.png"], "question": "Moved?", "answer": "no"},
+        {"id": "gone", "video": "nowhere.mp4", "question": "Moved?", "answer": "no"},
+    ])
+    bench = read_benchmark(path, image_root=root)
+    by_id = {item.id: item for item in bench.items}
+    assert list(by_id) == ["frames", "dir", "two"]
+    assert [frame.path for frame in by_id["frames"].videos[0]] == [(root / f).resolve() for f in frames]
+    assert by_id["dir"].videos[0].path == (root / "clip").resolve() and len(by_id["dir"].images) == 1
+    assert len(by_id["two"].videos) == 2 and by_id["frames"].images == []
+    assert [(b.id, b.reason) for b in bench.bad_rows] == [
+        ("escapes", "path_escapes_root"), ("missing", "missing_video"), ("gone", "missing_video")]

@@ -279,7 +279,7 @@ def _webdataset_sample(ctx: _Context, key: str, group: dict[str, bytes]) -> Item
 def record_from_row(row: dict, root: Path, rid: str, source: str) -> Record:
     """Interpret one row of any supported shape; raises BadRecordError."""
     images = [image_ref(v, root) for v in _as_list(row.get("image", row.get("images")))]
-    videos = [video_ref(v, root, "video") for v in _llava_videos(row.get("video", row.get("videos")))]
+    videos = [video_ref(v, root, "video") for v in video_entries(row.get("video", row.get("videos")))]
     if "conversations" in row:
         messages = _with_placeholders(_llava_messages(row["conversations"]), len(images), len(videos))
         return Record(rid, source, "chat", messages, images, videos=videos)
@@ -340,7 +340,7 @@ def _message_video(value, where: str, role: str, *, root: Path) -> VideoRef:
     return video_ref(value, root, where)
 
 
-def _llava_videos(value) -> list:
+def video_entries(value) -> list:
     """LLaVA's "video" value -> one entry per video: a path, or a list of frame paths (one clip),
     or a list of such lists (several clips)."""
     if value is None:

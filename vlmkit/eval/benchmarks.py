@@ -8,11 +8,14 @@ Formats (docs/evaluation.md has examples of each):
     `JSONL_KEYS`, so one reader covers POPE (`image`, `text`, `label`), ScienceQA / SEED
     (`choices` list or `choice_a`..; `answer` as an index or a letter) and the generic
     vlmkit format `{id, images, question, choices?, answer, category?}` that
-    vlmkit.data.synth writes for its test split.
+    vlmkit.data.synth writes for its test split; a row may also carry a video (`video` /
+    `videos`: a list of frame paths, a frame directory or a video file; a list of such lists for
+    several), as the synthetic world's `synth_clips.jsonl` does.
 
 Images are read by the data files' rule (data/formats.py's `image_ref`): data URLs, or paths
 relative to `image_root` (by default the benchmark file's folder) that must stay inside it; MMBench
-adds bare base64 and its back-references. A row that cannot be used (missing field, missing image
+adds bare base64 and its back-references. Videos follow the same root rule (data/formats.py's
+`video_ref`, frame by frame for a list of frames). A row that cannot be used (missing field, missing image
 file, an image path outside the root, answer not among the choices) raises BadRecordError, and
 becomes a `BadRow` with its index and reason that is counted; the rest of the file is still read.
 
@@ -33,8 +36,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from vlmkit.data.formats import image_ref
-from vlmkit.data.types import ImageRef
+from vlmkit.data.formats import image_ref, video_entries, video_ref
+from vlmkit.data.types import ImageRef, VideoRef
 from vlmkit.errors import BadRecordError, VlmkitError
 from vlmkit.eval.extract import normalize_answer
 
@@ -56,6 +59,8 @@ class BenchItem:
     kind: ItemKind
     choices: list[str] = field(default_factory=list)
     images: list[ImageRef] = field(default_factory=list)
+    videos: list[VideoRef] = field(default_factory=list)
+    """Each video: its frames (a list of ImageRef) or the path of a frame directory or video file."""
     category: str = "all"
     hint: str = ""
     source_id: str = ""
@@ -109,6 +114,7 @@ JSONL_KEYS: dict[str, tuple[str, ...]] = {
     "answer": ("answer", "label", "gt_answer", "gt", "target"),
     "choices": ("choices", "options", "candidates"),
     "images": ("images", "image", "image_path", "img", "image_file"),
+    "videos": ("videos", "video"),
     "category": ("category", "question_type", "question_type_id", "subject", "type", "task"),
     "hint": ("hint", "context", "lecture_hint"),
 }
@@ -160,6 +166,18 @@ def benchmark_image(value: Any, root: Path) -> ImageRef:
     raise BadRecordError("missing_image", f"no image file at {where} and not base64 of an image")
 
 
+def benchmark_video(value: Any, root: Path) -> VideoRef:
+    """A video entry of a benchmark row -> VideoRef by the data files' rule (`video_ref`: frames or a
+    path under `root`); every frame file, or the directory / video file, must exist. Raises
+    BadRecordError."""
+    ref = video_ref(value, root, "video")
+    paths = [frame.path for frame in ref if frame.path is not None] if isinstance(ref, list) else [ref.path]
+    missing = [path for path in paths if not path.exists()]
+    if missing:
+        raise BadRecordError("missing_video", f"no video frame or file at {missing[0]}")
+    return ref
+
+
 def _bare_base64_image(value: str) -> bytes | None:
     """The bytes `value` encodes, if it is base64 of an image (by its magic number); else None."""
     if not _BASE64_RE.match(value):
@@ -192,7 +210,7 @@ def resolve_answer(answer: Any, choices: list[str]) -> str:
 
 
 def make_item(*, id: str, question: Any, answer: Any, choices: list[str] | None, images: list[ImageRef],
-              category: Any = None, hint: Any = None) -> BenchItem:
+              category: Any = None, hint: Any = None, videos: list[VideoRef] | None = None) -> BenchItem:
     """Validate fields and decide the item's kind (choice / yesno / open)."""
     if _missing(question) or not isinstance(question, str):
         raise BadRecordError("missing_question", "no question text")
@@ -203,20 +221,17 @@ def make_item(*, id: str, question: Any, answer: Any, choices: list[str] | None,
         raise BadRecordError("too_many_choices", f"{len(choices)} choices (at most {len(LETTERS)})")
     if len(choices) == 1:
         raise BadRecordError("one_choice", "a multiple-choice item needs at least two choices")
-    category = "all" if _missing(category) else str(category)
-    hint = "" if _missing(hint) else str(hint)
+    common = dict(id=id, question=question, images=images, videos=list(videos or []),
+                  category="all" if _missing(category) else str(category), hint="" if _missing(hint) else str(hint))
     if choices:
-        return BenchItem(id=id, question=question, answer=resolve_answer(answer, choices), kind="choice",
-                         choices=choices, images=images, category=category, hint=hint)
+        return BenchItem(answer=resolve_answer(answer, choices), kind="choice", choices=choices, **common)
     text = str(answer).strip()
     if isinstance(answer, bool):
         text = "yes" if answer else "no"
     yes_no = YES_NO.get(text.lower().rstrip("."))
     if yes_no is not None:
-        return BenchItem(id=id, question=question, answer=yes_no, kind="yesno", images=images,
-                         category=category, hint=hint)
-    return BenchItem(id=id, question=question, answer=text, kind="open", images=images,
-                     category=category, hint=hint)
+        return BenchItem(answer=yes_no, kind="yesno", **common)
+    return BenchItem(answer=text, kind="open", **common)
 
 
 def _jsonl_item(obj: Any, index: int, root: Path) -> BenchItem:
@@ -236,7 +251,8 @@ def _jsonl_item(obj: Any, index: int, root: Path) -> BenchItem:
     return make_item(id=str(index) if raw_id is None else str(raw_id), question=_first(obj, "question"),
                      answer=_first(obj, "answer"), choices=choices,
                      images=[benchmark_image(v, root) for v in images],
-                     category=_first(obj, "category"), hint=_first(obj, "hint"))
+                     category=_first(obj, "category"), hint=_first(obj, "hint"),
+                     videos=[benchmark_video(v, root) for v in video_entries(_first(obj, "videos"))])
 
 
 def read_jsonl(path: str | Path, image_root: str | Path | None = None) -> Benchmark:

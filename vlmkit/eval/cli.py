@@ -31,9 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="questions per batch")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="gen mode: longest reply (default 16; 40 for synth, whose replies show their steps)")
-    parser.add_argument("--blind", action="store_true", help="blank every image (the image-free baseline)")
+    parser.add_argument("--blind", action="store_true",
+                        help="blank every image and video frame (the image-free baseline)")
     parser.add_argument("--image-root", default=None,
-                        help="folder image paths resolve under and must stay in (default: the benchmark file's)")
+                        help="folder image and video paths resolve under and must stay in "
+                             "(default: the benchmark file's)")
     parser.add_argument("--text", default=None, help="also measure perplexity on this held-out text JSONL")
     parser.add_argument("--out", default=None, help="report folder (default: eval/<bench>-<mode> under the cwd)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")

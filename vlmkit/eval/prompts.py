@@ -1,4 +1,4 @@
-"""How a benchmark item is put to the model: one user turn with the item's images and its text.
+"""How a benchmark item is put to the model: one user turn with the item's videos, images and its text.
 
 The wording follows LLaVA-1.5's evaluation prompts: options as "A. text" lines followed by
 "Answer with the option's letter from the given choices directly.", and for short answers
@@ -14,6 +14,7 @@ perplexity scoring asks cloze-style (options not listed, each scored as the repl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from PIL import Image
@@ -50,9 +51,13 @@ def question_text(item: BenchItem, fmt: PromptFormat, *, list_options: bool) -> 
     return "\n".join(lines)
 
 
-def chat_messages(item: BenchItem, images: list[Image.Image], fmt: PromptFormat, *,
-                  list_options: bool) -> list[dict]:
-    """OpenAI-style conversation: one user turn, the images then the question text (the reverse
-    for `images_after_text`); parts are joined with newlines when the turn is tokenised."""
+def chat_messages(item: BenchItem, images: list[Image.Image], fmt: PromptFormat, *, list_options: bool,
+                  videos: Sequence = ()) -> list[dict]:
+    """OpenAI-style conversation: one user turn, the videos and images then the question text (the
+    reverse for `images_after_text`); parts are joined with newlines when the turn is tokenised.
+    Videos go before images, as data files place visuals that have no placeholder (data/formats.py)."""
     text = question_text(item, fmt, list_options=list_options)
-    return [{"role": "user", "content": user_content(text, images, images_after_text=fmt.images_after_text)}]
+    content = user_content(text, images, images_after_text=fmt.images_after_text)
+    video_parts = [{"type": "video", "video": video} for video in videos]
+    at = 1 if fmt.images_after_text else 0  # just before the image parts
+    return [{"role": "user", "content": content[:at] + video_parts + content[at:]}]

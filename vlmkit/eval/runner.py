@@ -8,9 +8,13 @@ Both modes put a question as one OpenAI-style user turn (eval/prompts.py) and re
 conversation is read (data/messages.py, data/prompt.py).
 
 `blind=True` evaluates the same model with every image replaced by a blank one of the same size
-(the mean colour of the encoder's normalisation, i.e. all-zero pixel values), so that the prompt
-and the number of visual tokens are unchanged and only the visual information is gone: the
-image-free baseline a model that really sees must beat. `evaluate_with_blind` runs both.
+(the mean colour of the encoder's normalisation, i.e. all-zero pixel values), and every video by
+as many blank frames of its frame size, so that the prompt and the number of visual tokens are
+unchanged and only the visual information is gone: the image-free baseline a model that really
+sees must beat. `evaluate_with_blind` runs both.
+
+A row with a video is asked with a video part (eval/prompts.py); a model whose image processor
+takes images only refuses it, and the row is a bad row (reason unexpected_video).
 
 Rows whose images cannot be decoded, whose prompt cannot be built, or (gen mode) whose prompt
 leaves no room in the context for the reply are reported as bad rows (with their file row and
@@ -27,11 +31,12 @@ from typing import Any, Iterator, Literal
 from PIL import Image
 from tqdm import tqdm
 
-from vlmkit.data.messages import to_messages
 from vlmkit.data.images import ImageProcessor
+from vlmkit.data.messages import keep_image, read_conversation
+from vlmkit.data.native_images import open_video
 from vlmkit.data.prompt import build_prompt, encode_images
 from vlmkit.data.template import encode_record
-from vlmkit.data.types import Message, Record, Sample
+from vlmkit.data.types import ImageRef, Message, Record, Sample, VideoRef
 from vlmkit.data.world import generate as generate_world
 from vlmkit.errors import BadRecordError, VlmkitError
 from vlmkit.eval.benchmarks import LETTERS, Benchmark, BadRow, BenchItem, circular_items, read_benchmark
@@ -42,8 +47,6 @@ from vlmkit.infer.engine import Engine
 from vlmkit.infer.sampling import SamplingParams
 
 Mode = Literal["gen", "ppl"]
-ItemImages = tuple[BenchItem, list[Image.Image]]
-"""A question ready to ask: the item and its decoded (or, blind, blanked) images."""
 
 GEN_CHUNK_BATCHES = 4
 """Gen mode builds prompts and decodes this many batches' worth of rows at a time, so the
@@ -78,9 +81,30 @@ class EvalResult:
                 "seconds": round(self.seconds, 3)}
 
 
+@dataclass
+class Question:
+    """A question ready to ask: the item, its decoded (or, blind, blanked) images, and its videos
+    (as read: frames or a path; blind: blank frames)."""
+
+    item: BenchItem
+    images: list[Image.Image]
+    videos: list[VideoRef | list[Image.Image]] = field(default_factory=list)
+
+    def messages(self, fmt: PromptFormat, *, list_options: bool) -> list[dict]:
+        """The question as one OpenAI-style user turn (eval/prompts.py)."""
+        return chat_messages(self.item, self.images, fmt, list_options=list_options, videos=self.videos)
+
+
 def blank_like(image: Image.Image, mean: tuple[float, ...]) -> Image.Image:
     """An image of the same size filled with the normalisation mean (all-zero pixel values)."""
     return Image.new("RGB", image.size, tuple(round(255 * m) for m in mean))
+
+
+def blank_video(video: VideoRef, mean: tuple[float, ...]) -> list[Image.Image]:
+    """A video's blind stand-in: as many frames as it has, each blank at its first frame's size
+    (one image shared by every frame). Raises BadRecordError (data/native_images.py `open_video`)."""
+    source = open_video(video.path if isinstance(video, ImageRef) else video)
+    return [blank_like(source.decode([0])[0], mean)] * source.total_frames
 
 
 def _chunks(seq: list, size: int) -> Iterator[list]:
@@ -90,7 +114,7 @@ def _chunks(seq: list, size: int) -> Iterator[list]:
 
 # --- gen mode ----------------------------------------------------------------------------------------
 
-def _generate_rows(model, items: list[ItemImages], *, batch_size: int, fmt: PromptFormat, max_new_tokens: int,
+def _generate_rows(model, items: list[Question], *, batch_size: int, fmt: PromptFormat, max_new_tokens: int,
                    bar: tqdm) -> tuple[list[RowResult], list[BadRow]]:
     """Greedy replies through the engine, `batch_size` rows decoding together (rows that finish
     leave and the next prompts join, as in the server); prompts are prefilled one by one, so a
@@ -101,10 +125,11 @@ def _generate_rows(model, items: list[ItemImages], *, batch_size: int, fmt: Prom
     rows, bad = [], []
     for chunk in _chunks(items, GEN_CHUNK_BATCHES * batch_size):
         ready, prompts = [], []
-        for item, images in chunk:
+        for question in chunk:
+            item = question.item
             try:
-                prompt = build_prompt(chat_messages(item, images, fmt, list_options=True), model.tokenizer,
-                                      processor, model.config.tokens_per_tile)
+                prompt = build_prompt(question.messages(fmt, list_options=True), model.tokenizer, processor,
+                                      model.config.tokens_per_tile, resolve_video=keep_image)
             except BadRecordError as e:
                 bad.append(BadRow.from_error(item.row, e, item.id))
                 continue
@@ -145,22 +170,24 @@ def _open_answers(benchmark: Benchmark) -> dict[str, list[str]]:
     return answers
 
 
-def _option_samples(model, processor: ImageProcessor, item: BenchItem, images: list[Image.Image],
-                    fmt: PromptFormat, options: list[str]) -> list[Sample]:
+def _option_samples(model, processor: ImageProcessor, question: Question, fmt: PromptFormat,
+                    options: list[str]) -> list[Sample]:
     """One sample per option: the question's user turn (options not listed, cloze-style), then the
     option as the assistant's reply, supervised as training supervises a reply. Raises
     BadRecordError."""
-    user, images = to_messages(chat_messages(item, images, fmt, list_options=False))
-    visual = encode_images(images, processor, model.config.tokens_per_tile)
+    item = question.item
+    user = read_conversation(question.messages(fmt, list_options=False), keep_image, keep_image)
+    visual = encode_images(user.images, processor, model.config.tokens_per_tile, user.videos)
     samples = []
     for option in options:
-        record = Record(id=item.id, source="eval", kind="chat", messages=user + [Message("assistant", option)])
-        ids, labels = encode_record(record, model.tokenizer, visual.visual_tokens)
+        record = Record(id=item.id, source="eval", kind="chat",
+                        messages=user.messages + [Message("assistant", option)])
+        ids, labels = encode_record(record, model.tokenizer, visual.visual_tokens, visual.video_tokens)
         samples.append(visual.sample(item.id, "eval", list(ids), list(labels)))
     return samples
 
 
-def _ppl_rows(model, items: list[ItemImages], *, batch_size: int, fmt: PromptFormat,
+def _ppl_rows(model, items: list[Question], *, batch_size: int, fmt: PromptFormat,
               answers_by_category: dict[str, list[str]], bar: tqdm) -> tuple[list[RowResult], list[BadRow]]:
     """Each item's options scored by length-normalised log-likelihood, `batch_size` items' options
     in one packed pass; the best-scoring option is the answer."""
@@ -168,13 +195,14 @@ def _ppl_rows(model, items: list[ItemImages], *, batch_size: int, fmt: PromptFor
     rows, bad = [], []
     for chunk in _chunks(items, batch_size):
         seqs, spans = [], []  # spans[i]: (item, options, gold, first sequence index)
-        for item, images in chunk:
+        for question in chunk:
+            item = question.item
             options, gold = option_set(item, answers_by_category)
             if len(options) < 2:
                 bad.append(BadRow(item.row, "no_options", f"category {item.category!r} has a single answer", item.id))
                 continue
             try:
-                samples = _option_samples(model, processor, item, images, fmt, options)
+                samples = _option_samples(model, processor, question, fmt, options)
             except BadRecordError as e:
                 bad.append(BadRow.from_error(item.row, e, item.id))
                 continue
@@ -215,17 +243,19 @@ def synth_test_split(cache_dir: str | Path | None, n_test: int = 1000, seed: int
 
 
 BUILTIN = {"synth": lambda cache_dir: read_benchmark(synth_test_split(cache_dir))}
-# Prompt wording per benchmark name: the synthetic split is asked exactly as its training data asks.
-FORMATS: dict[str, PromptFormat] = {"synth": SYNTH_PROMPTS}
+# Prompt wording per benchmark name: the synthetic split and the synthetic world's test clips
+# (`synth_clips.jsonl`, data/world.py) are asked exactly as their training data asks.
+FORMATS: dict[str, PromptFormat] = {"synth": SYNTH_PROMPTS, "synth_clips": SYNTH_PROMPTS}
 # Longest reply per benchmark name (gen mode): the synthetic world's worked replies run to ~26 tokens.
-REPLY_TOKENS: dict[str, int] = {"synth": 40}
+REPLY_TOKENS: dict[str, int] = {"synth": 40, "synth_clips": 40}
 DEFAULT_REPLY_TOKENS = 16
 
 
 def _load_questions(model, benchmark: Benchmark, *, blind: bool,
-                    circular: bool) -> tuple[list[ItemImages], list[BadRow]]:
-    """Decode each item's images once (blanked when blind), then expand CircularEval rotations;
-    items whose images cannot be decoded are bad rows."""
+                    circular: bool) -> tuple[list[Question], list[BadRow]]:
+    """Decode each item's images once (blanked when blind; videos are decoded when the prompt is
+    built, or blanked here when blind), then expand CircularEval rotations; items whose images or
+    (blind) videos cannot be decoded are bad rows."""
     processor = model.image_processor()
     # a blank image is the normalisation mean: all-zero pixel values after the processor
     mean = model.native_processor_config().mean if model.config.is_native else model.config.vision.image_mean
@@ -233,12 +263,14 @@ def _load_questions(model, benchmark: Benchmark, *, blind: bool,
     for item in benchmark.items:
         try:
             images = [processor.load(ref) for ref in item.images]
+            videos = [blank_video(video, mean) for video in item.videos] if blind else item.videos
         except BadRecordError as e:
             bad.append(BadRow.from_error(item.row, e, item.id))
             continue
         if blind:
             images = [blank_like(image, mean) for image in images]
-        ready += [(variant, images) for variant in (circular_items([item]) if circular else [item])]
+        ready += [Question(variant, images, videos)
+                  for variant in (circular_items([item]) if circular else [item])]
     return ready, bad
 
 
