@@ -393,8 +393,8 @@ def test_cached_greedy_decoding_gives_transformers_tokens(pair):
     family, ref, ours, _ = pair
     prompts = _row_prompts(family)
     expected = [_reference_tokens(ref, p) for p in prompts]
-    engine = Engine(ours, tokenizer=None)
-    engine.tokenizer = None  # token ids only: nothing stops the rows early
+    engine = Engine(ours)  # the checkpoint has no tokenizer: token ids only, nothing stops the rows early
+    assert engine.tokenizer is None
     seqs = [engine.add(p, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0)) for p in prompts]
     assert any(s.rope_delta != 0 for s in seqs)  # images make the positions run behind the tokens
     while engine.rows:

@@ -195,14 +195,15 @@ class VLM(VLMModel):
         parameters'). A native model's M-RoPE positions are made here, where the pack meets the
         model (data/ knows no model layout). Training steps, held-out loss and likelihood scoring
         all go through this."""
-        device = device if device is not None else next(self.parameters()).device
+        param = next(self.parameters())
+        device = device if device is not None else param.device
         position_ids = batch.position_ids
         if self.config.is_native:
             position_ids = packed_rope_positions(batch.input_ids, batch.cu_seqlens, self.mrope_layout,
                                                  image_grid_thw=batch.image_grid_thw,
                                                  video_grid_thw=batch.video_grid_thw,
                                                  video_seconds_per_grid=batch.second_per_grid_ts or None)
-        dtype = next(self.parameters()).dtype
+        dtype = param.dtype
 
         def moved(t: torch.Tensor | None, floating: bool = False) -> torch.Tensor | None:
             if t is None:
