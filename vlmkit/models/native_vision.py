@@ -288,13 +288,10 @@ class NativeVisionTower(nn.Module):
         """Initialisation for training from scratch (loading a checkpoint overwrites it): linear and
         patch weights truncated normal, std 0.02; biases 0; norms weight 1 (bias 0); the learned
         position grid normal, std 0.02."""
-        init_dense_and_norms(self)
-        nn.init.trunc_normal_(self.patch_embed.proj.weight, std=INIT_STD)
+        init_dense_and_norms(self)  # linears and every norm, RMSNorm included
+        nn.init.trunc_normal_(self.patch_embed.proj.weight, std=INIT_STD)  # a Conv3d: not covered there
         if self.patch_embed.proj.bias is not None:
             nn.init.zeros_(self.patch_embed.proj.bias)
-        for module in self.modules():
-            if isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
         if self.pos_embed is not None:
             nn.init.normal_(self.pos_embed.weight, std=INIT_STD)
 
