@@ -1,6 +1,8 @@
 """Shared by the chat, serve and web-page tests: a tiny random VLM checkpoint with a tokenizer
 trained here, a tiny random Qwen2-VL directory (native resolution, images of any size and video),
-a live server on a free local port, and images as files / data URLs."""
+a live server on a free local port, and images as files / data URLs; for the fault tests, an
+engine whose steps take a set time, raw HTTP requests on sockets a test can kill, and waiting for
+a server-side condition."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import contextlib
 import io
 import json
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -22,7 +25,11 @@ from tests.tokenizer_support import QWEN2_VL_TEMPLATE, qwen_vl_dir
 from vlmkit.api import VLM
 from vlmkit.constants import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.infer.engine import Engine
 from vlmkit.models.config import AdapterConfig, LLMConfig, VisionConfig, VLMConfig
+from vlmkit.serve.app import create_app
+from vlmkit.serve.server import run_server
+from vlmkit.serve.settings import ServerSettings
 
 TEXTS = [
     "the red circle is left of the blue square",
@@ -125,3 +132,68 @@ def live_server(app):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+WAIT_S = 60
+"""How long a test waits for a server-side condition before it fails (generous: a loaded machine)."""
+POLL_S = 0.01
+
+
+class PacedEngine(Engine):
+    """An engine whose decode steps take at least `step_s` seconds, so that a request is still
+    decoding when a test disconnects, cancels or times it out."""
+
+    def __init__(self, vlm, step_s: float):
+        super().__init__(vlm)
+        self.step_s = step_s
+
+    def step(self) -> None:
+        time.sleep(self.step_s)
+        super().step()
+
+
+def wait_for(condition, what: str, timeout_s: float = WAIT_S) -> None:
+    """Poll `condition()` until it holds; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(POLL_S)
+
+
+def raw_request(url: str, body: dict | None, path: str = "/v1/chat/completions",
+                declared_length: int | None = None) -> socket.socket:
+    """A POST sent on a socket of its own (the test reads or kills it); `declared_length` sends a
+    Content-Length without the body."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode() if body is not None else b""
+    length = declared_length if declared_length is not None else len(data)
+    sock = socket.create_connection((host, int(port)), timeout=WAIT_S)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {length}\r\n\r\n".encode() + data)
+    return sock
+
+
+def read_until(sock: socket.socket, marker: bytes) -> bytes:
+    """What the socket receives up to and including `marker` (or all of it, once closed)."""
+    received = b""
+    while marker not in received:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def kill(sock: socket.socket) -> None:
+    """Close with a reset, as the socket of a killed client process ends."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def serve_paced(model_dir: str, port: str, step_s: str, drain_timeout_s: str) -> None:
+    """`vlmkit serve`'s run_server on a PacedEngine, in this process's main thread (where signals
+    arrive): `python -c "from tests.serving_support import serve_paced; serve_paced(...)"`."""
+    app = create_app(PacedEngine(VLM.from_pretrained(model_dir), float(step_s)),
+                     ServerSettings(drain_timeout_s=float(drain_timeout_s)))
+    run_server(app, "127.0.0.1", int(port))

@@ -86,7 +86,7 @@ def test_load_errors(tmp_path):
 
 @pytest.mark.parametrize("section, key, value, needle", [
     ("llm", "hidden_size", "big", "llm.hidden_size: expected an integer, got str 'big'"),
-    ("vision", "style", "vit", "vision.style: must be one of ['siglip', 'clip']"),
+    ("vision", "style", "vit", "vision.style: must be one of ['siglip', 'clip', 'intern_vit']"),
     ("llm", "moe", {"top_k": 1.5}, "llm.moe.top_k: expected an integer"),
 ])
 def test_wrong_typed_config_json_field_names_its_dotted_path(tmp_path, section, key, value, needle):

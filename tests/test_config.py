@@ -97,3 +97,26 @@ def test_ready_configs_load(name):
 def test_unknown_config_name_lists_ready_ones():
     with pytest.raises(ConfigError, match="llava15"):
         find_config("no-such-config")
+
+
+def test_stage_kinds_and_their_settings():
+    raw = base()
+    raw["stages"][1].update(kind="dpo", lora={"rank": 4, "alpha": 8}, dpo={"beta": 0.2})
+    stage = load_config(raw).stages[1]
+    assert stage.kind == "dpo" and stage.lora.rank == 4 and stage.lora.scaling == 2.0
+    assert stage.dpo.beta == 0.2 and stage.grpo.group_size == 8  # other kinds' sections keep defaults
+    assert load_config(base()).stages[0].kind == "sft" and load_config(base()).stages[0].lora is None
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["stages.1.kind=ppo"], "stages.1.kind: must be one of"),
+    (["stages.1.lora={rank: 0}"], "lora.rank must be >= 1"),
+    (["stages.1.lora={targets: []}"], "lora.targets"),
+    (["stages.1.kind=dpo", "stages.1.dpo={reference: lora_disabled}"], "needs a `lora` section"),
+    (["stages.1.dpo={beta: 0}"], "dpo.beta must be > 0"),
+    (["stages.1.grpo={group_size: 0}"], "grpo.group_size must be >= 1"),
+    (["stages.1.grpo={clip_high: -0.1}"], "grpo.clip_high must be >= 0"),
+])
+def test_stage_kind_settings_are_checked(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        load_config(base(), override)

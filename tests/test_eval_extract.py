@@ -2,7 +2,7 @@
 
 import pytest
 
-from vlmkit.eval.extract import extract_choice, final_answer, normalize_answer, parse_yes_no
+from vlmkit.data.answers import extract_choice, final_answer, normalize_answer, parse_yes_no
 
 CHOICES = ["red", "blue", "dark red", "green"]
 

@@ -122,6 +122,14 @@ def test_file_urls_only_under_allow_dir(client, server, allowed):
     assert "data URL" in r.json()["error"]["message"]
 
 
+def test_symlinks_out_of_allow_dir_are_refused(server, allowed, tmp_path):
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(png_bytes(3))
+    (allowed / "link.png").symlink_to(outside)
+    r = post(server, {"messages": [{"role": "user", "content": [image_part((allowed / "link.png").as_uri())]}]})
+    assert r.status_code == 400 and "outside the allowed directory" in r.json()["error"]["message"]
+
+
 def test_stop_strings_and_seed(client):
     text = ask(client, "describe the image", max_tokens=32).choices[0].message.content
     words = text.split()

@@ -231,6 +231,16 @@ def test_bad_videos_are_refused_naming_the_part(server, client, allowed, case):
     assert ask(client, [video_part((allowed / "clip").as_uri())]).choices[0].message.content  # still answering
 
 
+def test_frames_linked_from_outside_allow_dir_are_refused(server, allowed, tmp_path):
+    (tmp_path / "000.png").write_bytes(png_bytes(5, FRAME_SIZE))
+    linked = allowed / "linked_frames"
+    linked.mkdir()
+    (linked / "000.png").symlink_to(tmp_path / "000.png")
+    r = post(server, [video_part(linked.as_uri()), text_part("What moves?")])
+    assert r.status_code == 400 and r.json()["error"]["code"] == "file_url_refused"
+    assert "links outside the allowed directory" in r.json()["error"]["message"]
+
+
 def test_videos_only_in_user_messages(server, allowed):
     r = httpx.post(server + "/v1/chat/completions", timeout=60, json={"messages": [
         {"role": "assistant", "content": [video_part((allowed / "clip").as_uri())]},

@@ -1,13 +1,15 @@
 """`vlmkit.VLM`: the model with its tokenizer, and the ways to make, save and load one.
 
     VLM(config)                                  a fresh model (weights initialised for training)
-    VLM.from_pretrained(dir)                     a vlmkit checkpoint directory
+    VLM.from_pretrained(dir, adapter=None)       a vlmkit checkpoint directory (a LoRA adapter merged in)
     VLM.load(dir)                                a vlmkit checkpoint or a whole transformers VLM directory
     VLM.from_hf(vision=dir, llm=dir, adapter=)   a HF SigLIP / CLIP tower + a HF decoder, new adapter
-    VLM.from_hf(dir)                             a whole HF Qwen2-VL / Qwen2.5-VL / Qwen3-VL directory
+    VLM.from_hf(dir)                             a whole HF Qwen2-VL / Qwen2.5-VL / Qwen3-VL / InternVL /
+                                                 Idefics3 / SmolVLM directory
     VLM.from_hf_llava(dir)                       a llava-hf LlavaForConditionalGeneration directory
     model.save_pretrained(dir, meta=None)        the checkpoint directory (docs/architecture.md)
-    model.export_hf(dir)                         a transformers directory (Qwen-VL family or llava-hf)
+    model.export_hf(dir)                         a transformers directory (Qwen-VL family, InternVL, Idefics3 /
+                                                 SmolVLM or llava-hf)
     model.generate(messages, ...)                chat generation (infer/generate.py)
 
 Checkpoint directory: config.json (VLMConfig.to_dict, every field written), model.safetensors,
@@ -33,16 +35,24 @@ from vlmkit.constants import CONFIG_FILE, META_FILE, WEIGHTS_FILE
 from vlmkit.data.images import ImageProcessor
 from vlmkit.data.native_images import (FAMILIES, IMAGE_CONFIG_FILE, NativeImageProcessor, NativeProcessorConfig,
                                        processor_config_from_dir)
+from vlmkit.data.split_images import SplitImageProcessor
 from vlmkit.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from vlmkit.data.types import PackedBatch
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.infer.generate import generate_messages
 from vlmkit.models.adapter import build_adapter
 from vlmkit.models.config import AdapterConfig, VLMConfig
+from vlmkit.models.hf.common import architecture, read_config
+from vlmkit.models.hf.idefics3 import ARCHITECTURE_NAMES as IDEFICS3_ARCHITECTURES
+from vlmkit.models.hf.idefics3 import export_hf_idefics3, idefics3_family, load_idefics3
+from vlmkit.models.hf.internvl import ARCHITECTURE as INTERNVL_ARCHITECTURE
+from vlmkit.models.hf.internvl import export_hf_internvl, is_internvl, load_internvl
 from vlmkit.models.hf.llava import export_hf_llava, load_llava
 from vlmkit.models.hf.llm import load_llm
-from vlmkit.models.hf.qwen_vl import export_hf_qwen_vl, load_qwen_vl
+from vlmkit.models.hf.qwen_vl import ARCHITECTURE_NAMES as QWEN_VL_ARCHITECTURES
+from vlmkit.models.hf.qwen_vl import export_hf_qwen_vl, load_qwen_vl, qwen_vl_family
 from vlmkit.models.hf.vision import load_vision
+from vlmkit.models.lora import load_adapter, merge_and_unload
 from vlmkit.models.mrope import packed_rope_positions
 from vlmkit.models.vlm import LossOutput, VLMModel
 from vlmkit.models.weights import load_state, state_to_save
@@ -50,6 +60,9 @@ from vlmkit.schema import build
 
 PROCESSOR_FILE = "processor.json"
 """A native-resolution model's NativeProcessorConfig in its checkpoint directory."""
+WHOLE_VLM_ARCHITECTURES = sorted([*QWEN_VL_ARCHITECTURES.values(), INTERNVL_ARCHITECTURE,
+                                  *IDEFICS3_ARCHITECTURES.values()])
+"""The transformers VLMs `VLM.from_hf(dir)` loads whole."""
 
 
 class VLM(VLMModel):
@@ -65,8 +78,10 @@ class VLM(VLMModel):
     # --- vlmkit checkpoints ---------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "VLM":
-        """Load a checkpoint directory written by `save_pretrained` (eval mode, stored dtype)."""
+    def from_pretrained(cls, path: str | Path, adapter: str | Path | None = None) -> "VLM":
+        """Load a checkpoint directory written by `save_pretrained` (eval mode, stored dtype).
+        `adapter`: a LoRA adapter directory (peft's format, models/lora.py) folded into the weights:
+        the model is then the plain merged model, as a LoRA stage's DIR/final is."""
         path = Path(path)
         config_file = path / CONFIG_FILE
         if not config_file.is_file():
@@ -92,23 +107,24 @@ class VLM(VLMModel):
         load_state(model, state, str(weights))
         model.tokenizer = _load_tokenizer(path)
         model.processor_config = _load_processor_config(path)
-        return model.eval()
+        return _with_adapter(model, adapter).eval()
 
     @classmethod
-    def load(cls, path: str | Path) -> "VLM":
+    def load(cls, path: str | Path, adapter: str | Path | None = None) -> "VLM":
         """Whatever model directory `path` is: a vlmkit checkpoint (it has vlmkit.json), else a
-        whole transformers VLM directory (llava-hf, or a Qwen-VL family), by its architecture.
-        What the commands (chat, serve, eval, export) load `--model` with."""
+        whole transformers VLM directory (llava-hf, InternVL or a Qwen-VL family), by its architecture.
+        What the commands (chat, serve, eval, export) load `--model` with; `adapter` as in
+        `from_pretrained`."""
         path = Path(path)
         if (path / META_FILE).is_file() or not (path / CONFIG_FILE).is_file():
-            return cls.from_pretrained(path)
+            return cls.from_pretrained(path, adapter)
         try:
             architectures = json.loads((path / CONFIG_FILE).read_text()).get("architectures") or []
         except (json.JSONDecodeError, AttributeError) as e:
             raise CheckpointError(f"{path / CONFIG_FILE}: not a JSON object ({e})") from None
         if "LlavaForConditionalGeneration" in architectures:
-            return cls.from_hf_llava(path)
-        return cls.from_hf(path)
+            return _with_adapter(cls.from_hf_llava(path), adapter)
+        return _with_adapter(cls.from_hf(path), adapter)
 
     def save_pretrained(self, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
         """Write the checkpoint directory; `meta` (JSON-able) goes into vlmkit.json."""
@@ -134,7 +150,8 @@ class VLM(VLMModel):
         """A VLM from HF checkpoints: one whole VLM directory (`path`), or a vision tower and a
         decoder assembled with a new adapter (`vision=`, `llm=`).
 
-        path: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL directory (models/hf/qwen_vl.py), every weight
+        path: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL directory (models/hf/qwen_vl.py), an InternVL one
+        (models/hf/internvl.py) or an Idefics3 / SmolVLM one (models/hf/idefics3.py), every weight
         loaded, its tokenizer attached when it has one.
         vision, llm: a HF SigLIP / CLIP tower and a HF decoder; only the adapter is initialised.
         feature_layer: the vision hidden state the adapter reads (LLaVA reads the second to last).
@@ -145,10 +162,21 @@ class VLM(VLMModel):
         if (path is None) == (vision is None and llm is None):
             raise ValueError("VLM.from_hf takes either a whole VLM directory or vision= and llm=")
         if path is not None:
-            model = load_qwen_vl(path, model_cls=cls)
-            model.tokenizer = _load_tokenizer(Path(path))
-            if (Path(path) / IMAGE_CONFIG_FILE).is_file():
-                model.processor_config = processor_config_from_dir(path)
+            path = Path(path)
+            hf_config = read_config(path)
+            if is_internvl(hf_config, str(path)):
+                model = load_internvl(path, model_cls=cls)  # its tiling is in its VLMConfig
+            elif idefics3_family(hf_config, str(path)) is not None:
+                model = load_idefics3(path, model_cls=cls)  # its splitting too
+            elif qwen_vl_family(hf_config, str(path)) is None:
+                raise CheckpointError(f"{path}/config.json: architecture {architecture(hf_config, path)!r} is not a "
+                                      f"VLM vlmkit loads whole: {WHOLE_VLM_ARCHITECTURES} (llava-hf directories: "
+                                      "VLM.from_hf_llava or VLM.load)")
+            else:
+                model = load_qwen_vl(path, model_cls=cls)
+                if (path / IMAGE_CONFIG_FILE).is_file():
+                    model.processor_config = processor_config_from_dir(path)
+            model.tokenizer = _load_tokenizer(path)
             return model
         if vision is None or llm is None:
             raise ValueError("VLM.from_hf(vision=..., llm=...) needs both directories")
@@ -183,9 +211,15 @@ class VLM(VLMModel):
 
     def export_hf(self, path: str | Path) -> Path:
         """Write the transformers directory of whatever this model is: a native model's Qwen-VL
-        family (models/hf/qwen_vl.py, with its processor settings), else llava-hf."""
+        family (models/hf/qwen_vl.py, with its processor settings), a model with an InternViT tower
+        as InternVL (models/hf/internvl.py), one that splits images as Idefics3 / SmolVLM
+        (models/hf/idefics3.py), else llava-hf."""
         if self.config.is_native:
             return export_hf_qwen_vl(self, path, self.native_processor_config())
+        if self.config.vision.style == "intern_vit":
+            return export_hf_internvl(self, path)
+        if self.config.tiling == "split":
+            return export_hf_idefics3(self, path)
         return export_hf_llava(self, path)
 
     # --- use ----------------------------------------------------------------------------------------
@@ -217,13 +251,16 @@ class VLM(VLMModel):
                                  video_grid_thw=moved(batch.video_grid_thw))
 
 
-    def image_processor(self) -> ImageProcessor | NativeImageProcessor:
-        """What prepares images for this model: data.images.ImageProcessor (fixed size, tiles), or
-        for a native-resolution model data.native_images.NativeImageProcessor (images and videos
-        at their own size)."""
+    def image_processor(self) -> ImageProcessor | SplitImageProcessor | NativeImageProcessor:
+        """What prepares images for this model: data.images.ImageProcessor (fixed size, tiles),
+        data.split_images.SplitImageProcessor (Idefics3's tiles and whole image), or for a
+        native-resolution model data.native_images.NativeImageProcessor (images and videos at
+        their own size)."""
         if self.config.is_native:
             return NativeImageProcessor(self.native_processor_config())
         v = self.config.vision
+        if self.config.tiling == "split":
+            return SplitImageProcessor(v.image_size, v.image_mean, v.image_std, self.config.tiles_per_side)
         return ImageProcessor(image_size=v.image_size, mean=v.image_mean, std=v.image_std,
                               max_tiles=self.config.max_tiles, use_thumbnail=self.config.use_thumbnail)
 
@@ -257,6 +294,14 @@ def grow_vocab(llm: torch.nn.Module, vocab_size: int) -> None:
             else:
                 module.out_features = vocab_size
     llm.config.vocab_size = vocab_size
+
+
+def _with_adapter(model: VLM, adapter: str | Path | None) -> VLM:
+    """`model` with the LoRA adapter in directory `adapter` folded into its weights (None: as it is)."""
+    if adapter is not None:
+        load_adapter(model, adapter)
+        merge_and_unload(model)
+    return model
 
 
 def _load_tokenizer(path: Path):

@@ -22,6 +22,8 @@ HELP = "commands: /image PATH (attach to your next message), /reset, /exit"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a vlmkit checkpoint or a transformers VLM directory (VLM.load)")
+    parser.add_argument("--adapter", default=None,
+                        help="a LoRA adapter directory (peft's format, e.g. RUN/adapters/STAGE) to merge into --model")
     parser.add_argument("--image", action="append", default=[], help="image for the (first) message; repeatable")
     parser.add_argument("prompt", nargs="*", help="answer this once and exit; omit for an interactive session")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from vlmkit.api import VLM
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = VLM.load(args.model).to(device).eval()
+    model = VLM.load(args.model, adapter=args.adapter).to(device).eval()
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
     session = ChatSession(model, sampling, system=args.system, images_after_text=args.images_after_text)

@@ -25,7 +25,7 @@ import yaml
 
 from vlmkit.data.world import WorldSpec
 from vlmkit.errors import ConfigError
-from vlmkit.models.config import VLMConfig
+from vlmkit.models.config import LoRAConfig, VLMConfig
 from vlmkit.schema import build, require_at_least
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -34,6 +34,15 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 ModuleName = Literal["vision", "adapter", "llm"]
 MODULES: tuple[str, ...] = ("vision", "adapter", "llm")
+StageKind = Literal["sft", "contrastive", "dpo", "grpo"]
+STAGE_KINDS: tuple[str, ...] = ("sft", "contrastive", "dpo", "grpo")
+CheckerName = Literal["exact", "choice", "number", "world"]
+"""The reward checkers of a grpo stage (train/rewards.py, `CHECKERS`)."""
+DEFAULT_ROUTES: dict[str, str] = {"count": "number", "count_attribute": "number", "arithmetic": "number",
+                                  "multiple_choice": "choice"}
+"""The reward router's defaults over the synthetic world's categories: counts and sums compare as
+numbers, multiple choice by option; every other category gets the world's own checker
+(`default_checker`), which reads a reply by its question's kind as the evaluation does."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,11 +133,147 @@ class DataSource:
 
 
 @dataclass
+class ContrastiveSettings:
+    """A `kind: contrastive` stage: the vision tower learns from image-caption pairs with SigLIP's
+    sigmoid loss (train/contrastive.py)."""
+
+    heads_lr: float = 1e-3
+    """Peak learning rate of the stage's own heads (text side, projections, temperature and bias)."""
+    temperature_init: float = 10.0
+    """Initial logit scale t = exp(t'), SigLIP's 10."""
+    bias_init: float = -10.0
+    """Initial logit bias b, SigLIP's -10."""
+    pairs_per_step: int = 64
+    """Image-caption pairs per micro-batch: the sigmoid loss scores each micro-batch's pairs all
+    against all (grad_accum micro-batches make a step)."""
+    embed_dim: int = 128
+    """Size of the shared image-text embedding space."""
+    image_patch_dim: int = 32
+    """The image head projects each patch to this many values, then all patches in their places
+    to the embedding (models/contrastive.py, `ImageHead`)."""
+    text_layers: int = 2
+    """Blocks of the stage's own text tower (models/contrastive.py, `TextTower`), dropped at the
+    stage end; 0: a bag of its own word embeddings (cheaper, blind to word order)."""
+    text_hidden_size: int = 128
+    """Width of the text tower."""
+    text_heads: int = 4
+    """Attention heads of the text tower."""
+    max_caption_tokens: int = 77
+    """Captions are cut to this many tokens, their end-of-text token included (CLIP's 77)."""
+    eval_source: str | None = None
+    """Data source of the held-out pairs for zero-shot retrieval (image -> caption, caption ->
+    image). None: the first caption source among the run's eval_sources, if any."""
+    eval_pairs: int = 128
+    """Held-out pairs retrieval is measured over (the first ones of the source, in file order)."""
+
+    def __post_init__(self):
+        if self.heads_lr < 0:
+            raise ConfigError(f"contrastive.heads_lr must be >= 0, got {self.heads_lr}")
+        if self.temperature_init <= 0:
+            raise ConfigError(f"contrastive.temperature_init must be > 0, got {self.temperature_init}")
+        require_at_least(self, ("pairs_per_step", "embed_dim", "image_patch_dim", "text_hidden_size", "text_heads",
+                                "max_caption_tokens", "eval_pairs"), 1, "contrastive.")
+        require_at_least(self, ("text_layers",), 0, "contrastive.")
+        if self.text_hidden_size % self.text_heads:
+            raise ConfigError(f"contrastive.text_hidden_size {self.text_hidden_size} must be divisible by "
+                              f"text_heads {self.text_heads}")
+
+
+@dataclass
+class DPOSettings:
+    """A `kind: dpo` stage: direct preference optimisation on chosen / rejected replies (train/dpo.py).
+    The stage reads every source of its mixture as preference pairs (data/preference.py: vlmkit's
+    JSONL layout or TRL's columns); a source's `format` then names only the container (auto,
+    parquet, hf_dataset)."""
+
+    beta: float = 0.1
+    """Strength of the implicit KL to the reference: the loss is -log sigmoid(beta * margin)."""
+    sft_weight: float = 0.0
+    """Weight of an added next-token loss on the chosen reply (0: pure DPO)."""
+    reference: Literal["copy", "lora_disabled", "precomputed"] = "copy"
+    """Where the reference log-probs come from: a frozen copy of the stage's starting model, the
+    same model with its LoRA adapters disabled (needs `lora`), or computed once before the first
+    step by the frozen start model."""
+    eval_source: str | None = None
+    """A data source of held-out pairs: their reward accuracy, margin and loss at the stage's eval
+    points (its first `eval_batches` packs). None: no held-out pairs. Never trained on."""
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta must be > 0, got {self.beta}")
+        if self.sft_weight < 0:
+            raise ConfigError(f"dpo.sft_weight must be >= 0, got {self.sft_weight}")
+
+
+@dataclass
+class GRPOSettings:
+    """A `kind: grpo` stage: group-relative policy optimisation with verifiable rewards
+    (train/grpo.py)."""
+
+    prompts_per_step: int = 8
+    """Prompts per rollout batch (each sampled `group_size` times)."""
+    group_size: int = 8
+    """G: samples per prompt; advantages are normalised within each group."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    max_new_tokens: int = 32
+    """Longest reply a rollout may write."""
+    clip_low: float = 0.2
+    """The ratio is clipped to [1 - clip_low, 1 + clip_high] (clip-higher: clip_high > clip_low)."""
+    clip_high: float = 0.28
+    kl_coef: float = 0.0
+    """Weight of the KL to the reference model (0: no reference is kept)."""
+    format_reward: float = 0.0
+    """Added reward for a reply in the expected format (0: off)."""
+    dynamic_sampling: bool = True
+    """Drop groups whose rewards are all equal (no signal) and refill the batch with new prompts."""
+    refill_rounds: int = 2
+    """Dynamic sampling: at most this many extra rollout rounds refill a step's dropped groups;
+    a step still short after them trains on the groups it kept."""
+    updates_per_rollout: int = 1
+    """Optimizer steps per rollout batch; 1 is fully on-policy."""
+    routes: dict[str, CheckerName] = field(default_factory=lambda: dict(DEFAULT_ROUTES))
+    """The reward router: the checker (train/rewards.py) of each task category; a category not
+    listed gets `default_checker`. A prompt's category is its record's `category` metadata or the
+    suffix of its id after the last "-" (the world's single-question records: `val_12-count`)."""
+    default_checker: CheckerName = "world"
+    """The checker of a category missing from `routes`, and of prompts without a category."""
+    categories: list[str] | None = None
+    """Ask only prompts of these categories (others are skipped, uncounted); None: every prompt."""
+
+    def __post_init__(self):
+        require_at_least(self, ("prompts_per_step", "group_size", "max_new_tokens", "updates_per_rollout"), 1,
+                         "grpo.")
+        if self.temperature <= 0:
+            raise ConfigError(f"grpo.temperature must be > 0, got {self.temperature}")
+        for name in ("clip_low", "clip_high", "kl_coef", "format_reward", "refill_rounds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"grpo.{name} must be >= 0, got {getattr(self, name)}")
+        if self.clip_low >= 1:
+            raise ConfigError(f"grpo.clip_low must be < 1 (the ratio's lower bound is 1 - clip_low), "
+                              f"got {self.clip_low}")
+
+
+@dataclass
 class Stage:
     """One training stage: which modules learn, from which data, for how long, and how."""
 
     name: str = "stage"
     """Shown in logs and in the checkpoint's stage history."""
+    kind: StageKind = "sft"
+    """What the stage optimises: sft (next-token loss over the supervised tokens: pretraining and
+    fine-tuning alike), contrastive (image-caption pairs, SigLIP's sigmoid loss), dpo (preference
+    pairs), grpo (RL with verifiable rewards). Each kind's settings are its own section below."""
+    lora: LoRAConfig | None = None
+    """Train LoRA adapters instead of the full weights of the modules the stage trains (their lr
+    applies to the adapters); merged into the weights at the stage end, and saved in peft's format
+    as DIR/adapters/<stage name>/. None: full fine-tuning."""
+    contrastive: ContrastiveSettings = field(default_factory=ContrastiveSettings)
+    """Settings of a `kind: contrastive` stage."""
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+    """Settings of a `kind: dpo` stage."""
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    """Settings of a `kind: grpo` stage."""
     # --- what learns -------------------------------------------------------------------------
     vision_lr: float = 0.0
     """Peak learning rate of the vision encoder; 0 freezes it."""
@@ -193,7 +338,9 @@ class Stage:
             lr = getattr(self, f"{module}_lr")
             if lr < 0:
                 raise ConfigError(f"{where}: {module}_lr must be >= 0 (0 freezes), got {lr}")
-        if not any(getattr(self, f"{m}_lr") > 0 for m in MODULES):
+        if self.kind == "contrastive":
+            self._check_contrastive(where)
+        elif not any(getattr(self, f"{m}_lr") > 0 for m in MODULES):
             raise ConfigError(f"{where}: every module is frozen (vision_lr, adapter_lr, llm_lr all 0)")
         require_at_least(self, ("steps", "token_budget", "grad_accum", "log_every", "keep_last", "step_every"), 1,
                          f"{where}: ")
@@ -210,6 +357,16 @@ class Stage:
                 raise ConfigError(f"{where}: mixture weight of {src!r} must be >= 0, got {w}")
         if self.mixture and sum(self.mixture.values()) <= 0:
             raise ConfigError(f"{where}: mixture weights sum to 0")
+        if self.dpo.reference == "lora_disabled" and self.kind == "dpo" and self.lora is None:
+            raise ConfigError(f"{where}: dpo.reference lora_disabled needs a `lora` section")
+
+    def _check_contrastive(self, where: str) -> None:
+        """The contrastive loss reaches the vision tower and the stage's heads only."""
+        if self.adapter_lr > 0 or self.llm_lr > 0:
+            raise ConfigError(f"{where}: a contrastive stage trains the vision tower and its heads only; set "
+                              f"adapter_lr: 0 and llm_lr: 0 (got {self.adapter_lr}, {self.llm_lr})")
+        if self.vision_lr <= 0 and self.contrastive.heads_lr <= 0:
+            raise ConfigError(f"{where}: nothing to train: vision_lr and contrastive.heads_lr are both 0")
 
     def lr_of(self, module: str) -> float:
         return float(getattr(self, f"{module}_lr"))
@@ -236,7 +393,20 @@ class RunConfig:
     seed: int = 0
     """Seeds the initialisation of new weights (a fresh model, a fresh adapter)."""
     max_bad_fraction: float = 0.01
-    """Stop when more than this fraction of records of a source cannot be used (counted, skipped)."""
+    """Stop when more than this fraction of records of a source cannot be used (counted, skipped),
+    or when sources that became unreadable mid-run carried more than this share of a stage's
+    mixture weight (train/data.py)."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss or gradient norm is not finite is skipped (weights and optimizer untouched,
+    logged as `skipped: nonfinite`); more than this many within `nonfinite_window` steps stops the
+    run with an error, its last checkpoint intact."""
+    nonfinite_window: int = 100
+    """The span, in optimizer steps, over which skipped non-finite steps are counted."""
+    save_retries: int = 2
+    """A checkpoint that fails to write (full disk, permissions) is tried again this many times
+    before the run stops with the error; earlier checkpoints stay intact either way."""
+    save_retry_seconds: float = 10.0
+    """Wait before each retry of a failed checkpoint write."""
     num_threads: int = 0
     """torch intra-op threads on the CPU; 0 keeps torch's default."""
     tensorboard: bool = True
@@ -257,12 +427,25 @@ class RunConfig:
                                   f"data defines {sorted(self.data)}")
             if not names or sum(names.values()) <= 0:
                 raise ConfigError(f"stages.{i}: no data (define sources under `data:` or a mixture)")
+            held_out = stage.dpo.eval_source if stage.kind == "dpo" else None
+            if held_out is not None and held_out not in self.data:
+                raise ConfigError(f"stages.{i}.dpo.eval_source: unknown source {held_out!r}; "
+                                  f"data defines {sorted(self.data)}")
+            if held_out is not None and not any(w > 0 for n, w in names.items() if n != held_out):
+                raise ConfigError(f"stages.{i}: no training pairs besides the held-out dpo.eval_source {held_out!r}")
+            held_out = stage.contrastive.eval_source
+            if stage.kind == "contrastive" and held_out is not None and held_out not in self.data:
+                raise ConfigError(f"stages.{i}.contrastive.eval_source: unknown source {held_out!r}; "
+                                  f"data defines {sorted(self.data)}")
         unknown = sorted(set(self.eval_sources) - set(self.data))
         if unknown:
             raise ConfigError(f"eval_sources: unknown source(s) {unknown}; data defines {sorted(self.data)}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
-        require_at_least(self, ("num_threads",), 0)
+        require_at_least(self, ("num_threads", "max_nonfinite_steps", "save_retries"), 0)
+        require_at_least(self, ("nonfinite_window",), 1)
+        if self.save_retry_seconds < 0:
+            raise ConfigError(f"save_retry_seconds must be >= 0, got {self.save_retry_seconds}")
 
     def resolve(self, path: str | None) -> str | None:
         """A path from the config, made absolute against the world's dir or base_dir."""

@@ -42,6 +42,26 @@ VIDEO_PAD = "<|video_pad|>"
 QWEN_VL_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
 """The tokens a vocabulary needs for the Qwen-VL chat format."""
 
+# The InternVL chat format (InternVL2.5, InternVL3 as transformers holds them; data/template.py
+# renders it): ChatML turns, an image as <img><IMG_CONTEXT>...</img>, an image part followed by a newline.
+IMG_START = "<img>"
+IMG_END = "</img>"
+IMG_CONTEXT = "<IMG_CONTEXT>"
+INTERNVL_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT)
+"""The tokens a vocabulary needs for the InternVL chat format."""
+
+# The Idefics3 chat format (Idefics3, SmolVLM as transformers holds them; data/template.py renders
+# it): turns as `User: ...<end_of_utterance>\n`; an image as its tiles, each <fake_token_around_image>,
+# its <row_r_col_c> and its <image> tokens, a newline after each row of tiles, then the global image
+# as a newline, <fake_token_around_image><global-img>, its <image> tokens, <fake_token_around_image>.
+FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
+GLOBAL_IMAGE_TOKEN = "<global-img>"
+END_OF_UTTERANCE = "<end_of_utterance>"
+TILE_POSITION = "<row_{row}_col_{col}>"
+"""What names a tile's place in its image's grid (1-based) before the tile's tokens."""
+IDEFICS3_TOKENS = (FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE)
+"""The tokens a vocabulary needs for the Idefics3 chat format (the ones its processor adds)."""
+
 # File names of the checkpoint directory (docs/architecture.md, "Checkpoint format").
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -23,9 +23,11 @@ Formats (DataSource.format in vlmkit/config.py):
               `KEY.txt` (the caption) or `KEY.json` ({"caption"|"text"} or a conversation).
 
 Every reader yields Record or BadRecord and never raises on one bad row: malformed JSON is named
-by file:line, a bad image path by record. Image paths resolve under a root (the file's directory
-unless stated); a path that leaves it (`..`, an absolute path elsewhere, a symlink pointing out)
-makes the record bad ("path_escapes_root"); `image_ref` is that rule, for benchmark files too
+by file:line, a bad image path by record. What a row becomes is `record_from_row`'s decision unless
+the caller passes its own (`interpret`: data/preference.py reads chosen / rejected pairs so).
+Image paths resolve under a root (the file's directory unless stated); a path that leaves it
+(`..`, an absolute path elsewhere, a symlink pointing out) makes the record bad
+("path_escapes_root"); `image_ref` is that rule, for benchmark files too
 (eval/benchmarks.py); a video's frames and a video path follow the same rule. Images and videos
 are not opened here (data/images.py and data/native_images.py do).
 """
@@ -38,7 +40,7 @@ import functools
 import json
 import tarfile
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,15 +137,22 @@ def data_files(path: str | Path, format: str = "auto") -> tuple[str, list[Path]]
     return fmt, files
 
 
+RowInterpreter = Callable[[dict, Path, str, str], Record]
+"""(a parsed row, the image root, the row's id, the source name) -> what the row is; raises
+BadRecordError. The default is `record_from_row`; data/preference.py reads preference pairs."""
+
+
 def read_records(path: str | Path, format: str = "auto", *, root: str | Path | None = None,
                  kind: str | None = None, source: str | None = None,
-                 files: list[Path] | None = None) -> Iterator[Item]:
+                 files: list[Path] | None = None, interpret: RowInterpreter | None = None) -> Iterator[Item]:
     """Every row of a file or directory, in file order, as Record or BadRecord.
 
     root: directory image paths resolve under (default: the data file's directory).
     kind: override the records' supervision kind (chat | caption | text).
     source: name carried by each record (default: the file or directory stem).
     files: read only these of the directory's files (a data-parallel rank's shards).
+    interpret: what a row becomes (default `record_from_row`); the item it returns must carry a
+    `meta` dict, where the row's file:line goes.
     """
     path = Path(path)
     fmt, all_files = data_files(path, format)
@@ -151,7 +160,7 @@ def read_records(path: str | Path, format: str = "auto", *, root: str | Path | N
     source = source or path.stem
     for file in files:
         base = Path(root) if root is not None else (path if path.is_dir() else file.parent)
-        ctx = _Context(file, base.resolve(), source, kind)
+        ctx = _Context(file, base.resolve(), source, kind, interpret or record_from_row)
         if fmt == "webdataset":
             yield from _read_webdataset(ctx)
         elif fmt in ("parquet", "hf_dataset"):
@@ -166,6 +175,7 @@ class _Context:
     root: Path
     source: str
     kind: str | None
+    interpret: RowInterpreter
 
 
 def _convert(ctx: _Context, row, where: str, default_id: str) -> Item:
@@ -174,7 +184,7 @@ def _convert(ctx: _Context, row, where: str, default_id: str) -> Item:
     try:
         if not isinstance(row, dict):
             raise BadRecordError("malformed_record", f"expected a JSON object, got {type(row).__name__}")
-        record = record_from_row(row, ctx.root, rid, ctx.source)
+        record = ctx.interpret(row, ctx.root, rid, ctx.source)
     except BadRecordError as e:
         return BadRecord(e.reason, str(e).split(": ", 1)[-1], where, rid)
     if ctx.kind is not None:
@@ -278,7 +288,7 @@ def _webdataset_sample(ctx: _Context, key: str, group: dict[str, bytes]) -> Item
 
 def record_from_row(row: dict, root: Path, rid: str, source: str) -> Record:
     """Interpret one row of any supported shape; raises BadRecordError."""
-    images = [image_ref(v, root) for v in _as_list(row.get("image", row.get("images")))]
+    images = row_images(row, root)
     videos = [video_ref(v, root, "video") for v in video_entries(row.get("video", row.get("videos")))]
     if "conversations" in row:
         messages = _with_placeholders(_llava_messages(row["conversations"]), len(images), len(videos))
@@ -301,6 +311,11 @@ def record_from_row(row: dict, root: Path, rid: str, source: str) -> Record:
         return Record(rid, source, "text", text=caption)
     raise BadRecordError("malformed_record", "row has none of conversations / messages / text / image+caption; "
                          f"keys: {sorted(row)[:8]}")
+
+
+def row_images(row: dict, root: Path) -> list[ImageRef]:
+    """The images of a row's `image` (or `images`) column: one entry or a list, each by `image_ref`."""
+    return [image_ref(v, root) for v in _as_list(row.get("image", row.get("images")))]
 
 
 def _as_list(value) -> list:

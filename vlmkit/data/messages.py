@@ -1,7 +1,7 @@
 """OpenAI-style conversations -> template messages: the one home of content parts and roles.
 
     user_content(text, images, images_after_text=False)   the content parts of one user turn
-    read_conversation(messages, resolve_image, resolve_video, separator)
+    read_conversation(messages, resolve_image, resolve_video, separator, image_part)
                                                            a conversation -> Conversation (messages,
                                                            images, videos)
     to_messages(messages, resolve_image)                   the same for callers that take images only
@@ -12,12 +12,14 @@ Content is a string or a list of parts: {"type": "text", "text"}, {"type": "imag
 | path>} or {"type": "video_url", "video_url": {"url"} | <url>} (vLLM's form). Each image part
 becomes one IMAGE_PLACEHOLDER and each video part one VIDEO_PLACEHOLDER in the message text, in
 reading order, and the non-empty pieces are joined by `separator` (a newline by default; the
-Qwen-VL chat format joins parts with nothing, data/tokenizer.py `part_separator`). What a part's
-value means is the caller's: `resolve_image(value, where, role)` turns it into whatever the caller
-keeps (data files: an ImageRef under their root, data/formats.py; the server: a decoded image
-within its limits, from user messages only, serve/serving.py; the Python API: the value as given,
-a PIL image or a path), and `resolve_video` does the same for a video (a list of frames or a path;
-None: the caller takes no video and a video part is a bad record, reason unexpected_video).
+Qwen-VL, InternVL and Idefics3 chat formats join parts with nothing, data/tokenizer.py
+`part_separator`); an image part is written as `image_part`, the placeholder or, in the InternVL
+format, the placeholder and a newline (data/tokenizer.py `image_part`). What a part's value means
+is the caller's: `resolve_image(value, where, role)` turns it into whatever the caller keeps (data
+files: an ImageRef under their root, data/formats.py; the server: a decoded image within its
+limits, from user messages only, serve/serving.py; the Python API: the value as given, a PIL image
+or a path), and `resolve_video` does the same for a video (a list of frames or a path; None: the
+caller takes no video and a video part is a bad record, reason unexpected_video).
 Problems raise BadRecordError naming the message and part (`messages[1].content[2]`) with a stable
 reason (malformed_record, unknown_role, unexpected_video).
 """
@@ -74,8 +76,8 @@ def user_content(text: str, images: list, *, images_after_text: bool = False) ->
 
 
 def read_content(content: Any, where: str, resolve_image: ImageResolver = keep_image, role: str = "user",
-                 resolve_video: VideoResolver | None = None, separator: str = PART_SEPARATOR
-                 ) -> tuple[str, list, list]:
+                 resolve_video: VideoResolver | None = None, separator: str = PART_SEPARATOR,
+                 image_part: str = IMAGE_PLACEHOLDER) -> tuple[str, list, list]:
     """One message's content -> (text with a placeholder per image and video, the resolved images,
     the resolved videos)."""
     if content is None:
@@ -104,7 +106,7 @@ def read_content(content: Any, where: str, resolve_image: ImageResolver = keep_i
         if resolve is None:
             raise BadRecordError("unexpected_video", f"{where}[{j}] is a video; this input takes images only")
         found[holds].append(resolve(value, f"{where}[{j}]", role))
-        pieces.append(placeholder)
+        pieces.append(image_part if holds == "image" else placeholder)
     return separator.join(p for p in pieces if p), found["image"], found["video"]
 
 
@@ -118,7 +120,7 @@ def parse_content(content: Any, where: str, resolve_image: ImageResolver = keep_
 
 def read_conversation(messages: Any, resolve_image: ImageResolver = keep_image,
                       resolve_video: VideoResolver | None = keep_image,
-                      separator: str = PART_SEPARATOR) -> Conversation:
+                      separator: str = PART_SEPARATOR, image_part: str = IMAGE_PLACEHOLDER) -> Conversation:
     """An OpenAI-style conversation -> template messages with placeholders, images and videos in order."""
     if not isinstance(messages, list) or not messages:
         raise BadRecordError("malformed_record", "messages must be a non-empty list of {'role', 'content'} objects")
@@ -131,7 +133,7 @@ def read_conversation(messages: Any, resolve_image: ImageResolver = keep_image,
             raise BadRecordError("unknown_role", f"messages[{i}].role must be system, user or assistant, "
                                  f"got {msg['role']!r}")
         text, images, videos = read_content(msg.get("content"), f"messages[{i}].content", resolve_image, role,
-                                            resolve_video, separator)
+                                            resolve_video, separator, image_part)
         conversation.messages.append(Message(role, text))
         conversation.images += images
         conversation.videos += videos

@@ -9,7 +9,9 @@ A sample's length already counts its visual tokens (every tile), so the budget b
 row, or for a directory of at least `world` shard files (WebDataset, parquet, arrow) every
 world-th file, so no rank reads another's bytes. Epoch after epoch, shuffled in blocks by (seed,
 epoch, block). Each item carries its position
-(epoch, index), which is what a cursor stores.
+(epoch, index), which is what a cursor stores. Its files are listed once, when it is made; one
+that later cannot be read (deleted, permissions, an I/O error) raises `UnreadableSource`, which
+the stage's data counts as a bad source (train/data.py).
 
 `Packer` keeps a buffer of encoded samples and fills each pack first-fit-decreasing: longest
 first, then whatever still fits, so the short samples the buffer accumulates close the gaps
@@ -28,6 +30,9 @@ values per row, I = images, V = videos.
 
 from __future__ import annotations
 
+import errno
+import functools
+import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -37,10 +42,25 @@ import torch
 
 from vlmkit.data.formats import Item, data_files, read_records
 from vlmkit.data.types import PackedBatch, Sample
-from vlmkit.errors import ConfigError
+from vlmkit.errors import ConfigError, VlmkitError
 
 SHARDED_FORMATS = ("webdataset", "parquet", "hf_dataset")  # directories of similar-sized shard files
 Position = tuple[int, int]  # (epoch, index of the item in this rank's shuffled epoch)
+
+
+class UnreadableSource(VlmkitError):
+    """A source's data could not be read while streaming (a file deleted, its permissions taken
+    away, an I/O error); `source` names it, `error` is the OSError."""
+
+    def __init__(self, source: str, error: OSError):
+        self.source, self.error = source, error
+        super().__init__(f"data source {source!r} cannot be read: {error}")
+
+
+def path_not_found(path: str | Path) -> FileNotFoundError:
+    """The error opening a vanished data path raises (read_records takes a missing path for a
+    mistake in the config, a ConfigError; mid-run it is an unreadable file)."""
+    return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
 
 
 def collate(samples: list[Sample], budget: int) -> PackedBatch:
@@ -83,19 +103,30 @@ class SourceStream:
         self.name = name or Path(path).stem
         self.rank, self.world, self.seed = rank, world, seed
         self.row_shards = True  # every world-th row; or whole shard files per rank (below)
-        files = None
         if reader is None:
-            fmt, all_files = data_files(path, format)
-            if fmt in SHARDED_FORMATS and world > 1 and len(all_files) >= world:
-                files, self.row_shards = all_files[rank::world], False
-        self._read = reader or (lambda: read_records(path, format, root=root, kind=kind, source=self.name,
-                                                     files=files))
+            fmt, files = data_files(path, format)
+            if fmt in SHARDED_FORMATS and world > 1 and len(files) >= world:
+                files, self.row_shards = files[rank::world], False
+            reader = functools.partial(self._read_files, path, format, root, kind, files)
+        self._read = reader
         self.shuffle_block, self.loop = shuffle_block, loop
+
+    def _read_files(self, path, format: str, root, kind, files: list[Path]) -> Iterator[Item]:
+        if not Path(path).exists():
+            raise path_not_found(path)
+        yield from read_records(path, format, root=root, kind=kind, source=self.name, files=files)
+
+    def _items(self) -> Iterator[Item]:
+        """One pass over the source's items; UnreadableSource when a file cannot be read."""
+        try:
+            yield from self._read()
+        except OSError as e:
+            raise UnreadableSource(self.name, e) from e
 
     def _epoch(self, epoch: int) -> Iterator[Item]:
         block: list[Item] = []
         n_blocks = 0
-        for i, item in enumerate(self._read()):
+        for i, item in enumerate(self._items()):
             if self.row_shards and i % self.world != self.rank:
                 continue
             block.append(item)

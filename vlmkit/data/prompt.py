@@ -10,7 +10,8 @@ Generation (infer/generate.py: `VLM.generate`, the chat command), the server (se
 and both evaluation modes (eval/) build their prompts here, and the training pipeline
 (data/pipeline.py) counts visual tokens with the same `encode_images`, so a conversation becomes
 the same tokens wherever it comes from. Messages are read by data/messages.py, templated by
-data/template.py; images decoded and tiled by data/images.py (`ImageProcessor`), or, for
+data/template.py; images decoded and tiled by data/images.py (`ImageProcessor`), split into tiles
+and the whole image by data/split_images.py (`SplitImageProcessor`: Idefics3, SmolVLM), or, for
 native-resolution models, patchified at their own size by data/native_images.py
 (`NativeImageProcessor`, which also takes videos).
 
@@ -27,7 +28,8 @@ import torch
 from vlmkit.data.images import ImageProcessor
 from vlmkit.data.messages import ImageResolver, VideoResolver, keep_image, read_conversation
 from vlmkit.data.native_images import NativeImageProcessor, stack_videos
-from vlmkit.data.template import VideoTokens, encode_prompt
+from vlmkit.data.split_images import SplitImageProcessor
+from vlmkit.data.template import ImageTiles, ImageTokens, VideoTokens, encode_prompt
 from vlmkit.data.types import ImageRef, Sample
 from vlmkit.errors import BadRecordError
 
@@ -38,8 +40,9 @@ class VisualInputs:
 
     pixel_values: torch.Tensor | None  # (N, 3, S, S) tiles, or native (P, D) patch rows; None without images
     tiles_per_image: list[int] = field(default_factory=list)
-    visual_tokens: list[int] = field(default_factory=list)
-    """Visual tokens each image takes in the text: its tiles x tokens per tile, or its grid's tokens."""
+    visual_tokens: list[ImageTokens] = field(default_factory=list)
+    """Visual tokens each image takes in the text: its tiles x tokens per tile, or its grid's tokens;
+    for a split image its `ImageTiles` (the prompt writes where each tile sits)."""
     grid_thw: torch.Tensor | None = None  # native: (I, 3) int64 per image
     pixel_values_videos: torch.Tensor | None = None  # native: (P, D) every video's rows, in order
     video_grid_thw: torch.Tensor | None = None  # native: (V, 3) int64 per video
@@ -54,8 +57,12 @@ class VisualInputs:
                       self.pixel_values_videos, self.video_grid_thw, self.second_per_grid_ts)
 
 
-def encode_images(images: list, processor: ImageProcessor | NativeImageProcessor, tokens_per_tile: int,
-                  videos: list = ()) -> VisualInputs:
+ImageProcessors = ImageProcessor | SplitImageProcessor | NativeImageProcessor
+"""What prepares a model's images (the model's `image_processor()`)."""
+
+
+def encode_images(images: list, processor: ImageProcessors, tokens_per_tile: int, videos: list = ()
+                  ) -> VisualInputs:
     """Decode (with the processor's pixel limit), check and tile each image; count its visual tokens.
     A NativeImageProcessor patchifies images at their own size and takes videos too
     (`tokens_per_tile` is unused then: a grid sets its own count).
@@ -68,10 +75,14 @@ def encode_images(images: list, processor: ImageProcessor | NativeImageProcessor
     if videos:
         raise BadRecordError("unexpected_video", f"{len(videos)} video(s), but this model's image processor "
                              "takes images only")
-    tiles = [processor(processor.load(image)) for image in images]  # each (N_i, 3, S, S)
+    loaded = [processor.load(image) for image in images]
+    tiles = [processor(image) for image in loaded]  # each (N_i, 3, S, S)
     tiles_per_image = [t.shape[0] for t in tiles]
+    visual_tokens: list[ImageTokens] = [n * tokens_per_tile for n in tiles_per_image]
+    if isinstance(processor, SplitImageProcessor):
+        visual_tokens = [ImageTiles(*processor.grid(*image.size), tokens_per_tile) for image in loaded]
     return VisualInputs(pixel_values=torch.cat(tiles) if tiles else None, tiles_per_image=tiles_per_image,
-                        visual_tokens=[n * tokens_per_tile for n in tiles_per_image])
+                        visual_tokens=visual_tokens)
 
 
 def _encode_native(images: list, videos: list, processor: NativeImageProcessor) -> VisualInputs:
@@ -106,16 +117,16 @@ class Prompt:
     second_per_grid_ts: list[float] = field(default_factory=list)
 
 
-def build_prompt(messages: list[dict], tokenizer, processor: ImageProcessor | NativeImageProcessor,
-                 tokens_per_tile: int, resolve_image: ImageResolver = keep_image,
-                 resolve_video: VideoResolver | None = None) -> Prompt:
+def build_prompt(messages: list[dict], tokenizer, processor: ImageProcessors, tokens_per_tile: int,
+                 resolve_image: ImageResolver = keep_image, resolve_video: VideoResolver | None = None) -> Prompt:
     """An OpenAI-style conversation -> prompt ids ending with the assistant header, and its pixels.
 
     resolve_image: what an image part's value becomes before decoding (data/messages.py); the
     default keeps it as given. resolve_video: the same for video parts; None (the default) refuses
     them (unexpected_video), so a caller takes videos only by saying how. Raises BadRecordError
     (bad structure, unreadable image, ...)."""
-    conversation = read_conversation(messages, resolve_image, resolve_video, tokenizer.part_separator)
+    conversation = read_conversation(messages, resolve_image, resolve_video, tokenizer.part_separator,
+                                     tokenizer.image_part)
     visual = encode_images(conversation.images, processor, tokens_per_tile, conversation.videos)
     ids = encode_prompt(conversation.messages, tokenizer, visual.visual_tokens, visual.video_tokens)
     return Prompt(ids, visual.pixel_values, visual.grid_thw, visual.pixel_values_videos, visual.video_grid_thw,

@@ -12,10 +12,12 @@ What is supervised depends on the record's kind:
              LLaVA-1.5's "plain" alignment format (the instruction of the user turn is dropped);
     text     every token of `record.text` and the end-of-text token.
 
-Chat formats (the tokenizer's `template`): builtin, chatml and qwen_vl render
+Chat formats (the tokenizer's `template`): builtin, chatml, qwen_vl and internvl render
 `<|im_start|>{role}\\n{content}<|im_end|>\\n`, llama3 renders
 `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content stripped}<|eot_id|>` after
-`<|begin_of_text|>`. The text equals what the tokenizer's jinja chat template produces (tests
+`<|begin_of_text|>`, idefics3 renders `{Role}: {content}<end_of_utterance>\\n` after the
+tokenizer's bos token (`{Role}:` alone before content that opens with an image, and as the
+generation prompt). The text equals what the tokenizer's jinja chat template produces (tests
 compare with transformers' apply_chat_template); a loaded template's default system prompt (when
 a conversation has none) and system prefix (Llama-3.1's date lines) are inserted the same way.
 Headers, contents and images are tokenised as separate pieces, so the assistant's first token
@@ -28,9 +30,15 @@ tokens (`VideoTokens`: temporal groups x tokens per group of the video token). T
 `<|vision_start|>` + its `<|image_pad|>` tokens + `<|vision_end|>`, a video the same with
 `<|video_pad|>`, or, when the video carries group times (Qwen3-VL), one such group per temporal
 group, each after the text `<{t:.1f} seconds>`; that text is tokenised together with the text just
-before it, as the processor's expanded string is. Bad records raise BadRecordError with reasons
-placeholder_mismatch, no_image_token, no_video_token, unknown_role, no_assistant_turn,
-no_supervised_tokens.
+before it, as the processor's expanded string is. The internvl format (InternVL2.5, InternVL3)
+writes an image as `<img>` + its `<IMG_CONTEXT>` tokens + `</img>`, as transformers' InternVL
+processor does. The idefics3 format (Idefics3, SmolVLM) writes an image split into tiles
+(`ImageTiles`) as transformers' Idefics3 processor does: each tile as `<fake_token_around_image>`,
+`<row_r_col_c>` and its `<image>` tokens, a newline after each row of tiles, then the whole image
+as a newline, `<fake_token_around_image><global-img>`, its tokens and `<fake_token_around_image>`;
+an image of one tile (or given as a count) is that last part alone. Bad records raise
+BadRecordError with reasons placeholder_mismatch, no_image_token, no_video_token, unknown_role,
+no_assistant_turn, no_supervised_tokens.
 """
 
 from __future__ import annotations
@@ -39,7 +47,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vlmkit.constants import (IGNORE_INDEX, IM_START, IMAGE_PLACEHOLDER, LLAMA3_HEADER_END, LLAMA3_HEADER_START,
+from vlmkit.constants import (FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, IGNORE_INDEX, IM_START, IMAGE_PLACEHOLDER,
+                              IMG_END, IMG_START, LLAMA3_HEADER_END, LLAMA3_HEADER_START, TILE_POSITION,
                               VIDEO_PLACEHOLDER, VISION_END, VISION_START)
 from vlmkit.data.types import Message, Record
 from vlmkit.errors import BadRecordError
@@ -49,6 +58,9 @@ ROLES = ("system", "user", "assistant")
 # A piece is ("text", str) or ("id", int) or ("ids", list[int]) or ("image" | "video", index);
 # `supervised` marks the loss.
 Piece = tuple[str, object, bool]
+
+VISUAL_BRACKETS = {"qwen_vl": (VISION_START, VISION_END), "internvl": (IMG_START, IMG_END)}
+"""Chat format -> the tokens written around each run of visual tokens (none in the other formats)."""
 
 _PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
 _VISUAL_KIND = {IMAGE_PLACEHOLDER: "image", VIDEO_PLACEHOLDER: "video"}
@@ -70,7 +82,29 @@ class VideoTokens:
         return self.groups * self.tokens_per_group
 
 
+@dataclass(frozen=True)
+class ImageTiles:
+    """An image split into a rows x cols grid of tiles and followed by the whole image as one more
+    tile (data/split_images.py), each tile `tokens_per_tile` visual tokens; rows = cols = 0: the
+    image is one tile. The idefics3 format writes where each tile sits; the others write the
+    `total` tokens in one run."""
+
+    rows: int
+    cols: int
+    tokens_per_tile: int
+
+    @property
+    def total(self) -> int:
+        return (self.rows * self.cols + 1) * self.tokens_per_tile
+
+
+ImageTokens = int | ImageTiles
+"""How one image is written: its count of visual tokens, or its tiles."""
+
+
 def _header(tok, role: str) -> list[Piece]:
+    if tok.template == "idefics3":
+        return [("text", f"{role.capitalize()}:", False)]
     if tok.template == "llama3":
         return [("id", tok.require(LLAMA3_HEADER_START), False), ("text", role, False),
                 ("id", tok.require(LLAMA3_HEADER_END), False), ("text", "\n\n", False)]
@@ -88,6 +122,10 @@ def _content(tok, text: str, supervised: bool, first: dict[str, int], raw: bool 
     message content; `raw` text (the template's own system text) is kept."""
     if tok.template == "llama3" and not raw:
         text = text.strip()
+    if tok.template == "idefics3" and not text.startswith(IMAGE_PLACEHOLDER):
+        # `{Role}: text` but `{Role}:<image>`: the space is the content's, as after the generation
+        # prompt `Assistant:` the reply's first token holds it
+        text = " " + text
     pieces: list[Piece] = []
     for chunk in _PLACEHOLDERS.split(text):
         if chunk in _VISUAL_KIND:
@@ -142,7 +180,7 @@ def _caption_pieces(record: Record, tok) -> list[Piece]:
     return pieces + [("id", tok.eos_id, True)]
 
 
-def _tokens(pieces: list[Piece], tok, visual_tokens: list[int], videos: Sequence[VideoTokens],
+def _tokens(pieces: list[Piece], tok, visual_tokens: Sequence[ImageTokens], videos: Sequence[VideoTokens],
             record_id: str | None) -> tuple[list[int], list[int]]:
     _check_visuals(pieces, tok, visual_tokens, videos, record_id)
     ids: list[int] = []
@@ -154,7 +192,7 @@ def _tokens(pieces: list[Piece], tok, visual_tokens: list[int], videos: Sequence
     return ids, labels
 
 
-def _check_visuals(pieces: list[Piece], tok, visual_tokens: list[int], videos: Sequence[VideoTokens],
+def _check_visuals(pieces: list[Piece], tok, visual_tokens: Sequence[ImageTokens], videos: Sequence[VideoTokens],
                    record_id: str | None) -> None:
     n_images = sum(p[0] == "image" for p in pieces)
     n_videos = sum(p[0] == "video" for p in pieces)
@@ -172,13 +210,14 @@ def _check_visuals(pieces: list[Piece], tok, visual_tokens: list[int], videos: S
                              "<|video_pad|>)", record_id)
 
 
-def _expand_visuals(pieces: list[Piece], tok, visual_tokens: list[int], videos: Sequence[VideoTokens]
+def _expand_visuals(pieces: list[Piece], tok, visual_tokens: Sequence[ImageTokens], videos: Sequence[VideoTokens]
                     ) -> list[Piece]:
-    """Image and video pieces -> their token ids (and Qwen3-VL's time texts); single ids -> id lists."""
+    """Image and video pieces -> their token ids (and Qwen3-VL's time texts, Idefics3's tile
+    texts); single ids -> id lists."""
     out: list[Piece] = []
     for kind, value, supervised in pieces:
         if kind == "image":
-            out += _wrapped(tok, [tok.image_token_id] * visual_tokens[value])
+            out += _image(tok, visual_tokens[value])
         elif kind == "video":
             for k, group in enumerate(_video_groups(tok, videos[value])):
                 if k == 0 and group[0][0] == "text" and out and out[-1][0] == "text" and not out[-1][2]:
@@ -192,11 +231,35 @@ def _expand_visuals(pieces: list[Piece], tok, visual_tokens: list[int], videos: 
     return out
 
 
+def _image(tok, image: ImageTokens) -> list[Piece]:
+    """One image's pieces: its tiles in the idefics3 format, else its tokens in one run."""
+    if tok.template == "idefics3":
+        return _tiled(tok, image if isinstance(image, ImageTiles) else ImageTiles(0, 0, image))
+    count = image.total if isinstance(image, ImageTiles) else image
+    return _wrapped(tok, [tok.image_token_id] * count)
+
+
+def _tiled(tok, image: ImageTiles) -> list[Piece]:
+    """Idefics3's processor's text for a split image. The tile names and the newlines sit between
+    special tokens, so each is tokenised alone, as the processor's whole string is; a tile name
+    the vocabulary lacks (past row or column 6) stays text there too."""
+    fake, run = tok.require(FAKE_IMAGE_TOKEN), [tok.image_token_id] * image.tokens_per_tile
+    pieces: list[Piece] = []
+    for row in range(1, image.rows + 1):
+        for col in range(1, image.cols + 1):
+            pieces += [("ids", [fake], False), ("text", TILE_POSITION.format(row=row, col=col), False),
+                       ("ids", run, False)]
+        # a newline ends each row; after the last one the whole image's own newline joins it
+        pieces.append(("text", "\n\n" if row == image.rows else "\n", False))
+    return pieces + [("ids", [fake], False), ("text", GLOBAL_IMAGE_TOKEN, False), ("ids", run + [fake], False)]
+
+
 def _wrapped(tok, ids: list[int]) -> list[Piece]:
-    """Visual token ids, between <|vision_start|> and <|vision_end|> in the qwen_vl format."""
-    if tok.template != "qwen_vl":
+    """Visual token ids, between the format's brackets (`VISUAL_BRACKETS`) where it has them."""
+    if tok.template not in VISUAL_BRACKETS:
         return [("ids", ids, False)]
-    return [("ids", [tok.require(VISION_START), *ids, tok.require(VISION_END)], False)]
+    start, end = VISUAL_BRACKETS[tok.template]
+    return [("ids", [tok.require(start), *ids, tok.require(end)], False)]
 
 
 def _video_groups(tok, video: VideoTokens) -> list[list[Piece]]:
@@ -222,12 +285,12 @@ def _encode_text(tok, text: str) -> list[int]:
     return ids
 
 
-def encode_record(record: Record, tok, visual_tokens: list[int], videos: Sequence[VideoTokens] = ()
+def encode_record(record: Record, tok, visual_tokens: Sequence[ImageTokens], videos: Sequence[VideoTokens] = ()
                   ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of a record; labels are unshifted, IGNORE_INDEX where unsupervised.
 
     visual_tokens[i] is the number of visual tokens of the record's i-th image (tiles x tokens per
-    tile, or its grid's tokens); videos[j] the tokens of its j-th video."""
+    tile, or its grid's tokens), or its `ImageTiles`; videos[j] the tokens of its j-th video."""
     if record.kind == "text":
         pieces: list[Piece] = [("id", tok.bos_id, False)] if tok.bos_id is not None else []
         pieces += [("text", record.text, True)] if record.text else []
@@ -248,8 +311,8 @@ def encode_record(record: Record, tok, visual_tokens: list[int], videos: Sequenc
     return ids, labels
 
 
-def encode_prompt(messages: list[Message], tok, visual_tokens: list[int], videos: Sequence[VideoTokens] = ()
-                  ) -> list[int]:
+def encode_prompt(messages: list[Message], tok, visual_tokens: Sequence[ImageTokens],
+                  videos: Sequence[VideoTokens] = ()) -> list[int]:
     """Token ids of a conversation followed by the assistant header, ready for generation."""
     _check_roles(messages, None)
     pieces = _chat_pieces(messages, tok, supervise=False, generation_prompt=True)

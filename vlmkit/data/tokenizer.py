@@ -15,10 +15,17 @@ ones) and works out the chat format from the special tokens it holds:
     chatml    <|im_start|>role\\n ... <|im_end|>\\n    (Qwen2, Qwen3, SmolLM2)
     qwen_vl   ChatML with <|vision_start|> <|image_pad|> / <|video_pad|> <|vision_end|> around
               visual tokens and content parts joined with nothing (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)
+    internvl  ChatML with <img> <IMG_CONTEXT>... </img> for an image, an image part followed by a
+              newline and parts joined with nothing (InternVL2.5, InternVL3)
+    idefics3  the bos token, then `Role: ...<end_of_utterance>\\n` turns, images as their tiles
+              (<fake_token_around_image>, <row_r_col_c>, <image>...; data/template.py) and parts
+              joined with nothing (Idefics3, SmolVLM)
     llama3    <|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\n ... <|eot_id|>
 
 A Qwen-VL template is told from a plain ChatML one by its jinja writing <|vision_start|> (Qwen2.5's
-text tokenizers hold the vision tokens too).
+text tokenizers hold the vision tokens too), an InternVL one by its jinja writing <IMG_CONTEXT>,
+an Idefics3 one by its jinja writing <end_of_utterance> (before the Llama-3 or ChatML tokens its
+vocabulary holds too are considered).
 
 The system text that the directory's own jinja template adds (a default system prompt when a
 conversation has none, as Qwen2's; a prefix before a given one, as Llama-3.1's date lines) is read
@@ -35,10 +42,11 @@ from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer as _Backend, decoders, models, pre_tokenizers, trainers
 
-from vlmkit.constants import (BUILTIN_SPECIAL_TOKENS, EOS_TOKEN, IM_END, IM_START, IMAGE_TOKEN, LLAMA3_BEGIN_OF_TEXT,
-                              LLAMA3_CHAT_TOKENS, LLAMA3_END_OF_MESSAGE, LLAMA3_END_OF_TEXT, LLAMA3_END_OF_TURN,
-                              LLAMA3_HEADER_END, LLAMA3_HEADER_START, PAD_TOKEN, IMAGE_PAD, QWEN_VL_TOKENS,
-                              VIDEO_PAD, VISION_START)
+from vlmkit.constants import (BUILTIN_SPECIAL_TOKENS, END_OF_UTTERANCE, EOS_TOKEN, IDEFICS3_TOKENS, IM_END,
+                              IM_START, IMAGE_PLACEHOLDER, IMAGE_TOKEN, IMG_CONTEXT, INTERNVL_TOKENS,
+                              LLAMA3_BEGIN_OF_TEXT, LLAMA3_CHAT_TOKENS, LLAMA3_END_OF_MESSAGE, LLAMA3_END_OF_TEXT,
+                              LLAMA3_END_OF_TURN, LLAMA3_HEADER_END, LLAMA3_HEADER_START, PAD_TOKEN, IMAGE_PAD,
+                              QWEN_VL_TOKENS, VIDEO_PAD, VISION_START)
 from vlmkit.errors import ConfigError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -48,9 +56,12 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 PROCESSOR_TEMPLATE_FILE = "chat_template.json"
 """Where multimodal checkpoints (Qwen-VL) keep the processor's chat template: {"chat_template": ...}."""
 
+END_OF_TURN = {"llama3": LLAMA3_END_OF_TURN, "idefics3": END_OF_UTTERANCE}
+"""Chat format -> the token that ends a turn, where it is not ChatML's <|im_end|>."""
+
 # Image tokens recognised in loaded vocabularies, in order of preference.
 IMAGE_TOKENS = (IMAGE_TOKEN, IMAGE_PAD)
-TEMPLATES = ("builtin", "chatml", "llama3", "qwen_vl")
+TEMPLATES = ("builtin", "chatml", "llama3", "qwen_vl", "internvl", "idefics3")
 
 # The built-in chat template, ChatML without a default system prompt. Message content is a string
 # (IMAGE_PLACEHOLDER marks images) or a list of {"type": "text" | "image"} parts joined by newlines,
@@ -226,6 +237,8 @@ class Tokenizer:
 
     @property
     def image_token(self) -> str | None:
+        if self.template == "internvl":  # its vocabulary (Qwen2.5-VL's) holds <|image_pad|> too
+            return IMG_CONTEXT
         return next((t for t in IMAGE_TOKENS if self.token_id(t) is not None), None)
 
     @property
@@ -246,7 +259,14 @@ class Tokenizer:
     def part_separator(self) -> str:
         """What joins the pieces of a list content (data/messages.py): the Qwen-VL templates put
         parts side by side, vlmkit's built-in one on separate lines."""
-        return "" if self.template == "qwen_vl" else "\n"
+        return "" if self.template in ("qwen_vl", "internvl", "idefics3") else "\n"
+
+    @property
+    def image_part(self) -> str:
+        """What an image part of a list content becomes in the message text (data/messages.py):
+        its placeholder, followed by a newline in the InternVL format (its template writes an
+        image part as `<IMG_CONTEXT>\n`)."""
+        return IMAGE_PLACEHOLDER + "\n" if self.template == "internvl" else IMAGE_PLACEHOLDER
 
     @property
     def eos_id(self) -> int:
@@ -258,12 +278,17 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int | None:
-        """The id put at the start of every sequence (Llama-3's <|begin_of_text|>), or None."""
+        """The id put at the start of every sequence (Llama-3's <|begin_of_text|>; in the Idefics3
+        format the tokenizer's bos token, which its templates open with: Idefics3's
+        <|begin_of_text|>, SmolVLM's <|im_start|>), or None."""
+        if self.template == "idefics3":
+            token = _token_str(self.config.get("bos_token"))
+            return None if token is None else self.token_id(token)
         return self.token_id(LLAMA3_BEGIN_OF_TEXT) if self.template == "llama3" else None
 
     @property
     def end_of_turn_id(self) -> int:
-        return self.require(LLAMA3_END_OF_TURN if self.template == "llama3" else IM_END)
+        return self.require(END_OF_TURN.get(self.template, IM_END))
 
     @property
     def pad_id(self) -> int:
@@ -298,11 +323,19 @@ def _token_str(value) -> str | None:
 def _template_kind(backend: _Backend, config: dict, path: Path) -> str:
     if config.get("vlmkit_template") == "builtin":
         return "builtin"
+    # Idefics3's vocabulary is Llama-3's and SmolVLM's is ChatML's: the template tells them apart.
+    if END_OF_UTTERANCE in str(config.get("chat_template") or "") and all(
+            backend.token_to_id(t) is not None for t in IDEFICS3_TOKENS):
+        return "idefics3"
     if all(backend.token_to_id(t) is not None for t in LLAMA3_CHAT_TOKENS):
         return "llama3"
     if backend.token_to_id(IM_START) is not None and backend.token_to_id(IM_END) is not None:
-        # Qwen2.5's text tokenizers hold the vision tokens too: only a template that writes them is Qwen-VL's.
-        vision_template = VISION_START in str(config.get("chat_template") or "")
+        # Qwen2.5's text tokenizers (and InternVL's) hold the Qwen-VL vision tokens too: the template
+        # tells which visual format, if any, the tokenizer is for.
+        template = str(config.get("chat_template") or "")
+        if IMG_CONTEXT in template and all(backend.token_to_id(t) is not None for t in INTERNVL_TOKENS):
+            return "internvl"
+        vision_template = VISION_START in template
         has_tokens = all(backend.token_to_id(t) is not None for t in QWEN_VL_TOKENS)
         return "qwen_vl" if vision_template and has_tokens else "chatml"
     raise ConfigError(f"{path}: unsupported chat format: the vocabulary has neither ChatML markers "

@@ -30,19 +30,15 @@ import binascii
 import csv
 import json
 import re
-import string
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from vlmkit.data.answers import LETTERS, AnswerKind, canonical_answer
 from vlmkit.data.formats import image_ref, video_entries, video_ref
 from vlmkit.data.types import ImageRef, VideoRef
 from vlmkit.errors import BadRecordError, VlmkitError
-from vlmkit.eval.extract import normalize_answer
-
-ItemKind = Literal["choice", "yesno", "open"]
-LETTERS = string.ascii_uppercase
 
 
 class BenchmarkError(VlmkitError):
@@ -56,7 +52,7 @@ class BenchItem:
     id: str
     question: str
     answer: str
-    kind: ItemKind
+    kind: AnswerKind
     choices: list[str] = field(default_factory=list)
     images: list[ImageRef] = field(default_factory=list)
     videos: list[VideoRef] = field(default_factory=list)
@@ -119,7 +115,6 @@ JSONL_KEYS: dict[str, tuple[str, ...]] = {
     "hint": ("hint", "context", "lecture_hint"),
 }
 SEED_CHOICE_KEYS = tuple(f"choice_{c}" for c in "abcdefgh")
-YES_NO = {"yes": "yes", "no": "no", "true": "yes", "false": "no"}
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/=\s]+$")
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"RIFF", b"II*", b"MM*")
 MAX_PATH_CHARS = 1024
@@ -189,26 +184,6 @@ def _bare_base64_image(value: str) -> bytes | None:
     return data if data.startswith(_IMAGE_MAGIC) else None
 
 
-def resolve_answer(answer: Any, choices: list[str]) -> str:
-    """Canonical gold letter of a choice item: from an index, a letter, or the option text."""
-    if isinstance(answer, bool):
-        raise BadRecordError("bad_answer", f"answer {answer!r} is a boolean but the item has choices")
-    if isinstance(answer, int):
-        if 0 <= answer < len(choices):
-            return LETTERS[answer]
-        raise BadRecordError("answer_out_of_range", f"answer index {answer} with {len(choices)} choices")
-    text = str(answer).strip()
-    letter = text.strip("()").rstrip(".")
-    matches = [i for i, c in enumerate(choices) if normalize_answer(c) == normalize_answer(text)]
-    # "B" is a letter; "b" is a letter unless some option's text is "b".
-    if len(letter) == 1 and letter.upper() in LETTERS[: len(choices)] and (letter.isupper() or not matches):
-        return letter.upper()
-    if len(matches) == 1:
-        return LETTERS[matches[0]]
-    raise BadRecordError("answer_not_in_choices",
-                         f"answer {text!r:.40} is neither a letter nor one of {choices!r:.120}")
-
-
 def make_item(*, id: str, question: Any, answer: Any, choices: list[str] | None, images: list[ImageRef],
               category: Any = None, hint: Any = None, videos: list[VideoRef] | None = None) -> BenchItem:
     """Validate fields and decide the item's kind (choice / yesno / open)."""
@@ -223,15 +198,8 @@ def make_item(*, id: str, question: Any, answer: Any, choices: list[str] | None,
         raise BadRecordError("one_choice", "a multiple-choice item needs at least two choices")
     common = dict(id=id, question=question, images=images, videos=list(videos or []),
                   category="all" if _missing(category) else str(category), hint="" if _missing(hint) else str(hint))
-    if choices:
-        return BenchItem(answer=resolve_answer(answer, choices), kind="choice", choices=choices, **common)
-    text = str(answer).strip()
-    if isinstance(answer, bool):
-        text = "yes" if answer else "no"
-    yes_no = YES_NO.get(text.lower().rstrip("."))
-    if yes_no is not None:
-        return BenchItem(answer=yes_no, kind="yesno", **common)
-    return BenchItem(answer=text, kind="open", **common)
+    kind, gold = canonical_answer(answer, choices)
+    return BenchItem(answer=gold, kind=kind, choices=choices, **common)
 
 
 def _jsonl_item(obj: Any, index: int, root: Path) -> BenchItem:

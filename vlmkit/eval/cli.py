@@ -23,6 +23,8 @@ from vlmkit.eval.report import markdown_report, write_report
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a vlmkit checkpoint or a transformers VLM directory (VLM.load)")
+    parser.add_argument("--adapter", default=None,
+                        help="a LoRA adapter directory (peft's format, e.g. RUN/adapters/STAGE) to merge into --model")
     parser.add_argument("--bench", help="benchmark file (.tsv MMBench, .jsonl / .json) or built-in name: synth")
     parser.add_argument("--mode", choices=("gen", "ppl"), default="gen",
                         help="gen: greedy generation + answer extraction; ppl: score each option's likelihood")
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise VlmkitError("give --bench (a benchmark file or 'synth') and/or --text (held-out text JSONL)")
     out = Path(args.out) if args.out else _default_out(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = VLM.load(args.model).to(device)
+    model = VLM.load(args.model, adapter=args.adapter).to(device)
     progress = not args.no_progress
     report: dict = {"model": str(args.model)}
     rows: list[dict] = []

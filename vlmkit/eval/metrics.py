@@ -10,8 +10,8 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vlmkit.eval.benchmarks import LETTERS, BenchItem
-from vlmkit.eval.extract import extract_choice, final_answer, normalize_answer, parse_yes_no
+from vlmkit.data.answers import gold_form, parse_answer
+from vlmkit.eval.benchmarks import BenchItem
 
 
 @dataclass
@@ -35,23 +35,15 @@ class RowResult:
 
 
 def parse_reply(item: BenchItem, reply: str) -> str | None:
-    """The scorable answer in a generated reply: a letter, "yes" / "no", or normalised text. A
-    reply that states facts before its "Answer: ..." is scored on that final answer."""
-    reply = final_answer(reply)
-    if item.kind == "choice":
-        index = extract_choice(reply, item.choices)
-        return None if index is None else LETTERS[index]
-    if item.kind == "yesno":
-        return parse_yes_no(reply)
-    return normalize_answer(reply) or None
+    """The scorable answer in a generated reply (data/answers.py's `parse_answer` by the item's kind)."""
+    return parse_answer(item.kind, reply, item.choices)
 
 
 def score_reply(item: BenchItem, reply: str) -> RowResult:
     parsed = parse_reply(item, reply)
-    gold = normalize_answer(item.answer) if item.kind == "open" else item.answer
     return RowResult(id=item.id, source_id=item.source_id, category=item.category, kind=item.kind,
-                     answer=item.answer, prediction=reply, parsed=parsed, correct=parsed == gold,
-                     rotation=item.rotation)
+                     answer=item.answer, prediction=reply, parsed=parsed,
+                     correct=parsed == gold_form(item.kind, item.answer), rotation=item.rotation)
 
 
 def _ratio(num: float, den: float) -> float:

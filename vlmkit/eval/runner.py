@@ -1,7 +1,7 @@
 """`evaluate`: a checkpoint on a benchmark, in one of two modes.
 
   gen  greedy generation, batched through the inference engine (vlmkit.infer.engine), then
-       answer extraction (eval/extract.py) and exact match.
+       answer extraction (data/answers.py) and exact match.
   ppl  multiple choice by length-normalised log-likelihood of each option (eval/ppl.py).
 
 Both modes put a question as one OpenAI-style user turn (eval/prompts.py) and read it as every

@@ -27,9 +27,10 @@ import torch
 
 from vlmkit.data.prompt import Prompt
 from vlmkit.errors import VlmkitError
-from vlmkit.infer.sampling import SamplingParams, next_token
+from vlmkit.infer.sampling import SamplingParams, next_token, token_logprob
 from vlmkit.infer.streaming import TextStream
 from vlmkit.models.attention import AttnSpec, KVCache
+from vlmkit.models.lora import has_lora
 from vlmkit.models.mrope import continue_positions
 
 
@@ -48,6 +49,8 @@ class Sequence:
     stop_ids: frozenset[int]
     generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    """With `params.logprobs`: each output token's log-prob under the model's raw logits."""
     finish_reason: str | None = None  # "stop" | "length"
     rope_delta: int = 0
     """Native models: this row's next M-RoPE position minus its length (models/mrope.py)."""
@@ -80,9 +83,12 @@ class Sequence:
         out, self._pending = self._pending, ""
         return out
 
-    def push(self, token_id: int) -> None:
-        """Record a sampled token and decide whether the sequence is done."""
+    def push(self, token_id: int, logprob: float | None = None) -> None:
+        """Record a sampled token (and its log-prob, when asked for) and decide whether the
+        sequence is done."""
         self.output_ids.append(token_id)
+        if logprob is not None:
+            self.output_logprobs.append(logprob)
         if token_id in self.stop_ids:
             self._finish("stop")
             return
@@ -141,7 +147,8 @@ class Engine:
         # forward, nor on one whose copies would cost more memory than DERIVED_WEIGHTS_MAX_BYTES.
         sharded = torch.distributed.is_available() and torch.distributed.is_initialized()
         llm_bytes = sum(p.numel() * p.element_size() for p in vlm.llm.parameters())
-        if not sharded and llm_bytes <= DERIVED_WEIGHTS_MAX_BYTES:
+        # Nor with LoRA adapters attached and unmerged: the copies hold the base weights only.
+        if not sharded and llm_bytes <= DERIVED_WEIGHTS_MAX_BYTES and not has_lora(vlm):
             vlm.llm.fuse_projections()
 
     # ---- running sequences ---------------------------------------------------------------------
@@ -169,7 +176,7 @@ class Engine:
         hidden_1TD = self.vlm.llm.decode(inputs.embeds, position_ids=inputs.position_ids, spec=AttnSpec.causal(),
                                          cache=row_cache, deepstack=inputs.deepstack)
         logits_V = self.vlm.llm.logits(hidden_1TD[0, -1])
-        seq.push(self._sample(logits_V, seq))
+        self._push(seq, logits_V, self._sample(logits_V, seq))
         if not seq.finished:
             self._cache_rows.append((len(self.cache) if self.cache is not None else 0) + len(self._joining))
             self._joining.append(row_cache)
@@ -200,7 +207,7 @@ class Engine:
         for i, (seq, logits_V) in enumerate(zip(self.rows, logits_BV)):
             if seq.finished:  # done but not yet removed by its owner: its row idles
                 continue
-            seq.push(greedy_ids[i] if plain_greedy[i] else self._sample(logits_V, seq))
+            self._push(seq, logits_V, greedy_ids[i] if plain_greedy[i] else self._sample(logits_V, seq))
 
     def remove(self, seq: Sequence | None) -> None:
         """Drop a sequence's row from the batch (no-op when it never joined or already left)."""
@@ -232,6 +239,10 @@ class Engine:
 
     def _sample(self, logits_V: torch.Tensor, seq: Sequence) -> int:
         return next_token(logits_V, seq.params, seq.seen_ids.to(logits_V.device), seq.generator)
+
+    @staticmethod
+    def _push(seq: Sequence, logits_V: torch.Tensor, token_id: int) -> None:
+        seq.push(token_id, token_logprob(logits_V, token_id) if seq.params.logprobs else None)
 
     # ---- a fixed set of prompts ----------------------------------------------------------------
 

@@ -41,6 +41,12 @@ class SamplingParams:
     """Extra token ids that end generation (besides the tokenizer's end-of-turn ids)."""
     ignore_eos: bool = False
     """Do not stop at the tokenizer's end-of-turn ids (benchmarks: always max_new_tokens tokens)."""
+    logprobs: bool = False
+    """Report each sampled token's log-prob (`Sequence.output_logprobs`, infer/engine.py): the
+    log-softmax of the model's raw logits, i.e. the policy at temperature 1 before the repetition
+    penalty and the top-k / top-p filters, whatever this sequence samples with. It is what the
+    training forward computes for the same token (`-token_loss` of `VLM.pack_loss`). Off by
+    default: it costs a log-softmax over the vocabulary per token."""
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -101,6 +107,12 @@ def filter_top_p(logits_V: torch.Tensor, p: float) -> torch.Tensor:
     drop_sorted = mass_before >= p
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits_V.masked_fill(drop, float("-inf"))
+
+
+def token_logprob(logits_V: torch.Tensor, token_id: int) -> float:
+    """log p(token_id) under the softmax of the raw logits (V,): what `SamplingParams.logprobs`
+    reports, computed as the training loss computes it (a float32 log-softmax)."""
+    return float(logits_V.float().log_softmax(-1)[token_id])
 
 
 def next_token(logits_V: torch.Tensor, params: SamplingParams, seen_ids: torch.Tensor,

@@ -10,6 +10,10 @@ Three kinds (AdapterConfig.kind):
   The LayerNorm over the r^2 * Dv channels is InternVL's projector (`mlp1`: LayerNorm -> Linear ->
   GELU -> Linear): without it the raw vision features carry a large image-independent component
   that the MLP passes on, and after the LLM's RMSNorm the part that differs between images is tiny.
+  Idefics3's and SmolVLM's connector is the shuffle and one linear layer without bias
+  (`AdapterConfig.norm`, `bias`, depth 1); their tower's post-layernorm normalises the features
+  instead. The channel order of a merged token (block row, block column, channel) is theirs and
+  InternVL's.
 - resampler: a fixed number of learned queries read the patches through one cross-attention layer
   (Qwen-VL, Bai et al. 2023, section 2.1; MiniCPM-V). Fixed 2-D sin-cos position embeddings of the
   patch grid are added to the keys, so any grid size works, and the output is always num_queries
@@ -51,10 +55,10 @@ class _Activation(nn.Module):
 class MLP(nn.Sequential):
     """linear_1 -> act -> linear_2 (-> act -> linear_3 ...): `depth` linear layers."""
 
-    def __init__(self, in_dim: int, out_dim: int, depth: int, act: str):
-        layers: list[tuple[str, nn.Module]] = [("linear_1", nn.Linear(in_dim, out_dim))]
+    def __init__(self, in_dim: int, out_dim: int, depth: int, act: str, bias: bool = True):
+        layers: list[tuple[str, nn.Module]] = [("linear_1", nn.Linear(in_dim, out_dim, bias=bias))]
         for i in range(2, depth + 1):
-            layers += [(f"act_{i - 1}", _Activation(act)), (f"linear_{i}", nn.Linear(out_dim, out_dim))]
+            layers += [(f"act_{i - 1}", _Activation(act)), (f"linear_{i}", nn.Linear(out_dim, out_dim, bias=bias))]
         super().__init__(OrderedDict(layers))
 
 
@@ -70,20 +74,21 @@ class MLPAdapter(nn.Module):
 
     def __init__(self, cfg: AdapterConfig, vision_dim: int, llm_dim: int):
         super().__init__()
-        self.mlp = MLP(vision_dim, llm_dim, cfg.depth, cfg.hidden_act)
+        self.mlp = MLP(vision_dim, llm_dim, cfg.depth, cfg.hidden_act, cfg.bias)
 
     def forward(self, features: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         return self.mlp(features)  # (N, P, Dv) -> (N, P, D)
 
 
 class PixelShuffleAdapter(nn.Module):
-    """Space-to-depth by `scale_factor` r, LayerNorm, then an MLP: (N, h*w, Dv) -> (N, h/r * w/r, D)."""
+    """Space-to-depth by `scale_factor` r, LayerNorm (`cfg.norm`), then an MLP: (N, h*w, Dv) ->
+    (N, h/r * w/r, D)."""
 
     def __init__(self, cfg: AdapterConfig, vision_dim: int, llm_dim: int):
         super().__init__()
         self.scale_factor = cfg.scale_factor
-        self.norm = nn.LayerNorm(vision_dim * cfg.scale_factor ** 2)
-        self.mlp = MLP(vision_dim * cfg.scale_factor ** 2, llm_dim, cfg.depth, cfg.hidden_act)
+        self.norm = nn.LayerNorm(vision_dim * cfg.scale_factor ** 2) if cfg.norm else nn.Identity()
+        self.mlp = MLP(vision_dim * cfg.scale_factor ** 2, llm_dim, cfg.depth, cfg.hidden_act, cfg.bias)
 
     def shuffle(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         N, P, Dv = features.shape

@@ -8,6 +8,7 @@ unknown key or a wrong type fails loudly with its dotted path (`llm.hidden_size`
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,12 +22,19 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+VISION_STYLES = ("siglip", "clip", "intern_vit")
+CLASS_TOKEN_STYLES = ("clip", "intern_vit")
+"""The vision styles whose tower puts a class token in front of the patches."""
+
+
 @dataclass
 class VisionConfig:
     """ViT encoder (models/vision.py); field names follow HF SiglipVisionConfig / CLIPVisionConfig."""
 
-    style: Literal["siglip", "clip"] = "siglip"
-    """siglip: no class token, learned positions, post-layernorm. clip: class token, pre-layernorm."""
+    style: Literal["siglip", "clip", "intern_vit"] = "siglip"
+    """siglip: no class token, learned positions, post-layernorm. clip: class token, pre-layernorm,
+    patch conv without bias. intern_vit (InternVL's InternViT): class token, patch conv with bias,
+    neither pre- nor post-layernorm."""
     image_size: int = 48
     """Side in pixels the encoder was built for; other sizes interpolate position embeddings."""
     patch_size: int = 8
@@ -41,6 +49,9 @@ class VisionConfig:
     feature_layer: int = -1
     """Which hidden state feeds the adapter, indexed like HF `hidden_states` (0 = embeddings,
     -1 = last layer output before post-layernorm, -2 = second to last as LLaVA does)."""
+    post_norm_features: bool = False
+    """The adapter reads the last layer's output after the post-layernorm (HF's `last_hidden_state`,
+    as Idefics3 and SmolVLM do); needs a siglip tower and feature_layer -1."""
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
     """Per-channel normalisation (one value per channel, checked against num_channels)."""
@@ -57,30 +68,48 @@ class VisionConfig:
     """Biases on the attention and MLP linears (AIMv2 has none)."""
     patch_norm: bool = False
     """A norm on the patch embeddings before the positions are added (AIMv2)."""
-    positions: Literal["learned", "sincos"] = "learned"
+    positions: Literal["learned", "sincos", "bucketed"] = "learned"
     """learned: a position table, resized for other grids. sincos: fixed 2-D sine-cosine positions
-    computed for each grid, no table (AIMv2's native-resolution checkpoints)."""
+    computed for each grid, no table (AIMv2's native-resolution checkpoints). bucketed: the table
+    read at each patch's fractional place in its grid, rounded down onto the table's grid, no
+    resizing (Idefics2, Idefics3, SmolVLM; NaViT's lookup)."""
+    qkv_bias: bool = True
+    """Biases on q, k and v (with `linear_bias`); InternViT-6B has none there but keeps those of its
+    output projection and MLP."""
+    qk_norm: bool = False
+    """An RMSNorm over the whole width on q and on k before the heads are split (InternViT-6B)."""
+    layer_scale: float | None = None
+    """None: plain residual branches. A value: a learned per-channel scale on the output of each
+    attention and MLP branch, initialised to it (InternViT's layer scale, CaiT)."""
 
     def __post_init__(self):
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
         require_at_least(self, ("position_init_std",), 0, "vision.")
         for name, allowed in (("norm", ("layer_norm", "rms_norm")), ("mlp", ("fc", "gated")),
-                              ("positions", ("learned", "sincos"))):
+                              ("positions", ("learned", "sincos", "bucketed"))):
             _check(getattr(self, name) in allowed,
                    f"vision.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        _check(self.positions == "learned" or (self.style != "clip" and self.hidden_size % 4 == 0),
+        _check(self.positions != "sincos" or (self.style == "siglip" and self.hidden_size % 4 == 0),
                "vision.positions 'sincos' needs a tower without a class token (style siglip) and a "
                f"hidden_size divisible by 4, got style {self.style!r}, hidden_size {self.hidden_size}")
-        _check(self.style in ("siglip", "clip"), f"vision.style must be 'siglip' or 'clip', got {self.style!r}")
+        _check(self.style in VISION_STYLES, f"vision.style must be one of {list(VISION_STYLES)}, got {self.style!r}")
         _check(self.image_size % self.patch_size == 0,
                f"vision.image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
         _check(self.hidden_size % self.num_heads == 0,
                f"vision.hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
         _check(-self.num_layers - 1 <= self.feature_layer <= self.num_layers,
                f"vision.feature_layer {self.feature_layer} is outside the {self.num_layers + 1} hidden states")
+        _check(not self.post_norm_features or (self.style == "siglip" and self.feature_layer in (-1, self.num_layers)),
+               "vision.post_norm_features needs the post-layernorm of a siglip tower and the last layer's "
+               f"features (feature_layer -1), got style {self.style!r}, feature_layer {self.feature_layer}")
         _check(len(self.image_mean) == self.num_channels and len(self.image_std) == self.num_channels,
                "vision.image_mean / image_std need one value per channel")
+
+    @property
+    def has_class_token(self) -> bool:
+        """A class token in front of the patches (CLIP, InternViT); the adapter never sees it."""
+        return self.style in CLASS_TOKEN_STYLES
 
     @property
     def grid_size(self) -> int:
@@ -185,6 +214,12 @@ class AdapterConfig:
     """resampler: fixed number of output tokens (learned queries)."""
     num_heads: int = 4
     """resampler: heads of the cross-attention."""
+    norm: bool = True
+    """pixel_shuffle: a LayerNorm over the shuffled channels before the MLP (InternVL's projector);
+    Idefics3's and SmolVLM's connector has none."""
+    bias: bool = True
+    """Biases on the MLP's linear layers (mlp, pixel_shuffle); Idefics3's connector is one linear
+    layer without."""
 
     def __post_init__(self):
         _check(self.kind in ("mlp", "pixel_shuffle", "resampler"),
@@ -396,9 +431,20 @@ class VLMConfig:
     image_token_id: int = 0
     """Token id that marks visual-token positions in input_ids (one per visual token)."""
     max_tiles: int = 1
-    """Dynamic high-resolution tiling (InternVL): at most this many tiles per image; 1 = no tiling."""
+    """Dynamic high-resolution tiling: at most this many tiles per image (as `tiling` cuts it); 1 =
+    no tiling."""
     use_thumbnail: bool = True
     """With tiling (max_tiles > 1), add a global thumbnail tile after the grid tiles."""
+    tiling: Literal["grid", "split"] = "grid"
+    """How an image becomes tiles (data/images.py, data/split_images.py). grid (InternVL): the grid
+    of at most max_tiles tiles closest to the image's aspect ratio. split (Idefics3, SmolVLM): the
+    image resized so its longer side spans sqrt(max_tiles) tiles (max_tiles a square), then up to
+    whole tiles on both sides and cut row-major, always followed by the whole image as one tile
+    (use_thumbnail); the prompt names each tile's row and column (data/template.py)."""
+    hf_architecture: str | None = None
+    """The transformers architecture a model was imported as, which `export_hf` writes back where
+    several compute alike (Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration);
+    None: the exporter's default for the model's shape."""
     video_token_id: int | None = None
     """Native models: the token id of a video's visual tokens (None: the model takes no video)."""
     tokens_per_second: float | None = None
@@ -424,6 +470,12 @@ class VLMConfig:
             _check(self.vision.grid_size % self.adapter.scale_factor == 0,
                    f"pixel_shuffle scale_factor {self.adapter.scale_factor} must divide the patch grid "
                    f"{self.vision.grid_size}x{self.vision.grid_size}")
+        _check(self.tiling in ("grid", "split"), f"tiling must be 'grid' or 'split', got {self.tiling!r}")
+        if self.tiling == "split":
+            _check(math.isqrt(self.max_tiles) ** 2 == self.max_tiles and self.use_thumbnail and not self.is_native,
+                   "tiling 'split' cuts at most k x k tiles and always adds the whole image after them: it needs "
+                   f"a square max_tiles, use_thumbnail and a fixed-size tower, got max_tiles {self.max_tiles}, "
+                   f"use_thumbnail {self.use_thumbnail}")
 
     def _check_native(self) -> None:
         self.native_vision = build(NativeVisionConfig, self.native_vision, "native_vision")
@@ -458,6 +510,11 @@ class VLMConfig:
         return self.vision.num_patches
 
     @property
+    def tiles_per_side(self) -> int:
+        """Split tiling: how many tiles an image's longer side spans (sqrt(max_tiles))."""
+        return math.isqrt(self.max_tiles)
+
+    @property
     def tokens_per_tile(self) -> int:
         """What the data side's `encode_images` takes as visual tokens per image tile:
         `tokens_per_image`, or 0 for a native model, whose processor counts each image's own grid."""
@@ -470,3 +527,50 @@ class VLMConfig:
     def from_dict(cls, data: dict[str, Any]) -> "VLMConfig":
         """A config.json mapping -> VLMConfig; unknown keys and wrong types name their dotted path."""
         return build(cls, data)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA (the adapters themselves: models/lora.py; kept here, free of torch, because the run config
+# reads these settings and `vlmkit ... --help` should not load torch)
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_TARGETS = ("llm.layers.*.attn.*_proj", "llm.layers.*.mlp.*_proj")
+"""The decoder's attention and MLP projections (vision tower and adapter only when asked)."""
+
+
+@dataclass
+class LoRAConfig:
+    """Which linear layers get adapters, and their shape."""
+
+    rank: int = 16
+    """r: the inner dimension of each adapter (A: in -> r, B: r -> out)."""
+    alpha: float = 32.0
+    """The update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input while training."""
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    """fnmatch patterns over vlmkit module names (e.g. `llm.layers.*.attn.q_proj`,
+    `vision.layers.*.self_attn.*_proj`, `adapter.*`); a linear layer matching any one is adapted."""
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise ConfigError("lora.targets: at least one module name pattern is required")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+LORA_PARAMETER_PARTS = (".lora_A.", ".lora_B.")
+"""What the names of adapter parameters hold (peft's naming)."""
+
+
+def is_lora_parameter(name: str) -> bool:
+    """Whether a parameter name (as `named_parameters` gives it) is an adapter's."""
+    return any(part in name for part in LORA_PARAMETER_PARTS)

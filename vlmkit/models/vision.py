@@ -1,7 +1,9 @@
-"""ViT vision encoder, compatible with HF `SiglipVisionModel`, `CLIPVisionModel` and `Aimv2VisionModel`.
+"""ViT vision encoder, compatible with HF `SiglipVisionModel`, `CLIPVisionModel`, `Aimv2VisionModel`,
+`InternVLVisionModel` and `Idefics3VisionTransformer` (SmolVLM's too).
 
-Follows transformers' modeling_siglip.py / modeling_clip.py / modeling_aimv2.py (vision towers) so
-that their weights load by renaming alone (models/hf/vision.py, models/hf/aimv2.py):
+Follows transformers' modeling_siglip.py / modeling_clip.py / modeling_aimv2.py /
+modeling_internvl.py / modeling_idefics3.py (vision towers) so that their weights load by renaming
+(models/hf/vision.py, models/hf/aimv2.py, models/hf/internvl.py, models/hf/idefics3.py):
 
 - siglip (Zhai et al., "Sigmoid Loss for Language Image Pre-Training", 2023): patch conv with bias,
   learned position embeddings, no class token, gelu-tanh MLP, `post_layernorm` applied to the last
@@ -16,11 +18,21 @@ that their weights load by renaming alone (models/hf/vision.py, models/hf/aimv2.
   biases on the attention and MLP linears (`linear_bias`), and for the native-resolution
   checkpoints fixed 2-D sine-cosine positions computed per grid (`positions="sincos"`). Its
   weights load through models/hf/aimv2.py; the attention-pooling head is not used.
+- InternViT (Chen et al., "InternVL: Scaling up Vision Foundation Models and Aligning for Generic
+  Visual-Linguistic Tasks", 2024; `style="intern_vit"`): a class token and a patch conv with bias,
+  no pre- or post-layernorm, exact-gelu MLP, and as switches a learned per-channel layer scale on
+  each residual branch (`layer_scale`), LayerNorm or RMSNorm (`norm`), and for InternViT-6B an
+  RMSNorm over the whole width on q and k (`qk_norm`) with no q/k/v biases (`qkv_bias`).
+- Idefics3 / SmolVLM (Laurençon et al., "Building and better understanding vision-language models",
+  2024): the siglip style whose features are taken after the post-layernorm
+  (`post_norm_features`), with the position table read NaViT's way (`positions="bucketed"`,
+  `bucketed_position_ids`). transformers' processors pad each row's images to one count; such a
+  5-D batch becomes tiles with `unpad_tiles`.
 
 Other image sizes work: the learned position grid is resized bicubically (align_corners=False), as
 HF's `interpolate_pos_encoding=True` does (from DINO). The adapter gets `features()`: the hidden
-state `cfg.feature_layer` in HF `hidden_states` indexing (0 = embeddings), CLIP's class token
-dropped (LLaVA's "default" feature-select strategy).
+state `cfg.feature_layer` in HF `hidden_states` indexing (0 = embeddings), the class token (CLIP,
+InternViT) dropped (LLaVA's and InternVL's "default" feature-select strategy).
 
 Shape suffixes: N images (tiles), P patches (+1 with a class token), Dv hidden, H heads, Dh head dim.
 """
@@ -39,6 +51,11 @@ from vlmkit.models.llm import RMSNorm
 
 INIT_STD = 0.02
 """Std of the truncated-normal weights and of the class embedding at initialisation (ViT)."""
+QK_NORM_EPS = 1e-6
+"""Epsilon of InternViT's q / k RMSNorms (the reference builds them with its default, whatever the
+tower's layer_norm_eps)."""
+BUCKET_EDGE = 1.0 - 1e-6
+"""The largest fractional coordinate of a bucketed position (the reference clamps to it)."""
 SINCOS_TEMPERATURE = 10000.0
 """Base of the frequency decay of the 2-D sine-cosine positions (as in MAE / AIMv2)."""
 QUICK_GELU_SCALE = 1.702
@@ -108,31 +125,63 @@ def sincos_positions(grid_h: int, grid_w: int, dim: int) -> torch.Tensor:
     return torch.cat([col_angles.sin(), col_angles.cos(), row_angles.sin(), row_angles.cos()], dim=1).float()
 
 
+def bucketed_position_ids(grid_h: int, grid_w: int, side: int) -> torch.Tensor:
+    """(grid_h * grid_w,) rows of a side x side position table for a grid_h x grid_w grid (raster
+    order): each patch's fractional coordinate (index / grid) rounded down onto the table's grid.
+
+    Computed in float32 as transformers' Idefics2 / Idefics3 embeddings compute it: for some sides
+    (19, 25, 29, 31, ...) that rounding reads some patches of the native grid from the row or column
+    before their own, and the checkpoints were trained so."""
+    boundaries = torch.arange(1 / side, 1.0, 1 / side, dtype=torch.float32)
+
+    def axis(n: int) -> torch.Tensor:
+        step = 1.0 / torch.tensor(n)  # float32, as the reference divides by its patch count
+        coords = (torch.arange(n, dtype=torch.float32) * step).clamp(max=BUCKET_EDGE)
+        return torch.bucketize(coords, boundaries, right=True)
+
+    return (axis(grid_h)[:, None] * side + axis(grid_w)[None, :]).flatten()
+
+
+def unpad_tiles(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' padded image batch (Idefics3 and SmolVLM processors: every row's images padded
+    to one count) -> the real tiles: (B, I, C, H, W) pixel values and their (B, I, H, W) pixel mask
+    -> (N, C, H, W) in order. A padding image is one whose pixels are all 0, the reference's own
+    test; a real tile with padded pixels is refused, since the tower takes whole tiles."""
+    tiles = pixel_values.flatten(0, 1)  # (B*I, C, H, W)
+    real = tiles.flatten(1).ne(0).any(dim=1)  # (B*I,)
+    if pixel_attention_mask is not None and not pixel_attention_mask.flatten(0, 1)[real].bool().all():
+        raise ValueError("pixel_attention_mask marks padded pixels inside an image tile; vlmkit's vision "
+                         "tower takes whole tiles, as transformers' Idefics3 / SmolVLM processors make them")
+    return tiles[real]
+
+
 class VisionEmbeddings(nn.Module):
-    """Patches -> tokens (maybe normed), plus (for clip) a class token, plus position embeddings
-    (a learned table, or fixed sine-cosine positions)."""
+    """Patches -> tokens (maybe normed), plus (clip, intern_vit) a class token, plus position embeddings
+    (a learned table, resized or bucketed off-native, or fixed sine-cosine positions)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
-        self.has_class_token = cfg.style == "clip"
+        self.has_class_token = cfg.has_class_token
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size,
-                                         stride=cfg.patch_size, bias=not self.has_class_token)
+                                         stride=cfg.patch_size, bias=cfg.style != "clip")
         self.patch_norm = norm_layer(cfg, cfg.hidden_size) if cfg.patch_norm else None
         if self.has_class_token:
             self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
-        self.position_embedding = (nn.Embedding(cfg.num_patches + int(self.has_class_token), cfg.hidden_size)
-                                   if cfg.positions == "learned" else None)
+        self.position_embedding = (None if cfg.positions == "sincos" else
+                                   nn.Embedding(cfg.num_patches + int(self.has_class_token), cfg.hidden_size))
 
     def patch_positions(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """(grid_h * grid_w, Dv) position embeddings of the patches: sine-cosine positions of this
-        grid, or the learned table, resized bicubically off-native."""
+        grid, or the learned table, bucketed or (off-native) resized bicubically."""
         if self.position_embedding is None:
             weight = self.patch_embedding.weight
             return sincos_positions(grid_h, grid_w, self.cfg.hidden_size).to(weight.device, weight.dtype)
         weight = self.position_embedding.weight
         patch_pos = weight[1:] if self.has_class_token else weight  # (g*g, Dv)
         g = self.cfg.grid_size
+        if self.cfg.positions == "bucketed":
+            return patch_pos[bucketed_position_ids(grid_h, grid_w, g).to(weight.device)]
         if (grid_h, grid_w) == (g, g):
             return patch_pos
         grid = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, Dv, g, g)
@@ -154,23 +203,29 @@ class VisionEmbeddings(nn.Module):
 
 class VisionAttention(nn.Module):
     """Bidirectional multi-head self-attention (all patches of an image see each other). The images
-    of a batch all have P patches, never a packed layout, so the backend is SDPA."""
+    of a batch all have P patches, never a packed layout, so the backend is SDPA. With
+    `cfg.qk_norm`, q and k are RMS-normed over the whole width before the heads are split."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.attend = select_backend("sdpa")
         self.num_heads = cfg.num_heads
         D, bias = cfg.hidden_size, cfg.linear_bias
-        self.q_proj = nn.Linear(D, D, bias=bias)
-        self.k_proj = nn.Linear(D, D, bias=bias)
-        self.v_proj = nn.Linear(D, D, bias=bias)
+        qkv_bias = bias and cfg.qkv_bias
+        self.q_proj = nn.Linear(D, D, bias=qkv_bias)
+        self.k_proj = nn.Linear(D, D, bias=qkv_bias)
+        self.v_proj = nn.Linear(D, D, bias=qkv_bias)
         self.out_proj = nn.Linear(D, D, bias=bias)
+        self.q_norm = RMSNorm(D, QK_NORM_EPS) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(D, QK_NORM_EPS) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, P, D = x.shape
         shape = (N, P, self.num_heads, D // self.num_heads)
-        q = self.q_proj(x).view(shape)  # (N, P, H, Dh)
-        k = self.k_proj(x).view(shape)
+        q, k = self.q_proj(x), self.k_proj(x)  # (N, P, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(shape), k.view(shape)  # (N, P, H, Dh)
         v = self.v_proj(x).view(shape)
         out = self.attend(q, k, v, AttnSpec.causal(), causal=False)  # (N, P, H, Dh)
         return self.out_proj(out.reshape(N, P, D))
@@ -199,7 +254,8 @@ class VisionMLP(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)); with `cfg.layer_scale`
+    each branch's output is first scaled per channel by a learned vector (`layer_scale_1`, `_2`)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -207,10 +263,15 @@ class VisionBlock(nn.Module):
         self.self_attn = VisionAttention(cfg)
         self.layer_norm2 = norm_layer(cfg, cfg.hidden_size)
         self.mlp = VisionMLP(cfg)
+        scaled = cfg.layer_scale is not None
+        self.layer_scale_1 = nn.Parameter(torch.ones(cfg.hidden_size)) if scaled else None
+        self.layer_scale_2 = nn.Parameter(torch.ones(cfg.hidden_size)) if scaled else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        attn = self.self_attn(self.layer_norm1(x))
+        x = x + (attn if self.layer_scale_1 is None else self.layer_scale_1 * attn)
+        mlp = self.mlp(self.layer_norm2(x))
+        return x + (mlp if self.layer_scale_2 is None else self.layer_scale_2 * mlp)
 
 
 class VisionEncoder(nn.Module):
@@ -220,10 +281,9 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.embeddings = VisionEmbeddings(cfg)
-        is_clip = cfg.style == "clip"
-        self.pre_layernorm = norm_layer(cfg, cfg.hidden_size) if is_clip else None
+        self.pre_layernorm = norm_layer(cfg, cfg.hidden_size) if cfg.style == "clip" else None
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
-        self.post_layernorm = None if is_clip else norm_layer(cfg, cfg.hidden_size)
+        self.post_layernorm = norm_layer(cfg, cfg.hidden_size) if cfg.style == "siglip" else None
         self.gradient_checkpointing = False
         self.init_weights()
 
@@ -233,13 +293,17 @@ class VisionEncoder(nn.Module):
 
         Linear and conv weights: truncated normal, std 0.02 (ViT); biases 0; position and class
         embeddings: normal, std 0.02 (a learned position table: `position_init_std`); norms: weight 1,
-        bias 0.
+        bias 0; layer scales: `cfg.layer_scale`.
         """
         init_dense_and_norms(self)
         if self.embeddings.position_embedding is not None:
             nn.init.normal_(self.embeddings.position_embedding.weight, std=self.config.position_init_std)
         if self.embeddings.has_class_token:
             nn.init.normal_(self.embeddings.class_embedding, std=INIT_STD)
+        if self.config.layer_scale is not None:
+            for block in self.layers:
+                nn.init.constant_(block.layer_scale_1, self.config.layer_scale)
+                nn.init.constant_(block.layer_scale_2, self.config.layer_scale)
 
     def grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         """(patches down, patches across) for these pixel values."""
@@ -274,9 +338,12 @@ class VisionEncoder(nn.Module):
         return layer if layer >= 0 else len(self.layers) + 1 + layer
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, P', Dv): hidden state `cfg.feature_layer`, class token dropped.
+        """(N, 3, H, W) -> (N, P', Dv): hidden state `cfg.feature_layer`, class token dropped, or
+        with `cfg.post_norm_features` the post-layernormed last one.
 
         Blocks after the feature layer do not change the result, so they are not run.
         """
+        if self.config.post_norm_features:
+            return self(pixel_values)
         x = self._run(pixel_values, self.feature_layer_index())
         return x[:, 1:] if self.embeddings.has_class_token else x

@@ -39,7 +39,7 @@ from vlmkit.models.config import MROPE_AXES, VLMConfig
 from vlmkit.models.llm import LLM, Deepstack
 from vlmkit.models.mrope import MRopeLayout, rope_positions
 from vlmkit.models.native_vision import NativeVisionOutput, NativeVisionTower, merged_token_counts
-from vlmkit.models.vision import VisionEncoder
+from vlmkit.models.vision import VisionEncoder, unpad_tiles
 from vlmkit.models.weights import uninitialised
 
 
@@ -54,7 +54,9 @@ class LossOutput:
     num_targets: torch.Tensor
     """Number of supervised targets (long scalar)."""
     token_loss: torch.Tensor
-    """(T,) detached cross-entropy of the token at each position (0 where it is not a target)."""
+    """(T,) cross-entropy of the token at each position (0 where it is not a target). It carries the
+    graph as `loss_sum` does, so an objective that weighs tokens apart (a policy gradient's
+    per-token ratios) backpropagates through it; detach it to keep it."""
     aux_loss: torch.Tensor
     """MoE balance loss of this forward (0 without MoE)."""
 
@@ -236,9 +238,13 @@ class VLMModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, *, image_grid_thw: torch.Tensor | None = None,
                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
-                second_per_grid_ts: torch.Tensor | None = None) -> torch.Tensor:
+                second_per_grid_ts: torch.Tensor | None = None,
+                pixel_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """HF-style padded call: input_ids (B, T), attention_mask (B, T) 1 = real -> logits (B, T, V);
-        the inputs as `decoder_inputs` takes them."""
+        the inputs as `decoder_inputs` takes them, or the padded images of transformers' Idefics3 /
+        SmolVLM processors, pixel_values (B, I, 3, S, S) with pixel_attention_mask (B, I, S, S)."""
+        if pixel_values is not None and pixel_values.dim() == 5:
+            pixel_values = unpad_tiles(pixel_values, pixel_attention_mask)
         spec = AttnSpec.causal() if attention_mask is None else AttnSpec.padded(attention_mask)
         inputs = self.decoder_inputs(input_ids, pixel_values, attention_mask, image_grid_thw=image_grid_thw,
                                      pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
@@ -282,7 +288,7 @@ class VLMModel(nn.Module):
         aux = self.llm.aux_loss()
         # token_loss[t] is the loss of predicting token t, so it sits on the label's own position
         token_loss = torch.zeros(T, dtype=torch.float32, device=input_ids.device)
-        token_loss[1:][supervised[:-1]] = ce.detach()
+        token_loss[1:][supervised[:-1]] = ce
         loss = loss_sum / num_targets.clamp(min=1) + aux
         return LossOutput(loss=loss, loss_sum=loss_sum, num_targets=num_targets, token_loss=token_loss, aux_loss=aux)
 

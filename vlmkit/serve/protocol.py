@@ -92,18 +92,31 @@ class ChatCompletionRequest(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def transcript(self) -> str:
+        """The messages' text, one `role: text` line each, media parts as [image_url] / [video_url]
+        (what the server logs with --log-prompts)."""
+        lines = []
+        for message in self.messages:
+            parts = message.content if isinstance(message.content, list) else [message.content or ""]
+            text = " ".join(p if isinstance(p, str) else p.text if isinstance(p, TextPart) else f"[{p.type}]"
+                            for p in parts)
+            lines.append(f"{message.role}: {text}")
+        return "\n".join(lines)
+
 
 class APIError(Exception):
     """An error a client caused (or may retry), sent as OpenAI's `{"error": {...}}` body."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers
+        """Sent with the error (e.g. Retry-After)."""
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -119,6 +132,16 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 def too_large(message: str, param: str | None = None) -> APIError:
     return APIError(413, message, "invalid_request_error", param, "request_too_large")
+
+
+def busy(message: str, retry_after_s: int) -> APIError:
+    """429: too many requests in flight; the client may retry after `retry_after_s` seconds."""
+    return APIError(429, message, "rate_limit_error", None, "queue_full", {"Retry-After": str(retry_after_s)})
+
+
+def shutting_down(message: str, retry_after_s: int) -> APIError:
+    """503: the server is shutting down (a restarted or another replica may answer)."""
+    return APIError(503, message, "server_error", None, "server_shutting_down", {"Retry-After": str(retry_after_s)})
 
 
 # ---- responses ----------------------------------------------------------------------------------

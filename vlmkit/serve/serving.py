@@ -1,25 +1,32 @@
 """Serving chat completions: request -> prompt -> scheduler -> answer, without the HTTP.
 
-    ChatServing.create(request)   the `chat.completion` body, or with `stream: true` the
-                                  server-sent events (serve/protocol.py writes both)
+    ChatServing.create(request)   the `chat.completion` body, or with `stream: true` an
+                                  `EventStream` of server-sent events (serve/protocol.py writes both)
 
 A request is checked beyond its schema and its prompt built in a worker thread (images are
 decoded there: infer/generate.py's `prompt_for`, with `RequestImages` as the image resolver and
 serve/videos.py's `RequestVideos` as the video resolver), so a bad request is refused before it
 reaches the scheduler thread, which runs every request's decode
-steps in one continuously changing batch (serve/scheduler.py). The routes, authentication and
-error handlers are serve/app.py's.
+steps in one continuously changing batch (serve/scheduler.py). Whatever ends a request (its
+answer, its client gone, its deadline, a drain) cancels its ticket, which frees its row.
+
+A request that ends without its answer gets the error of its outcome: 500 (the engine failed on
+it), 503 (the server is shutting down), 504 (past the server's timeout); streamed, an error event.
+One log line per request (id, outcome, token counts, seconds) carries no text: its messages are
+logged only with `ServerSettings.log_prompts`. The routes, authentication and error handlers are
+serve/app.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
@@ -30,12 +37,15 @@ from vlmkit.infer.engine import Engine
 from vlmkit.infer.generate import prompt_for
 from vlmkit.infer.sampling import SamplingParams
 from vlmkit.serve.images import resolve_image
+from vlmkit.serve.metrics import CANCELLED, SHUT_DOWN, TIMED_OUT
 from vlmkit.serve.protocol import (MAX_STOP_STRINGS, SSE_DONE, APIError, ChatCompletionRequest, Completion,
-                                   bad_request, chunk_body, completion_body, error_body, sse_event,
-                                   usage_body, usage_chunk_body)
-from vlmkit.serve.scheduler import Event, QueueFullError, Scheduler, Ticket
+                                   bad_request, busy, chunk_body, completion_body, shutting_down,
+                                   sse_event, usage_body, usage_chunk_body)
+from vlmkit.serve.scheduler import DrainingError, Event, QueueFullError, Scheduler, Ticket
 from vlmkit.serve.settings import ImageLimits, ServerSettings
 from vlmkit.serve.videos import RequestVideos, video_error
+
+log = logging.getLogger("vlmkit.serve")
 
 SCRATCH_PREFIX = "vlmkit-request-"
 VIDEO_REASONS = {"missing_video", "empty_video", "not_a_video", "truncated_video", "mixed_frame_sizes",
@@ -72,6 +82,15 @@ class Submitted:
     completion: Completion
 
 
+@dataclass
+class EventStream:
+    """A streamed answer: its server-sent events, and `close`, which frees its request; the HTTP
+    side calls it however the response ends, also when the stream never started."""
+
+    events: AsyncIterator[str]
+    close: Callable[[], None]
+
+
 class ChatServing:
     """POST /v1/chat/completions for one engine, driven through its scheduler."""
 
@@ -80,13 +99,16 @@ class ChatServing:
         self.scheduler = scheduler
         self.settings = settings
 
-    async def create(self, request: ChatCompletionRequest) -> dict | AsyncIterator[str]:
+    async def create(self, request: ChatCompletionRequest) -> dict | EventStream:
         """The answer to a request: its `chat.completion` body, or with `stream` its events."""
+        arrived = time.monotonic()
         prompt, params = await run_in_threadpool(self.prepare, request)
-        submitted = self.submit(prompt, params)
+        submitted = self.submit(prompt, params, arrived)
+        if self.settings.log_prompts:
+            log.info("%s messages:\n%s", submitted.completion.id, request.transcript())
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return self.stream(submitted, include_usage)
+            return EventStream(self.stream(submitted, include_usage), lambda: self.scheduler.cancel(submitted.ticket))
         return await self.complete(submitted)
 
     # ---- request -> prompt (a worker thread) ---------------------------------------------------
@@ -140,31 +162,34 @@ class ChatServing:
 
     # ---- prompt -> scheduler -> answer (the event loop) ----------------------------------------
 
-    def submit(self, prompt: Prompt, params: SamplingParams) -> Submitted:
+    def submit(self, prompt: Prompt, params: SamplingParams, arrived: float) -> Submitted:
         """Hand the prompt to the scheduler; its events come back on this event loop. 429 when the
-        scheduler's waiting line is full."""
+        scheduler's waiting line is full, 503 once the server is shutting down."""
         events: asyncio.Queue[Event] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         try:
-            ticket = self.scheduler.submit(prompt, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+            ticket = self.scheduler.submit(prompt, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
+                                           arrived)
         except QueueFullError as e:
-            raise APIError(429, str(e), "rate_limit_error", None, "queue_full") from None
+            raise busy(str(e), self.settings.retry_after_s) from None
+        except DrainingError as e:
+            raise shutting_down(str(e), self.settings.retry_after_s) from None
         completion = Completion(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.settings.model_name)
         return Submitted(ticket, events, completion)
 
     async def complete(self, submitted: Submitted) -> dict:
-        """Wait for the whole answer; a failure inside generation is a 500."""
+        """Wait for the whole answer; an answer cut short is its outcome's error (500, 503, 504)."""
         pieces = []
+        event = Event()
         try:
-            while True:
+            while event.finish_reason is None:
                 event = await submitted.events.get()
                 if event.error is not None:
-                    raise APIError(500, event.error, "server_error", None, "generation_failed")
+                    raise self._error(event)
                 pieces.append(event.delta)
-                if event.finish_reason is not None:
-                    break
         finally:
             self.scheduler.cancel(submitted.ticket)
+            _log_end(submitted, event)
         return completion_body(submitted.completion, "".join(pieces), event.finish_reason, _usage(event))
 
     async def stream(self, submitted: Submitted, include_usage: bool) -> AsyncIterator[str]:
@@ -172,12 +197,13 @@ class ChatServing:
         chunk (include_usage), [DONE]; a failure becomes an error event. Whatever ends the stream
         (done, client gone, server stopping) frees the request's row."""
         completion = submitted.completion
+        event = Event()
         try:
             yield sse_event(chunk_body(completion, {"role": "assistant", "content": ""}, None, include_usage))
             while True:
                 event = await submitted.events.get()
                 if event.error is not None:
-                    yield sse_event(error_body(event.error, "server_error", None, "generation_failed"))
+                    yield sse_event(self._error(event).body())
                     break
                 if event.delta:
                     yield sse_event(chunk_body(completion, {"content": event.delta}, None, include_usage))
@@ -189,7 +215,25 @@ class ChatServing:
             yield SSE_DONE
         finally:
             self.scheduler.cancel(submitted.ticket)
+            _log_end(submitted, event)
+
+    def _error(self, event: Event) -> APIError:
+        """The error of a request that ended without its answer (event.outcome says why)."""
+        if event.outcome == SHUT_DOWN:
+            return shutting_down(event.error, self.settings.retry_after_s)
+        if event.outcome == TIMED_OUT:
+            return APIError(504, event.error, "server_error", None, "request_timeout")
+        return APIError(500, event.error, "server_error", None, "generation_failed")
 
 
 def _usage(event: Event) -> dict:
     return usage_body(event.prompt_tokens, event.completion_tokens)
+
+
+def _log_end(submitted: Submitted, last: Event) -> None:
+    """One line per request, without its text; `last` is the last event it got (none: its client
+    went away first)."""
+    ended = last.finish_reason or last.outcome or CANCELLED
+    log.info("%s: %s after %.3f s, %d prompt tokens, %d completion tokens", submitted.completion.id, ended,
+             time.monotonic() - submitted.ticket.arrived, len(submitted.ticket.prompt.input_ids),
+             last.completion_tokens)

@@ -47,4 +47,14 @@ class ServerSettings:
     """Largest request body."""
     max_tokens_cap: int = 2048
     """Largest max_tokens a request may ask for."""
+    request_timeout_s: float = 600.0
+    """A request still waiting or decoding this long after it arrived ends with a 504 (or, streamed,
+    an error event)."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM: how long requests already taken may run to their end before they are cut."""
+    retry_after_s: int = 1
+    """The Retry-After (seconds) of a 429 (server busy) or a 503 (shutting down)."""
+    log_prompts: bool = False
+    """Log each request's message text (off by default: prompts may be private; the per-request
+    log lines carry ids, token counts and outcomes only)."""
     images: ImageLimits = field(default_factory=ImageLimits)

@@ -78,6 +78,8 @@ class RequestVideos:
         path = allowed_path(url, self.limits.allow_dir, where, "video")
         if not path.exists():
             raise bad_request(f"{where}: no such file or directory {path}", where, "missing_video")
+        if path.is_dir():
+            _refuse_frames_outside(path, self.limits.allow_dir, where)
         size = _size_on_disk(path)
         if size > self.limits.max_video_bytes:
             raise too_large(f"{where}: video is {size} bytes; the limit is {self.limits.max_video_bytes}", where)
@@ -93,6 +95,15 @@ class RequestVideos:
             source.decode([0])  # the first frame: a corrupt or cut-off file fails here, named
         except BadRecordError as e:
             raise video_error(e, where) from None
+
+
+def _refuse_frames_outside(directory: Path, allow_dir: Path, where: str) -> None:
+    """A frame directory under --allow-dir may not link to frames outside it (a symlinked frame)."""
+    root = allow_dir.resolve()
+    for frame in directory.iterdir():
+        if frame.suffix.lower() in FRAME_SUFFIXES and not frame.resolve().is_relative_to(root):
+            raise bad_request(f"{where}: frame {frame.name} links outside the allowed directory {root}", where,
+                              "file_url_refused")
 
 
 def _size_on_disk(path: Path) -> int:

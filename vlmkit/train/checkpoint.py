@@ -6,13 +6,21 @@ A training checkpoint is a directory `DIR/checkpoints/step-00000123/` holding
     dcp/                    a torch.distributed.checkpoint of model + optimizer (FSDP2, N ranks)
     optimizer.safetensors   every optimizer state tensor, flattened as `state.<param>.<key>`
     optimizer.json          the optimizer's param_groups (lrs, betas, ...)
+    heads.safetensors       a stage objective's own modules, inside such a stage (train/objective.py)
     trainer.json            stage, step, stage history, data cursors, RNG states (python, numpy)
     rng.safetensors         torch RNG state (CPU, and CUDA when present), per rank
+    manifest.json           size and sha256 of every other file, written last
 
 It is written into a temporary sibling directory and renamed into place with os.replace, so a
 run killed at any moment leaves either the previous checkpoints or the new one, never half of
 one. Resuming restores model, optimizer, schedule position, RNG states and data cursors, so the
 resumed run computes bit for bit what the uninterrupted run would have (same device and threads).
+
+Damage after the fact (a truncated file, a flipped byte on disk) is caught by the manifest: a
+resume checks the newest checkpoint against it and, when it does not match, moves it aside as
+`corrupt-step-...` and takes the one before (`resumable_checkpoint`). A write that fails (full
+disk, permissions) removes its temporary directory and leaves every earlier checkpoint as it was;
+`retry_write` tries it again before giving up with an error that says so.
 
 No pickle: tensors go to safetensors; everything else to JSON. Follows torchtitan's checkpointer
 (model, optimizer, dataloader, step and RNG in one place).
@@ -20,12 +28,16 @@ No pickle: tensors go to safetensors; everything else to JSON. Follows torchtita
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +52,14 @@ from vlmkit.models.weights import load_state, state_to_save
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"step-(\d{8})")
+MANIFEST_FILE = "manifest.json"
+"""Size and sha256 of every file of a checkpoint, written last (`write_manifest`)."""
+CORRUPT_PREFIX = "corrupt-"
+"""A damaged checkpoint found at resume is renamed `corrupt-step-...`: kept to look at, never resumed from."""
+HASH_CHUNK_BYTES = 8 << 20
+"""Files are hashed in chunks of this size (checkpoint files can be larger than memory allows)."""
+
+log = logging.getLogger("vlmkit.train")
 
 
 @dataclass
@@ -60,6 +80,10 @@ class TrainerState:
     """Non-pad training tokens seen in the current stage."""
     wall_seconds: float = 0.0
     """Training wall time accumulated over every process that worked on this run."""
+    nonfinite_total: int = 0
+    """Steps skipped over the whole run because their loss or gradient was not finite."""
+    nonfinite_steps: list[int] = field(default_factory=list)
+    """Global steps of the skipped steps still inside the counting window (RunConfig.nonfinite_window)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +151,10 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+HEADS_FILE = "heads.safetensors"
+"""A stage objective's own trained modules (train/objective.py), in checkpoints inside that stage."""
+
+
 def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / CHECKPOINTS
 
@@ -155,21 +183,122 @@ def clean_temporaries(out_dir: str | Path) -> None:
 
 
 def commit_dir(tmp: Path, final: Path) -> None:
-    """Atomically move a fully written directory into place (replacing an older one)."""
+    """Atomically move a fully written directory into place (replacing an older one, which is put
+    back if the new one cannot take its place)."""
     _fsync_tree(tmp)
     if final.exists():  # e.g. a stage-end checkpoint rewritten after a resume
         old = final.with_name(f".tmp-old-{uuid.uuid4().hex[:8]}")
         os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            os.replace(old, final)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
     _fsync_dir(final.parent)
 
 
+def commit_checkpoint(tmp: Path, out_dir: str | Path, global_step: int, keep_last: int) -> Path:
+    """Seal a fully written checkpoint (its manifest), move it into place as step-<global_step>
+    and prune the older ones; returns its directory."""
+    write_manifest(tmp)
+    final = checkpoint_root(out_dir) / f"step-{global_step:08d}"
+    commit_dir(tmp, final)
+    prune(out_dir, keep_last)
+    return final
+
+
 def prune(out_dir: str | Path, keep_last: int) -> None:
     for old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums, damaged checkpoints, failed writes
+# ---------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """MANIFEST_FILE: the size and sha256 of every file under `directory`."""
+    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
+    (directory / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1))
+
+
+def checkpoint_damage(ckpt: Path) -> str | None:
+    """What is wrong with a checkpoint's files against its manifest (None: nothing). A checkpoint
+    without a manifest was written before checkpoints carried one and is taken as it is."""
+    manifest = ckpt / MANIFEST_FILE
+    if not manifest.is_file():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable {MANIFEST_FILE} ({e})"
+    for name, expected in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size} bytes, {expected['size']} were written"
+        if file_sha256(path) != expected["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def resumable_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose files match their manifest. Newer damaged ones are reported
+    and moved aside (`corrupt-step-...`); CheckpointError when every checkpoint is damaged."""
+    found = list_checkpoints(out_dir)
+    damaged = []
+    for candidate in reversed(found):
+        damage = checkpoint_damage(candidate)
+        if damage is None:
+            for bad, _ in damaged:
+                _move_aside(bad)
+            return candidate
+        damaged.append((candidate, damage))
+        log.warning("checkpoint %s is damaged (%s); trying the one before it", candidate, damage)
+    if damaged:
+        listing = "; ".join(f"{p.name}: {d}" for p, d in damaged)
+        raise CheckpointError(f"no intact checkpoint in {checkpoint_root(out_dir)} ({listing}); delete it to "
+                              "start the run again")
+    return None
+
+
+def _move_aside(ckpt: Path) -> None:
+    aside = ckpt.with_name(CORRUPT_PREFIX + ckpt.name)
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(ckpt, aside)
+    log.warning("moved the damaged checkpoint to %s (delete it when it is no longer needed)", aside)
+
+
+def retry_write(write: Callable[[], str | None], what: str, *, retries: int, wait_seconds: float) -> None:
+    """Call `write` (None: written; else why it failed, its partial output already removed) up to
+    1 + `retries` times, waiting `wait_seconds` between tries; CheckpointError if every try
+    failed. Ranks that call it together get the same answer from `write`, so they try again or
+    stop together."""
+    for attempt in range(retries + 1):
+        error = write()
+        if error is None:
+            return
+        if attempt < retries:
+            log.warning("writing %s failed (%s); trying again in %gs (%d of %d)", what, error, wait_seconds,
+                        attempt + 1, retries)
+            time.sleep(wait_seconds)
+    raise CheckpointError(f"writing {what} failed {retries + 1} times ({error}); the checkpoints written before "
+                          "are intact. Free disk space or fix permissions, then continue with --resume")
 
 
 def _fsync_tree(path: Path) -> None:
@@ -216,19 +345,25 @@ def write_trainer_files(tmp: Path, state: TrainerState, rank: int = 0) -> None:
 
 
 def save_single(out_dir: str | Path, state: TrainerState, model: torch.nn.Module,
-                optimizer: torch.optim.Optimizer | None, keep_last: int) -> Path:
-    """Write a checkpoint of a single-process run and prune older ones; returns its directory."""
+                optimizer: torch.optim.Optimizer | None, keep_last: int,
+                heads: torch.nn.Module | None = None) -> Path:
+    """Write a checkpoint of a single-process run and prune older ones; returns its directory.
+    `heads`: a stage objective's own modules (train/objective.py), saved beside the model. On an
+    OSError the partial checkpoint is removed before the error propagates."""
     tmp = new_temp_dir(out_dir)
-    save_file(state_to_save(model), str(tmp / WEIGHTS_FILE))
-    if optimizer is not None:
-        tensors, rest = flatten_optimizer(optimizer.state_dict())
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(rest))
-    write_trainer_files(tmp, state)
-    final = checkpoint_root(out_dir) / f"step-{state.global_step:08d}"
-    commit_dir(tmp, final)
-    prune(out_dir, keep_last)
-    return final
+    try:
+        save_file(state_to_save(model), str(tmp / WEIGHTS_FILE))
+        if heads is not None:
+            save_file(state_to_save(heads), str(tmp / HEADS_FILE))
+        if optimizer is not None:
+            tensors, rest = flatten_optimizer(optimizer.state_dict())
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(rest))
+        write_trainer_files(tmp, state)
+        return commit_checkpoint(tmp, out_dir, state.global_step, keep_last)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_trainer_state(ckpt: Path) -> TrainerState:
@@ -250,6 +385,15 @@ def load_model_weights(ckpt: Path, model: torch.nn.Module) -> None:
         load_state(model, load_file(str(weights)), str(weights))
     except CheckpointError as e:
         raise CheckpointError(f"{e}; was the config changed since this run started?") from None
+
+
+def load_heads(ckpt: Path, heads: torch.nn.Module) -> None:
+    """A stage objective's own modules from a checkpoint written inside that stage."""
+    path = ckpt / HEADS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt}: no {HEADS_FILE}, which this stage's objective needs; was the config "
+                              "changed since this run started?")
+    load_state(heads, load_file(str(path)), str(path))
 
 
 def load_optimizer(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:

@@ -12,13 +12,25 @@ device, same thread count), wherever that checkpoint is: inside a stage (model, 
 RNG states and data cursors are restored; the learning rate is a pure function of the step), at a
 stage's end (the weights; the next stage starts from its seed as it always does), or after the
 last stage (the weights, written again as DIR/final).
+
+Faults (docs/reliability.md): a step whose loss or gradient norm is not finite on any rank is
+skipped (gradients dropped, weights and optimizer untouched; the step and its data still count,
+so resume stays exact) and logged as `skipped: nonfinite`; more than `max_nonfinite_steps` in
+`nonfinite_window` steps stops the run. SIGTERM / SIGUSR1 (a cluster's preemption notice) make
+the run write a checkpoint after the current step and raise `Preempted`. A checkpoint that fails
+to write is tried again (`save_retries`) before the run stops; at resume a damaged newest
+checkpoint is set aside for the one before it (train/checkpoint.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -34,16 +46,27 @@ from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.types import Modality, PackedBatch
 from vlmkit.data.world import TOKENIZER_DIR, prepare_world
-from vlmkit.errors import CheckpointError
+from vlmkit.errors import CheckpointError, ConfigError, VlmkitError
 from vlmkit.models.config import VLMConfig
+from vlmkit.models.lora import apply_lora, has_lora, merge_and_unload, save_adapter
 from vlmkit.models.vlm import LossOutput
 from vlmkit.models.weights import load_state
 from vlmkit.train import checkpoint as ckpt
 from vlmkit.train.data import StageData, eval_batches
 from vlmkit.train.distributed import (Dist, dcp_load_model, dcp_load_optimizer, dcp_save, full_state_dict,
                                      shard_model)
+from vlmkit.train.contrastive import ContrastiveObjective
+from vlmkit.train.dpo import DPOObjective
+from vlmkit.train.grpo import GRPOObjective
 from vlmkit.train.logging import MetricsLogger, plot_loss_curve
+from vlmkit.train.objective import Objective
 from vlmkit.train.stages import apply_freezing, build_optimizer, set_lr, stage_seed
+
+OBJECTIVES: dict[str, type[Objective]] = {"contrastive": ContrastiveObjective, "dpo": DPOObjective,
+                                          "grpo": GRPOObjective}
+"""The objective of each stage kind but `sft`, which is the trainer's own loop (train/objective.py)."""
+ADAPTERS_DIR = "adapters"
+"""DIR/adapters/<stage name>/: the LoRA adapter a LoRA stage trained, in peft's format."""
 
 FINGERPRINT_MAX_BYTES = 64 << 20
 """Data files up to this size are fingerprinted by their bytes, larger ones by name and size
@@ -51,6 +74,43 @@ FINGERPRINT_MAX_BYTES = 64 << 20
 MAX_PPL_LOSS = 50.0
 """Eval perplexity is exp(min(loss, MAX_PPL_LOSS)): a diverged loss reports a huge but finite
 number instead of overflowing."""
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""How clusters announce preemption (Slurm's --signal, Kubernetes' pod termination): the run
+writes a checkpoint after the current step and stops."""
+
+log = logging.getLogger("vlmkit.train")
+
+
+class Preempted(VlmkitError):
+    """The run stopped on a preemption signal after writing a checkpoint; `--resume` continues it."""
+
+
+class TooManyNonfiniteSteps(VlmkitError):
+    """More steps than the run allows had a non-finite loss or gradient (RunConfig.max_nonfinite_steps)."""
+
+
+class StopSignals:
+    """While entered, PREEMPTION_SIGNALS only note their name in `received` (the trainer acts on it
+    between steps); the previous handlers come back on exit. Python runs handlers in the main
+    thread only, so elsewhere (a trainer in a worker thread) nothing is installed."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in PREEMPTION_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum: int, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def build_model(cfg: RunConfig) -> VLM:
@@ -192,6 +252,11 @@ class Trainer:
         self.state = ckpt.TrainerState()
         self.fingerprint = data_fingerprint(cfg)
         self.sharded = False
+        self.objective: Objective | None = None
+        """The running stage's objective (None in an `sft` stage)."""
+        self.heads: torch.nn.Module | None = None
+        """The running stage's objective's own trained modules (train/objective.py)."""
+        self.signals = StopSignals()
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -201,27 +266,33 @@ class Trainer:
             ckpt.clean_temporaries(self.out)
             (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
         self.ctx.barrier()
-        resume_from = ckpt.latest_checkpoint(self.out) if self.resume else None
+        resume_from = self._resumable_checkpoint() if self.resume else None
         if resume_from is not None:
             self.state = ckpt.read_trainer_state(resume_from)
         elif not self.resume and ckpt.latest_checkpoint(self.out) is not None and self.ctx.is_main:
             raise CheckpointError(f"{self.out} already holds checkpoints of a run; pass --resume to continue "
                                   "it, or choose another --out")
         if self.ctx.is_distributed:
+            self._check_distributable()
             shard_model(self.model, self.ctx)
             self.sharded = True
+        # Only a checkpoint inside a stage carries an optimizer, data cursors and RNG to go on from.
+        inside_stage = resume_from if resume_from is not None and self.state.step > 0 else None
+        if inside_stage is not None:  # its LoRA adapters and heads exist before their weights load
+            self._enter_stage(self.state.stage)
         if resume_from is not None:
             # Whatever point the checkpoint marks (inside a stage, a stage's end, after the last
             # stage), the weights are the run's: even when no stage is left to run.
             self._load_weights(resume_from)
-        # Only a checkpoint inside a stage carries an optimizer, data cursors and RNG to go on from.
-        inside_stage = resume_from if resume_from is not None and self.state.step > 0 else None
         self.logger = MetricsLogger(self.out, enabled=self.ctx.is_main, tensorboard=self.cfg.tensorboard,
                                     progress=self.cfg.progress, resume_step=self.state.global_step)
         try:
-            for index in range(self.state.stage, len(self.cfg.stages)):
-                self._run_stage(index, inside_stage)
-                inside_stage = None
+            with self.signals:
+                for index in range(self.state.stage, len(self.cfg.stages)):
+                    self._run_stage(index, inside_stage)
+                    inside_stage = None
+                    if self._stop_requested():  # the stage-end checkpoint is written
+                        raise self._preempted()
         finally:
             self.logger.close()
         final = self._save_final()
@@ -244,29 +315,57 @@ class Trainer:
             self.state.step += 1
             self.state.global_step += 1
             step = self.state.step
-            if step % stage.log_every == 0 or step == stage.steps:
+            skipped = "skipped" in last
+            if step % stage.log_every == 0 or step == stage.steps or skipped:
                 self.logger.log(last)
             self.logger.advance(last)
+            if skipped:
+                self._count_nonfinite()
             if stage.eval_every and step % stage.eval_every == 0 and step < stage.steps:
                 self._eval(index)
-            if stage.save_every and step % stage.save_every == 0 and step < stage.steps:
+            # The last step of a stage is followed by the stage-end checkpoint.
+            stopping = step < stage.steps and self._stop_requested()
+            if stopping or (stage.save_every and step % stage.save_every == 0 and step < stage.steps):
                 self.state.data = self._gather_cursors(data)
                 self._save(optimizer, stage.keep_last)
+            if stopping:
+                raise self._preempted()
         self.logger.close_bar()
         self._end_stage(index, last)
 
-    def _start_stage(self, index: int, resume_from: Path | None) -> tuple[torch.optim.Optimizer, StageData]:
+    def _check_distributable(self) -> None:
+        for stage in self.cfg.stages:
+            if stage.lora is not None or stage.kind == "contrastive":
+                raise ConfigError(f"stage {stage.name!r}: LoRA and contrastive stages run in one process for now; "
+                                  "run this config without torchrun")
+
+    def _enter_stage(self, index: int) -> None:
+        """The model surgery a stage needs before its weights are trained or loaded: its LoRA
+        adapters and its objective (with the objective's heads)."""
+        stage = self.cfg.stages[index]
+        if stage.lora is not None and not has_lora(self.model):
+            apply_lora(self.model, stage.lora)
+        self.objective = OBJECTIVES[stage.kind](self, index) if stage.kind != "sft" else None
+        self.heads = self.objective.heads() if self.objective is not None else None
+
+    def _start_stage(self, index: int, resume_from: Path | None) -> tuple[torch.optim.Optimizer, StageData | Objective]:
         """Freeze, build the stage's optimizer and data; when `resume_from` (a checkpoint inside
         this stage) is given, restore the optimizer, this rank's data cursor and RNG from it."""
         cfg, stage, ctx = self.cfg, self.cfg.stages[index], self.ctx
+        if resume_from is None:
+            self._enter_stage(index)
         apply_freezing(self.model, stage)
         self.model.set_gradient_checkpointing(stage.gradient_checkpointing)
-        optimizer = build_optimizer(self.model, stage)
+        heads_lr = self.objective.heads_lr if self.objective is not None else 0.0
+        optimizer = build_optimizer(self.model, stage, self.heads, heads_lr)
         if resume_from is None:
             # A stage starts from its seed; a run resumed inside a stage restores the RNG instead.
             torch.manual_seed(stage_seed(cfg, index))
-        data = StageData(cfg, index, self.tokenizer, self.processor, self.model.config.tokens_per_tile,
-                         rank=ctx.rank, world=ctx.world)
+        if self.objective is not None:
+            data = self.objective
+        else:
+            data = StageData(cfg, index, self.tokenizer, self.processor, self.model.config.tokens_per_tile,
+                             rank=ctx.rank, world=ctx.world)
         if resume_from is None:
             self.state.stage, self.state.step, self.state.tokens = index, 0, 0
             return optimizer, data
@@ -284,28 +383,59 @@ class Trainer:
         evals = self._eval(index)
         if self.on_stage_end is not None:
             evals.update(self.on_stage_end(index, self.model) or {})
-        self.state.history.append({"stage": stage.name, "steps": stage.steps, "tokens": self.state.tokens,
-                                   "final_loss": last.get("loss"), "eval": evals,
-                                   "trainable": {m: stage.lr_of(m) > 0 for m in MODULES}})
+        self.state.history.append({"stage": stage.name, "kind": stage.kind, "steps": stage.steps,
+                                   "tokens": self.state.tokens, "final_loss": last.get("loss"), "eval": evals,
+                                   "trainable": {m: stage.lr_of(m) > 0 for m in MODULES},
+                                   "lora": stage.lora is not None})
         self.state.stage, self.state.step, self.state.tokens, self.state.data = index + 1, 0, 0, {}
+        self._leave_stage(index)
         self._save(None, stage.keep_last)  # stage end: weights for the hand-off, no optimizer
 
+    def _leave_stage(self, index: int) -> None:
+        """Save and merge the stage's LoRA adapters (the next stage and DIR/final get plain
+        weights), and drop its objective."""
+        stage = self.cfg.stages[index]
+        if stage.lora is not None:
+            if self.ctx.is_main:
+                save_adapter(self.model, self.out / ADAPTERS_DIR / stage.name)
+            merge_and_unload(self.model)
+        if self.objective is not None:
+            self.objective.close()
+        self.objective, self.heads = None, None
+
     # ------------------------------------------------------------------------------------------
-    def _train_step(self, index: int, optimizer: torch.optim.Optimizer, data: StageData) -> dict:
+    def _train_step(self, index: int, optimizer: torch.optim.Optimizer, data: StageData | Objective) -> dict:
         """One optimizer step: gather micro-batches, forward / backward, optimizer step; returns
         the step's metrics record."""
         stage = self.cfg.stages[index]
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["peak_lr"] * set_lr(optimizer, stage, self.state.step)
+        if self.objective is not None:
+            return self._objective_step(index, optimizer, lr, t0)
         modality = data.modality(self.state.step)
         batches = [data.next_batch(modality) for _ in range(stage.grad_accum)]
         passes = self._forward_backward(stage, batches)
-        grad_norm = self._optimizer_step(optimizer, stage.grad_clip)
         sums = passes.sums.all_reduced(self.ctx, sorted(self.cfg.data))
+        grad_norm, stepped = self._optimizer_step(optimizer, stage.grad_clip, sums.loss_sum)
         seconds = time.perf_counter() - t0
         self.state.tokens += sums.tokens
         self.state.wall_seconds += seconds
-        return self._step_record(index, modality, passes, sums, lr=lr, grad_norm=grad_norm, seconds=seconds)
+        record = self._step_record(index, modality, passes, sums, lr=lr, grad_norm=grad_norm, seconds=seconds)
+        return record if stepped else {**record, "skipped": "nonfinite"}
+
+    def _objective_step(self, index: int, optimizer: torch.optim.Optimizer, lr: float, t0: float) -> dict:
+        """A step of a contrastive / dpo / grpo stage: the objective's passes, then the trainer's
+        optimizer step."""
+        metrics = self.objective.forward_backward(self.state.step)
+        grad_norm, stepped = self._optimizer_step(optimizer, self.cfg.stages[index].grad_clip, float(metrics["loss"]))
+        seconds = time.perf_counter() - t0
+        tokens = int(metrics.get("tokens", 0))
+        self.state.tokens += tokens
+        self.state.wall_seconds += seconds
+        record = {"global_step": self.state.global_step + 1, "stage": index, "step": self.state.step + 1,
+                  "kind": self.cfg.stages[index].kind, **metrics, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": tokens / seconds, "step_seconds": seconds}
+        return record if stepped else {**record, "skipped": "nonfinite"}
 
     def _forward_backward(self, stage: Stage, batches: list[PackedBatch]) -> ForwardBackward:
         """Backpropagate every micro-batch: its summed token loss over the step's targets (all
@@ -326,13 +456,48 @@ class Trainer:
             aux_loss += float(out.aux_loss.detach()) / stage.grad_accum
         return ForwardBackward(sums, targets, aux_loss)
 
-    def _optimizer_step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
-        """Clip, step, zero the gradients, update the MoE router biases; returns the grad norm."""
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer, max_norm: float, loss: float) -> tuple[float, bool]:
+        """Clip, step, zero the gradients, update the MoE router biases; returns (grad norm, whether
+        it stepped). When the loss or the grad norm is not finite on any rank, every rank only
+        drops the gradients: weights, optimizer state and router biases stay as they were."""
         grad_norm = self._clip(max_norm)
+        (nonfinite,) = self.ctx.all_reduce_sum([0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0])
+        if nonfinite:
+            optimizer.zero_grad(set_to_none=True)
+            return grad_norm, False
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.model.llm.update_moe_bias()
-        return grad_norm
+        return grad_norm, True
+
+    def _count_nonfinite(self) -> None:
+        """Count the step just skipped for a non-finite loss or gradient; past
+        `max_nonfinite_steps` of them within `nonfinite_window` steps, stop the run."""
+        state, cfg = self.state, self.cfg
+        state.nonfinite_total += 1
+        state.nonfinite_steps = [s for s in state.nonfinite_steps if s > state.global_step - cfg.nonfinite_window]
+        state.nonfinite_steps.append(state.global_step)
+        if self.ctx.is_main:
+            log.warning("step %d skipped: non-finite loss or gradient (%d in the last %d steps, %d allowed)",
+                        state.global_step, len(state.nonfinite_steps), cfg.nonfinite_window, cfg.max_nonfinite_steps)
+        if len(state.nonfinite_steps) > cfg.max_nonfinite_steps:
+            latest = ckpt.latest_checkpoint(self.out)
+            raise TooManyNonfiniteSteps(
+                f"stopped at step {state.global_step}: {len(state.nonfinite_steps)} of the last {cfg.nonfinite_window} "
+                f"steps had a non-finite loss or gradient (steps {state.nonfinite_steps}), more than "
+                f"max_nonfinite_steps={cfg.max_nonfinite_steps}. Skipped steps change no weight; the last "
+                f"checkpoint is {latest or 'none (none was written yet)'}. Lower the learning rate or check the "
+                "data around these steps")
+
+    def _stop_requested(self) -> bool:
+        """Whether a preemption signal reached any rank (all ranks agree, so they stop together)."""
+        (received,) = self.ctx.all_reduce_sum([1.0 if self.signals.received else 0.0])
+        return received > 0
+
+    def _preempted(self) -> Preempted:
+        latest = ckpt.latest_checkpoint(self.out)
+        return Preempted(f"stopped by {self.signals.received or 'a preemption signal on another rank'} after step "
+                         f"{self.state.global_step}; checkpoint {latest} written, continue with --resume")
 
     def _step_record(self, index: int, modality: Modality, passes: ForwardBackward, sums: StepSums, *,
                      lr: float, grad_norm: float, seconds: float) -> dict:
@@ -357,6 +522,8 @@ class Trainer:
         """Clip the gradients to `max_norm` (0: no clipping); returns their global norm (0 when no
         parameter got a gradient, e.g. a text step of a stage that trains the adapter only)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.heads is not None:
+            params += [p for p in self.heads.parameters() if p.grad is not None]
         if not params:
             return 0.0
         if max_norm > 0:
@@ -370,11 +537,18 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _eval(self, index: int) -> dict[str, float]:
-        """Held-out loss (and perplexity) of each eval source."""
-        if not self.cfg.eval_sources:
-            return {}
-        self.model.eval()
+        """Held-out loss (and perplexity) of each eval source, and the stage objective's own
+        held-out metrics."""
         result = {}
+        if self.objective is not None:
+            self.model.eval()
+            result.update(self.objective.evaluate())
+            self.model.train()
+        if not self.cfg.eval_sources:
+            if result:
+                self.logger.log({"global_step": self.state.global_step, "stage": index, "eval": True, **result})
+            return result
+        self.model.eval()
         for name in self.cfg.eval_sources:
             s, n = 0.0, 0.0
             for batch in eval_batches(self.cfg, name, self.tokenizer, self.processor, self.model.config.tokens_per_tile,
@@ -399,26 +573,65 @@ class Trainer:
         dist.all_gather_object(gathered, cursor)
         return {str(r): c for r, c in enumerate(gathered)}
 
+    def _resumable_checkpoint(self) -> Path | None:
+        """The newest intact checkpoint (rank 0 checks the checksums, every rank gets its answer)."""
+        found = str(ckpt.resumable_checkpoint(self.out) or "") if self.ctx.is_main else None
+        found = self.ctx.broadcast_object(found)
+        return Path(found) if found else None
+
     def _save(self, optimizer, keep_last: int) -> None:
+        """A checkpoint of this point, tried again `save_retries` times when writing fails."""
+        ckpt.retry_write(lambda: self._try_save(optimizer, keep_last), f"checkpoint step {self.state.global_step}",
+                         retries=self.cfg.save_retries, wait_seconds=self.cfg.save_retry_seconds)
+
+    def _try_save(self, optimizer, keep_last: int) -> str | None:
+        """Write and commit a checkpoint; None, or why it failed (the same on every rank), its
+        partial files removed."""
         if not self.sharded:
-            ckpt.save_single(self.out, self.state, self.model, optimizer, keep_last)
-            return
-        # FSDP2: rank 0 picks the temp dir, every rank writes its shards and RNG, rank 0 commits.
-        tmp = self.ctx.broadcast_object(str(ckpt.new_temp_dir(self.out)) if self.ctx.is_main else None)
-        tmp = Path(tmp)
-        dcp_save(tmp / "dcp", self.model, optimizer)
-        ckpt.write_trainer_files(tmp, self.state, self.ctx.rank)
-        self.ctx.barrier()
+            try:
+                ckpt.save_single(self.out, self.state, self.model, optimizer, keep_last, heads=self.heads)
+            except OSError as e:
+                return str(e)
+            return None
+        return self._try_save_sharded(optimizer, keep_last)
+
+    def _try_save_sharded(self, optimizer, keep_last: int) -> str | None:
+        """FSDP2: rank 0 picks the temp dir, every rank writes its shards and RNG, and rank 0
+        commits only when every rank wrote its part."""
+        # Deferred: DCP is slow to import (train/distributed.py) and only sharded runs get here.
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        error, tmp = None, None
         if self.ctx.is_main:
-            ckpt.commit_dir(tmp, ckpt.checkpoint_root(self.out) / f"step-{self.state.global_step:08d}")
-            ckpt.prune(self.out, keep_last)
-        self.ctx.barrier()
+            try:
+                tmp = str(ckpt.new_temp_dir(self.out))
+            except OSError as e:
+                error = str(e)
+        tmp = self.ctx.broadcast_object(tmp)
+        if tmp is not None:
+            try:
+                dcp_save(Path(tmp) / "dcp", self.model, optimizer)
+                ckpt.write_trainer_files(Path(tmp), self.state, self.ctx.rank)
+            except (OSError, CheckpointException) as e:
+                error = str(e)
+        (failed,) = self.ctx.all_reduce_sum([1.0 if error else 0.0])
+        if self.ctx.is_main and tmp is not None:
+            try:
+                if failed:
+                    raise OSError(error or "another rank could not write its part")
+                ckpt.commit_checkpoint(Path(tmp), self.out, self.state.global_step, keep_last)
+            except OSError as e:
+                error = str(e)
+                shutil.rmtree(tmp, ignore_errors=True)
+        return self.ctx.broadcast_object(error)
 
     def _load_weights(self, path: Path) -> None:
         if self.sharded:
             dcp_load_model(path / "dcp", self.model)
         else:
             ckpt.load_model_weights(path, self.model)
+            if self.heads is not None:
+                ckpt.load_heads(path, self.heads)
 
     def _load_optimizer(self, path: Path, optimizer: torch.optim.Optimizer) -> None:
         if self.sharded:
@@ -440,11 +653,23 @@ class Trainer:
             meta = {"version": __version__, "stages": self.state.history, "data_fingerprint": self.fingerprint,
                     "global_step": self.state.global_step, "train_wall_seconds": round(self.state.wall_seconds, 2),
                     **self.extra_meta}
+            ckpt.retry_write(lambda: self._try_save_final(model, meta, final), str(final),
+                             retries=self.cfg.save_retries, wait_seconds=self.cfg.save_retry_seconds)
+        self.ctx.barrier()
+        return final
+
+    def _try_save_final(self, model: VLM, meta: dict, final: Path) -> str | None:
+        """Write DIR/final; None, or why it failed (its partial files removed)."""
+        tmp = None
+        try:
             tmp = ckpt.new_temp_dir(self.out)
             model.save_pretrained(tmp, meta=meta)
             ckpt.commit_dir(tmp, final)
-        self.ctx.barrier()
-        return final
+        except OSError as e:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return str(e)
+        return None
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, model: VLM | None = None,

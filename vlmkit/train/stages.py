@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from vlmkit.config import MODULES, RunConfig, Stage
+from vlmkit.errors import ConfigError
+from vlmkit.models.lora import is_lora_parameter
 
 STAGE_SEED_STRIDE = 1000
 """Stage i of a run seeds with `stage.seed * STAGE_SEED_STRIDE + i`: stages that share a `seed`
@@ -48,14 +50,16 @@ def module_parameters(model: nn.Module, name: str) -> list[tuple[str, nn.Paramet
 
 
 def apply_freezing(model: nn.Module, stage: Stage) -> dict[str, int]:
-    """Set requires_grad per module by the stage's lrs; returns trainable parameter counts."""
+    """Set requires_grad per module by the stage's lrs (in a LoRA stage, only the adapters of the
+    modules it trains learn); returns trainable parameter counts."""
     counts = {}
     for name in MODULES:
-        trainable = stage.lr_of(name) > 0
-        params = [p for _, p in module_parameters(model, name)]
-        for p in params:
+        count = 0
+        for param_name, p in module_parameters(model, name):
+            trainable = stage.lr_of(name) > 0 and (stage.lora is None or is_lora_parameter(param_name))
             p.requires_grad_(trainable)
-        counts[name] = sum(p.numel() for p in params) if trainable else 0
+            count += p.numel() if trainable else 0
+        counts[name] = count
     return counts
 
 
@@ -80,9 +84,19 @@ def param_groups(model: nn.Module, stage: Stage) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, stage: Stage) -> torch.optim.AdamW:
-    """AdamW over the stage's trainable parameters only."""
+def build_optimizer(model: nn.Module, stage: Stage, heads: nn.Module | None = None,
+                    heads_lr: float = 0.0) -> torch.optim.AdamW:
+    """AdamW over the stage's trainable parameters only (and a stage objective's own `heads`)."""
     groups = param_groups(model, stage)
+    if heads is not None and heads_lr > 0:
+        named = [(n, p) for n, p in heads.named_parameters() if p.requires_grad]
+        for params, wd, tag in (([p for n, p in named if not _no_decay(n, p)], stage.weight_decay, "decay"),
+                                ([p for n, p in named if _no_decay(n, p)], 0.0, "no_decay")):
+            if params:
+                groups.append({"params": params, "lr": heads_lr, "peak_lr": heads_lr, "weight_decay": wd,
+                               "name": f"heads.{tag}"})
+    if not groups:
+        raise ConfigError(f"stage {stage.name!r}: nothing to train (every module frozen and no heads)")
     # foreach=False: the same kernel path every time, so a resumed run matches bit for bit.
     return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=stage.betas, eps=stage.eps, foreach=False)
 

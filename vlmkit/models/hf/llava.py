@@ -122,6 +122,8 @@ def _normalise(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def check_llava_exportable(cfg: VLMConfig) -> None:
     """Raise ConfigError saying why llava-hf cannot express this model (nothing when it can)."""
     reasons = []
+    if cfg.vision.style == "intern_vit":
+        reasons.append("the vision tower is InternViT; llava-hf's towers are SigLIP or CLIP")
     if cfg.adapter.kind != "mlp":
         reasons.append(f"the adapter is {cfg.adapter.kind!r}; llava-hf's projector is an MLP applied to each "
                        "patch (adapter.kind 'mlp')")
