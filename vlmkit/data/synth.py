@@ -20,14 +20,22 @@ Each scene yields a dense caption (adapter alignment) and short-answer questions
     ocr              What number is written in the image?            (0-9)
     multiple_choice  a color / shape / position / relation question with options A-D
 
+and, asked only of reasoning scenes (opt-in, `split_reasoning_scenes`: two digits in one row or
+column, a third apart from them, 3-6 shapes), categories that chain several lookups:
+
+    arithmetic        What is the sum of the numbers in the top row?      (0-18, uniform)
+    count_attribute   How many red shapes are there? / How many circles are there?  (0-4, uniform)
+    chained_relation  What is directly to the left of the shape directly above the red circle?
+
 A question is asked only when its answer is unique (a reference like "the circle" names one object;
 a relation asks for the adjacent cell), and each category's answers are close to uniform, so a
 model that does not look at the image stays near chance (`chance_accuracy`).
 
-Relation and multiple-choice questions are answered in training with their lookup steps first
-(ANSWER_STYLE, QA.reply): "The red circle is in the top middle. Left of it, in the top left, is a
-blue square. Answer: blue square"; a multiple-choice reply concludes with the right option's text.
-The benchmark file keeps the short answers (the evaluation reads what follows "Answer:").
+Relation, multiple-choice and reasoning questions are answered in training with their lookup
+steps first (ANSWER_STYLE, QA.reply): "The red circle is in the top middle. Left of it, in the top
+left, is a blue square. Answer: blue square"; a multiple-choice reply concludes with the right
+option's text. The benchmark file keeps the short answers (the evaluation reads what follows
+"Answer:").
 
 Every record asks its (first) question first and shows the image after it: "What color is the
 circle?\n<image>". The answer then sits a fixed number of tokens after each cell's visual token,
@@ -45,11 +53,12 @@ frames of a scene in which one or two shapes jump to a free cell, asked `motion_
 shape moved?") and `motion_where` ("Where did the red circle move to?"); their records carry the
 frames as a video part (VIDEO_PLACEHOLDER, `{"type": "video", "video": [frame paths]}`).
 
-This module is the world's content: scenes (`split_scenes`), clips (`split_clips`), their pixels
-(`render`; a clip's frames are scenes, `Clip.frame`), and their captions and questions as records
-(`split_records`, `split_clip_records`). Everything is a function of the seed; test, val and train
-scenes are disjoint (no scene appears in two splits), and so are clips. Writing the world to disk
-and training its tokenizer is data/world.py.
+This module is the world's content: scenes (`split_scenes`), reasoning scenes
+(`split_reasoning_scenes`), clips (`split_clips`), their pixels (`render`; a clip's frames are
+scenes, `Clip.frame`), and their captions and questions as records (`split_records`,
+`split_reasoning_records`, `split_clip_records`). Everything is a function of the seed; test, val
+and train scenes are disjoint (no scene appears in two splits), and so are reasoning scenes and
+clips. Writing the world to disk and training its tokenizer is data/world.py.
 """
 
 from __future__ import annotations
@@ -81,6 +90,8 @@ POSITIONS = ("top left", "top middle", "top right",
              "middle left", "center", "middle right",
              "bottom left", "bottom middle", "bottom right")  # cell index = row * GRID + col
 DIGITS = "0123456789"
+MAX_DIGIT = 9
+"""The largest digit: an arithmetic answer (two digits' sum) is 0 to 2 * MAX_DIGIT."""
 MAX_OBJECTS = 6
 BACKGROUND = (28, 28, 32)
 TILE = (235, 235, 235)
@@ -89,9 +100,24 @@ LETTERS = "ABCD"
 DIRECTIONS = {"left": (0, -1, "directly to the left of"), "right": (0, 1, "directly to the right of"),
               "above": (-1, 0, "directly above"), "below": (1, 0, "directly below")}
 NEIGHBOUR = {"left": "Left of it", "right": "Right of it", "above": "Above it", "below": "Below it"}
+NEXT_NEIGHBOUR = {"left": "Left of that", "right": "Right of that", "above": "Above that", "below": "Below that"}
+"""A chained relation's second hop, from the shape the first hop found."""
+OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+LINE_NAMES = {"row": ("top row", "middle row", "bottom row"),
+              "column": ("left column", "middle column", "right column")}
+"""The fixed grid's rows and columns in words (other grids number them: "row 2")."""
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 CATEGORIES = ("color", "shape", "count", "position", "relation", "existence", "ocr", "multiple_choice")
 MOTION_CATEGORIES = ("motion_which", "motion_where")
 """The questions of a clip (never of a still scene)."""
+REASONING_CATEGORIES = ("arithmetic", "count_attribute", "chained_relation")
+"""The questions of a reasoning scene (never of the default world's scenes): each chains several
+lookups the default categories make one at a time."""
+MAX_ATTRIBUTE_COUNT = 4
+"""count_attribute's answers are 0-4: a reasoning scene holds that many shapes of its counted
+colour or shape, drawn uniformly."""
+MIN_REASONING_SHAPES = 3
+"""Fewest shapes of a reasoning scene: a chained relation needs three in a line or an L."""
 LAYOUTS = ("fixed", "native")
 """fixed: 3x3 scenes at the world's image size, cells named in words; native: NATIVE_GRIDS at
 NATIVE_CELL_SIZES, cells named by number."""
@@ -123,9 +149,9 @@ GLYPHS = {
 PROMPT_LAYOUT = "text-then-image"
 """Where a record's image goes: after its first question's text (recorded in world.json)."""
 ANSWER_STYLE = "worked"
-"""How relation and multiple-choice questions are answered in training: the lookup steps as short
-sentences, then "Answer: X" (recorded in world.json)."""
-WORKED = ("relation", "multiple_choice")
+"""How relation, multiple-choice and reasoning questions are answered in training: the lookup
+steps as short sentences, then "Answer: X" (recorded in world.json)."""
+WORKED = ("relation", "multiple_choice") + REASONING_CATEGORIES
 CAPTION_PROMPTS = ("Describe the image.", "What is in the picture?", "Give a short description of the image.")
 
 
@@ -166,6 +192,20 @@ class Grid:
     def positions(self) -> list[str]:
         return [self.position(cell) for cell in range(self.cells)]
 
+    def lines(self) -> list[tuple[str, int]]:
+        """Every row, then every column, as (axis, index)."""
+        return [("row", r) for r in range(self.rows)] + [("column", c) for c in range(self.cols)]
+
+    def line_cells(self, axis: str, index: int) -> list[int]:
+        """The cells of a row or column, in reading order."""
+        if axis == "row":
+            return [index * self.cols + c for c in range(self.cols)]
+        return [r * self.cols + index for r in range(self.rows)]
+
+    def line(self, axis: str, index: int) -> str:
+        """A row or column as it follows "in": "the top row" or "row 2"."""
+        return f"the {LINE_NAMES[axis][index]}" if self.named else f"{axis} {index + 1}"
+
     def neighbour(self, cell: int, direction: str) -> int | None:
         """The adjacent cell in `direction` (a key of DIRECTIONS), None past the edge."""
         dr, dc, _ = DIRECTIONS[direction]
@@ -201,13 +241,28 @@ class Scene:
     grid: Grid = FIXED_GRID
     cell_size: int | None = None
     """Pixels per cell of a native scene; None: the world's image size / GRID (fixed layout)."""
+    extra_digits: tuple[tuple[int, str], ...] = ()
+    """(cell, digit) of the digits after the first, in reading order (reasoning scenes only)."""
+    counted: tuple[str, str] | None = None
+    """What count_attribute asks of a reasoning scene: ("color", "red") or ("shape", "circle"),
+    the attribute the sampler drew 0-MAX_ATTRIBUTE_COUNT shapes of, so the answers are uniform."""
 
     def signature(self) -> tuple:
         objects = tuple((o.shape, o.color, o.size, o.cell) for o in self.objects)
-        return objects + (self.digit, self.digit_cell, self.grid, self.cell_size)
+        return objects + (self.digit, self.digit_cell, self.extra_digits, self.grid, self.cell_size)
 
     def at(self, cell: int) -> Obj | None:
         return next((o for o in self.objects if o.cell == cell), None)
+
+    def written(self) -> dict[int, str]:
+        """Every digit of the scene by its cell, in reading order."""
+        first = {} if self.digit is None else {self.digit_cell: self.digit}
+        return dict(sorted({**first, **dict(self.extra_digits)}.items()))
+
+    @property
+    def image(self) -> str:
+        """Where the scene's image is written, as the records name it (relative to the world)."""
+        return f"images/{self.id}.png"
 
 
 def sample_scene(rng: random.Random, scene_id: str, ocr_fraction: float) -> Scene:
@@ -221,8 +276,7 @@ def sample_scene(rng: random.Random, scene_id: str, ocr_fraction: float) -> Scen
 def sample_native_scene(rng: random.Random, scene_id: str, ocr_fraction: float) -> Scene:
     """A native-layout scene: a grid of NATIVE_GRIDS at a cell size of NATIVE_CELL_SIZES (uniformly),
     a digit with p=ocr_fraction, and 1-6 objects (uniform count, as many as the free cells allow)."""
-    grid = rng.choice(NATIVE_GRIDS)
-    cell_size = rng.choice(NATIVE_CELL_SIZES)
+    grid, cell_size = _draw_grid(rng, "native")
     has_digit = rng.random() < ocr_fraction
     n = rng.randint(1, min(MAX_OBJECTS, grid.cells - has_digit))
     return _fill(rng, scene_id, n, has_digit, grid, cell_size)
@@ -230,6 +284,61 @@ def sample_native_scene(rng: random.Random, scene_id: str, ocr_fraction: float) 
 
 SAMPLERS = {"fixed": sample_scene, "native": sample_native_scene}
 """A layout's scene sampler (LAYOUTS)."""
+
+
+def _draw_grid(rng: random.Random, layout: str) -> tuple[Grid, int | None]:
+    """A scene's grid and cell size: the fixed 3x3 grid (no draw), or a native grid and cell size."""
+    if layout == "fixed":
+        return FIXED_GRID, None
+    return rng.choice(NATIVE_GRIDS), rng.choice(NATIVE_CELL_SIZES)
+
+
+def sample_reasoning_scene(rng: random.Random, scene_id: str, layout: str = "fixed") -> Scene:
+    """A scene of `layout` for the reasoning categories: the digits of `_digit_line`, then
+    MIN_REASONING_SHAPES to MAX_OBJECTS shapes in free cells, of which exactly k (uniform over
+    0-MAX_ATTRIBUTE_COUNT) have the scene's counted colour or shape (`Scene.counted`) and the
+    others do not."""
+    grid, cell_size = _draw_grid(rng, layout)
+    digits = _digit_line(rng, grid)
+    free = [cell for cell in range(grid.cells) if cell not in digits]
+    kind = rng.choice(("color", "shape"))
+    value = rng.choice(list(COLORS) if kind == "color" else SHAPES)
+    k = rng.randint(0, MAX_ATTRIBUTE_COUNT)
+    cells = rng.sample(free, rng.randint(max(k, MIN_REASONING_SHAPES), min(MAX_OBJECTS, len(free))))
+    objects = sorted((_counted_object(rng, cell, kind, value, i < k) for i, cell in enumerate(cells)),
+                     key=lambda o: o.cell)
+    (digit_cell, digit), *extra = digits.items()
+    return Scene(scene_id, objects, digit, digit_cell, grid, cell_size, extra_digits=tuple(extra),
+                 counted=(kind, value))
+
+
+def _digit_line(rng: random.Random, grid: Grid) -> dict[int, str]:
+    """Two digits in one row or column (uniformly chosen), their sum uniform over 0-18; and where
+    it leaves room for MAX_ATTRIBUTE_COUNT shapes, a third digit in a cell that shares no row or
+    column with them, so that line is the only one holding two digits. Cell -> digit, in
+    reading order."""
+    axis, index = rng.choice(grid.lines())
+    first, second = sorted(rng.sample(grid.line_cells(axis, index), 2))
+    total = rng.randint(0, 2 * MAX_DIGIT)
+    a = rng.randint(max(0, total - MAX_DIGIT), min(MAX_DIGIT, total))
+    digits = {first: str(a), second: str(total - a)}
+    rows, cols = {cell // grid.cols for cell in digits}, {cell % grid.cols for cell in digits}
+    apart = [cell for cell in range(grid.cells) if cell // grid.cols not in rows and cell % grid.cols not in cols]
+    if apart and grid.cells - len(digits) - 1 >= MAX_ATTRIBUTE_COUNT:
+        digits[rng.choice(apart)] = rng.choice(DIGITS)
+    return dict(sorted(digits.items()))
+
+
+def _counted_object(rng: random.Random, cell: int, kind: str, value: str, counted: bool) -> Obj:
+    """A random object in `cell` whose `kind` ("color" or "shape") is `value` when `counted`,
+    and any other value when not."""
+    def pick(attribute: str, values) -> str:
+        if attribute != kind:
+            return rng.choice(list(values))
+        return value if counted else rng.choice([v for v in values if v != value])
+
+    shape = pick("shape", SHAPES)
+    return Obj(shape, pick("color", COLORS), rng.choice(SIZES), cell)
 
 
 def _fill(rng: random.Random, scene_id: str, n: int, has_digit: bool, grid: Grid, cell_size: int | None) -> Scene:
@@ -265,12 +374,12 @@ def render(scene: Scene, image_size: int = IMAGE_SIZE) -> Image.Image:
             t = r * 0.36
             draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=color)
             draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=color)
-    if scene.digit is not None:
-        row, col = divmod(scene.digit_cell, grid.cols)
+    for digit_cell, digit in scene.written().items():
+        row, col = divmod(digit_cell, grid.cols)
         x0, y0 = col * cell, row * cell
         draw.rectangle((x0 + 1, y0 + 1, x0 + cell - 2, y0 + cell - 2), fill=TILE)
         glyph = Image.new("L", (5, 7))
-        glyph.putdata([255 if ch == "#" else 0 for line in GLYPHS[scene.digit] for ch in line])
+        glyph.putdata([255 if ch == "#" else 0 for line in GLYPHS[digit] for ch in line])
         h = max(7, round(cell * 0.72))
         w = max(5, round(h * 5 / 7))
         mask = glyph.resize((w, h), Image.BOX)
@@ -304,7 +413,7 @@ class QA:
         """The assistant turn as trained: the answer itself, or for the categories of WORKED a
         worked reply, "<steps> <fact> Answer: <answer>" (ANSWER_STYLE). A multiple-choice reply
         concludes with the chosen option's text, which the evaluation maps to its letter
-        (eval.extract.extract_choice): the demo's decoder never learned to read the letter off
+        (data.answers.extract_choice): the demo's decoder never learned to read the letter off
         the option lines (docs/data-synthetic.md)."""
         if self.category not in WORKED:
             return self.answer
@@ -320,10 +429,12 @@ def answer_space(category: str, grid: Grid = FIXED_GRID) -> list[str]:
         "count": [str(n) for n in range(1, min(MAX_OBJECTS, grid.cells) + 1)],
         "position": grid.positions(), "relation": names, "existence": ["yes", "no"], "ocr": list(DIGITS),
         "multiple_choice": list(LETTERS), "motion_which": names, "motion_where": grid.positions(),
+        "arithmetic": [str(n) for n in range(2 * MAX_DIGIT + 1)],
+        "count_attribute": [str(n) for n in range(MAX_ATTRIBUTE_COUNT + 1)], "chained_relation": names,
     }
     if category not in spaces:
         raise KeyError(f"unknown category {category!r}; expected one of "
-                       f"{', '.join(CATEGORIES + MOTION_CATEGORIES)}")
+                       f"{', '.join(CATEGORIES + MOTION_CATEGORIES + REASONING_CATEGORIES)}")
     return spaces[category]
 
 
@@ -424,10 +535,14 @@ def ask_relation(scene: Scene, rng: random.Random) -> QA | None:
     ref, direction, other = rng.choice(found)
     # Worked: find the reference, name the neighbouring cell, then read it: three lookups a small
     # decoder makes one token at a time instead of composing them inside one forward pass.
-    place = scene.grid.place
     return QA("relation", f"What is {DIRECTIONS[direction][2]} the {ref.name}?", other.name,
-              steps=[f"The {ref.name} is in {place(ref.cell)}."],
-              fact=f"{NEIGHBOUR[direction]}, in {place(other.cell)}, is {article(other.name)} {other.name}.")
+              steps=[f"The {ref.name} is in {scene.grid.place(ref.cell)}."],
+              fact=_found(NEIGHBOUR[direction], other, scene.grid))
+
+
+def _found(lead: str, obj: Obj, grid: Grid) -> str:
+    """A worked reply's step that names a neighbour: "Left of it, in the top left, is a blue square."."""
+    return f"{lead}, in {grid.place(obj.cell)}, is {article(obj.name)} {obj.name}."
 
 
 def ask_existence(scene: Scene, rng: random.Random) -> QA:
@@ -453,6 +568,66 @@ def ask_ocr(scene: Scene, rng: random.Random) -> QA | None:
     return QA("ocr", q, scene.digit)
 
 
+def ask_arithmetic(scene: Scene, rng: random.Random) -> QA | None:
+    """The sum of the two digits of a row or column that holds exactly two (a reasoning scene has
+    one such line), worked: each digit's cell, then the digit read there, then the sum."""
+    written = scene.written()
+    grid = scene.grid
+    pairs = [line for line in grid.lines() if sum(cell in written for cell in grid.line_cells(*line)) == 2]
+    if not pairs:
+        return None
+    axis, index = rng.choice(pairs)
+    first, second = (cell for cell in grid.line_cells(axis, index) if cell in written)
+    a, b = written[first], written[second]
+    line = grid.line(axis, index)
+    q = rng.choice((f"What is the sum of the numbers in {line}?", f"What do the numbers in {line} add up to?"))
+    total = str(int(a) + int(b))
+    # Each digit is read at a cell the reply has just named, the per-cell lookup the default
+    # categories teach, rather than "holds 6 and 9" in one step.
+    read = f"{line[0].upper()}{line[1:]}: {grid.place(first)} holds {a}, {grid.place(second)} holds {b}."
+    return QA("arithmetic", q, total, steps=[read], fact=f"{a} + {b} = {total}.")
+
+
+def ask_count_attribute(scene: Scene, rng: random.Random) -> QA | None:
+    """How many shapes have the scene's counted colour or shape (`Scene.counted`), worked: the
+    places of those shapes, then their number."""
+    if scene.counted is None:
+        return None
+    kind, value = scene.counted
+    noun = f"{value} shapes" if kind == "color" else PLURALS[value]
+    matching = [o for o in scene.objects if getattr(o, kind) == value]
+    q = rng.choice((f"How many {noun} are there?", f"How many {noun} are in the image?"))
+    places = "; ".join(scene.grid.place(o.cell) for o in matching) or "none"
+    return QA("count_attribute", q, str(len(matching)), fact=f"{noun[0].upper()}{noun[1:]}: {places}.")
+
+
+def chained_relations(scene: Scene) -> list[tuple[Obj, str, Obj, str, Obj]]:
+    """(reference, first direction, middle, second direction, answer) for every relation of
+    `relations` whose middle shape has a neighbour other than the reference."""
+    out = []
+    for ref, first, middle in relations(scene):
+        for second in DIRECTIONS:
+            cell = scene.grid.neighbour(middle.cell, second)
+            if second != OPPOSITE[first] and cell is not None and (end := scene.at(cell)) is not None:
+                out.append((ref, first, middle, second, end))
+    return out
+
+
+def ask_chained_relation(scene: Scene, rng: random.Random) -> QA | None:
+    """What is next to the shape next to a named shape, worked as two relation hops."""
+    found = chained_relations(scene)
+    if not found:
+        return None
+    ref, first, middle, second, end = rng.choice(found)
+    grid = scene.grid
+    # The middle shape's cell is named, not the shape: what it is does not matter, and the reply
+    # stays within the benchmark's reply budget (eval/runner.py's REPLY_TOKENS).
+    return QA("chained_relation", f"What is {DIRECTIONS[second][2]} the shape {DIRECTIONS[first][2]} the {ref.name}?",
+              end.name, steps=[f"The {ref.name} is in {grid.place(ref.cell)}.",
+                               f"{NEIGHBOUR[first]} is {grid.place(middle.cell)}."],
+              fact=_found(NEXT_NEIGHBOUR[second], end, grid))
+
+
 def ask_choice(scene: Scene, rng: random.Random) -> QA | None:
     """An open question of another category, with its answer and three distractors as options."""
     asker = rng.choice((ask_color, ask_shape, ask_position, ask_relation))
@@ -475,7 +650,9 @@ def ask_choice(scene: Scene, rng: random.Random) -> QA | None:
 
 
 ASKERS = {"color": ask_color, "shape": ask_shape, "count": ask_count, "position": ask_position,
-          "relation": ask_relation, "existence": ask_existence, "ocr": ask_ocr, "multiple_choice": ask_choice}
+          "relation": ask_relation, "existence": ask_existence, "ocr": ask_ocr, "multiple_choice": ask_choice,
+          "arithmetic": ask_arithmetic, "count_attribute": ask_count_attribute,
+          "chained_relation": ask_chained_relation}
 
 
 def questions(scene: Scene, rng: random.Random, categories: Iterable[str] = CATEGORIES,
@@ -615,6 +792,15 @@ def split_scenes(seed: int, counts: dict[str, int], ocr_fraction: float,
                             lambda rng, index, split: sample(rng, f"{split}_{index:06d}", ocr_fraction))
 
 
+def split_reasoning_scenes(seed: int, counts: dict[str, int], layout: str = "fixed") -> dict[str, list[Scene]]:
+    """Reasoning scenes (`sample_reasoning_scene`) per split, drawn as `split_scenes` draws scenes
+    (own streams, disjoint splits); their ids, "reasoning_{split}_{index}", name their images apart
+    from the scenes'."""
+    return _disjoint_splits(seed, counts, "reasoning",
+                            lambda rng, index, split: sample_reasoning_scene(rng, f"reasoning_{split}_{index:06d}",
+                                                                             layout))
+
+
 def split_clips(seed: int, counts: dict[str, int], ocr_fraction: float, layout: str = "fixed") -> dict[str, list[Clip]]:
     """Clips per split, drawn as `split_scenes` draws scenes (own streams, disjoint splits)."""
     return _disjoint_splits(seed, counts, "clips",
@@ -647,8 +833,9 @@ class SceneRecords:
     """The scene's image, as the records name it (relative to the world's directory)."""
     asked: list[QA]
     """Its questions, in the order they were asked."""
-    caption: dict
-    """LLaVA JSON: a caption instruction, then the dense caption."""
+    caption: dict | None
+    """LLaVA JSON: a caption instruction, then the dense caption (None: a reasoning scene, whose
+    records are its questions only)."""
     llava: list[dict]
     """LLaVA JSON records of its questions: a train scene's in conversations of up to
     `turns_per_record` questions, any other split's one question a record."""
@@ -672,11 +859,22 @@ def scene_records(scene: Scene, split: str, rng: random.Random, *, turns_per_rec
                   per_category: dict[str, int] | None) -> SceneRecords:
     """A scene's caption, its questions, and its records (every split draws a caption instruction,
     so a split's question stream does not depend on whether its captions are written)."""
-    image = f"images/{scene.id}.png"
-    caption_record = _llava(f"{scene.id}-cap", image, [(rng.choice(CAPTION_PROMPTS), caption(scene))])
+    caption_record = _llava(f"{scene.id}-cap", scene.image, [(rng.choice(CAPTION_PROMPTS), caption(scene))])
     asked = questions(scene, rng, per_category=per_category)
-    llava, messages, bench = _qa_records(scene.id, split, "image", image, asked, rng, turns_per_record)
-    return SceneRecords(image, asked, caption_record, llava, messages, bench)
+    llava, messages, bench = _qa_records(scene.id, split, "image", scene.image, asked, rng, turns_per_record)
+    return SceneRecords(scene.image, asked, caption_record, llava, messages, bench)
+
+
+def split_reasoning_records(seed: int, split: str, scenes: list[Scene], *, turns_per_record: int,
+                            categories: Iterable[str] = REASONING_CATEGORIES) -> Iterator[SceneRecords]:
+    """The records of each reasoning scene of a split: one question of each of `categories` the
+    scene can answer, grouped as a scene's are, from the split's own seeded stream; no caption."""
+    rng = random.Random(f"vlmkit-synth/{seed}/{split}/reasoning-questions")
+    categories = tuple(categories)
+    for scene in scenes:
+        asked = questions(scene, rng, categories)
+        llava, messages, bench = _qa_records(scene.id, split, "image", scene.image, asked, rng, turns_per_record)
+        yield SceneRecords(scene.image, asked, None, llava, messages, bench)
 
 
 @dataclass

@@ -6,8 +6,10 @@ module writes it in the formats users bring: images/*.png, LLaVA JSON (captions 
 JSONL (OpenAI-style content parts), the test split as the generic benchmark JSONL, the text corpus
 (data/corpus.py) as text JSONL, and world.json (settings, counts, answer sets, chance per
 category), written last. A native-layout world (`layout="native"`) has scenes of many sizes;
-clips (`n_*_clips`) add clips/*/NN.png frames and their own QA files with video parts. With the
-defaults (fixed layout, no clips) the files are those of the demo's world, byte for byte. A
+clips (`n_*_clips`) add clips/*/NN.png frames and their own QA files with video parts; reasoning
+scenes (`n_*_reasoning`) add their images, their own QA files and benchmark, and optionally their
+records mixed into the QA files (`reasoning_in_qa`). With the defaults (fixed layout, no clips,
+no reasoning scenes) the files are those of the demo's world, byte for byte. A
 run's world also holds the byte-level BPE tokenizer trained on its texts (`tokenizer_texts`) in
 tokenizer/ (a native world's in the Qwen-VL chat format, with image and video tokens).
 """
@@ -17,9 +19,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -28,9 +30,10 @@ from tqdm import tqdm
 from vlmkit.data.corpus import write_corpus
 from vlmkit.data.synth import (ANSWER_STYLE, CATEGORIES, CLIP_FRAMES, GRID, IMAGE_SIZE, LAYOUTS, MAX_MOVERS,
                                MIN_IMAGE_SIZE, MOTION_CATEGORIES, NATIVE_CELL_SIZES, NATIVE_GRIDS, PROMPT_LAYOUT,
-                               VISUAL_PLACEHOLDERS, Clip, ClipRecords, Scene, SceneRecords, chance_accuracy,
-                               layout_answers, layout_chance, render, split_clip_records, split_clips,
-                               split_records, split_scenes)
+                               REASONING_CATEGORIES, VISUAL_PLACEHOLDERS, Clip, ClipRecords, Scene, SceneRecords,
+                               chance_accuracy, layout_answers, layout_chance, render, split_clip_records,
+                               split_clips, split_reasoning_records, split_reasoning_scenes, split_records,
+                               split_scenes)
 from vlmkit.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from vlmkit.errors import ConfigError
 from vlmkit.schema import require_at_least
@@ -76,10 +79,27 @@ class WorldSpec:
     n_val_clips: int = 0
     n_test_clips: int = 0
     """Held-out clips (the benchmark file `synth_clips.jsonl`)."""
+    n_train_reasoning: int = 0
+    """Training reasoning scenes (digits and shapes asked the reasoning categories, in
+    `qa_reasoning_train.json`); 0: a world without them."""
+    n_val_reasoning: int = 0
+    n_test_reasoning: int = 0
+    """Held-out reasoning scenes (the benchmark file `synth_reasoning.jsonl`)."""
+    reasoning_categories: list[str] = field(default_factory=lambda: list(REASONING_CATEGORIES))
+    """Which reasoning categories the reasoning scenes are asked (synth.REASONING_CATEGORIES)."""
+    reasoning_in_qa: bool = False
+    """Also mix the reasoning scenes' records into qa_{split} (spread evenly through them) and
+    their held-out questions into synth.jsonl, so a run's QA and its evaluation include them."""
 
     def __post_init__(self):
         require_at_least(self, ("n_train", "n_test", "vocab_size", "turns_per_record"), 1, "world.")
-        require_at_least(self, ("n_val", "n_train_clips", "n_val_clips", "n_test_clips"), 0, "world.")
+        require_at_least(self, ("n_val", "n_train_clips", "n_val_clips", "n_test_clips", "n_train_reasoning",
+                                "n_val_reasoning", "n_test_reasoning"), 0, "world.")
+        _check_reasoning_categories(self.reasoning_categories)
+
+    @property
+    def reasoning_counts(self) -> dict[str, int]:
+        return {"train": self.n_train_reasoning, "val": self.n_val_reasoning, "test": self.n_test_reasoning}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +110,10 @@ class WorldSpec:
 def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_test: int = 1000,
              image_size: int = IMAGE_SIZE, seed: int = 0, ocr_fraction: float = 0.35, turns_per_record: int = 8,
              train_questions: dict[str, int] | None = None, text_corpus: bool = True, layout: str = "fixed",
-             n_train_clips: int = 0, n_val_clips: int = 0, n_test_clips: int = 0, progress: bool = False) -> dict:
+             n_train_clips: int = 0, n_val_clips: int = 0, n_test_clips: int = 0, n_train_reasoning: int = 0,
+             n_val_reasoning: int = 0, n_test_reasoning: int = 0,
+             reasoning_categories: Sequence[str] = REASONING_CATEGORIES, reasoning_in_qa: bool = False,
+             progress: bool = False) -> dict:
     """Write the synthetic world into `out_dir`; return the file paths and counts.
 
     n_*: scenes per split. Train QA records are conversations of up to `turns_per_record` questions
@@ -98,7 +121,9 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
     `train_questions` asks up to that many distinct questions per category of each train scene
     (default: one per category, as val and test always do), so a run can see more of the
     categories that take longest to learn. `layout` picks the scenes (synth.LAYOUTS: "fixed" 3x3
-    at `image_size`, "native" grids of several shapes and cell sizes); n_*_clips: clips per split.
+    at `image_size`, "native" grids of several shapes and cell sizes); n_*_clips: clips per split;
+    n_*_reasoning: reasoning scenes per split, asked `reasoning_categories`, and with
+    `reasoning_in_qa` also mixed into the QA files and synth.jsonl.
     Layout (paths relative to out_dir; image paths inside files are relative to out_dir):
 
         images/{split}_{index}.png                 one PNG per scene
@@ -115,39 +140,60 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
         clips_{train,val,test}.json                LLaVA JSON, "video": [frames], <video> in the first turn
         clips_{train,val,test}.jsonl               messages JSONL, {"type": "video", "video": [frames]}
         synth_clips.jsonl                          the test clips' questions, "video": [frames]
+
+    and with reasoning scenes:
+
+        images/reasoning_{split}_{index}.png       one PNG per reasoning scene
+        qa_reasoning_{train,val,test}.json         LLaVA JSON, their QA (grouped as qa_{split}.json's)
+        qa_reasoning_{train,val,test}.jsonl        the same as messages JSONL
+        synth_reasoning.jsonl                      their test split as benchmark JSONL
     """
     clip_counts = {"train": n_train_clips, "val": n_val_clips, "test": n_test_clips}
+    reasoning_counts = {"train": n_train_reasoning, "val": n_val_reasoning, "test": n_test_reasoning}
     _check_settings(n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size,
                     ocr_fraction=ocr_fraction, turns_per_record=turns_per_record, train_questions=train_questions,
-                    layout=layout, clip_counts=clip_counts)
+                    layout=layout, clip_counts=clip_counts, reasoning_counts=reasoning_counts,
+                    reasoning_categories=reasoning_categories)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     counts = {"train": n_train, "val": n_val, "test": n_test}
     with_clips = any(clip_counts.values())
-    with tqdm(total=sum(counts.values()) + sum(clip_counts.values()), desc="synth scenes", unit="scene",
-              disable=not progress) as bar, \
+    with_reasoning = any(reasoning_counts.values())
+    total = sum(counts.values()) + sum(clip_counts.values()) + sum(reasoning_counts.values())
+    with tqdm(total=total, desc="synth scenes", unit="scene", disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=min(IMAGE_WRITERS, os.cpu_count() or 1)) as pool:
         writer = _ImageWriter(out, image_size, pool, bar)
+        reasoning = {}
+        if with_reasoning:  # made first: with reasoning_in_qa, the QA files hold them too
+            reasoning = _reasoning_records(writer, seed=seed, counts=reasoning_counts, layout=layout,
+                                           turns_per_record=turns_per_record, categories=reasoning_categories)
         files, stats = _write_scenes(out, writer, seed=seed, counts=counts, layout=layout, ocr_fraction=ocr_fraction,
-                                     turns_per_record=turns_per_record, train_questions=train_questions)
+                                     turns_per_record=turns_per_record, train_questions=train_questions,
+                                     mixed_in=reasoning if reasoning_in_qa else {})
         if with_clips:
             clip_files, stats["clips"] = _write_clips(out, writer, seed=seed, counts=clip_counts, layout=layout,
                                                       ocr_fraction=ocr_fraction, turns_per_record=turns_per_record)
             files.update(clip_files)
+        if with_reasoning:
+            reasoning_files, stats["reasoning"] = _write_reasoning(out, reasoning)
+            files.update(reasoning_files)
         writer.wait()
     if text_corpus:
         corpus = write_corpus(out, seed=seed)
         files.update({"text_train": corpus["train"], "text_heldout": corpus["heldout"]})
         stats["text"] = corpus["counts"]
+    categories = CATEGORIES + (MOTION_CATEGORIES if with_clips else ()) + (
+        tuple(reasoning_categories) if with_reasoning else ())
     world = {
         "seed": seed, **_layout_settings(layout, image_size), "ocr_fraction": ocr_fraction,
         "turns_per_record": turns_per_record, "train_questions": train_questions, "prompt_layout": PROMPT_LAYOUT,
-        "answer_style": ANSWER_STYLE, "counts": stats,
-        "categories": _categories(layout, CATEGORIES + (MOTION_CATEGORIES if with_clips else ())),
+        "answer_style": ANSWER_STYLE, "counts": stats, "categories": _categories(layout, categories),
         "files": {k: str(Path(v).relative_to(out)) for k, v in files.items()},
     }
     if with_clips:
         world["clips"] = {"frames": list(CLIP_FRAMES), "max_movers": MAX_MOVERS}
+    if with_reasoning:
+        world["reasoning"] = {"categories": list(reasoning_categories), "in_qa": reasoning_in_qa}
     (out / WORLD_FILE).write_text(json.dumps(world, indent=2) + "\n")
     return {"dir": str(out), **files, "world": str(out / WORLD_FILE), "counts": stats}
 
@@ -176,9 +222,10 @@ class _ImageWriter:
 
 
 def _write_scenes(out: Path, writer: _ImageWriter, *, seed: int, counts: dict[str, int], layout: str,
-                  ocr_fraction: float, turns_per_record: int,
-                  train_questions: dict[str, int] | None) -> tuple[dict[str, str], dict[str, dict]]:
-    """Every split's scenes (images queued on `writer`) and files; returns (files, counts by split)."""
+                  ocr_fraction: float, turns_per_record: int, train_questions: dict[str, int] | None,
+                  mixed_in: dict[str, list[SceneRecords]]) -> tuple[dict[str, str], dict[str, dict]]:
+    """Every split's scenes (images queued on `writer`) and files, with `mixed_in[split]`'s records
+    spread through the split's QA files; returns (files, counts by split, of the scenes alone)."""
     files: dict[str, str] = {}
     stats: dict[str, dict] = {}
     for split, scenes in split_scenes(seed, counts, ocr_fraction, layout).items():
@@ -187,9 +234,31 @@ def _write_scenes(out: Path, writer: _ImageWriter, *, seed: int, counts: dict[st
         for scene, rec in zip(scenes, made):
             writer.scene(scene, rec.image)
             records.append(rec)
-        files.update(_write_split(out, split, records))
+        files.update(_write_split(out, split, records, mixed_in.get(split, [])))
         stats[split] = _split_counts(records)
     return files, stats
+
+
+def _reasoning_records(writer: _ImageWriter, *, seed: int, counts: dict[str, int], layout: str,
+                       turns_per_record: int, categories: Sequence[str]) -> dict[str, list[SceneRecords]]:
+    """Every split's reasoning scenes (images queued on `writer`) and their records, by split."""
+    out = {}
+    for split, scenes in split_reasoning_scenes(seed, counts, layout).items():
+        made = split_reasoning_records(seed, split, scenes, turns_per_record=turns_per_record, categories=categories)
+        out[split] = []
+        for scene, rec in zip(scenes, made):
+            writer.scene(scene, rec.image)
+            out[split].append(rec)
+    return out
+
+
+def _write_reasoning(out: Path, reasoning: dict[str, list[SceneRecords]]) -> tuple[dict[str, str], dict[str, dict]]:
+    """The reasoning scenes' own QA files and benchmark; returns (files, counts by split)."""
+    files: dict[str, str] = {}
+    for split, records in reasoning.items():
+        files.update(_write_qa(out, f"qa_reasoning_{split}", split, records, "synth_reasoning.jsonl",
+                               "test_reasoning"))
+    return files, {split: _split_counts(records) for split, records in reasoning.items()}
 
 
 def _write_clips(out: Path, writer: _ImageWriter, *, seed: int, counts: dict[str, int], layout: str,
@@ -202,11 +271,7 @@ def _write_clips(out: Path, writer: _ImageWriter, *, seed: int, counts: dict[str
         for clip, rec in zip(clips, split_clip_records(seed, split, clips, turns_per_record=turns_per_record)):
             writer.clip(clip, rec.frames)
             records.append(rec)
-        files[f"clips_{split}"] = _write_json_list(out / f"clips_{split}.json", [x for r in records for x in r.llava])
-        files[f"clips_{split}_messages"] = _write_jsonl(out / f"clips_{split}.jsonl",
-                                                        [x for r in records for x in r.messages])
-        if split == "test":
-            files["test_clips"] = _write_jsonl(out / "synth_clips.jsonl", [x for r in records for x in r.bench])
+        files.update(_write_qa(out, f"clips_{split}", split, records, "synth_clips.jsonl", "test_clips"))
         stats[split] = _split_counts(records, unit="clips")
     return files, stats
 
@@ -232,7 +297,8 @@ def _categories(layout: str, categories: tuple[str, ...]) -> dict:
 
 def _check_settings(*, n_train: int, n_val: int, n_test: int, image_size: int, ocr_fraction: float,
                     turns_per_record: int, train_questions: dict[str, int] | None, layout: str,
-                    clip_counts: dict[str, int]) -> None:
+                    clip_counts: dict[str, int], reasoning_counts: dict[str, int],
+                    reasoning_categories: Sequence[str]) -> None:
     if image_size < MIN_IMAGE_SIZE:
         raise ConfigError(f"image_size {image_size} is too small for a {GRID}x{GRID} grid of legible objects "
                           f"(use >= {MIN_IMAGE_SIZE})")
@@ -250,19 +316,46 @@ def _check_settings(*, n_train: int, n_val: int, n_test: int, image_size: int, o
         raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if min(clip_counts.values()) < 0:
         raise ConfigError(f"clip counts must be >= 0, got {clip_counts}")
+    if min(reasoning_counts.values()) < 0:
+        raise ConfigError(f"reasoning scene counts must be >= 0, got {reasoning_counts}")
+    _check_reasoning_categories(reasoning_categories)
 
 
-def _write_split(out: Path, split: str, records: list[SceneRecords]) -> dict[str, str]:
+def _check_reasoning_categories(categories: Sequence[str]) -> None:
+    if not categories or len(set(categories)) < len(categories) or not set(categories) <= set(REASONING_CATEGORIES):
+        raise ConfigError(f"reasoning_categories takes one or more of {', '.join(REASONING_CATEGORIES)}, each "
+                          f"once; got {list(categories)}")
+
+
+def _write_split(out: Path, split: str, records: list[SceneRecords], mixed_in: list[SceneRecords]) -> dict[str, str]:
     """Write one split's files; returns their paths by key (captions_{split} outside the test
-    split, qa_{split}, qa_{split}_messages, and for the test split the benchmark as `test`)."""
+    split, qa_{split}, qa_{split}_messages, and for the test split the benchmark as `test`).
+    The records of `mixed_in` (which have no caption) go into the QA files, spread evenly."""
     files = {}
     if split != "test":
         files[f"captions_{split}"] = _write_json_list(out / f"captions_{split}.json", [r.caption for r in records])
-    files[f"qa_{split}"] = _write_json_list(out / f"qa_{split}.json", [x for r in records for x in r.llava])
-    files[f"qa_{split}_messages"] = _write_jsonl(out / f"qa_{split}.jsonl", [x for r in records for x in r.messages])
-    if split == "test":
-        files["test"] = _write_jsonl(out / "synth.jsonl", [x for r in records for x in r.bench])
+    files.update(_write_qa(out, f"qa_{split}", split, _interleave(records, mixed_in), "synth.jsonl", "test"))
     return files
+
+
+def _write_qa(out: Path, stem: str, split: str, records: list[SceneRecords] | list[ClipRecords], bench_file: str,
+              bench_key: str) -> dict[str, str]:
+    """One split's QA records as LLaVA JSON `{stem}.json` and messages JSONL `{stem}.jsonl`, and
+    for the test split their benchmark items as `bench_file`; returns the paths by key (`stem`,
+    `{stem}_messages`, `bench_key`)."""
+    files = {stem: _write_json_list(out / f"{stem}.json", [x for r in records for x in r.llava]),
+             f"{stem}_messages": _write_jsonl(out / f"{stem}.jsonl", [x for r in records for x in r.messages])}
+    if split == "test":
+        files[bench_key] = _write_jsonl(out / bench_file, [x for r in records for x in r.bench])
+    return files
+
+
+def _interleave(main: list, extra: list) -> list:
+    """`extra` spread evenly through `main`, each in its order: a run reads a QA file in shuffled
+    blocks and often stops before its end, so appended records would come late or never."""
+    keyed = [((i + 0.5) / len(main), 0, i) for i in range(len(main))]
+    keyed += [((j + 0.5) / len(extra), 1, j) for j in range(len(extra))]
+    return [(extra if which else main)[i] for _, which, i in sorted(keyed)]
 
 
 def _split_counts(records: list[SceneRecords] | list[ClipRecords], unit: str = "scenes") -> dict:
@@ -301,7 +394,10 @@ def tokenizer_texts(world_dir: str | Path) -> Iterator[str]:
     """What the world's tokenizer is trained on: every text of the train split a model reads or
     writes, i.e. the text corpus (when the world has one), captions, questions and answers (of
     clips too, when the world has them), with the image and video placeholders removed. Reads the
-    files that world.json lists."""
+    files that world.json lists. Reasoning scenes kept apart (`qa_reasoning_train.json`) are not
+    read, so adding them leaves the tokenizer as it was: a model trained on the world without them
+    (the demo's) keeps its token ids when a run names the world with them. Mixed into qa_train
+    (`reasoning_in_qa`), they are read with it."""
     world_dir = Path(world_dir)
     files = json.loads((world_dir / WORLD_FILE).read_text())["files"]
     if "text_train" in files:
@@ -335,7 +431,9 @@ def prepare_world(spec: WorldSpec, progress: bool = True) -> Path:
         generate(world_dir, n_train=spec.n_train, n_val=spec.n_val, n_test=spec.n_test, seed=spec.seed,
                  turns_per_record=spec.turns_per_record, train_questions=spec.train_questions, layout=spec.layout,
                  n_train_clips=spec.n_train_clips, n_val_clips=spec.n_val_clips, n_test_clips=spec.n_test_clips,
-                 progress=progress)
+                 n_train_reasoning=spec.n_train_reasoning, n_val_reasoning=spec.n_val_reasoning,
+                 n_test_reasoning=spec.n_test_reasoning, reasoning_categories=spec.reasoning_categories,
+                 reasoning_in_qa=spec.reasoning_in_qa, progress=progress)
     tok_dir = world_dir / TOKENIZER_DIR
     if not (tok_dir / TOKENIZER_FILE).is_file():
         tmp = world_dir / f".{TOKENIZER_DIR}-tmp"
@@ -351,18 +449,26 @@ def _check_world(spec: WorldSpec, world: dict, world_dir: Path) -> None:
     """A world on disk is reused only when it was generated with the spec's settings."""
     counts = world.get("counts", {})
     clips = counts.get("clips", {})  # absent: a world of stills
+    reasoning = counts.get("reasoning", {})  # absent: a world without reasoning scenes
+    settings = world.get("reasoning", {})
     have = {"seed": world.get("seed"), "n_train": counts.get("train", {}).get("scenes"),
             "n_val": counts.get("val", {}).get("scenes"), "n_test": counts.get("test", {}).get("scenes"),
             "turns_per_record": world.get("turns_per_record"), "train_questions": world.get("train_questions"),
             "prompt_layout": world.get("prompt_layout"), "answer_style": world.get("answer_style"),
             "layout": world.get("layout", "fixed"),  # a fixed world writes no layout key (_layout_settings)
-            **{f"n_{split}_clips": clips.get(split, {}).get("clips", 0) for split in ("train", "val", "test")}}
+            **{f"n_{split}_clips": clips.get(split, {}).get("clips", 0) for split in ("train", "val", "test")},
+            **{f"n_{split}_reasoning": reasoning.get(split, {}).get("scenes", 0) for split in ("train", "val", "test")},
+            "reasoning_categories": settings.get("categories"), "reasoning_in_qa": settings.get("in_qa")}
+    with_reasoning = any(spec.reasoning_counts.values())  # else the reasoning settings do not apply
     want = {"seed": spec.seed, "n_train": spec.n_train, "n_val": spec.n_val, "n_test": spec.n_test,
             "turns_per_record": spec.turns_per_record, "train_questions": spec.train_questions,
             "prompt_layout": PROMPT_LAYOUT,  # a world asked image-first trains another layout
             "answer_style": ANSWER_STYLE,  # a world of one-word relation and option answers, another style
             "layout": spec.layout, "n_train_clips": spec.n_train_clips, "n_val_clips": spec.n_val_clips,
-            "n_test_clips": spec.n_test_clips}
+            "n_test_clips": spec.n_test_clips,
+            **{f"n_{split}_reasoning": n for split, n in spec.reasoning_counts.items()},
+            "reasoning_categories": list(spec.reasoning_categories) if with_reasoning else None,
+            "reasoning_in_qa": spec.reasoning_in_qa if with_reasoning else None}
     differ = [f"{k}: {have[k]!r} on disk, {want[k]!r} in the config" for k in want if have[k] != want[k]]
     if differ:
         raise ConfigError(f"{world_dir} holds a world generated with other settings ({'; '.join(differ)}); "

@@ -243,11 +243,13 @@ def synth_test_split(cache_dir: str | Path | None, n_test: int = 1000, seed: int
 
 
 BUILTIN = {"synth": lambda cache_dir: read_benchmark(synth_test_split(cache_dir))}
-# Prompt wording per benchmark name: the synthetic split and the synthetic world's test clips
-# (`synth_clips.jsonl`, data/world.py) are asked exactly as their training data asks.
-FORMATS: dict[str, PromptFormat] = {"synth": SYNTH_PROMPTS, "synth_clips": SYNTH_PROMPTS}
+# Prompt wording per benchmark name: the synthetic split and the synthetic world's test clips and
+# reasoning questions (`synth_clips.jsonl`, `synth_reasoning.jsonl`, data/world.py) are asked
+# exactly as their training data asks.
+FORMATS: dict[str, PromptFormat] = {"synth": SYNTH_PROMPTS, "synth_clips": SYNTH_PROMPTS,
+                                    "synth_reasoning": SYNTH_PROMPTS}
 # Longest reply per benchmark name (gen mode): the synthetic world's worked replies run to ~26 tokens.
-REPLY_TOKENS: dict[str, int] = {"synth": 40, "synth_clips": 40}
+REPLY_TOKENS: dict[str, int] = {"synth": 40, "synth_clips": 40, "synth_reasoning": 64}
 DEFAULT_REPLY_TOKENS = 16
 
 
