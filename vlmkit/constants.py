@@ -9,6 +9,9 @@ IMAGE_PLACEHOLDER = "<image>"
 # Where a video goes (LLaVA-Video's convention); templates expand it into the video's tokens.
 VIDEO_PLACEHOLDER = "<video>"
 
+RESCALE_FACTOR = 1 / 255
+"""8-bit pixel values -> [0, 1], before the normalisation (every image processor's rescale)."""
+
 # Normalisation of the images CLIP was trained on (OpenAI's CLIP, Qwen2-VL and Qwen2.5-VL).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

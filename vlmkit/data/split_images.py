@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlmkit.constants import RESCALE_FACTOR
 from vlmkit.data.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, to_rgb
 
 MAX_IMAGE_SIDE = 4096
 """The reference scales an image whose longer side would pass this back down to it."""
-RESCALE_FACTOR = 1 / 255
 
 
 def _longest_side_size(width: int, height: int, longest: int) -> tuple[int, int]:

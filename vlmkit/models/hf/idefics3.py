@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from vlmkit.constants import FAKE_IMAGE_TOKEN, IMAGE_TOKEN
+from vlmkit.constants import FAKE_IMAGE_TOKEN, IMAGE_TOKEN, RESCALE_FACTOR
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.config import AdapterConfig, VisionConfig, VLMConfig
 from vlmkit.models.hf.common import (KeyMap, architecture, key_map, load_into, prefixed, read_config, read_state_dict,
@@ -56,7 +56,6 @@ PROCESSOR_FILE = "processor_config.json"
 
 LANCZOS = 1
 """PIL's LANCZOS filter: the image processors' resample, and data/split_images.py's."""
-RESCALE_FACTOR = 1 / 255
 
 # The defaults of transformers' Idefics3Config / SmolVLMConfig (alike), for keys a config.json
 # leaves out: the top level, the vision tower, the decoder (a Llama with its own RMSNorm epsilon).

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from vlmkit.errors import ConfigError
 from vlmkit.models.config import VLMConfig
 from vlmkit.models.hf.common import KeyMap, prefixed, rename
+from vlmkit.models.hf.idefics3 import SAVED_LAYOUT, check_idefics3_exportable, idefics3_key_map
 from vlmkit.models.hf.internvl import check_internvl_exportable, internvl_key_map
 from vlmkit.models.hf.llava import PROJECTOR_EXPORT_KEYS, check_llava_exportable
 from vlmkit.models.hf.llm import OURS_TO_HF
@@ -48,14 +49,16 @@ ExportCheck = Callable[[VLMConfig], None]
 def _export_names(cfg: VLMConfig) -> tuple[ExportCheck, KeyMap, KeyMap]:
     """What `VLM.export_hf` writes `cfg`'s model as: (its refusal check, vlmkit tensor names -> the
     export's names in the normalised file layout, that layout -> transformers' module names).
-    The key maps are the export's own, composed as llava_state_dict, qwen_vl_state_dict and
-    internvl_state_dict compose them."""
+    The key maps are the export's own, composed as llava_state_dict, qwen_vl_state_dict,
+    internvl_state_dict and idefics3_state_dict compose them."""
     llm = prefixed(OURS_TO_HF, "llm.", "language_model.")
     if cfg.is_native:
         tower = prefixed(NATIVE_VISION_EXPORT_KEYS[cfg.native_vision.style], "vision.", "visual.")
         return check_qwen_vl_exportable, tower + llm, MODULE_LAYOUT
     if cfg.vision.style == "intern_vit":
         return check_internvl_exportable, internvl_key_map(reverse=True) + llm, LLAVA_MODULE_LAYOUT
+    if cfg.tiling == "split":
+        return check_idefics3_exportable, idefics3_key_map(reverse=True) + llm, SAVED_LAYOUT
     llava = (prefixed(VISION_EXPORT_KEYS, "vision.", "vision_tower.")
              + prefixed(PROJECTOR_EXPORT_KEYS, "adapter.", "multi_modal_projector.") + llm)
     return check_llava_exportable, llava, LLAVA_MODULE_LAYOUT
