@@ -27,7 +27,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("run config", ("vlmkit.config",)),
     ("train+eval+serve", ("vlmkit.train", "vlmkit.eval", "vlmkit.serve")),
     ("commands", ("vlmkit.cli", "vlmkit.__main__", "vlmkit.build_cli", "vlmkit.export_cli", "vlmkit.chat_cli",
-                  "vlmkit.data.cli", "vlmkit.train.cli", "vlmkit.train.demo", "vlmkit.eval.cli",
+                  "vlmkit.data.cli", "vlmkit.train.cli", "vlmkit.train.demo", "vlmkit.train.post_train_demo",
+                  "vlmkit.eval.cli",
                   "vlmkit.serve.cli")),
 ]
 SEPARATE = [("vlmkit.models", "vlmkit.data"), ("vlmkit.train", "vlmkit.eval"), ("vlmkit.train", "vlmkit.serve"),

@@ -110,3 +110,27 @@ def test_final_checkpoint_loads_and_answers(demo):
                                                          {"type": "image", "image": str(image)}]}],
                            max_new_tokens=4)
     assert isinstance(reply, str)
+
+
+POST_TRAIN_FIELDS = {"categories", "before", "after", "per_category_before", "per_category_after", "blind_after",
+                     "chance", "other_categories_before", "other_categories_after", "trainable_fraction",
+                     "wall_seconds"}
+
+
+def test_post_train_continues_from_the_demo_and_reports_every_example(demo):
+    out, _, _ = demo
+    done = subprocess.run([sys.executable, "-m", "vlmkit", "demo", "--quick", "--post-train", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "post_training.json").read_text())
+    for name in ("lora_sft", "dpo", "grpo"):
+        assert POST_TRAIN_FIELDS <= set(report[name]), name
+        assert report[name]["categories"] == ["count_attribute", "chained_relation"]
+        assert 0.0 <= report[name]["after"] <= 1.0 and 0.0 < report[name]["chance"] < 1.0
+    assert {"full_sft_after"} <= set(report["lora_sft"]) and report["dpo"]["pairs"]["pairs"] > 0
+    # the LoRA example trains its adapters only; the full fine-tuning beside it trains the decoder
+    assert 0.0 < report["lora_sft"]["trainable_fraction"] < report["dpo"]["trainable_fraction"]
+    assert (out / "post_train" / "lora_sft" / "adapters" / "lora_sft" / "adapter_config.json").is_file()
+    assert len(report["grpo"]["curve"]) == 2  # the quick run's steps
+    assert (out / "post_train" / "grpo_curve.png").is_file()
+    assert json.loads((out / "final" / "vlmkit.json").read_text())["demo"]["quick"] is True  # the demo's model kept

@@ -29,6 +29,7 @@ from vlmkit.config import RunConfig, load_config
 from vlmkit.data.synth import chance_accuracy
 from vlmkit.data.world import prepare_world
 from vlmkit.eval.report import BASELINE_SERIES, category_table, compare_with_baselines, percent, plot_categories
+from vlmkit.train import post_train_demo
 
 if TYPE_CHECKING:  # annotations only: both load torch
     from vlmkit.api import VLM
@@ -62,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue a killed demo run in --out")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the demo config (vlmkit/configs/demo.yaml) by dotted path")
+    post_train_demo.add_arguments(parser)
 
 
 def demo_config(args: argparse.Namespace, out: Path) -> RunConfig:
@@ -182,6 +184,13 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "post_train", False):
+        return post_train_demo.run(args, run_demo, demo_config(args, Path(args.out)))
+    return run_demo(args)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The demo itself: world, training, evaluation, report."""
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
