@@ -1,6 +1,6 @@
 """Vision pretraining as a stage (`kind: contrastive`): SigLIP's sigmoid loss against its formula
 (value and gradient), the pairs a stage reads, held-out retrieval with repeated captions, a stage
-that trains the tower (and only the tower) and resumes bit for bit from any step, the config's
+that trains the tower (and only the tower) and resumes bit for bit from inside it, the config's
 checks, and continued pretraining of a tower loaded from HF directories."""
 
 import json
@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from vlmkit.config import CONFIG_DIR, load_config
 from vlmkit.data.formats import read_records
 from vlmkit.data.images import ImageProcessor
+from vlmkit.data.packing import SourceStream
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.world import TOKENIZER_DIR, prepare_world
 from vlmkit.errors import ConfigError
@@ -24,7 +25,6 @@ from vlmkit.models.contrastive import ContrastiveHeads, TextTower, sigmoid_contr
 from vlmkit.train.checkpoint import HEADS_FILE, list_checkpoints
 from vlmkit.train.contrastive import (CaptionPairPipeline, ContrastiveObjective, PairBatches, caption_groups,
                                       captions_of, retrieval_accuracy)
-from vlmkit.data.packing import SourceStream
 from vlmkit.train.loop import Trainer, train
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from vlmkit.models.llm import LLM
 TEXT_MLP_RATIO = 4
 """The text tower's FFN width as a multiple of its hidden size."""
 PROJECTION_INIT_STD = 0.02
-"""Std of the projections' initial weights (as the towers' own linears)."""
+"""Std of the heads' initial weights (projections, bag-of-words embeddings), as the towers' own linears."""
 
 
 def sigmoid_contrastive_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale: torch.Tensor,

@@ -14,12 +14,12 @@ are positives of each other, not negatives.
 
 What learns: the vision tower (`vision_lr`) through the features the adapter reads
 (`feature_layer`; blocks past it get no gradient), and the stage's heads (`contrastive.heads_lr`):
-an image head, a small text tower of its own and the learned scale and bias. The text side is a
-tower of its own rather than the LLM's embeddings: the stage then works wherever it sits in a
-curriculum (first, before the LLM has learned any language; or on a pretrained LLM that it must
-not disturb), and a few attention blocks can bind the words of a caption ("a small red circle in
-the top left") where a pooled bag of embeddings cannot. The heads are dropped at the stage end;
-the tower carries over.
+an image head, a text side of its own and the learned scale and bias. The text side is the
+stage's own rather than the LLM's embeddings, so the stage works wherever it sits in a curriculum
+(first, before the LLM has learned any language; or on a pretrained LLM it must not disturb): a
+small causal tower, or with `text_layers: 0` a bag of its own word embeddings (models/contrastive.py,
+`TextTower`; what each costs and reaches on the demo world: docs/training.md, "Vision
+pretraining"). The heads are dropped at the stage end; the tower carries over.
 
 Held-out retrieval (`evaluate`): over the first `contrastive.eval_pairs` pairs of the eval source,
 image -> caption and caption -> image top-1 accuracy by cosine similarity; a retrieval counts as a
@@ -38,6 +38,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 
 from vlmkit.config import RunConfig
 from vlmkit.constants import IGNORE_INDEX
@@ -55,6 +56,8 @@ from vlmkit.train.stages import stage_seed
 
 HELD_OUT_SEED = 0
 """Held-out pairs are read in file order (no shuffle); the seed only names the stream."""
+SHUFFLE_BLOCK = 1024
+"""Training pairs are shuffled in blocks of this many records, as sft stages read their sources."""
 
 
 def single_tile_processor(vision: VisionConfig) -> ImageProcessor:
@@ -140,8 +143,7 @@ def retrieval_accuracy(img_emb: torch.Tensor, txt_emb: torch.Tensor, groups: tor
     """Top-1 retrieval over N pairs by cosine similarity: image -> caption (`i2t`) and caption ->
     image (`t2i`), a hit when the retrieved pair's caption equals the query's (`groups`, from
     `caption_groups`); `chance`: the accuracy of a uniformly random pick under the same rule."""
-    sims = torch.nn.functional.normalize(img_emb.float(), dim=-1) @ torch.nn.functional.normalize(
-        txt_emb.float(), dim=-1).T  # (N, N)
+    sims = F.normalize(img_emb.float(), dim=-1) @ F.normalize(txt_emb.float(), dim=-1).T  # (N, N)
     groups = groups.to(sims.device)
     same = groups[:, None] == groups[None, :]  # (N, N)
     return {"i2t": float((groups[sims.argmax(dim=1)] == groups).float().mean()),
@@ -192,7 +194,8 @@ class ContrastiveObjective(Objective):
 
     def _sources(self, cfg: RunConfig, index: int) -> list[MixtureSource]:
         seed = stage_seed(cfg, index)
-        return [MixtureSource(name, self._pairs(cfg, name, seed=seed, loop=True, shuffle_block=1024), weight, "image")
+        return [MixtureSource(name, self._pairs(cfg, name, seed=seed, loop=True, shuffle_block=SHUFFLE_BLOCK),
+                              weight, "image")
                 for name, weight in cfg.stage_mixture(index).items() if weight > 0]
 
     def heads(self) -> ContrastiveHeads:
@@ -210,7 +213,8 @@ class ContrastiveObjective(Objective):
 
     def forward_backward(self, step: int) -> dict:
         """`grad_accum` micro-batches of pairs, each scored all against all; the step's loss is
-        their mean."""
+        their mean. `tokens`: the captions' tokens plus the images' patches; `batch_i2t`: image ->
+        caption top-1 within the step's own micro-batches."""
         accum = self.stage.grad_accum
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.stage.precision == "bf16"
                     else nullcontext())
@@ -260,6 +264,9 @@ class ContrastiveObjective(Objective):
                     break
                 self._held_out.append(batch)
                 count += batch.num_samples
+            if not self._held_out:
+                raise ConfigError(f"stage {self.stage.name!r}: eval source {self.eval_name!r} has no usable "
+                                  "image-caption pair (see the skipped-record log)")
         return self._held_out
 
     def state_dict(self) -> dict:
