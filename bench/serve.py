@@ -26,6 +26,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+READY_TIMEOUT_S = 120
 
 
 def build_checkpoint(out: Path) -> Path:
@@ -69,24 +70,26 @@ def image_data_url(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def start_server(model: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, max_batch: int, threads: int, *options: str,
+                 ready_timeout_s: float = READY_TIMEOUT_S) -> tuple[subprocess.Popen, int]:
+    """`vlmkit serve` of `model` on a free port (with more command-line `options`), once its /health
+    answers: (the process, its port)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "vlmkit", "serve", "--model", str(model), "--port", str(port),
-                             "--max-batch", str(max_batch), "--threads", str(threads)], cwd=ROOT,
+                             "--max-batch", str(max_batch), "--threads", str(threads), *options], cwd=ROOT,
                             stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
+    deadline = time.monotonic() + ready_timeout_s
+    while time.monotonic() < deadline:
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc, port
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
             raise RuntimeError(f"vlmkit serve exited with {proc.returncode}")
         time.sleep(0.3)
     proc.kill()
-    raise RuntimeError("vlmkit serve did not come up in 120 s")
+    raise RuntimeError(f"vlmkit serve did not come up in {ready_timeout_s} s")
 
 
 def run_clients(url: str, clients: int, requests: int, max_tokens: int) -> tuple[int, float]:
@@ -129,7 +132,8 @@ def main() -> None:
         model = Path(args.model) if args.model else build_checkpoint(Path(tmp) / "model")
         results = {}
         for max_batch in (args.clients, 1):
-            proc, url = start_server(model, max_batch, args.threads)
+            proc, port = start_server(model, max_batch, args.threads)
+            url = f"http://127.0.0.1:{port}"
             try:
                 run_clients(url, 2, 1, 4)  # warm-up
                 tokens, seconds = run_clients(url, args.clients, args.requests, args.max_tokens)

@@ -34,7 +34,6 @@ import os
 import random
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,7 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve import build_checkpoint, free_port, image_data_url  # noqa: E402
+from bench.serve import build_checkpoint, image_data_url, start_server  # noqa: E402
 
 MIX = {"normal": 0.30, "stream": 0.25, "disconnect": 0.15, "cancel": 0.15, "malformed": 0.15}
 LEAVING = ("disconnect", "cancel")
@@ -192,26 +191,6 @@ def drive(port: int, clients: int, requests: int, max_seconds: float, seed: int,
     return tally, time.monotonic() - start
 
 
-def start_server(model: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vlmkit", "serve", "--model", str(model), "--port", str(port),
-                             "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
-                             "--max-tokens-cap", str(MAX_TOKENS_CAP), "--threads", str(args.threads)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"vlmkit serve exited with {proc.returncode}")
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"vlmkit serve did not come up in {READY_TIMEOUT_S} s")
-
-
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process, from /proc (Linux)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -287,7 +266,8 @@ def main() -> int:
     bomb = bomb_data_url()
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else build_checkpoint(Path(tmp) / "model")
-        proc, port = start_server(model, args)
+        proc, port = start_server(model, args.max_batch, args.threads, "--max-queue", str(args.max_queue),
+                                  "--max-tokens-cap", str(MAX_TOKENS_CAP), ready_timeout_s=READY_TIMEOUT_S)
         try:
             drive(port, args.clients, args.warmup, args.max_seconds, args.seed + 1, bomb)
             settle(port, args.settle_seconds)

@@ -13,12 +13,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.train_support import (Stopped, assert_same_weights, final_weights, kept_thread_count, prepared_world,
+                                 stop_after)
 from vlmkit.config import CONFIG_DIR, load_config
 from vlmkit.data.formats import read_records
 from vlmkit.data.images import ImageProcessor
 from vlmkit.data.packing import SourceStream
 from vlmkit.data.tokenizer import Tokenizer
-from vlmkit.data.world import TOKENIZER_DIR, prepare_world
+from vlmkit.data.world import TOKENIZER_DIR
 from vlmkit.errors import ConfigError
 from vlmkit.models import load_vision
 from vlmkit.models.contrastive import ContrastiveHeads, TextTower, sigmoid_contrastive_loss
@@ -119,11 +121,7 @@ def test_a_text_side_without_blocks_is_a_bag_of_words():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    spec = load_config("tiny").world
-    spec.dir = str(tmp_path_factory.mktemp("world"))
-    spec.n_val = 24  # held-out captions (captions_val.json)
-    prepare_world(spec, progress=False)
-    return Path(spec.dir)
+    return prepared_world(tmp_path_factory.mktemp("world"), n_val=24)  # held-out captions (captions_val.json)
 
 
 def pair_pipeline(world: Path, max_length: int = 77) -> CaptionPairPipeline:
@@ -216,9 +214,8 @@ def run_config(world: Path, **overrides):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+    with kept_thread_count():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -258,21 +255,6 @@ def test_the_stage_trains_the_tower_only_and_reports_retrieval(reference):
     assert with_heads == [2]
 
 
-class Stopped(Exception):
-    """Stands in for a kill: raised where the run is to stop."""
-
-
-def stop_after(monkeypatch, global_step: int) -> None:
-    def stopping(method):
-        def run(self, *args, **kwargs):
-            if self.state.global_step == global_step:
-                raise Stopped
-            return method(self, *args, **kwargs)
-        return run
-
-    monkeypatch.setattr(Trainer, "_train_step", stopping(Trainer._train_step))
-
-
 # Stopped before the stage's first checkpoint (1: the run starts over), one step past its
 # checkpoint inside (3: the tower, heads, optimizer, data cursor and RNG come back from step 2),
 # at the stage end (4: the next stage starts from the trained tower, without the heads).
@@ -284,10 +266,7 @@ def test_the_stage_resumes_bitwise(world, reference, monkeypatch, tmp_path, stop
         train(run_config(world), tmp_path)
     monkeypatch.undo()
     train(run_config(world), tmp_path, resume=True)
-    ref = load_file(str(reference / "final" / "model.safetensors"))
-    got = load_file(str(tmp_path / "final" / "model.safetensors"))
-    assert ref.keys() == got.keys()
-    assert not [k for k in ref if not torch.equal(ref[k], got[k])]
+    assert_same_weights(final_weights(reference), final_weights(tmp_path))
     steps = [r["global_step"] for r in metrics(tmp_path) if not r.get("eval")]
     assert steps == list(range(1, RUN_STEPS + 1))
     evals = [r for r in metrics(tmp_path) if r.get("eval") and r["stage"] == 0]

@@ -6,11 +6,8 @@ model's own samples by a checker (train/self_feedback.py)."""
 import io
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,22 +16,24 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from safetensors.torch import load_file
 
-from vlmkit.config import find_config, load_config
+from tests.train_support import (Stopped, assert_same_weights, final_weights, kept_thread_count, kill_at_checkpoint,
+                                 prepared_world, stop_after)
+from vlmkit.config import load_config
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.formats import BadRecord
 from vlmkit.data.images import ImageProcessor
 from vlmkit.data.packing import SourceStream
 from vlmkit.data.preference import PairPacker, PairPipeline, PreferencePair, read_pairs
 from vlmkit.data.tokenizer import Tokenizer
-from vlmkit.data.world import prepare_world
 from vlmkit.errors import ConfigError
 from vlmkit.train.checkpoint import list_checkpoints
 from vlmkit.train.dpo import dpo_loss, sequence_logprobs
-from vlmkit.train.loop import Trainer, build_model, train
+from vlmkit.train.loop import build_model, train
 from vlmkit.train.self_feedback import FeedbackPrompt, self_feedback_pairs, write_pairs
 
+DPO_TINY = Path(__file__).with_name("dpo_tiny.yaml")
+"""The tests' DPO run on the tiny world (the ready dpo config continues from the post-training demo)."""
 TPI = 4  # visual tokens per tile in the unit tests
 
 
@@ -259,10 +258,7 @@ def test_pair_packer_resumes_with_the_same_packs(tmp_path, tok):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    spec = load_config("dpo").world
-    spec.dir = str(tmp_path_factory.mktemp("world"))
-    prepare_world(spec, progress=False)
-    world = Path(spec.dir)
+    world = prepared_world(tmp_path_factory.mktemp("world"), str(DPO_TINY))
     items = [json.loads(line) for line in (world / "synth.jsonl").read_text().splitlines()]
     answers = {k: v["answers"] for k, v in json.loads((world / "world.json").read_text())["categories"].items()}
 
@@ -282,15 +278,13 @@ def world(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def one_thread():
-    # The trainer sets the process's thread count; the tests after these keep theirs.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+    with kept_thread_count():
+        yield
 
 
 def dpo_only(world: Path, **stage) -> dict:
-    """vlmkit/configs/dpo.yaml with its DPO stage alone, on a fresh model, as a mapping."""
-    raw = yaml.safe_load(find_config("dpo").read_text())
+    """tests/dpo_tiny.yaml with its DPO stage alone, on a fresh model, as a mapping."""
+    raw = yaml.safe_load(DPO_TINY.read_text())
     raw["world"]["dir"] = str(world)
     raw.update(num_threads=1, progress=False, tensorboard=False)
     raw["stages"] = [{**raw["stages"][1], "grad_accum": 1, "token_budget": 512, "save_every": 0, **stage}]
@@ -345,57 +339,31 @@ KILL_SETTINGS = ["num_threads=1", "progress=false", "tensorboard=false", "stages
 
 
 def kill_command(out: Path, world: Path, *extra: str) -> list[str]:
-    args = [sys.executable, "-m", "vlmkit", "train", "dpo", "--out", str(out), "--set", f"world.dir={world}"]
+    args = [sys.executable, "-m", "vlmkit", "train", str(DPO_TINY), "--out", str(out), "--set", f"world.dir={world}"]
     for item in KILL_SETTINGS:
         args += ["--set", item]
     return args + list(extra)
 
 
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    differ = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not differ, f"weights differ after resume: {differ[:5]}"
-
-
 @pytest.mark.slow
 def test_dpo_stage_resumes_bitwise_after_a_kill(world, one_thread, tmp_path):
-    train(load_config("dpo", [f"world.dir={world}", *KILL_SETTINGS]), tmp_path / "reference")
+    train(load_config(DPO_TINY, [f"world.dir={world}", *KILL_SETTINGS]), tmp_path / "reference")
     out = tmp_path / "killed"
-    proc = subprocess.Popen(kill_command(out, world), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    target = out / "checkpoints" / "step-00000004"  # the second DPO step, its reference copy inside
-    while not target.exists() and proc.poll() is None:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "final").exists()
+    kill_at_checkpoint(kill_command(out, world), out, 4)  # the second DPO step, its reference copy inside
     resumed = subprocess.run(kill_command(out, world, "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_weights(load_file(str(tmp_path / "reference" / "final" / "model.safetensors")),
-                        load_file(str(out / "final" / "model.safetensors")))
+    assert_same_weights(final_weights(tmp_path / "reference"), final_weights(out))
     want = [r for r in metrics(tmp_path / "reference") if r.get("kind") == "dpo"]
     got = [r for r in metrics(out) if r.get("kind") == "dpo"]
     assert [r["global_step"] for r in got] == [3, 4, 5, 6]
     assert [r["margin"] for r in got] == [r["margin"] for r in want]
 
 
-class Stopped(Exception):
-    """Stands in for the kill."""
-
-
 @pytest.mark.slow
 def test_precomputed_reference_resumes_bitwise(world, one_thread, monkeypatch, tmp_path):
     raw = dpo_only(world, steps=4, save_every=1, dpo={"reference": "precomputed", "eval_source": "pairs_heldout"})
     train(load_config(raw), tmp_path / "reference")
-
-    def stop_after_two(method):
-        def stopping(self, *args, **kwargs):
-            if self.state.global_step == 2:
-                raise Stopped
-            return method(self, *args, **kwargs)
-        return stopping
-
-    monkeypatch.setattr(Trainer, "_train_step", stop_after_two(Trainer._train_step))
+    stop_after(monkeypatch, 2)
     with pytest.raises(Stopped):
         train(load_config(raw), tmp_path / "stopped")
     monkeypatch.undo()
@@ -404,8 +372,7 @@ def test_precomputed_reference_resumes_bitwise(world, one_thread, monkeypatch, t
     assert sum(key.startswith(f"{world / 'pairs_train.jsonl'}:") for key in table) == 200
     assert any(key.startswith(f"{world / 'pairs_heldout.jsonl'}:") for key in table)
     train(load_config(raw), tmp_path / "stopped", resume=True)
-    assert_same_weights(load_file(str(tmp_path / "reference" / "final" / "model.safetensors")),
-                        load_file(str(tmp_path / "stopped" / "final" / "model.safetensors")))
+    assert_same_weights(final_weights(tmp_path / "reference"), final_weights(tmp_path / "stopped"))
     first = metrics(tmp_path / "reference")[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
@@ -420,7 +387,7 @@ def test_lora_disabled_reference_starts_at_log2(world, one_thread, tmp_path):
 
 
 def test_config_checks_the_held_out_source():
-    raw = yaml.safe_load(find_config("dpo").read_text())
+    raw = yaml.safe_load(DPO_TINY.read_text())
     load_config(raw)
     raw["stages"][1]["dpo"]["eval_source"] = "nowhere"
     with pytest.raises(ConfigError, match="eval_source"):

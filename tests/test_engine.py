@@ -23,16 +23,20 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
+def tiny_config() -> VLMConfig:
+    """A tiny VLM over ByteTokenizer's ids (the image token is IMAGE)."""
+    return VLMConfig(vision=VisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64,
+                                         num_layers=1, num_heads=2),
+                     adapter=AdapterConfig(kind="mlp"),
+                     llm=LLMConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                                   num_kv_heads=2, max_position_embeddings=256),
+                     image_token_id=IMAGE)
+
+
 @pytest.fixture(scope="module")
 def vlm():
     torch.manual_seed(0)
-    cfg = VLMConfig(vision=VisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64,
-                                        num_layers=1, num_heads=2),
-                    adapter=AdapterConfig(kind="mlp"),
-                    llm=LLMConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                                  num_kv_heads=2, max_position_embeddings=256),
-                    image_token_id=IMAGE)
-    model = VLMModel(cfg).eval()
+    model = VLMModel(tiny_config()).eval()
     # scale up the logits so that greedy decoding is far from ties and does not loop at once
     with torch.no_grad():
         model.llm.lm_head.weight.mul_(40)

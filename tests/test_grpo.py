@@ -9,8 +9,9 @@ import random
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from tests.test_engine import IMAGE, tiny_config
+from tests.train_support import Stopped, assert_same_weights, final_weights, kept_thread_count, stop_after
 from vlmkit.api import VLM
 from vlmkit.config import load_config
 from vlmkit.constants import IGNORE_INDEX
@@ -20,7 +21,6 @@ from vlmkit.data.types import Sample
 from vlmkit.data.world import WorldSpec, prepare_world
 from vlmkit.infer.engine import Engine
 from vlmkit.infer.sampling import SamplingParams
-from vlmkit.models.config import AdapterConfig, LLMConfig, VisionConfig, VLMConfig
 from vlmkit.train.grpo import clipped_policy_loss, group_advantages, kl_estimate, runs_within, sample_seed
 from vlmkit.train.loop import Trainer, train
 from vlmkit.train.rewards import CHECKERS
@@ -121,19 +121,10 @@ def test_sample_seeds_are_distinct_per_prompt_and_sample():
 # Engine log-probs == training log-probs
 # ---------------------------------------------------------------------------------------------
 
-IMAGE = 257
-
-
 @pytest.fixture(scope="module")
 def vlm():
     torch.manual_seed(0)
-    cfg = VLMConfig(vision=VisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64,
-                                        num_layers=1, num_heads=2),
-                    adapter=AdapterConfig(kind="mlp"),
-                    llm=LLMConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                                  num_kv_heads=2, max_position_embeddings=256),
-                    image_token_id=IMAGE)
-    return VLM(cfg).eval()
+    return VLM(tiny_config()).eval()
 
 
 @pytest.mark.parametrize("params", [
@@ -189,10 +180,8 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    # bitwise equality needs the same thread count in both runs; the tests after these keep theirs
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+    with kept_thread_count():
+        yield
 
 
 def grpo_config(world, sft_steps=0, **grpo):
@@ -270,25 +259,12 @@ def test_grpo_stage_trains_and_logs(world, reference_run):
 # an update left rides in the checkpoint), 4 (between rollouts), 5.
 @pytest.mark.parametrize("stopped_after", [3, 4, 5])
 def test_grpo_resumes_bitwise(world, reference_run, mixed_rewards, monkeypatch, tmp_path, stopped_after):
-    class Stopped(Exception):
-        pass
-
-    def stop(method):
-        def stopping(self, *args, **kwargs):
-            if self.state.global_step == stopped_after:
-                raise Stopped
-            return method(self, *args, **kwargs)
-        return stopping
-
     with monkeypatch.context() as mp:
-        mp.setattr(Trainer, "_train_step", stop(Trainer._train_step))
+        stop_after(mp, stopped_after)
         with pytest.raises(Stopped):
             train(grpo_config(world, sft_steps=2), tmp_path)
     train(grpo_config(world, sft_steps=2), tmp_path, resume=True)
-    expected = load_file(str(reference_run / "final" / "model.safetensors"))
-    got = load_file(str(tmp_path / "final" / "model.safetensors"))
-    assert expected.keys() == got.keys()
-    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+    assert_same_weights(final_weights(reference_run), final_weights(tmp_path))
     assert [r["reward"] for r in step_records(tmp_path)] == [r["reward"] for r in step_records(reference_run)]
 
 

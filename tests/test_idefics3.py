@@ -9,19 +9,19 @@ greedy decoding and the export round trip; plus the packed loss, the vlmkit chec
 refusals."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.models.smolvlm import processing_smolvlm
-from transformers.processing_utils import ProcessorMixin
 
+from tests.hf_vlm_support import (CONVERSATIONS, IMAGE_SIZES, assert_logits_close, check_cached_greedy_decoding,
+                                  check_checkpoint_round_trip, check_packed_loss, conversation_images, edited_copy,
+                                  randomized, sample_images, tensor_names, without_video_processor)
 from tests.tokenizer_support import builtin_tokenizer, hf_dir
 from vlmkit import VLM
 from vlmkit.cli import main
@@ -33,8 +33,6 @@ from vlmkit.data.split_images import SplitImageProcessor
 from vlmkit.data.template import encode_record, render
 from vlmkit.data.types import Record
 from vlmkit.errors import BadRecordError, CheckpointError, ConfigError
-from vlmkit.infer.engine import Engine
-from vlmkit.infer.sampling import SamplingParams
 from vlmkit.models.config import VLMConfig
 from vlmkit.models.hf.idefics3 import check_idefics3_exportable, idefics3_config
 from vlmkit.models.hf.internvl import check_internvl_exportable
@@ -50,13 +48,6 @@ IDEFICS3_TEMPLATE = (
 TILE_NAMES = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
 IDEFICS3_TOKENS = [FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE, GLOBAL_IMAGE_TOKEN, *TILE_NAMES]
 LLAMA3_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-
-WEIGHT_STD = 0.2
-"""Random weights (norm scales around 1) larger than transformers' init, so that every norm, bias
-and position matters."""
-TOLERANCE = 1e-4
-IMAGE_SIZES = [(40, 90), (32, 32), (70, 24), (64, 64)]  # (height, width): wide, square, tall, square
-NEW_TOKENS = 6
 
 TEXT = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=1024)
@@ -97,13 +88,8 @@ def _write_processor_files(path, shape: str):
                                                                 image_seq_len=_tokens_per_tile(spec))))
 
 
-def _randomized(model):
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            is_scale = p.dim() == 1 and "norm" in name and name.endswith("weight")
-            p.normal_(1.0 if is_scale else 0.0, WEIGHT_STD)
-    return model.eval()
+def _is_scale(name: str, p) -> bool:
+    return p.dim() == 1 and "norm" in name and name.endswith("weight")
 
 
 def _save(path, shape: str):
@@ -115,7 +101,7 @@ def _save(path, shape: str):
     config = spec["config"](vision_config=spec["vision"], scale_factor=spec["scale_factor"],
                             text_config={**TEXT, "vocab_size": len(tok), "tie_word_embeddings": spec["tied"]},
                             image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), tie_word_embeddings=spec["tied"])
-    model = _randomized(spec["model"](config))
+    model = randomized(spec["model"](config), _is_scale)
     model.save_pretrained(path)
     return model
 
@@ -130,11 +116,8 @@ def _reference_processor(path, shape: str):
                  chat_template=spec["tokens"]["chat_template"])
     if shape == "idefics3":
         return transformers.Idefics3Processor(**parts)
-    check = ProcessorMixin.check_argument_for_proper_class
-    with pytest.MonkeyPatch.context() as patch:
+    with without_video_processor(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(processing_smolvlm, "num2words", str)
-        patch.setattr(ProcessorMixin, "check_argument_for_proper_class",
-                      lambda self, name, arg: None if arg is None else check(self, name, arg))
         return transformers.SmolVLMProcessor(**parts, video_processor=None)
 
 
@@ -155,26 +138,6 @@ def pair(request, saved):
     return request.param, ref, VLM.from_hf(path), path, _reference_processor(path, request.param)
 
 
-def _images() -> list[Image.Image]:
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in IMAGE_SIZES]
-
-
-def _image_parts(images) -> list[dict]:
-    return [{"type": "image", "image": image} for image in images]
-
-
-# Conversations: images before, after and between text; a second turn; an image part alone.
-CONVERSATIONS = [
-    lambda im: [{"role": "user", "content": [*_image_parts(im[:2]), {"type": "text", "text": "What color is it?"}]}],
-    lambda im: [{"role": "user", "content": [{"type": "text", "text": "Describe the image."}, *_image_parts(im[2:3])]}],
-    lambda im: [{"role": "system", "content": "You are fine."},
-                {"role": "user", "content": [{"type": "text", "text": "How many"}, *_image_parts(im[3:]),
-                                             {"type": "text", "text": "shapes?"}]},
-                {"role": "assistant", "content": "There are three shapes."},
-                {"role": "user", "content": _image_parts(im[:1])}],
-]
-
 
 def _strip(conversation):
     """The conversation as transformers' chat templates take it: image parts without values, text
@@ -182,11 +145,6 @@ def _strip(conversation):
     return [{**m, "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else
              [{"type": p["type"], **({"text": p["text"]} if p["type"] == "text" else {})} for p in m["content"]]}
             for m in conversation]
-
-
-def _conversation_images(conversation):
-    return [p["image"] for m in conversation if not isinstance(m["content"], str)
-            for p in m["content"] if p["type"] == "image"]
 
 
 def _reference_batch(processor, conversations, images_per_row):
@@ -245,9 +203,9 @@ def test_prompts_equal_the_processor(pair):
     _, _, ours, _, processor = pair
     assert ours.tokenizer.template == "idefics3" and ours.tokenizer.image_token == IMAGE_TOKEN
     for make in CONVERSATIONS:
-        conversation = make(_images())
+        conversation = make(sample_images())
         prompt = build_prompt(conversation, ours.tokenizer, ours.image_processor(), ours.config.tokens_per_tile)
-        expected = _reference_batch(processor, [conversation], [_conversation_images(conversation)])
+        expected = _reference_batch(processor, [conversation], [conversation_images(conversation)])
         assert prompt.input_ids == expected["input_ids"][0].tolist()
         torch.testing.assert_close(prompt.pixel_values, expected["pixel_values"][0], rtol=0, atol=1e-6)
 
@@ -256,7 +214,7 @@ def test_rendered_text_equals_the_template(pair):
     """The text vlmkit's template writes, with images as placeholders, is the jinja template's."""
     _, _, ours, _, processor = pair
     for make in CONVERSATIONS:
-        conversation = make(_images())
+        conversation = make(sample_images())
         messages = read_conversation(conversation, separator=ours.tokenizer.part_separator).messages
         expected = processor.tokenizer.apply_chat_template(_strip(conversation), tokenize=False,
                                                            add_generation_prompt=True)
@@ -267,12 +225,12 @@ def test_training_sample_equals_the_processor(pair):
     """A chat record (what training packs) becomes the processor's ids of the whole conversation,
     and only the assistant's reply, its leading space and <end_of_utterance> are supervised."""
     _, _, ours, _, processor = pair
-    conversation = CONVERSATIONS[2](_images())[:3]  # system, user with an image, assistant
+    conversation = CONVERSATIONS[2](sample_images())[:3]  # system, user with an image, assistant
     read = read_conversation(conversation, separator=ours.tokenizer.part_separator)
     visual = encode_images(read.images, ours.image_processor(), ours.config.tokens_per_tile)
     ids, labels = encode_record(Record("r", "test", "chat", read.messages), ours.tokenizer, visual.visual_tokens)
     text = processor.tokenizer.apply_chat_template(_strip(conversation), tokenize=False)
-    expected = processor(text=[text], images=[_conversation_images(conversation)], return_tensors="pt")
+    expected = processor(text=[text], images=[conversation_images(conversation)], return_tensors="pt")
     assert ids == expected["input_ids"][0].tolist()
     supervised = [t for t in labels if t != IGNORE_INDEX]
     assert ours.tokenizer.decode(supervised, skip_special=False) == " There are three shapes.<end_of_utterance>"
@@ -284,10 +242,10 @@ def test_training_sample_equals_the_processor(pair):
 def _parity_batch(processor):
     """A padded batch from the processor: a text-only row, a row with two images of different
     sizes (3 + 5 tiles), a row with one tall image (3 tiles)."""
-    images = _images()
+    images = sample_images()
     rows = [[{"role": "user", "content": "Hello, how are you today?"}],
             CONVERSATIONS[0](images), CONVERSATIONS[1](images)]
-    return _reference_batch(processor, rows, [_conversation_images(r) for r in rows])
+    return _reference_batch(processor, rows, [conversation_images(r) for r in rows])
 
 
 def test_logits_equal_transformers(pair):
@@ -297,9 +255,8 @@ def test_logits_equal_transformers(pair):
     with torch.no_grad():
         expected = ref(**batch).logits
         got = ours(**batch)  # the processor's tensors as they are
-    real = batch["attention_mask"].bool()
-    assert got.shape == expected.shape == (*real.shape, ours.config.llm.vocab_size)
-    torch.testing.assert_close(got[real], expected[real], rtol=0, atol=TOLERANCE)
+    assert got.shape[-1] == ours.config.llm.vocab_size
+    assert_logits_close(got, expected, batch["attention_mask"])
 
 
 def test_config_read_from_the_directory(pair):
@@ -324,42 +281,15 @@ def test_packed_loss_equals_the_padded_batch(pair):
     the loss the padded call gives it."""
     _, _, ours, _, processor = pair
     batch = _parity_batch(processor)
-    ids, real = batch["input_ids"], batch["attention_mask"].bool()
-    rows = [ids[b][real[b]] for b in range(len(ids))]
-    flat = torch.cat(rows)
-    cu_seqlens = torch.tensor([0] + [len(r) for r in rows]).cumsum(0)
-    positions = torch.cat([torch.arange(len(r)) for r in rows])
     tiles = batch["pixel_values"].flatten(0, 1)
-    tiles = tiles[tiles.flatten(1).ne(0).any(1)]
-    with torch.no_grad():
-        packed = ours.compute_loss(flat, flat, positions, cu_seqlens, tiles)
-        logits = ours(**batch)
-    for b, row in enumerate(rows):
-        expected = F.cross_entropy(logits[b][real[b]][:-1], row[1:], reduction="none")
-        start = int(cu_seqlens[b])
-        torch.testing.assert_close(packed.token_loss[start + 1:start + len(row)], expected, rtol=0, atol=TOLERANCE)
+    check_packed_loss(ours, batch, tiles[tiles.flatten(1).ne(0).any(1)])  # the padding tiles dropped
 
 
 def test_cached_greedy_decoding_gives_transformers_tokens(pair):
     """Two conversations decode together through the engine's KV cache and give the tokens of
     transformers' generate on the processor's inputs."""
     _, ref, ours, _, processor = pair
-    engine = Engine(ours)
-    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-    conversations = [make(_images()) for make in CONVERSATIONS[:2]]
-    seqs = [engine.add(build_prompt(c, ours.tokenizer, ours.image_processor(), ours.config.tokens_per_tile), params)
-            for c in conversations]
-    while engine.rows:
-        engine.step()
-        for seq in [s for s in engine.rows if s.finished]:
-            engine.remove(seq)
-    for conversation, seq in zip(conversations, seqs):
-        inputs = _reference_batch(processor, [conversation], [_conversation_images(conversation)])
-        with torch.no_grad():
-            out = ref.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                               pad_token_id=0)
-        expected = out[0, inputs["input_ids"].shape[1]:].tolist()
-        assert seq.output_ids == expected and len(set(expected)) > 1
+    check_cached_greedy_decoding(ours, ref, lambda c: _reference_batch(processor, [c], [conversation_images(c)]))
 
 
 # --- bad input ---------------------------------------------------------------------------------------------
@@ -403,20 +333,7 @@ def test_corrupt_image_is_a_named_error(pair, tmp_path):
 
 def test_vlmkit_checkpoint_round_trip(pair, tmp_path):
     _, _, ours, _, processor = pair
-    ours.save_pretrained(tmp_path)
-    again = VLM.load(tmp_path)
-    assert again.config == ours.config and again.tokenizer.template == "idefics3"
-    batch = _parity_batch(processor)
-    with torch.no_grad():
-        torch.testing.assert_close(again(**batch), ours(**batch), rtol=0, atol=0)
-    conversation = CONVERSATIONS[2](_images())
-    assert build_prompt(conversation, again.tokenizer, again.image_processor(), 16).input_ids == build_prompt(
-        conversation, ours.tokenizer, ours.image_processor(), 16).input_ids
-
-
-def _tensor_names(path) -> set[str]:
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        return set(f.keys())
+    check_checkpoint_round_trip(ours, tmp_path, _parity_batch(processor), "idefics3")
 
 
 def test_export_loads_in_transformers_with_the_same_logits(pair, tmp_path, capsys):
@@ -428,7 +345,7 @@ def test_export_loads_in_transformers_with_the_same_logits(pair, tmp_path, capsy
     assert main(["export", "--model", str(path), "--to", "hf", str(out)]) == 0
     assert "(hf)" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["architectures"] == [SHAPES[shape]["model"].__name__]
-    assert _tensor_names(out) == _tensor_names(path) - ({"lm_head.weight"} if SHAPES[shape]["tied"] else set())
+    assert tensor_names(out) == tensor_names(path) - ({"lm_head.weight"} if SHAPES[shape]["tied"] else set())
     back, info = SHAPES[shape]["model"].from_pretrained(out, output_loading_info=True)
     assert not any(v for k, v in info.items() if k != "error_msgs") and not info.get("error_msgs"), info
     batch = _parity_batch(processor)
@@ -437,8 +354,7 @@ def test_export_loads_in_transformers_with_the_same_logits(pair, tmp_path, capsy
         assert torch.equal(again[key], batch[key])
     with torch.no_grad():
         expected, got = ref(**batch).logits, back.eval()(**batch).logits
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(got[real], expected[real], rtol=0, atol=TOLERANCE)
+    assert_logits_close(got, expected, batch["attention_mask"])
     assert idefics3_config(out) == ours.config
 
 
@@ -462,21 +378,6 @@ def test_export_refusals(pair, tmp_path):
 # --- refusals on import --------------------------------------------------------------------------------------
 
 
-def _edited_copy(source, target, config=None, preprocessor=None, processor=None):
-    shutil.copytree(source, target)
-    for name, changes in (("config.json", config), ("preprocessor_config.json", preprocessor),
-                          ("processor_config.json", processor)):
-        if changes:
-            data = json.loads((target / name).read_text())
-            for key, value in changes.items():
-                if isinstance(value, dict) and isinstance(data.get(key), dict):
-                    data[key].update(value)
-                else:
-                    data[key] = value
-            (target / name).write_text(json.dumps(data))
-    return target
-
-
 @pytest.mark.parametrize("changes, match", [
     (dict(preprocessor=dict(do_image_splitting=False)), "do_image_splitting"),
     (dict(preprocessor=dict(resample=3)), "resample 3 is not LANCZOS"),
@@ -491,12 +392,12 @@ def _edited_copy(source, target, config=None, preprocessor=None, processor=None)
 def test_import_refusals(saved, tmp_path, changes, match):
     _, path = saved["idefics3"]
     with pytest.raises(CheckpointError, match=match):
-        VLM.from_hf(_edited_copy(path, tmp_path / "edited", **changes))
+        VLM.from_hf(edited_copy(path, tmp_path / "edited", **changes))
 
 
 def test_import_is_strict(saved, tmp_path):
     _, path = saved["idefics3"]
-    target = _edited_copy(path, tmp_path / "edited")
+    target = edited_copy(path, tmp_path / "edited")
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys() if "connector" not in k}
     save_file(state, str(target / "model.safetensors"))

@@ -7,19 +7,19 @@ batch of a text-only row and rows with images of different sizes, cached greedy 
 export round trip; plus the packed loss, the vlmkit checkpoint and the refusals."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
-from transformers.processing_utils import ProcessorMixin
 
+from tests.hf_vlm_support import (CONVERSATIONS, assert_logits_close, check_cached_greedy_decoding,
+                                  check_checkpoint_round_trip, check_packed_loss, conversation_images, edited_copy,
+                                  image_parts, randomized, sample_images, tensor_names, without_video_processor)
 from tests.tokenizer_support import builtin_tokenizer, hf_dir
 from vlmkit import VLM
 from vlmkit.cli import main
@@ -27,8 +27,6 @@ from vlmkit.constants import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START, 
 from vlmkit.data.images import tile_grid
 from vlmkit.data.prompt import build_prompt
 from vlmkit.errors import BadRecordError, CheckpointError, ConfigError
-from vlmkit.infer.engine import Engine
-from vlmkit.infer.sampling import SamplingParams
 from vlmkit.models.config import VLMConfig
 from vlmkit.models.hf.internvl import EXTRA_SPECIAL_TOKENS, check_internvl_exportable, internvl_config
 from vlmkit.models.hf.llava import check_llava_exportable
@@ -48,12 +46,6 @@ SPECIALS = ["<|endoftext|>", IM_START, IM_END, *QWEN_VL_TOKENS, IMG_START, IMG_E
 IMAGE_SIZE, PATCH, MAX_TILES = 32, 4, 6
 TOKENS_PER_TILE = (IMAGE_SIZE // PATCH) ** 2 // 4  # pixel shuffle by 2
 IMAGENET = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
-WEIGHT_STD = 0.2
-"""Random weights (norm scales and layer scales around 1) larger than transformers' init, so that
-norms, biases, layer scales and positions all matter."""
-TOLERANCE = 1e-4
-IMAGE_SIZES = [(40, 90), (32, 32), (70, 24), (64, 64)]  # (height, width): wide, one tile, tall, 2 x 2
-NEW_TOKENS = 6
 
 VISION = dict(hidden_size=32, num_attention_heads=2, intermediate_size=48, image_size=IMAGE_SIZE, patch_size=PATCH)
 TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -79,14 +71,9 @@ def _tokenizer_dir(path):
     return path
 
 
-def _randomized(model):
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = p.dim() == 1 and ("norm" in name or "lambda" in name) and name.endswith(("weight", "lambda_1",
-                                                                                              "lambda_2"))
-            p.normal_(1.0 if scale else 0.0, WEIGHT_STD)
-    return model.eval()
+def _is_scale(name: str, p) -> bool:
+    """Norm scales and layer scales."""
+    return p.dim() == 1 and ("norm" in name or "lambda" in name) and name.endswith(("weight", "lambda_1", "lambda_2"))
 
 
 def _save_internvl(path, shape: str):
@@ -97,7 +84,7 @@ def _save_internvl(path, shape: str):
     config = transformers.InternVLConfig(
         vision_config={**VISION, **spec["vision"]}, text_config={**TEXT, **spec["text"], "vocab_size": len(tok)},
         image_token_id=tok.context_image_token_id, image_seq_length=TOKENS_PER_TILE, **spec["top"])
-    model = _randomized(transformers.InternVLForConditionalGeneration(config))
+    model = randomized(transformers.InternVLForConditionalGeneration(config), _is_scale)
     model.save_pretrained(path)
     return model
 
@@ -108,10 +95,7 @@ def _reference_processor(path):
     of the absent video processor is skipped for that."""
     tok = transformers.AutoTokenizer.from_pretrained(path)
     image_processor = transformers.GotOcr2ImageProcessorPil.from_pretrained(path)
-    check = ProcessorMixin.check_argument_for_proper_class
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ProcessorMixin, "check_argument_for_proper_class",
-                      lambda self, name, arg: None if arg is None else check(self, name, arg))
+    with without_video_processor():
         return transformers.InternVLProcessor(image_processor=image_processor, tokenizer=tok,
                                               image_seq_length=TOKENS_PER_TILE, chat_template=TEMPLATE)
 
@@ -133,26 +117,6 @@ def pair(request, saved):
     return request.param, ref, VLM.from_hf(path), path, _reference_processor(path)
 
 
-def _images() -> list[Image.Image]:
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in IMAGE_SIZES]
-
-
-def _image_parts(images) -> list[dict]:
-    return [{"type": "image", "image": image} for image in images]
-
-
-# Conversations: images before, after and between text; a second turn; an image part alone.
-CONVERSATIONS = [
-    lambda im: [{"role": "user", "content": [*_image_parts(im[:2]), {"type": "text", "text": "What color is it?"}]}],
-    lambda im: [{"role": "user", "content": [{"type": "text", "text": "Describe the image."}, *_image_parts(im[2:3])]}],
-    lambda im: [{"role": "system", "content": "You are fine."},
-                {"role": "user", "content": [{"type": "text", "text": "How many"}, *_image_parts(im[3:]),
-                                             {"type": "text", "text": "shapes?"}]},
-                {"role": "assistant", "content": "There are three shapes."},
-                {"role": "user", "content": _image_parts(im[:1])}],
-]
-
 
 def _reference_batch(processor, conversations, images_per_row):
     texts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
@@ -167,11 +131,6 @@ def _strip(conversation):
             for m in conversation]
 
 
-def _conversation_images(conversation):
-    return [p["image"] for m in conversation if not isinstance(m["content"], str)
-            for p in m["content"] if p["type"] == "image"]
-
-
 # --- processor: tiles and prompts ------------------------------------------------------------------------
 
 
@@ -179,7 +138,7 @@ def test_tiles_equal_the_image_processor(pair):
     """The model's image processor (data/images.py, its settings from preprocessor_config.json)
     makes transformers' GotOcr2 tiles: the same grids and thumbnails, the same pixels."""
     _, _, ours, path, processor = pair
-    images = _images() + [Image.fromarray(np.full((5, 300, 3), 200, dtype=np.uint8))]
+    images = sample_images() + [Image.fromarray(np.full((5, 300, 3), 200, dtype=np.uint8))]
     expected = processor.image_processor(images=images, crop_to_patches=True, return_tensors="pt")
     mine = ours.image_processor()
     tiles = [mine(image) for image in images]
@@ -202,9 +161,9 @@ def test_prompts_equal_the_processor(pair):
     _, _, ours, _, processor = pair
     assert ours.tokenizer.template == "internvl" and ours.tokenizer.image_token == IMG_CONTEXT
     for make in CONVERSATIONS:
-        conversation = make(_images())
+        conversation = make(sample_images())
         prompt = build_prompt(conversation, ours.tokenizer, ours.image_processor(), ours.config.tokens_per_tile)
-        expected = _reference_batch(processor, [_strip(conversation)], [_conversation_images(conversation)])
+        expected = _reference_batch(processor, [_strip(conversation)], [conversation_images(conversation)])
         assert prompt.input_ids == expected["input_ids"][0].tolist()
         torch.testing.assert_close(prompt.pixel_values, expected["pixel_values"], rtol=0, atol=1e-6)
 
@@ -215,10 +174,10 @@ def test_prompts_equal_the_processor(pair):
 def _parity_batch(processor):
     """A left-padded batch from the processor: a text-only row, a row with two images of different
     sizes (3 + 1 tiles), a row with a 2 x 2 image and its thumbnail."""
-    images = _images()
+    images = sample_images()
     rows = [[{"role": "user", "content": "Hello, how are you today?"}],
-            CONVERSATIONS[0](images), [{"role": "user", "content": _image_parts(images[3:])}]]
-    return _reference_batch(processor, [_strip(r) for r in rows], [_conversation_images(r) for r in rows])
+            CONVERSATIONS[0](images), [{"role": "user", "content": image_parts(images[3:])}]]
+    return _reference_batch(processor, [_strip(r) for r in rows], [conversation_images(r) for r in rows])
 
 
 def test_logits_equal_transformers(pair):
@@ -228,9 +187,8 @@ def test_logits_equal_transformers(pair):
     with torch.no_grad():
         expected = ref(**batch).logits
         got = ours(**batch)  # the processor's tensors as they are
-    real = batch["attention_mask"].bool()
-    assert got.shape == expected.shape == (*real.shape, ours.config.llm.vocab_size)
-    torch.testing.assert_close(got[real], expected[real], rtol=0, atol=TOLERANCE)
+    assert got.shape[-1] == ours.config.llm.vocab_size
+    assert_logits_close(got, expected, batch["attention_mask"])
 
 
 def test_config_read_from_the_directory(pair):
@@ -252,40 +210,15 @@ def test_packed_loss_equals_the_padded_batch(pair):
     the loss the padded call gives it."""
     _, _, ours, _, processor = pair
     batch = _parity_batch(processor)
-    ids, real = batch["input_ids"], batch["attention_mask"].bool()
-    rows = [ids[b][real[b]] for b in range(len(ids))]
-    flat = torch.cat(rows)
-    cu_seqlens = torch.tensor([0] + [len(r) for r in rows]).cumsum(0)
-    positions = torch.cat([torch.arange(len(r)) for r in rows])
-    with torch.no_grad():
-        packed = ours.compute_loss(flat, flat, positions, cu_seqlens, batch["pixel_values"])
-        logits = ours(**batch)
-    for b, row in enumerate(rows):
-        expected = F.cross_entropy(logits[b][real[b]][:-1], row[1:], reduction="none")
-        start = int(cu_seqlens[b])
-        torch.testing.assert_close(packed.token_loss[start + 1:start + len(row)], expected, rtol=0, atol=TOLERANCE)
+    check_packed_loss(ours, batch, batch["pixel_values"])
 
 
 def test_cached_greedy_decoding_gives_transformers_tokens(pair):
     """Two conversations decode together through the engine's KV cache and give the tokens of
     transformers' generate on the processor's inputs."""
     _, ref, ours, _, processor = pair
-    engine = Engine(ours)
-    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-    conversations = [make(_images()) for make in CONVERSATIONS[:2]]
-    seqs = [engine.add(build_prompt(c, ours.tokenizer, ours.image_processor(), ours.config.tokens_per_tile), params)
-            for c in conversations]
-    while engine.rows:
-        engine.step()
-        for seq in [s for s in engine.rows if s.finished]:
-            engine.remove(seq)
-    for conversation, seq in zip(conversations, seqs):
-        inputs = _reference_batch(processor, [_strip(conversation)], [_conversation_images(conversation)])
-        with torch.no_grad():
-            out = ref.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                               pad_token_id=0)
-        expected = out[0, inputs["input_ids"].shape[1]:].tolist()
-        assert seq.output_ids == expected and len(set(expected)) > 1
+    check_cached_greedy_decoding(ours, ref,
+                                 lambda c: _reference_batch(processor, [_strip(c)], [conversation_images(c)]))
 
 
 def test_tile_count_must_match_the_placeholders(pair):
@@ -300,20 +233,7 @@ def test_tile_count_must_match_the_placeholders(pair):
 
 def test_vlmkit_checkpoint_round_trip(pair, tmp_path):
     _, _, ours, _, processor = pair
-    ours.save_pretrained(tmp_path)
-    again = VLM.load(tmp_path)
-    assert again.config == ours.config and again.tokenizer.template == "internvl"
-    batch = _parity_batch(processor)
-    with torch.no_grad():
-        torch.testing.assert_close(again(**batch), ours(**batch), rtol=0, atol=0)
-    conversation = CONVERSATIONS[2](_images())
-    assert build_prompt(conversation, again.tokenizer, again.image_processor(), 16).input_ids == build_prompt(
-        conversation, ours.tokenizer, ours.image_processor(), 16).input_ids
-
-
-def _tensor_names(path) -> set[str]:
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        return set(f.keys())
+    check_checkpoint_round_trip(ours, tmp_path, _parity_batch(processor), "internvl")
 
 
 def test_export_loads_in_transformers_with_the_same_logits(pair, tmp_path, capsys):
@@ -324,8 +244,8 @@ def test_export_loads_in_transformers_with_the_same_logits(pair, tmp_path, capsy
     out = tmp_path / "hf"
     assert main(["export", "--model", str(path), "--to", "hf", str(out)]) == 0
     assert "(hf)" in capsys.readouterr().out
-    expected_names = _tensor_names(path) - {n for n in _tensor_names(path) if n.startswith("vision_tower.layernorm")}
-    assert _tensor_names(out) == expected_names
+    expected_names = tensor_names(path) - {n for n in tensor_names(path) if n.startswith("vision_tower.layernorm")}
+    assert tensor_names(out) == expected_names
     back, info = transformers.InternVLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not any(v for k, v in info.items() if k != "error_msgs") and not info.get("error_msgs"), info
     batch = _parity_batch(processor)
@@ -334,8 +254,7 @@ def test_export_loads_in_transformers_with_the_same_logits(pair, tmp_path, capsy
         assert torch.equal(again[key], batch[key])
     with torch.no_grad():
         expected, got = ref(**batch).logits, back.eval()(**batch).logits
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(got[real], expected[real], rtol=0, atol=TOLERANCE)
+    assert_logits_close(got, expected, batch["attention_mask"])
     assert internvl_config(out) == ours.config
 
 
@@ -361,21 +280,6 @@ def test_export_refusals(pair, tmp_path):
 # --- refusals on import --------------------------------------------------------------------------------------
 
 
-def _edited_copy(source, target, config=None, preprocessor=None, processor=None):
-    shutil.copytree(source, target)
-    for name, changes in (("config.json", config), ("preprocessor_config.json", preprocessor),
-                          ("processor_config.json", processor)):
-        if changes:
-            data = json.loads((target / name).read_text())
-            for key, value in changes.items():
-                if isinstance(value, dict) and isinstance(data.get(key), dict):
-                    data[key].update(value)
-                else:
-                    data[key] = value
-            (target / name).write_text(json.dumps(data))
-    return target
-
-
 @pytest.mark.parametrize("changes, match", [
     (dict(config=dict(vision_feature_select_strategy="full")), "keeps the class token"),
     (dict(config=dict(vision_feature_layer=[-1, -2])), "concatenates several layers"),
@@ -390,12 +294,12 @@ def _edited_copy(source, target, config=None, preprocessor=None, processor=None)
 def test_import_refusals(saved, tmp_path, changes, match):
     _, path = saved["internvl3"]
     with pytest.raises(CheckpointError, match=match):
-        VLM.from_hf(_edited_copy(path, tmp_path / "edited", **changes))
+        VLM.from_hf(edited_copy(path, tmp_path / "edited", **changes))
 
 
 def test_import_is_strict(saved, tmp_path):
     _, path = saved["internvl3"]
-    target = _edited_copy(path, tmp_path / "edited")
+    target = edited_copy(path, tmp_path / "edited")
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys() if "encoder.layer.1.lambda_2" not in k}
     save_file(state, str(target / "model.safetensors"))
@@ -407,7 +311,7 @@ def test_module_layout_names_load_the_same(saved, tmp_path):
     """transformers 5's module names (`model.vision_tower.`, `model.multi_modal_projector.`,
     `model.language_model.`, `lm_head.`) load as the saved layout does."""
     _, path = saved["intern_vit_6b"]
-    target = _edited_copy(path, tmp_path / "modules")
+    target = edited_copy(path, tmp_path / "modules")
     prefixes = {"vision_tower.": "model.vision_tower.", "multi_modal_projector.": "model.multi_modal_projector.",
                 "language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head."}
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:

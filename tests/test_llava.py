@@ -70,23 +70,33 @@ def test_import_module_layout_names(tmp_path):
     assert _max_diff(ref, load_llava(tmp_path), *_inputs(16)) <= 1e-4
 
 
+def exportable_config(style: str, **llm) -> VLMConfig:
+    """A tiny VLM of a SigLIP or CLIP tower that exports to llava-hf; `llm` changes its decoder."""
+    return VLMConfig(vision=dict(style=style, image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                 num_layers=2, num_heads=4, feature_layer=-2,
+                                 hidden_act="quick_gelu" if style == "clip" else "gelu_pytorch_tanh"),
+                     adapter=dict(kind="mlp"),
+                     llm=dict(vocab_size=100, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
+                              num_kv_heads=2, **llm),
+                     image_token_id=IMG)
+
+
+def with_random_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with non-trivial norms, so that a norm left out of an export would show."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_()
+    return model
+
+
 @pytest.mark.parametrize("style,llm", [("siglip", {}), ("clip", dict(tie_embeddings=True)),
                                        ("siglip", dict(qk_norm=True))], ids=["siglip-llama", "clip-llama-tied",
                                                                             "siglip-qwen3"])
 def test_export_loads_in_transformers(tmp_path, style, llm):
     torch.manual_seed(0)
-    cfg = VLMConfig(vision=dict(style=style, image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                                num_layers=2, num_heads=4, feature_layer=-2,
-                                hidden_act="quick_gelu" if style == "clip" else "gelu_pytorch_tanh"),
-                    adapter=dict(kind="mlp"),
-                    llm=dict(vocab_size=100, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
-                             num_kv_heads=2, **llm),
-                    image_token_id=IMG)
-    ours = VLMModel(cfg).eval()
-    with torch.no_grad():  # non-trivial norms, so that a norm left out of the export would show
-        for name, p in ours.named_parameters():
-            if "norm" in name:
-                p.normal_()
+    cfg = exportable_config(style, **llm)
+    ours = with_random_norms(VLMModel(cfg).eval())
     export_hf_llava(ours, tmp_path)
     ref = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert _max_diff(ref, ours, *_inputs(16)) <= 1e-4

@@ -19,15 +19,14 @@ from tests.test_internvl import SHAPES as INTERNVL_SHAPES
 from tests.test_internvl import _parity_batch as internvl_batch
 from tests.test_internvl import _reference_processor as internvl_processor
 from tests.test_internvl import _save_internvl
-from tests.test_llava import IMG, _inputs
+from tests.test_llava import IMG, _inputs, exportable_config, with_random_norms
 from tests.test_llm import samples
 from tests.test_llm import tiny as tiny_llm
 from tests.test_qwen_vl import TOLERANCE, _batch, _hf_model, _reference_logits
-from tests.test_train_resume import Stopped, assert_same_weights, stop_after
+from tests.train_support import Stopped, assert_same_weights, prepared_world, stop_after
 from vlmkit import VLM
 from vlmkit.cli import main
 from vlmkit.config import load_config
-from vlmkit.data.world import prepare_world
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.config import VLMConfig
 from vlmkit.models.hf.common import rename
@@ -52,19 +51,7 @@ def llava_shaped(style: str = "siglip") -> VLM:
     """A tiny VLM that exports to llava-hf, with non-trivial norms (as tests/test_llava.py builds);
     the same weights at every call."""
     torch.manual_seed(0)
-    cfg = VLMConfig(vision=dict(style=style, image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                                num_layers=2, num_heads=4, feature_layer=-2,
-                                hidden_act="quick_gelu" if style == "clip" else "gelu_pytorch_tanh"),
-                    adapter=dict(kind="mlp"),
-                    llm=dict(vocab_size=100, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
-                             num_kv_heads=2, tie_embeddings=False),
-                    image_token_id=IMG)
-    model = VLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_()
-    return model
+    return with_random_norms(VLM(exportable_config(style, tie_embeddings=False)).eval())
 
 
 def randomise_adapters(model: nn.Module, seed: int = 1) -> None:
@@ -376,10 +363,7 @@ align), 5 (inside the LoRA stage) and 7 (its end)."""
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    spec = load_config("tiny").world
-    spec.dir = str(tmp_path_factory.mktemp("world"))
-    prepare_world(spec, progress=False)
-    return spec.dir
+    return str(prepared_world(tmp_path_factory.mktemp("world")))
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from vlmkit.config import load_config
-from vlmkit.data.world import prepare_world
+from tests.train_support import prepared_world
 from vlmkit.errors import CheckpointError
 from vlmkit.train.checkpoint import list_checkpoints
 from vlmkit.train.distributed import dcp_load_optimizer, dcp_save
@@ -38,10 +37,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    spec = load_config("tiny").world
-    spec.dir = str(tmp_path_factory.mktemp("world"))
-    prepare_world(spec, progress=False)
-    return Path(spec.dir)
+    return prepared_world(tmp_path_factory.mktemp("world"))
 
 
 def train_args(world: Path, out: Path, *extra: str) -> list[str]:

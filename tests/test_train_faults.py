@@ -26,11 +26,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.train_support import (Stopped, assert_same_weights, final_weights, kept_thread_count, prepared_world,
+                                 stop_after)
 from vlmkit.config import load_config
 from vlmkit.data.formats import BadRecord
 from vlmkit.data.packing import SourceStream, UnreadableSource
 from vlmkit.data.pipeline import TooManyBadRecords
-from vlmkit.data.world import prepare_world
 from vlmkit.errors import CheckpointError
 from vlmkit.train import checkpoint as ckpt
 from vlmkit.train.cli import PREEMPTED_EXIT_CODE
@@ -47,59 +48,27 @@ SETTINGS = ["num_threads=1", "progress=false", "tensorboard=false", "stages.0.st
 STEPS = 7
 
 
-class Stopped(Exception):
-    """Stands in for a kill: raised where a run is to stop."""
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    spec = load_config("tiny").world
-    spec.dir = str(tmp_path_factory.mktemp("world"))
-    prepare_world(spec, progress=False)
-    return Path(spec.dir)
+    return prepared_world(tmp_path_factory.mktemp("world"))
 
 
 @pytest.fixture(scope="module")
 def one_thread():
-    # The trainer sets the process's thread count; the tests after these keep theirs.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+    with kept_thread_count():
+        yield
 
 
 def config(world: Path, *extra: str):
     return load_config("tiny", [f"world.dir={world}", *SETTINGS, *extra])
 
 
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "final" / "model.safetensors"))
-
-
 def checkpoint_weights(out: Path, global_step: int) -> dict[str, torch.Tensor]:
     return load_file(str(ckpt.checkpoint_root(out) / f"step-{global_step:08d}" / "model.safetensors"))
 
 
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    differ = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not differ, f"weights differ: {differ[:5]}"
-
-
 def step_records(out: Path) -> list[dict]:
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if not r.get("eval")]
-
-
-def stop_after(monkeypatch, global_step: int) -> None:
-    """The next run stops once `global_step` steps (and that step's checkpoint) are done."""
-    def stopping(method):
-        def run(self, *args, **kwargs):
-            if self.state.global_step == global_step:
-                raise Stopped
-            return method(self, *args, **kwargs)
-        return run
-
-    monkeypatch.setattr(Trainer, "_train_step", stopping(Trainer._train_step))
-    monkeypatch.setattr(Trainer, "_save_final", stopping(Trainer._save_final))
 
 
 @pytest.fixture(scope="module")

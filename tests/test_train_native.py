@@ -13,14 +13,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.serving_support import build_qwen2_vl_dir
-from tests.test_train_resume import Stopped, assert_same_weights, stop_after
+from tests.train_support import Stopped, assert_same_weights, kept_thread_count, prepared_world, stop_after
 from vlmkit.api import VLM
 from vlmkit.config import load_config
 from vlmkit.constants import IGNORE_INDEX, IMAGE_PAD, VIDEO_PAD
 from vlmkit.data.packing import SourceStream, collate
 from vlmkit.data.pipeline import SamplePipeline
 from vlmkit.data.tokenizer import Tokenizer
-from vlmkit.data.world import TOKENIZER_DIR, prepare_world
+from vlmkit.data.world import TOKENIZER_DIR
 from vlmkit.train.loop import build_model, train
 from vlmkit.train.stages import NATIVE_ADAPTER_PARTS, apply_freezing
 
@@ -38,17 +38,13 @@ STEPS = 9
 
 @pytest.fixture(scope="module")
 def one_thread():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+    with kept_thread_count():
+        yield
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    spec = load_config("native", WORLD).world
-    spec.dir = str(tmp_path_factory.mktemp("native-world"))
-    prepare_world(spec, progress=False)
-    return Path(spec.dir)
+    return prepared_world(tmp_path_factory.mktemp("native-world"), "native", WORLD)
 
 
 def config(world: Path):

@@ -4,21 +4,18 @@ run, and so does a run stopped after any step (before any checkpoint, at a check
 stage or at a stage's end, between checkpoints, after the last stage) or after it finished."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from tests.train_support import (Stopped, assert_same_weights, final_weights, kept_thread_count, kill_at_checkpoint,
+                                 prepared_world, stop_after)
 from vlmkit.config import load_config
-from vlmkit.data.world import prepare_world
 from vlmkit.train.checkpoint import list_checkpoints
-from vlmkit.train.loop import Trainer, train
+from vlmkit.train.loop import train
 
 pytestmark = pytest.mark.slow
 
@@ -28,10 +25,7 @@ SETTINGS = ["num_threads=1", "progress=false", "stages.0.steps=3", "stages.1.ste
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    spec = load_config("tiny").world
-    spec.dir = str(tmp_path_factory.mktemp("world"))
-    prepare_world(spec, progress=False)
-    return Path(spec.dir)
+    return prepared_world(tmp_path_factory.mktemp("world"))
 
 
 def command(out: Path, world: Path, *extra: str) -> list[str]:
@@ -47,12 +41,6 @@ def reference(world, tmp_path_factory) -> Path:
     done = subprocess.run(command(out, world), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    differ = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not differ, f"weights differ after resume: {differ[:5]}"
 
 
 def test_tiny_runs_end_to_end(reference):
@@ -77,19 +65,11 @@ def test_tiny_runs_end_to_end(reference):
 
 def test_killed_run_resumes_bitwise(world, reference, tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(command(out, world), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # Kill in the middle of the second stage: after its second checkpoint (global step 5).
-    target = out / "checkpoints" / "step-00000005"
-    while not target.exists() and proc.poll() is None:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "final").exists()
+    kill_at_checkpoint(command(out, world), out, 5)
     resumed = subprocess.run(command(out, world, "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_weights(load_file(str(reference / "final" / "model.safetensors")),
-                        load_file(str(out / "final" / "model.safetensors")))
+    assert_same_weights(final_weights(reference), final_weights(out))
     # The resumed metrics pick up where the checkpoint left off, with no repeated step.
     steps = [json.loads(x)["global_step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
@@ -112,16 +92,10 @@ MATRIX_STEPS = 7
 MATRIX_CHECKPOINTS = [2, 3, 5, 7]
 
 
-class Stopped(Exception):
-    """Stands in for the kill: raised where the run is to stop."""
-
-
 @pytest.fixture(scope="module")
 def one_thread():
-    # The trainer sets the process's thread count; the tests after these keep theirs.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+    with kept_thread_count():
+        yield
 
 
 def matrix_config(world: Path):
@@ -132,21 +106,7 @@ def matrix_config(world: Path):
 def matrix_reference(world, one_thread, tmp_path_factory) -> dict[str, torch.Tensor]:
     out = tmp_path_factory.mktemp("matrix-reference")
     train(matrix_config(world), out)
-    return load_file(str(out / "final" / "model.safetensors"))
-
-
-def stop_after(monkeypatch, global_step: int) -> None:
-    """Make the next run stop once `global_step` steps are done and any checkpoint of that step
-    is written: before the next step, or before the final model after the last one."""
-    def stop_at(method):
-        def stopping(self, *args, **kwargs):
-            if self.state.global_step == global_step:
-                raise Stopped
-            return method(self, *args, **kwargs)
-        return stopping
-
-    monkeypatch.setattr(Trainer, "_train_step", stop_at(Trainer._train_step))
-    monkeypatch.setattr(Trainer, "_save_final", stop_at(Trainer._save_final))
+    return final_weights(out)
 
 
 # Stopped after each step: before any checkpoint (1), at a checkpoint inside a stage (2, 5), at a
@@ -162,7 +122,7 @@ def test_resume_from_any_step_is_bitwise(world, matrix_reference, monkeypatch, t
     written = [int(p.name.split("-")[1]) for p in list_checkpoints(tmp_path)]
     assert written[-1:] == [c for c in MATRIX_CHECKPOINTS if c <= stopped_after][-1:]
     train(matrix_config(world), tmp_path, resume=True)
-    assert_same_weights(matrix_reference, load_file(str(tmp_path / "final" / "model.safetensors")))
+    assert_same_weights(matrix_reference, final_weights(tmp_path))
     steps = [json.loads(x)["global_step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
              if not json.loads(x).get("eval")]
     assert steps == list(range(1, MATRIX_STEPS + 1))
@@ -171,4 +131,4 @@ def test_resume_from_any_step_is_bitwise(world, matrix_reference, monkeypatch, t
 def test_resume_of_a_finished_run_is_bitwise(world, matrix_reference, one_thread, tmp_path):
     train(matrix_config(world), tmp_path)
     train(matrix_config(world), tmp_path, resume=True)
-    assert_same_weights(matrix_reference, load_file(str(tmp_path / "final" / "model.safetensors")))
+    assert_same_weights(matrix_reference, final_weights(tmp_path))

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageSequence
 
-from vlmkit.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from vlmkit.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RESCALE_FACTOR
 from vlmkit.data.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, to_rgb
 from vlmkit.errors import BadRecordError
 
@@ -88,7 +88,7 @@ class NativeProcessorConfig:
     """Frames per second sampled from a video by default; None keeps every frame."""
     merge_size: int = 2
     temporal_patch_size: int = 2
-    rescale_factor: float = 1 / 255
+    rescale_factor: float = RESCALE_FACTOR
     min_frames: int = 4
     max_frames: int = 768
     cap_frame_pixels: bool = False

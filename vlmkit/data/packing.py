@@ -164,7 +164,21 @@ class _Entry:
     pixel_bytes: int = 0  # bytes of pixel_values this entry keeps in the buffer
 
 
-class Packer:
+class PackSource:
+    """A source of packs: call `next_pack()` until it raises StopIteration, or iterate."""
+
+    def next_pack(self) -> PackedBatch:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        while True:
+            try:
+                yield self.next_pack()
+            except StopIteration:
+                return
+
+
+class Packer(PackSource):
     """Packs one stream's samples into PackedBatch by a token budget; iterate or call next_pack().
 
     `pipeline` is anything with `encode(item) -> Sample | None` (None: skipped and counted) and
@@ -255,13 +269,6 @@ class Packer:
         self.packs += 1
         chosen.sort(key=lambda e: e.pos)
         return collate([self._unbuffer(e) for e in chosen], self.budget)
-
-    def __iter__(self) -> Iterator[PackedBatch]:
-        while True:
-            try:
-                yield self.next_pack()
-            except StopIteration:
-                return
 
     # --- cursor --------------------------------------------------------------------------------
     def state_dict(self) -> dict:

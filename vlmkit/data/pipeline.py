@@ -110,6 +110,16 @@ def describe(record: Record, error: BadRecordError) -> str:
     return f"{record.meta.get('where', record.source)} (record {record.id}): {message}"
 
 
+def record_visuals(record: Record, processor, tokens_per_tile: int) -> VisualInputs:
+    """A record's images (and videos) decoded, checked and tiled by `processor`; errors name the record."""
+    if not record.images and not record.videos:
+        return VisualInputs(pixel_values=None)
+    try:
+        return encode_images(record.images, processor, tokens_per_tile, record.videos)
+    except BadRecordError as e:
+        raise BadRecordError(e.reason, str(e), record.id) from None
+
+
 class SamplePipeline:
     """Record -> Sample with bad-record accounting; see the module docstring for the reasons."""
 
@@ -152,12 +162,7 @@ class SamplePipeline:
         """The record's images (and videos) decoded, checked and tiled; errors name the record."""
         if (record.images or record.videos) and self.processor is None:
             raise BadRecordError("unexpected_image", "this source is read without an image processor", record.id)
-        if not record.images and not record.videos:
-            return VisualInputs(pixel_values=None)
-        try:
-            return encode_images(record.images, self.processor, self.tokens_per_image, record.videos)
-        except BadRecordError as e:
-            raise BadRecordError(e.reason, str(e), record.id) from None
+        return record_visuals(record, self.processor, self.tokens_per_image)
 
     def pixels(self, record: Record) -> torch.Tensor | None:
         """The (N, 3, S, S) tiles (native: (P, D) patch rows) of a record that encode() accepted,

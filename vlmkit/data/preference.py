@@ -38,7 +38,7 @@ from pathlib import Path
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.formats import BadRecord, image_ref, read_records, row_images, video_ref
 from vlmkit.data.messages import Conversation, read_conversation, user_content
-from vlmkit.data.packing import Position, SourceStream, collate
+from vlmkit.data.packing import PackSource, Position, SourceStream, collate
 from vlmkit.data.pipeline import SamplePipeline, check_record
 from vlmkit.data.prompt import VisualInputs
 from vlmkit.data.template import encode_prompt, encode_record
@@ -244,7 +244,7 @@ def collate_pairs(pairs: list[EncodedPair], budget: int) -> PreferenceBatch:
     return PreferenceBatch(**vars(packed), pair_keys=[p.key for p in pairs])
 
 
-class PairPacker:
+class PairPacker(PackSource):
     """Packs one stream's pairs, in order, into PreferenceBatch of at most `budget` tokens; iterate
     or call next_pack(). Its cursor (`state_dict`) is the stream position, the position of the pair
     held over for the next pack, and the pipeline's counters; restoring it continues with exactly
@@ -295,13 +295,6 @@ class PairPacker:
             raise StopIteration
         self.packs += 1
         return collate_pairs(pairs, self.budget)
-
-    def __iter__(self) -> Iterator[PreferenceBatch]:
-        while True:
-            try:
-                yield self.next_pack()
-            except StopIteration:
-                return
 
     def state_dict(self) -> dict:
         return {"next": list(self.next_pos), "held": list(self.held[0]) if self.held is not None else None,

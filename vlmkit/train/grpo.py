@@ -64,10 +64,10 @@ import torch
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.formats import BadRecord, Item
 from vlmkit.data.packing import Position, SourceStream, collate
-from vlmkit.data.pipeline import BadDataStats, describe
-from vlmkit.data.prompt import Prompt, VisualInputs, encode_images
+from vlmkit.data.pipeline import BadDataStats, describe, record_visuals
+from vlmkit.data.prompt import Prompt, VisualInputs
 from vlmkit.data.template import encode_prompt
-from vlmkit.data.types import PackedBatch, Record
+from vlmkit.data.types import PackedBatch
 from vlmkit.errors import BadRecordError, ConfigError
 from vlmkit.infer.engine import Engine, Sequence
 from vlmkit.infer.sampling import SamplingParams
@@ -230,7 +230,7 @@ class PromptStream:
         if isinstance(item, BadRecord):
             raise BadRecordError(item.reason, item.message, item.record_id)
         turns, task = task_from_record(item)
-        visual = self._visual(item)
+        visual = record_visuals(item, self.processor, self.tokens_per_tile)
         ids = encode_prompt(turns, self.tokenizer, visual.visual_tokens, visual.video_tokens)
         if len(ids) >= self.context:
             raise BadRecordError("too_long", f"a prompt of {len(ids)} tokens leaves no room for a reply in the "
@@ -238,14 +238,6 @@ class PromptStream:
         prompt = Prompt(ids, visual.pixel_values, visual.grid_thw, visual.pixel_values_videos, visual.video_grid_thw,
                         visual.second_per_grid_ts)
         return PromptItem(draw, name, pos, task, prompt, visual)
-
-    def _visual(self, record: Record) -> VisualInputs:
-        if not record.images and not record.videos:
-            return VisualInputs(pixel_values=None)
-        try:
-            return encode_images(record.images, self.processor, self.tokens_per_tile, record.videos)
-        except BadRecordError as e:
-            raise BadRecordError(e.reason, str(e), record.id) from None
 
     def state_dict(self) -> dict:
         return {"draws": self.draws, "next": {n: list(p) for n, p in self.next_pos.items()},

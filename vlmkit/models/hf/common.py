@@ -16,11 +16,16 @@ from typing import Iterable
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from vlmkit.errors import CheckpointError
 from vlmkit.models.weights import load_state
 
 KeyMap = list[tuple[str, str]]
+
+BICUBIC = 3
+"""PIL's bicubic filter, as image processor configs name their `resample`."""
+PROCESSOR_FILE = "processor_config.json"
 
 
 def key_map(names: list[tuple[str, str]], fields: dict[str, str], reverse: bool = False) -> KeyMap:
@@ -104,6 +109,13 @@ def rename(hf_names: Iterable[str], key_map: KeyMap, ignore: Iterable[str] = ())
     return mapping, unmatched
 
 
+def renamed(tensors: dict[str, torch.Tensor], key_map: KeyMap) -> dict[str, torch.Tensor]:
+    """`tensors` under their new names, by a key map whose catch-all pattern renames every tensor
+    (a layout normalisation)."""
+    mapping, _ = rename(tensors, key_map)
+    return {new: tensors[old] for old, new in mapping.items()}
+
+
 def load_into(module: torch.nn.Module, hf_tensors: dict[str, torch.Tensor], key_map: KeyMap, *,
               source: str, ignore: Iterable[str] = ()) -> None:
     """Rename HF tensors by `key_map` and copy them into `module` strictly (`load_state`): every
@@ -123,3 +135,38 @@ def architecture(config: dict, path: str | Path) -> str:
     if model_type:
         return model_type
     raise CheckpointError(f"{path}/config.json names no architecture (no 'architectures' or 'model_type')")
+
+
+def check_tokens_per_tile(path: Path, key: str, tokens_per_tile: int, rule: str) -> None:
+    """A processor_config.json's `key` (its image tokens per tile), where the file gives it, must be
+    the model's `tokens_per_tile`; `rule` says how the model counts them."""
+    file = path / PROCESSOR_FILE
+    if not file.is_file():
+        return
+    try:
+        given = json.loads(file.read_text()).get(key)
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{file}: not a JSON object ({e})") from None
+    if given is not None and given != tokens_per_tile:
+        raise CheckpointError(f"{file}: {key} {given} differs from the {tokens_per_tile} tokens a tile gives ({rule})")
+
+
+# --- export ------------------------------------------------------------------------------------------
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_weights(out: Path, tensors: dict[str, torch.Tensor], hf_config: dict) -> None:
+    """model.safetensors and config.json, the config naming the tensors' dtype as transformers does."""
+    hf_config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_json(out / "config.json", hf_config)
+
+
+def write_chat_template(out: Path, chat_template: object) -> None:
+    """chat_template.jinja, where the tokenizer's template is one string: processors read their own copy
+    (AutoProcessor.apply_chat_template)."""
+    if isinstance(chat_template, str):
+        (out / "chat_template.jinja").write_text(chat_template)

@@ -29,19 +29,19 @@ and an Idefics3-format tokenizer.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from vlmkit.constants import FAKE_IMAGE_TOKEN, IMAGE_TOKEN, RESCALE_FACTOR
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.config import AdapterConfig, VisionConfig, VLMConfig
-from vlmkit.models.hf.common import (KeyMap, architecture, key_map, load_into, prefixed, read_config, read_state_dict,
-                                     rename)
-from vlmkit.models.hf.llm import HF_TO_OURS, IGNORED, llm_config_from_hf, llm_config_to_hf, llm_state_dict_to_hf
+from vlmkit.models.hf.common import (PROCESSOR_FILE, KeyMap, architecture, check_tokens_per_tile, key_map, load_into,
+                                     prefixed, read_config, read_state_dict, rename, renamed, write_chat_template,
+                                     write_json, write_weights)
+from vlmkit.models.hf.llm import (HF_TO_OURS, decoder_export_reasons, decoder_ignore, llm_config_from_hf,
+                                  llm_config_to_hf, llm_state_dict_to_hf)
 from vlmkit.models.hf.vision import VISION_EXPORT_KEYS, VISION_KEYS, read_preprocessor
 from vlmkit.models.vlm import VLMModel
 from vlmkit.models.weights import for_safetensors
@@ -52,7 +52,6 @@ ARCHITECTURES = {"Idefics3ForConditionalGeneration": "idefics3", "idefics3": "id
 ARCHITECTURE_NAMES = {"idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"}
 IMAGE_PROCESSOR_CLASSES = {"idefics3": "Idefics3ImageProcessor", "smolvlm": "SmolVLMImageProcessor"}
 PROCESSOR_CLASSES = {"idefics3": "Idefics3Processor", "smolvlm": "SmolVLMProcessor"}
-PROCESSOR_FILE = "processor_config.json"
 
 LANCZOS = 1
 """PIL's LANCZOS filter: the image processors' resample, and data/split_images.py's."""
@@ -160,22 +159,9 @@ def idefics3_config(path: str | Path) -> VLMConfig:
                         hf_architecture=ARCHITECTURE_NAMES[family])
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from None
-    _check_tokens_per_tile(path, cfg)
+    # the processor's <image> tokens per tile
+    check_tokens_per_tile(path, "image_seq_len", cfg.tokens_per_image, "patches per tile / scale_factor^2")
     return cfg
-
-
-def _check_tokens_per_tile(path: Path, cfg: VLMConfig) -> None:
-    """The processor's image_seq_len (its <image> tokens per tile) must be the model's."""
-    file = path / PROCESSOR_FILE
-    if not file.is_file():
-        return
-    try:
-        seq_len = json.loads(file.read_text()).get("image_seq_len")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise CheckpointError(f"{file}: not a JSON object ({e})") from None
-    if seq_len is not None and seq_len != cfg.tokens_per_image:
-        raise CheckpointError(f"{file}: image_seq_len {seq_len} differs from the {cfg.tokens_per_image} tokens a "
-                              "tile gives (patches per tile / scale_factor^2)")
 
 
 # --- load ---------------------------------------------------------------------------------------------
@@ -194,14 +180,10 @@ def load_idefics3(path: str | Path, model_cls: type[VLMModel] = VLMModel) -> VLM
     path = Path(path)
     cfg = idefics3_config(path)
     tensors = read_state_dict(path)
-    mapping, _ = rename(tensors, TEXT_LAYOUT)  # the catch-all pattern renames every tensor
-    normalised = {new: tensors[old] for old, new in mapping.items()}
-    ignore = [r"language_model\." + p for p in IGNORED]
-    if cfg.llm.tie_embeddings:  # transformers ties lm_head to the embeddings and ignores a stored copy
-        ignore.append(r"language_model\.lm_head\.weight")
     model = model_cls.empty(cfg)
     key_map_ = idefics3_key_map() + prefixed(HF_TO_OURS, "language_model.", "llm.")
-    load_into(model, normalised, key_map_, source=str(path), ignore=ignore)
+    load_into(model, renamed(tensors, TEXT_LAYOUT), key_map_, source=str(path),
+              ignore=decoder_ignore("language_model.", cfg.llm))
     return model.eval()
 
 
@@ -231,13 +213,7 @@ def check_idefics3_exportable(cfg: VLMConfig) -> None:
                        "depth 1, norm and bias false)")
     if cfg.tiling != "split":
         reasons.append("Idefics3's image processor splits images into tiles and the whole image (tiling 'split')")
-    if cfg.llm.moe is not None:
-        reasons.append("the LLM has MoE layers; vlmkit exports dense Llama-family decoders")
-    else:
-        try:
-            llm_config_to_hf(cfg.llm)
-        except ConfigError as e:
-            reasons.append(str(e))
+    reasons += decoder_export_reasons(cfg.llm)
     if reasons:
         raise ConfigError("cannot export to Idefics3: " + "; ".join(reasons))
 
@@ -264,8 +240,7 @@ def idefics3_state_dict(model: VLMModel) -> dict[str, torch.Tensor]:
         raise ConfigError(f"no Idefics3 name for {unmatched}")
     out = {hf: state[ours] for ours, hf in mapping.items()}
     out.update({"language_model." + name: t for name, t in llm_state_dict_to_hf(model.llm).items()})
-    saved, _ = rename(out, SAVED_LAYOUT)  # the catch-all pattern renames every tensor
-    return {new: out[old] for old, new in saved.items()}
+    return renamed(out, SAVED_LAYOUT)
 
 
 def image_processor_config(cfg: VLMConfig) -> dict[str, Any]:
@@ -292,20 +267,11 @@ def export_hf_idefics3(model: VLMModel, out_dir: str | Path) -> Path:
                           f"+ {IMAGE_TOKEN} tokens")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = for_safetensors(idefics3_state_dict(model))
-    hf_config = idefics3_hf_config(cfg)
-    hf_config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(out / "config.json", hf_config)
-    _write_json(out / "preprocessor_config.json", image_processor_config(cfg))
+    write_weights(out, for_safetensors(idefics3_state_dict(model)), idefics3_hf_config(cfg))
+    write_json(out / "preprocessor_config.json", image_processor_config(cfg))
     if tokenizer is not None:
         tokenizer.save(out)
-        _write_json(out / PROCESSOR_FILE, {"processor_class": PROCESSOR_CLASSES[_family(cfg)],
-                                          "image_seq_len": cfg.tokens_per_image})
-        if isinstance(tokenizer.chat_template, str):  # the processor reads its own copy
-            (out / "chat_template.jinja").write_text(tokenizer.chat_template)
+        write_json(out / PROCESSOR_FILE, {"processor_class": PROCESSOR_CLASSES[_family(cfg)],
+                                         "image_seq_len": cfg.tokens_per_image})
+        write_chat_template(out, tokenizer.chat_template)
     return out
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

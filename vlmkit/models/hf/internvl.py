@@ -32,29 +32,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from vlmkit.constants import IMG_CONTEXT, IMG_END, IMG_START
+from vlmkit.constants import IMG_CONTEXT, IMG_END, IMG_START, RESCALE_FACTOR
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.config import AdapterConfig, VisionConfig, VLMConfig
-from vlmkit.models.hf.common import (KeyMap, architecture, key_map, load_into, prefixed, read_config, read_state_dict,
-                                     rename)
+from vlmkit.models.hf.common import (BICUBIC, PROCESSOR_FILE, KeyMap, architecture, check_tokens_per_tile, key_map,
+                                     load_into, prefixed, read_config, read_state_dict, rename, renamed,
+                                     write_chat_template, write_json, write_weights)
 from vlmkit.models.hf.llava import LAYOUTS
-from vlmkit.models.hf.llm import HF_TO_OURS, IGNORED, llm_config_from_hf, llm_config_to_hf, llm_state_dict_to_hf
+from vlmkit.models.hf.llm import (HF_TO_OURS, decoder_export_reasons, decoder_ignore, llm_config_from_hf,
+                                  llm_config_to_hf, llm_state_dict_to_hf)
 from vlmkit.models.hf.vision import read_preprocessor
 from vlmkit.models.vlm import VLMModel
 from vlmkit.models.weights import for_safetensors
 
 ARCHITECTURE = "InternVLForConditionalGeneration"
 MODEL_TYPE = "internvl"
-PROCESSOR_FILE = "processor_config.json"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 """The normalisation InternVL's image processor ships with."""
-BICUBIC = 3
-"""PIL's bicubic filter: the resample of the image processor and of data/images.py."""
-RESCALE_FACTOR = 1 / 255
 DEFAULT_MAX_PATCHES = 12
 """GotOcr2's tiles per image, for a preprocessor_config.json that does not say."""
 TIED_BY_DEFAULT = True
@@ -187,22 +184,9 @@ def internvl_config(path: str | Path) -> VLMConfig:
         raise CheckpointError(f"{where}: no {e.args[0]!r}") from None
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from None
-    _check_tokens_per_tile(path, cfg)
+    # the processor's <IMG_CONTEXT> tokens per tile
+    check_tokens_per_tile(path, "image_seq_length", cfg.tokens_per_image, "patches per tile / downsample_ratio^-2")
     return cfg
-
-
-def _check_tokens_per_tile(path: Path, cfg: VLMConfig) -> None:
-    """The processor's image_seq_length (its <IMG_CONTEXT> tokens per tile) must be the model's."""
-    file = path / PROCESSOR_FILE
-    if not file.is_file():
-        return
-    try:
-        seq_length = json.loads(file.read_text()).get("image_seq_length")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise CheckpointError(f"{file}: not a JSON object ({e})") from None
-    if seq_length is not None and seq_length != cfg.tokens_per_image:
-        raise CheckpointError(f"{file}: image_seq_length {seq_length} differs from the {cfg.tokens_per_image} "
-                              "tokens a tile gives (patches per tile / downsample_ratio^-2)")
 
 
 # --- load ---------------------------------------------------------------------------------------------
@@ -223,14 +207,11 @@ def load_internvl(path: str | Path, model_cls: type[VLMModel] = VLMModel) -> VLM
     path = Path(path)
     cfg = internvl_config(path)
     tensors = read_state_dict(path)
-    mapping, _ = rename(tensors, LAYOUTS)  # the catch-all pattern renames every tensor
-    normalised = {new: tensors[old] for old, new in mapping.items()}
+    normalised = renamed(tensors, LAYOUTS)
     for hf_name, ours in rename(normalised, internvl_key_map())[0].items():
         if ours in UNIT_DIMS:  # (1, 1, D) -> (D,), (1, P + 1, D) -> (P + 1, D)
             normalised[hf_name] = normalised[hf_name].flatten(0, UNIT_DIMS[ours])
-    ignore = NOT_USED + [r"language_model\." + p for p in IGNORED]
-    if cfg.llm.tie_embeddings:  # transformers ties lm_head to the embeddings and ignores a stored copy
-        ignore.append(r"language_model\.lm_head\.weight")
+    ignore = NOT_USED + decoder_ignore("language_model.", cfg.llm)
     model = model_cls.empty(cfg)
     key_map_ = internvl_key_map() + prefixed(HF_TO_OURS, "language_model.", "llm.")
     load_into(model, normalised, key_map_, source=str(path), ignore=ignore)
@@ -257,13 +238,7 @@ def check_internvl_exportable(cfg: VLMConfig) -> None:
                        "pixel shuffle, a LayerNorm and 2 linear layers (adapter.kind 'pixel_shuffle', depth 2)")
     if cfg.max_tiles > 1 and not cfg.use_thumbnail:
         reasons.append("transformers' InternVL image processor always adds a thumbnail to several tiles")
-    if cfg.llm.moe is not None:
-        reasons.append("the LLM has MoE layers; vlmkit exports dense Llama-family decoders")
-    else:
-        try:
-            llm_config_to_hf(cfg.llm)
-        except ConfigError as e:
-            reasons.append(str(e))
+    reasons += decoder_export_reasons(cfg.llm)
     if reasons:
         raise ConfigError("cannot export to InternVL: " + "; ".join(reasons))
 
@@ -325,23 +300,14 @@ def export_hf_internvl(model: VLMModel, out_dir: str | Path) -> Path:
                           f"transformers' InternVL processor writes an image as {IMG_START}{IMG_CONTEXT}...{IMG_END}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = for_safetensors(internvl_state_dict(model))
-    hf_config = internvl_hf_config(cfg)
-    hf_config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(out / "config.json", hf_config)
-    _write_json(out / "preprocessor_config.json", image_processor_config(cfg))
+    write_weights(out, for_safetensors(internvl_state_dict(model)), internvl_hf_config(cfg))
+    write_json(out / "preprocessor_config.json", image_processor_config(cfg))
     if tokenizer is not None:
         tokenizer.save(out)
         token_config = out / "tokenizer_config.json"
         settings = json.loads(token_config.read_text())
-        _write_json(token_config, {"extra_special_tokens": EXTRA_SPECIAL_TOKENS, **settings})
-        _write_json(out / PROCESSOR_FILE, {"processor_class": "InternVLProcessor",
-                                          "image_seq_length": cfg.tokens_per_image})
-        if isinstance(tokenizer.chat_template, str):  # the processor reads its own copy
-            (out / "chat_template.jinja").write_text(tokenizer.chat_template)
+        write_json(token_config, {"extra_special_tokens": EXTRA_SPECIAL_TOKENS, **settings})
+        write_json(out / PROCESSOR_FILE, {"processor_class": "InternVLProcessor",
+                                         "image_seq_length": cfg.tokens_per_image})
+        write_chat_template(out, tokenizer.chat_template)
     return out
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -19,20 +19,18 @@ cannot express: other adapters, tiling, MoE decoders.
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from vlmkit.constants import IMAGE_TOKEN
+from vlmkit.constants import IMAGE_TOKEN, RESCALE_FACTOR
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.config import AdapterConfig, VLMConfig
-from vlmkit.models.hf.common import (KeyMap, architecture, load_into, prefixed, read_config, read_state_dict,
-                                     rename)
-from vlmkit.models.hf.llm import HF_TO_OURS, IGNORED, llm_config_from_hf, llm_config_to_hf, llm_state_dict_to_hf
+from vlmkit.models.hf.common import (BICUBIC, PROCESSOR_FILE, KeyMap, architecture, load_into, prefixed, read_config,
+                                     read_state_dict, rename, renamed, write_chat_template, write_json, write_weights)
+from vlmkit.models.hf.llm import (HF_TO_OURS, decoder_export_reasons, decoder_ignore, llm_config_from_hf,
+                                  llm_config_to_hf, llm_state_dict_to_hf)
 from vlmkit.models.hf.vision import (VISION_EXPORT_KEYS, VISION_IGNORE, VISION_KEYS, read_preprocessor,
                                      vision_config_from_hf)
 from vlmkit.models.vlm import VLMModel
@@ -51,13 +49,13 @@ PROJECTOR_KEYS: KeyMap = [(r"linear_([12])\.(weight|bias)", r"mlp.linear_\1.\2")
 PROJECTOR_EXPORT_KEYS: KeyMap = [(r"mlp\.linear_([12])\.(weight|bias)", r"linear_\1.\2")]
 
 
-def llava_key_map(style: str) -> tuple[KeyMap, list[str]]:
+def llava_key_map(cfg: VLMConfig) -> tuple[KeyMap, list[str]]:
     """(key map, ignore patterns) from normalised llava-hf names to VLMModel names."""
     key_map = (prefixed(VISION_KEYS, "vision_tower.", "vision.")
                + prefixed(PROJECTOR_KEYS, "multi_modal_projector.", "adapter.")
                + prefixed(HF_TO_OURS, "language_model.", "llm."))
-    ignore = ([re.escape("vision_tower.") + p for p in VISION_IGNORE[style]]
-              + [re.escape("language_model.") + p for p in IGNORED])
+    ignore = ([r"vision_tower\." + p for p in VISION_IGNORE[cfg.vision.style]]
+              + decoder_ignore("language_model.", cfg.llm))
     return key_map, ignore
 
 
@@ -102,19 +100,10 @@ def load_llava(path: str | Path, model_cls: type[VLMModel] = VLMModel) -> VLMMod
     if arch not in ("LlavaForConditionalGeneration", "llava"):
         raise CheckpointError(f"{path}: architecture {arch!r} is not LlavaForConditionalGeneration")
     cfg = llava_config(hf, path)
-    tensors = _normalise(read_state_dict(path))
     model = model_cls.empty(cfg)
-    key_map, ignore = llava_key_map(cfg.vision.style)
-    if cfg.llm.tie_embeddings:
-        ignore.append(r"language_model\.lm_head\.weight")
-    load_into(model, tensors, key_map, source=str(path), ignore=ignore)
+    key_map, ignore = llava_key_map(cfg)
+    load_into(model, renamed(read_state_dict(path), LAYOUTS), key_map, source=str(path), ignore=ignore)
     return model.eval()
-
-
-def _normalise(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tensors renamed to the older llava-hf layout (LAYOUTS)."""
-    mapping, _ = rename(tensors, LAYOUTS)
-    return {new: tensors[old] for old, new in mapping.items()}
 
 
 # --- export ------------------------------------------------------------------------------------------
@@ -132,13 +121,7 @@ def check_llava_exportable(cfg: VLMConfig) -> None:
     if cfg.max_tiles > 1:
         reasons.append(f"max_tiles is {cfg.max_tiles}; LlavaForConditionalGeneration sees one image at the "
                        "encoder's size, without dynamic tiling")
-    if cfg.llm.moe is not None:
-        reasons.append("the LLM has MoE layers; llava-hf's text models here are dense Llama-family decoders")
-    try:
-        llm_config_to_hf(cfg.llm)
-    except ConfigError as e:
-        if cfg.llm.moe is None:
-            reasons.append(str(e))
+    reasons += decoder_export_reasons(cfg.llm)
     if reasons:
         raise ConfigError("cannot export to hf-llava: " + "; ".join(reasons))
 
@@ -193,7 +176,7 @@ def llava_state_dict(model: VLMModel) -> dict[str, torch.Tensor]:
 
 def _preprocessor_config(cfg: VLMConfig) -> dict[str, Any]:
     v = cfg.vision
-    common = {"do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
+    common = {"do_resize": True, "resample": BICUBIC, "do_rescale": True, "rescale_factor": RESCALE_FACTOR,
               "do_normalize": True, "image_mean": list(v.image_mean), "image_std": list(v.image_std),
               "do_convert_rgb": True}
     if v.style == "clip":
@@ -211,13 +194,9 @@ def export_hf_llava(model: VLMModel, out_dir: str | Path) -> Path:
     check_llava_exportable(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = for_safetensors(llava_state_dict(model))
-    dtype = next(iter(tensors.values())).dtype
     hf_config = llava_hf_config(cfg)
-    hf_config["dtype"] = str(dtype).removeprefix("torch.")
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(cfg), indent=2) + "\n")
+    write_weights(out, for_safetensors(llava_state_dict(model)), hf_config)
+    write_json(out / "preprocessor_config.json", _preprocessor_config(cfg))
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.save(out)
@@ -226,8 +205,6 @@ def export_hf_llava(model: VLMModel, out_dir: str | Path) -> Path:
                      "patch_size": cfg.vision.patch_size,
                      "vision_feature_select_strategy": hf_config["vision_feature_select_strategy"],
                      "num_additional_image_tokens": 1 if cfg.vision.style == "clip" else 0}
-        (out / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
-        template = getattr(tokenizer, "chat_template", None)
-        if isinstance(template, str):  # the processor reads its own copy (AutoProcessor.apply_chat_template)
-            (out / "chat_template.jinja").write_text(template)
+        write_json(out / PROCESSOR_FILE, processor)
+        write_chat_template(out, getattr(tokenizer, "chat_template", None))
     return out

@@ -144,8 +144,7 @@ def load_llm(path: str | Path, dtype: torch.dtype = torch.float32) -> LLM:
     cfg = llm_config_from_hf(read_config(path), where=str(path))
     tensors = read_state_dict(path)
     model = uninitialised(lambda: LLM(cfg)).to(dtype)
-    ignore = IGNORED + ([r"lm_head\.weight"] if cfg.tie_embeddings else [])  # HF ties and ignores it too
-    load_into(model, tensors, HF_TO_OURS, source=str(path), ignore=ignore)
+    load_into(model, tensors, HF_TO_OURS, source=str(path), ignore=decoder_ignore("", cfg))
     return model.eval()
 
 
@@ -158,6 +157,24 @@ def llm_state_dict_to_hf(llm: LLM) -> dict[str, torch.Tensor]:
     if unmatched:
         raise ConfigError(f"no HF name for parameter(s) {unmatched}")
     return {hf: state[ours] for ours, hf in mapping.items()}
+
+
+def decoder_ignore(prefix: str, cfg: LLMConfig) -> list[str]:
+    """Patterns of the stored decoder tensors a load skips, under `prefix`: rotary buffers, and the
+    lm_head of a tied model (transformers ties it to the embeddings and ignores a stored copy)."""
+    tied = [r"lm_head\.weight"] if cfg.tie_embeddings else []
+    return [re.escape(prefix) + p for p in IGNORED + tied]
+
+
+def decoder_export_reasons(cfg: LLMConfig) -> list[str]:
+    """Why a VLM's decoder has no Llama-family HF config (nothing when it has one)."""
+    if cfg.moe is not None:
+        return ["the LLM has MoE layers; vlmkit exports dense Llama-family decoders"]
+    try:
+        llm_config_to_hf(cfg)
+    except ConfigError as e:
+        return [str(e)]
+    return []
 
 
 def llm_config_to_hf(cfg: LLMConfig) -> dict[str, Any]:

@@ -27,21 +27,20 @@ class cannot compute is refused with the reason (`check_qwen_vl_exportable`).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from vlmkit.constants import VISION_END, VISION_START
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.config import VLMConfig
-from vlmkit.models.hf.common import (KeyMap, architecture, load_into, prefixed, read_config, read_state_dict,
-                                     rename)
-from vlmkit.models.hf.llm import HF_TO_OURS, IGNORED, llm_config_from_hf, llm_config_to_hf, llm_state_dict_to_hf
+from vlmkit.models.hf.common import (BICUBIC, PROCESSOR_FILE, KeyMap, architecture, load_into, prefixed, read_config,
+                                     read_state_dict, rename, renamed, write_chat_template, write_json, write_weights)
+from vlmkit.models.hf.llm import (HF_TO_OURS, decoder_ignore, llm_config_from_hf, llm_config_to_hf,
+                                  llm_state_dict_to_hf)
 from vlmkit.models.hf.native_vision import (NATIVE_VISION_EXPORT_KEYS, NATIVE_VISION_KEYS, TOWER_PREFIXES,
                                             native_vision_config_from_hf)
 from vlmkit.models.vlm import VLMModel
@@ -135,10 +134,7 @@ def qwen_vl_key_map(cfg: VLMConfig) -> tuple[KeyMap, list[str]]:
     """(key map, ignore patterns) from normalised names (LAYOUTS) to VLMModel's."""
     key_map = (prefixed(NATIVE_VISION_KEYS[cfg.native_vision.style], "visual.", "vision.")
                + prefixed(HF_TO_OURS, "language_model.", "llm."))
-    ignore = [re.escape("language_model.") + p for p in IGNORED]
-    if cfg.llm.tie_embeddings:  # transformers ties lm_head to the embeddings and ignores the stored copy
-        ignore.append(r"language_model\.lm_head\.weight")
-    return key_map, ignore
+    return key_map, decoder_ignore("language_model.", cfg.llm)
 
 
 def load_qwen_vl(path: str | Path, model_cls: type[VLMModel] = VLMModel) -> VLMModel:
@@ -147,11 +143,9 @@ def load_qwen_vl(path: str | Path, model_cls: type[VLMModel] = VLMModel) -> VLMM
     path = Path(path)
     cfg = qwen_vl_config(read_config(path), f"{path}/config.json")
     tensors = read_state_dict(path)
-    mapping, _ = rename(tensors, LAYOUTS)  # the catch-all pattern renames every tensor
-    normalised = {new_name: tensors[name] for name, new_name in mapping.items()}
     model = model_cls.empty(cfg)
     key_map, ignore = qwen_vl_key_map(cfg)
-    load_into(model, normalised, key_map, source=str(path), ignore=ignore)
+    load_into(model, renamed(tensors, LAYOUTS), key_map, source=str(path), ignore=ignore)
     return model.eval()
 
 
@@ -166,8 +160,6 @@ VIDEO_PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLVideoProcessor", "qwen2_5_vl": "Q
 VIDEO_RULES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl"}
 """family -> how its video processor sizes and samples frames (NativeProcessorConfig.video_rules)."""
 IMAGE_PROCESSOR_CLASS = "Qwen2VLImageProcessor"  # all three families size images alike
-BICUBIC = 3
-"""PIL's bicubic filter, the resample the processors use."""
 
 # Step 2 of export: normalised names (`visual.`, `language_model.`, as LAYOUTS makes them) -> the
 # file layout transformers' save_pretrained writes for the family.
@@ -293,8 +285,7 @@ def qwen_vl_state_dict(model: VLMModel) -> dict[str, torch.Tensor]:
         raise ConfigError(f"no {style} tower name for {unmatched}")
     normalised = {"visual." + hf: tower[ours] for ours, hf in mapping.items()}
     normalised.update({"language_model." + name: t for name, t in llm_state_dict_to_hf(model.llm).items()})
-    names, _ = rename(normalised, EXPORT_LAYOUTS[style])  # the catch-all pattern renames every tensor
-    return {names[name]: t for name, t in normalised.items()}
+    return renamed(normalised, EXPORT_LAYOUTS[style])
 
 
 def processor_hf_configs(family: str, settings: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -331,20 +322,15 @@ def export_hf_qwen_vl(model: VLMModel, out_dir: str | Path, processor: Any) -> P
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = getattr(model, "tokenizer", None)
-    tensors = for_safetensors(qwen_vl_state_dict(model))
     hf_config = qwen_vl_hf_config(cfg, _vision_token_ids(tokenizer))
-    hf_config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    _write_json(out / "config.json", hf_config)
+    write_weights(out, for_safetensors(qwen_vl_state_dict(model)), hf_config)
     image, video = processor_hf_configs(family, processor)
-    _write_json(out / "preprocessor_config.json", image)
-    _write_json(out / "video_preprocessor_config.json", video)
+    write_json(out / "preprocessor_config.json", image)
+    write_json(out / "video_preprocessor_config.json", video)
     if tokenizer is not None:
         tokenizer.save(out)
-        _write_json(out / "processor_config.json", {"processor_class": PROCESSOR_CLASSES[family]})
-        template = getattr(tokenizer, "chat_template", None)
-        if isinstance(template, str):  # the processor reads its own copy (AutoProcessor.apply_chat_template)
-            (out / "chat_template.jinja").write_text(template)
+        write_json(out / PROCESSOR_FILE, {"processor_class": PROCESSOR_CLASSES[family]})
+        write_chat_template(out, getattr(tokenizer, "chat_template", None))
     return out
 
 
@@ -356,7 +342,3 @@ def _vision_token_ids(tokenizer) -> dict[str, int]:
     ids = {"vision_start_token_id": tokenizer.token_id(VISION_START),
            "vision_end_token_id": tokenizer.token_id(VISION_END)}
     return {key: i for key, i in ids.items() if i is not None}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
