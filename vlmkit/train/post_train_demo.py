@@ -140,10 +140,14 @@ def chance(world: Path) -> float:
 
 
 def train_run(cfg, out: Path) -> tuple[Path, float, float]:
-    """Train `cfg` into `out` (resuming a killed run there); (DIR/final, wall seconds, trainable
-    fraction of the model's parameters in its last stage)."""
+    """Train `cfg` into `out` (resuming a killed run there; a finished one is reused); (DIR/final,
+    training wall seconds, trainable fraction of the model's parameters in its last stage)."""
     from vlmkit.train.loop import train  # loads torch
 
+    final, record = out / "final", out / "post_train_run.json"
+    if (final / "vlmkit.json").is_file() and record.is_file():
+        done = json.loads(record.read_text())
+        return final, done["wall_seconds"], done["trainable_fraction"]
     fraction: dict[str, float] = {}
 
     def on_stage_end(index: int, model) -> dict:
@@ -151,14 +155,11 @@ def train_run(cfg, out: Path) -> tuple[Path, float, float]:
         fraction["value"] = sum(p.numel() for p in model.parameters() if p.requires_grad) / total
         return {}
 
-    final = out / "final"
     start = time.perf_counter()
-    if not (final / "vlmkit.json").is_file():
-        train(cfg, out, resume=(out / "checkpoints").is_dir(), on_stage_end=on_stage_end)
-    else:
-        fraction["value"] = json.loads((out / "trainable.json").read_text())["fraction"]
-    (out / "trainable.json").write_text(json.dumps({"fraction": fraction.get("value", 0.0)}))
-    return final, time.perf_counter() - start, fraction.get("value", 0.0)
+    train(cfg, out, resume=(out / "checkpoints").is_dir(), on_stage_end=on_stage_end)
+    seconds = time.perf_counter() - start
+    record.write_text(json.dumps({"wall_seconds": seconds, "trainable_fraction": fraction["value"]}))
+    return final, seconds, fraction["value"]
 
 
 def self_feedback_data(start: Path, world: Path, out: Path, budget: dict) -> tuple[Path, dict]:
@@ -249,32 +250,34 @@ def run(args: argparse.Namespace, demo_run, demo_cfg: RunConfig) -> int:
 
     def example(name: str, cfg, extra: dict | None = None) -> dict:
         t0 = time.perf_counter()
-        final, _, fraction = train_run(cfg, root / name)
+        final, train_seconds, fraction = train_run(cfg, root / name)
         after = measure(final, world, demo_world, budget, blind=True)
         entry = {"categories": categories, "before": before["accuracy"], "after": after["accuracy"],
                  "per_category_before": before["per_category"], "per_category_after": after["per_category"],
                  "blind_after": after["blind_accuracy"], "chance": report["chance"],
                  "other_categories_before": before["other_accuracy"],
                  "other_categories_after": after["other_accuracy"], "trainable_fraction": fraction,
-                 "wall_seconds": round(time.perf_counter() - t0, 1), **(extra or {})}
+                 "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.perf_counter() - t0, 1),
+                 **(extra or {})}
         report[name] = entry
         (out / "post_training.json").write_text(json.dumps(report, indent=2) + "\n")
         return entry
 
     quick = args.quick
-    t0 = time.perf_counter()
     full_cfg = example_config("sft_lora", demo_cfg, start, quick=quick,
                               extra=["stages.0.name=full_sft", "stages.0.lora=null", f"stages.0.llm_lr={FULL_SFT_LR}"])
-    full_final, _, _ = train_run(full_cfg, root / "full_sft")
+    full_final, full_seconds, _ = train_run(full_cfg, root / "full_sft")
     full_after = measure(full_final, world, demo_world, budget, blind=False)
     example("lora_sft", example_config("sft_lora", demo_cfg, start, quick=quick),
             {"full_sft_after": full_after["accuracy"], "full_sft_other_after": full_after["other_accuracy"],
-             "full_sft_wall_seconds": round(time.perf_counter() - t0, 1)})
+             "full_sft_train_seconds": round(full_seconds, 1)})
 
     t0 = time.perf_counter()
     _, pair_stats = self_feedback_data(start, world, root / "dpo_data", budget)  # where dpo.yaml reads
+    pairs_seconds = time.perf_counter() - t0  # 0 when the pairs were made by an earlier run
     entry = example("dpo", example_config("dpo", demo_cfg, start, quick=quick), {"pairs": pair_stats})
-    entry["wall_seconds"] = round(time.perf_counter() - t0, 1)  # with making the pairs
+    entry["pairs_seconds"] = round(pairs_seconds, 1)
+    entry["wall_seconds"] = round(entry["wall_seconds"] + pairs_seconds, 1)  # making the pairs counts
 
     example("grpo", example_config("grpo", demo_cfg, start, quick=quick))
     report["grpo"]["curve"] = grpo_curve(root / "grpo", root / "grpo_curve.png")
