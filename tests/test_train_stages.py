@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vlmkit.config import Stage, load_config
+from vlmkit.errors import ConfigError
 from vlmkit.train import checkpoint as ckpt
 from vlmkit.train.stages import lr_factor, stage_seed
 
@@ -83,3 +84,19 @@ def test_checkpoint_dirs_are_atomic_and_pruned(tmp_path):
     net2 = torch.nn.Linear(3, 3)
     ckpt.load_model_weights(latest, net2)
     assert torch.equal(net.weight, net2.weight)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["stages.1.kind=grpo"], "grpo stages run in one process"),
+    (["stages.1.lora={rank: 4}"], "LoRA, contrastive and grpo stages run in one process"),
+    (["stages.1.kind=dpo"], "dpo.reference copy runs in one process"),
+])
+def test_one_process_stages_are_refused_before_a_sharded_run_starts(overrides, needle):
+    from vlmkit.train.loop import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # the check reads the config only
+    trainer.cfg = load_config("tiny", overrides)
+    with pytest.raises(ConfigError, match=needle):
+        trainer._check_distributable()
+    trainer.cfg = load_config("tiny", ["stages.1.kind=dpo", "stages.1.dpo={reference: precomputed}"])
+    trainer._check_distributable()  # precomputed log-probs work under torchrun

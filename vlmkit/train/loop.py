@@ -334,10 +334,15 @@ class Trainer:
         self._end_stage(index, last)
 
     def _check_distributable(self) -> None:
+        """Refuse, before any work, the stages that run in one process only (each objective also
+        refuses at its start, for a caller that builds one directly)."""
         for stage in self.cfg.stages:
-            if stage.lora is not None or stage.kind == "contrastive":
-                raise ConfigError(f"stage {stage.name!r}: LoRA and contrastive stages run in one process for now; "
-                                  "run this config without torchrun")
+            if stage.kind == "dpo" and stage.dpo.reference == "copy":
+                raise ConfigError(f"stage {stage.name!r}: dpo.reference copy runs in one process; under torchrun "
+                                  "use reference: precomputed")
+            if stage.lora is not None or stage.kind in ("contrastive", "grpo"):
+                raise ConfigError(f"stage {stage.name!r}: LoRA, contrastive and grpo stages run in one process "
+                                  "for now; run this config without torchrun")
 
     def _enter_stage(self, index: int) -> None:
         """The model surgery a stage needs before its weights are trained or loaded: its LoRA
