@@ -46,7 +46,6 @@ from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.mixture import Mixture, MixtureSource
 from vlmkit.data.packing import SourceStream
 from vlmkit.data.preference import PairPacker, PairPipeline, PreferenceBatch, read_pairs
-from vlmkit.errors import ConfigError
 from vlmkit.models import lora
 from vlmkit.train.data import source_modality
 from vlmkit.train.objective import Objective
@@ -153,10 +152,7 @@ class DPOObjective(Objective):
                                               source_modality(trainer.cfg.data[name]))
                                 for name, weight in weights.items()], seed=seed)
         self.reference_model: nn.Module | None = None
-        if self.settings.reference == "copy":
-            if trainer.sharded:
-                raise ConfigError(f"stage {self.stage.name!r}: dpo.reference copy runs in one process for now; "
-                                  "under torchrun use reference: precomputed")
+        if self.settings.reference == "copy":  # one process only: the trainer refuses it under torchrun
             self.reference_model = frozen_copy(self.model)
         self.table: dict[str, list[float]] | None = None
         """reference: precomputed -- pair key -> [chosen, rejected] reference log-probs."""

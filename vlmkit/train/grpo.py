@@ -368,10 +368,7 @@ class GRPOObjective(Objective):
     """Rollouts, rewards, advantages and the clipped token-level policy loss (module docstring)."""
 
     def __init__(self, trainer, index: int):
-        super().__init__(trainer, index)
-        if trainer.sharded:
-            raise ConfigError(f"stage {self.stage.name!r}: grpo stages run in one process for now; run this "
-                              "config without torchrun")
+        super().__init__(trainer, index)  # one process only: the trainer refuses grpo under torchrun
         self.settings = self.stage.grpo
         self.model = trainer.model
         self.prompts = PromptStream(trainer, index)

@@ -334,8 +334,8 @@ class Trainer:
         self._end_stage(index, last)
 
     def _check_distributable(self) -> None:
-        """Refuse, before any work, the stages that run in one process only (each objective also
-        refuses at its start, for a caller that builds one directly)."""
+        """Refuse, before any work, the stages that run in one process only (the one home of that
+        rule: the objectives rely on it)."""
         for stage in self.cfg.stages:
             if stage.kind == "dpo" and stage.dpo.reference == "copy":
                 raise ConfigError(f"stage {stage.name!r}: dpo.reference copy runs in one process; under torchrun "
