@@ -7,8 +7,8 @@ absent) and shows the three post-training methods from one SFT start:
    relations, `CATEGORIES`) are written into DIR/post_train/world, apart from the demo's world,
    with their own held-out benchmark (synth_reasoning.jsonl);
 2. the SFT start: the demo model fine-tuned briefly on the demo's QA with a light share of the
-   reasoning QA, so it answers the new categories in their worked format, above chance and well
-   short of solving them (DIR/post_train/sft_start);
+   reasoning QA, so it answers the new categories in their worked format, well short of solving
+   them (DIR/post_train/sft_start);
 3. from that start, with the same evaluation before and after:
    - `lora_sft`: a rank-16 LoRA on the decoder, SFT on the reasoning QA; beside it the same
      budget as full fine-tuning (`full_sft_after`);
@@ -34,8 +34,9 @@ from typing import Any
 
 from vlmkit.config import RunConfig, load_config
 from vlmkit.constants import IMAGE_PLACEHOLDER
-from vlmkit.data.synth import layout_chance
+from vlmkit.data.synth import chance_accuracy
 from vlmkit.data.world import WORLD_FILE, generate
+from vlmkit.eval.report import benchmark_chance
 
 CATEGORIES = ("count_attribute", "chained_relation")
 """The reasoning categories the examples train and are measured on. `arithmetic` is left out: a
@@ -46,14 +47,15 @@ START_REASONING_SHARE = 0.05
 of solved (docs/post-training.md)."""
 POST_TRAIN_DIR = "post_train"
 """Everything the post-training examples write, inside the demo's DIR."""
-REASONING_REPLY_TOKENS = 64
-"""Longest reply evaluated or sampled: the reasoning categories' worked replies run to ~40 tokens."""
+REASONING_BENCH = "synth_reasoning.jsonl"
+"""The held-out reasoning questions; evaluation asks them with its own wording and reply length
+for this benchmark name (eval/runner.py's FORMATS, REPLY_TOKENS), and self-feedback samples
+replies of that length."""
 EVAL_BATCH = 64
 
 # The budgets (full run / --quick). The quick run checks that every step runs and every field is
-# written; its figures mean nothing.
-# The examples' stages are the ready configs sft_lora, dpo and grpo (vlmkit/configs/), run from this
-# demo's paths; the quick run shrinks their steps.
+# written; its figures mean nothing. The examples' stages are the ready configs sft_lora, dpo and
+# grpo (vlmkit/configs/), run from this demo's paths; the quick run shrinks their steps.
 FULL = {"reasoning_train": 3000, "reasoning_test": 120, "other_test_limit": 600, "start_steps": 150,
         "dpo_prompts": 400}
 QUICK = {"reasoning_train": 60, "reasoning_test": 6, "other_test_limit": 16, "start_steps": 3, "dpo_prompts": 8}
@@ -108,30 +110,27 @@ def start_config(demo_cfg: RunConfig, budget: dict, *, quick: bool) -> RunConfig
 
 
 def measure(model_dir: Path, world: Path, demo_world: Path, budget: dict, *, blind: bool) -> dict:
-    """Held-out accuracy on the reasoning categories (and its blind baseline when asked) and on the
-    demo's own categories."""
+    """Held-out accuracy on the reasoning categories (with chance, and the blind baseline when
+    asked) and on the demo's own categories."""
     from vlmkit.api import VLM  # loads torch (kept out of `vlmkit demo --help`)
-    from vlmkit.eval.prompts import SYNTH_PROMPTS
-    from vlmkit.eval.runner import evaluate
+    from vlmkit.eval.runner import evaluate, evaluate_with_blind
 
     model = VLM.from_pretrained(model_dir)
-    kw = {"mode": "gen", "batch_size": EVAL_BATCH, "prompt_format": SYNTH_PROMPTS, "progress": False}
-    reasoning = evaluate(model, world / "synth_reasoning.jsonl", max_new_tokens=REASONING_REPLY_TOKENS, **kw)
+    kw = {"mode": "gen", "batch_size": EVAL_BATCH, "progress": False}
+    if blind:
+        runs = evaluate_with_blind(model, world / REASONING_BENCH, **kw)
+        reasoning = runs["model"]
+    else:
+        reasoning = evaluate(model, world / REASONING_BENCH, **kw)
     other = evaluate(model, demo_world / "synth.jsonl", limit=budget["other_test_limit"], **kw)
+    per_category = reasoning.summary["per_category"]
     result = {"accuracy": reasoning.summary["accuracy"],
-              "per_category": {c: row["accuracy"] for c, row in reasoning.summary["per_category"].items()},
+              "per_category": {c: row["accuracy"] for c, row in per_category.items()},
+              "chance": benchmark_chance(per_category, chance_accuracy)[0],
               "other_accuracy": other.summary["accuracy"]}
     if blind:
-        blind_run = evaluate(model, world / "synth_reasoning.jsonl", blind=True,
-                             max_new_tokens=REASONING_REPLY_TOKENS, **kw)
-        result["blind_accuracy"] = blind_run.summary["accuracy"]
+        result["blind_accuracy"] = runs["blind"].summary["accuracy"]
     return result
-
-
-def chance(world: Path) -> float:
-    """Mean chance accuracy over the reasoning benchmark's questions."""
-    rows = [json.loads(line) for line in (world / "synth_reasoning.jsonl").read_text().splitlines() if line]
-    return sum(layout_chance(r["category"], "fixed") for r in rows) / max(1, len(rows))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +165,7 @@ def self_feedback_data(start: Path, world: Path, out: Path, budget: dict) -> tup
     """Preference pairs from the start model's own replies to reasoning train questions, judged by
     the world's answer checker; returns (the pairs file, the sampling stats)."""
     from vlmkit.api import VLM
+    from vlmkit.eval.runner import REPLY_TOKENS
     from vlmkit.train.rewards import Task, check_world
     from vlmkit.train.self_feedback import FeedbackPrompt, self_feedback_pairs, write_pairs
 
@@ -178,14 +178,14 @@ def self_feedback_data(start: Path, world: Path, out: Path, budget: dict) -> tup
     for rec in records:
         question = next(t["value"] for t in rec["conversations"] if t["from"] == "human")
         reference = next(t["value"] for t in reversed(rec["conversations"]) if t["from"] == "gpt")
-        prompts.append(FeedbackPrompt(rec["id"], [{"role": "user", "content": content_parts(question, world / rec["image"])}],
-                                      Task(rec["id"], reference)))
+        turn = {"role": "user", "content": content_parts(question, world / rec["image"])}
+        prompts.append(FeedbackPrompt(rec["id"], [turn], Task(rec["id"], reference)))
 
     def checker(reply: str, task: Task) -> bool:
         return check_world(reply, task.answer, task) == 1.0
 
     made = self_feedback_pairs(VLM.from_pretrained(start), prompts, checker, samples_per_prompt=8,
-                               temperature=1.0, max_new_tokens=REASONING_REPLY_TOKENS, seed=0,
+                               temperature=1.0, max_new_tokens=REPLY_TOKENS[Path(REASONING_BENCH).stem], seed=0,
                                reference_of=lambda task: task.reference)
     out.mkdir(parents=True, exist_ok=True)
     write_pairs(made.rows, pairs, image_root=world)
@@ -245,7 +245,7 @@ def run(args: argparse.Namespace, demo_run, demo_cfg: RunConfig) -> int:
 
     start, _, _ = train_run(start_config(demo_cfg, budget, quick=args.quick), root / "sft_start")
     before = measure(start, world, demo_world, budget, blind=False)
-    report: dict[str, Any] = {"sft_start": str(start), "chance": chance(world), "before": before,
+    report: dict[str, Any] = {"sft_start": str(start), "chance": before["chance"], "before": before,
                               "budget": budget, "quick": args.quick}
 
     def example(name: str, cfg, extra: dict | None = None) -> dict:
