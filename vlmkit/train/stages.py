@@ -68,19 +68,21 @@ def _no_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim < 2 or name.endswith(".bias")
 
 
+def _decay_groups(named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float, label: str) -> list[dict]:
+    """The trainable ones of `named` as a decayed and a non-decayed param group at peak rate `lr`."""
+    named = [(n, p) for n, p in named if p.requires_grad]
+    decay = [p for n, p in named if not _no_decay(n, p)]
+    no_decay = [p for n, p in named if _no_decay(n, p)]
+    return [{"params": params, "lr": lr, "peak_lr": lr, "weight_decay": wd, "name": f"{label}.{tag}"}
+            for params, wd, tag in ((decay, weight_decay, "decay"), (no_decay, 0.0, "no_decay")) if params]
+
+
 def param_groups(model: nn.Module, stage: Stage) -> list[dict]:
     groups = []
     for module in MODULES:
         lr = stage.lr_of(module)
-        if lr <= 0:
-            continue
-        named = [(n, p) for n, p in module_parameters(model, module) if p.requires_grad]
-        decay = [p for n, p in named if not _no_decay(n, p)]
-        no_decay = [p for n, p in named if _no_decay(n, p)]
-        for params, wd, tag in ((decay, stage.weight_decay, "decay"), (no_decay, 0.0, "no_decay")):
-            if params:
-                groups.append({"params": params, "lr": lr, "peak_lr": lr, "weight_decay": wd,
-                               "name": f"{module}.{tag}"})
+        if lr > 0:
+            groups += _decay_groups(module_parameters(model, module), lr, stage.weight_decay, module)
     return groups
 
 
@@ -89,12 +91,7 @@ def build_optimizer(model: nn.Module, stage: Stage, heads: nn.Module | None = No
     """AdamW over the stage's trainable parameters only (and a stage objective's own `heads`)."""
     groups = param_groups(model, stage)
     if heads is not None and heads_lr > 0:
-        named = [(n, p) for n, p in heads.named_parameters() if p.requires_grad]
-        for params, wd, tag in (([p for n, p in named if not _no_decay(n, p)], stage.weight_decay, "decay"),
-                                ([p for n, p in named if _no_decay(n, p)], 0.0, "no_decay")):
-            if params:
-                groups.append({"params": params, "lr": heads_lr, "peak_lr": heads_lr, "weight_decay": wd,
-                               "name": f"heads.{tag}"})
+        groups += _decay_groups(list(heads.named_parameters()), heads_lr, stage.weight_decay, "heads")
     if not groups:
         raise ConfigError(f"stage {stage.name!r}: nothing to train (every module frozen and no heads)")
     # foreach=False: the same kernel path every time, so a resumed run matches bit for bit.
