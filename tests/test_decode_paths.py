@@ -15,7 +15,7 @@ from vlmkit.models.attention import AttnSpec
 from vlmkit.models.config import MoEConfig
 from vlmkit.models.llm import LLM, Block
 
-from test_llm import left_padded, samples, tiny
+from tests.test_llm import left_padded, samples, tiny
 
 NEW_TOKENS = 8
 

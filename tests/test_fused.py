@@ -9,7 +9,7 @@ from vlmkit.models.config import MoEConfig
 from vlmkit.models.fused import FusedLinears
 from vlmkit.models.llm import LLM
 
-from test_llm import V, tiny
+from tests.test_llm import V, tiny
 
 
 def logits(model: LLM, ids: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from vlmkit.data.mixture import Mixture, MixtureSource
 from vlmkit.data.packing import Packer, SourceStream
 from vlmkit.errors import ConfigError
-from test_packing import LengthEncoder, log_uniform_records
+from tests.test_packing import LengthEncoder, log_uniform_records
 
 
 def build(rank=0, world=1, seed=7, **kw):

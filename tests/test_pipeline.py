@@ -15,8 +15,8 @@ from vlmkit.data.native_images import NativeImageProcessor
 from vlmkit.data.packing import Packer, SourceStream
 from vlmkit.data.pipeline import SamplePipeline, TooManyBadRecords
 from vlmkit.data.world import generate
-from test_images import bomb_png
-from test_template import QWEN3_VL_TEMPLATE, qwen_vl_dir, small_config
+from tests.test_images import bomb_png
+from tests.test_template import QWEN3_VL_TEMPLATE, qwen_vl_dir, small_config
 
 pytest.importorskip("vlmkit.data.template")
 pytest.importorskip("vlmkit.data.tokenizer")
