@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test]" "$(TORCH_SPEC)"
+# lmms-eval (test extra) pulls torchvision, whose wheels on the index are CUDA builds: against
+# the CPU torch one fails to load and breaks transformers, which imports it when present
+	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip uninstall -q -y torchvision
 	touch $(STAMP)
 
 demo: $(STAMP)

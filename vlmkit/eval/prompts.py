@@ -6,10 +6,11 @@ The wording follows LLaVA-1.5's evaluation prompts: options as "A. text" lines f
 puts the question alone; `SYNTH_PROMPTS` also puts the image after the text, as the synthetic
 world's training data asks (data/synth.py), so that benchmark is asked exactly as the model learned it.
 
-Both evaluation modes build the same OpenAI-style turn (`user_content`, data/messages.py) and read
-it as every conversation is read (data/messages.py, data/prompt.py), so a question becomes the same
-tokens in both modes as in `VLM.generate`. Generation lists the options and asks for a letter;
-perplexity scoring asks cloze-style (options not listed, each scored as the reply).
+Both evaluation modes and the lmms-eval plugin (eval/lmms.py) build the same OpenAI-style turn
+(`user_turn`, on data/messages.py's `user_content`) and read it as every conversation is read
+(data/messages.py, data/prompt.py), so a question becomes the same tokens in both modes as in
+`VLM.generate`. Generation lists the options and asks for a letter; perplexity scoring asks
+cloze-style (options not listed, each scored as the reply).
 """
 
 from __future__ import annotations
@@ -53,11 +54,16 @@ def question_text(item: BenchItem, fmt: PromptFormat, *, list_options: bool) -> 
 
 def chat_messages(item: BenchItem, images: list[Image.Image], fmt: PromptFormat, *, list_options: bool,
                   videos: Sequence = ()) -> list[dict]:
-    """OpenAI-style conversation: one user turn, the videos and images then the question text (the
-    reverse for `images_after_text`); parts are joined with newlines when the turn is tokenised.
-    Videos go before images, as data files place visuals that have no placeholder (data/formats.py)."""
-    text = question_text(item, fmt, list_options=list_options)
-    content = user_content(text, images, images_after_text=fmt.images_after_text)
+    """An item's question as one user turn (`user_turn`)."""
+    return user_turn(question_text(item, fmt, list_options=list_options), images, videos,
+                     images_after_text=fmt.images_after_text)
+
+
+def user_turn(text: str, images: Sequence, videos: Sequence = (), *, images_after_text: bool = False) -> list[dict]:
+    """OpenAI-style conversation: one user turn, the videos and images then the text (the reverse
+    for `images_after_text`); parts are joined with newlines when the turn is tokenised. Videos go
+    before images, as data files place visuals that have no placeholder (data/formats.py)."""
+    content = user_content(text, list(images), images_after_text=images_after_text)
     video_parts = [{"type": "video", "video": video} for video in videos]
-    at = 1 if fmt.images_after_text else 0  # just before the image parts
+    at = 1 if images_after_text else 0  # just before the image parts
     return [{"role": "user", "content": content[:at] + video_parts + content[at:]}]

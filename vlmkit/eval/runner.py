@@ -34,7 +34,7 @@ from tqdm import tqdm
 from vlmkit.data.images import ImageProcessor
 from vlmkit.data.messages import keep_image, read_conversation
 from vlmkit.data.native_images import open_video
-from vlmkit.data.prompt import build_prompt, encode_images
+from vlmkit.data.prompt import Prompt, build_prompt, encode_images
 from vlmkit.data.template import encode_record
 from vlmkit.data.types import ImageRef, Message, Record, Sample, VideoRef
 from vlmkit.data.world import generate as generate_world
@@ -121,31 +121,45 @@ def _generate_rows(model, items: list[Question], *, batch_size: int, fmt: Prompt
     reply never depends on its batch."""
     engine = Engine(model)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    processor = model.image_processor()
     rows, bad = [], []
     for chunk in _chunks(items, GEN_CHUNK_BATCHES * batch_size):
         ready, prompts = [], []
         for question in chunk:
             item = question.item
             try:
-                prompt = build_prompt(question.messages(fmt, list_options=True), model.tokenizer, processor,
-                                      model.config.tokens_per_tile, resolve_video=keep_image)
+                prompt = reply_prompt(engine, question.messages(fmt, list_options=True), max_new_tokens)
             except BadRecordError as e:
                 bad.append(BadRow.from_error(item.row, e, item.id))
                 continue
-            if len(prompt.input_ids) + max_new_tokens > engine.max_positions:
-                bad.append(BadRow(item.row, "too_long", f"prompt of {len(prompt.input_ids)} tokens + "
-                                  f"{max_new_tokens} new tokens exceeds the context of {engine.max_positions}",
-                                  item.id))
-                continue
             prompts.append(prompt)
             ready.append(item)
-        replies = [""] * len(prompts)
-        for index, delta in engine.run(prompts, params, max_batch=batch_size):
-            replies[index] += delta
+        replies = engine_replies(engine, prompts, params, batch_size)
         rows += [score_reply(item, reply) for item, reply in zip(ready, replies)]
         bar.update(len(chunk))
     return rows, bad
+
+
+def reply_prompt(engine: Engine, messages: list[dict], max_new_tokens: int) -> Prompt:
+    """A conversation's generation prompt for the engine's model, videos taken as given (what both
+    `vlmkit eval` and the lmms-eval plugin, eval/lmms.py, ask with). Raises BadRecordError: an
+    unreadable image or video, a malformed turn, or a prompt that leaves no room in the context
+    for `max_new_tokens` (too_long)."""
+    model = engine.vlm
+    prompt = build_prompt(messages, model.tokenizer, model.image_processor(), model.config.tokens_per_tile,
+                          resolve_video=keep_image)
+    if len(prompt.input_ids) + max_new_tokens > engine.max_positions:
+        raise BadRecordError("too_long", f"prompt of {len(prompt.input_ids)} tokens + {max_new_tokens} new "
+                                         f"tokens exceeds the context of {engine.max_positions}")
+    return prompt
+
+
+def engine_replies(engine: Engine, prompts: list[Prompt], params: SamplingParams, batch_size: int) -> list[str]:
+    """Each prompt's reply, `batch_size` rows decoding together (rows that finish leave and the
+    next prompts join, as in the server)."""
+    replies = [""] * len(prompts)
+    for index, delta in engine.run(prompts, params, max_batch=batch_size):
+        replies[index] += delta
+    return replies
 
 
 # --- ppl mode ----------------------------------------------------------------------------------------
@@ -173,17 +187,23 @@ def _open_answers(benchmark: Benchmark) -> dict[str, list[str]]:
 def _option_samples(model, processor: ImageProcessor, question: Question, fmt: PromptFormat,
                     options: list[str]) -> list[Sample]:
     """One sample per option: the question's user turn (options not listed, cloze-style), then the
-    option as the assistant's reply, supervised as training supervises a reply. Raises
-    BadRecordError."""
-    item = question.item
-    user = read_conversation(question.messages(fmt, list_options=False), keep_image, keep_image)
+    option as the assistant's reply (`reply_samples`). Raises BadRecordError."""
+    return reply_samples(model, processor, question.messages(fmt, list_options=False), options, question.item.id)
+
+
+def reply_samples(model, processor: ImageProcessor, messages: list[dict], replies: list[str],
+                  sample_id: str) -> list[Sample]:
+    """One sample per reply: the user turn `messages` (images decoded once for all), then the reply
+    as the assistant's turn, supervised as training supervises a reply (the reply's tokens and its
+    end-of-turn token): what eval/ppl.py's `sequence_logprobs` scores. Raises BadRecordError."""
+    user = read_conversation(messages, keep_image, keep_image)
     visual = encode_images(user.images, processor, model.config.tokens_per_tile, user.videos)
     samples = []
-    for option in options:
-        record = Record(id=item.id, source="eval", kind="chat",
-                        messages=user.messages + [Message("assistant", option)])
+    for reply in replies:
+        record = Record(id=sample_id, source="eval", kind="chat",
+                        messages=user.messages + [Message("assistant", reply)])
         ids, labels = encode_record(record, model.tokenizer, visual.visual_tokens, visual.video_tokens)
-        samples.append(visual.sample(item.id, "eval", list(ids), list(labels)))
+        samples.append(visual.sample(sample_id, "eval", list(ids), list(labels)))
     return samples
 
 
