@@ -5,11 +5,12 @@
     VLM.load(dir)                                a vlmkit checkpoint or a whole transformers VLM directory
     VLM.from_hf(vision=dir, llm=dir, adapter=)   a HF SigLIP / CLIP tower + a HF decoder, new adapter
     VLM.from_hf(dir)                             a whole HF Qwen2-VL / Qwen2.5-VL / Qwen3-VL / InternVL /
-                                                 Idefics3 / SmolVLM directory
+                                                 Idefics3 / SmolVLM / LLaVA-OneVision / DeepSeek-VL (hybrid)
+                                                 directory
     VLM.from_hf_llava(dir)                       a llava-hf LlavaForConditionalGeneration directory
     model.save_pretrained(dir, meta=None)        the checkpoint directory (docs/architecture.md)
     model.export_hf(dir)                         a transformers directory (Qwen-VL family, InternVL, Idefics3 /
-                                                 SmolVLM or llava-hf)
+                                                 SmolVLM, DeepSeek-VL (hybrid) or llava-hf)
     model.generate(messages, ...)                chat generation (infer/generate.py)
 
 Checkpoint directory: config.json (VLMConfig.to_dict, every field written), model.safetensors,
@@ -32,9 +33,11 @@ from safetensors.torch import load_file, save_file
 
 from vlmkit import __version__
 from vlmkit.constants import CONFIG_FILE, META_FILE, WEIGHTS_FILE
+from vlmkit.data.anyres import AnyResImageProcessor
 from vlmkit.data.images import ImageProcessor
 from vlmkit.data.native_images import (FAMILIES, IMAGE_CONFIG_FILE, NativeImageProcessor, NativeProcessorConfig,
                                        processor_config_from_dir)
+from vlmkit.data.padded_images import PaddedImageProcessor, Resolution
 from vlmkit.data.split_images import SplitImageProcessor
 from vlmkit.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from vlmkit.data.types import PackedBatch
@@ -43,11 +46,15 @@ from vlmkit.infer.generate import generate_messages
 from vlmkit.models.adapter import build_adapter
 from vlmkit.models.config import AdapterConfig, VLMConfig
 from vlmkit.models.hf.common import architecture, read_config
+from vlmkit.models.hf.deepseek_vl import ARCHITECTURE_NAMES as DEEPSEEK_VL_ARCHITECTURES
+from vlmkit.models.hf.deepseek_vl import deepseek_vl_family, export_hf_deepseek_vl, load_deepseek_vl
 from vlmkit.models.hf.idefics3 import ARCHITECTURE_NAMES as IDEFICS3_ARCHITECTURES
 from vlmkit.models.hf.idefics3 import export_hf_idefics3, idefics3_family, load_idefics3
 from vlmkit.models.hf.internvl import ARCHITECTURE as INTERNVL_ARCHITECTURE
 from vlmkit.models.hf.internvl import export_hf_internvl, is_internvl, load_internvl
 from vlmkit.models.hf.llava import export_hf_llava, load_llava
+from vlmkit.models.hf.onevision import ARCHITECTURE as ONEVISION_ARCHITECTURE
+from vlmkit.models.hf.onevision import export_hf_onevision, is_onevision, load_onevision
 from vlmkit.models.hf.llm import load_llm
 from vlmkit.models.hf.qwen_vl import ARCHITECTURE_NAMES as QWEN_VL_ARCHITECTURES
 from vlmkit.models.hf.qwen_vl import export_hf_qwen_vl, load_qwen_vl, qwen_vl_family
@@ -60,8 +67,8 @@ from vlmkit.schema import build
 
 PROCESSOR_FILE = "processor.json"
 """A native-resolution model's NativeProcessorConfig in its checkpoint directory."""
-WHOLE_VLM_ARCHITECTURES = sorted([*QWEN_VL_ARCHITECTURES.values(), INTERNVL_ARCHITECTURE,
-                                  *IDEFICS3_ARCHITECTURES.values()])
+WHOLE_VLM_ARCHITECTURES = sorted([*QWEN_VL_ARCHITECTURES.values(), INTERNVL_ARCHITECTURE, ONEVISION_ARCHITECTURE,
+                                  *IDEFICS3_ARCHITECTURES.values(), *DEEPSEEK_VL_ARCHITECTURES.values()])
 """The transformers VLMs `VLM.from_hf(dir)` loads whole."""
 
 
@@ -151,7 +158,9 @@ class VLM(VLMModel):
         decoder assembled with a new adapter (`vision=`, `llm=`).
 
         path: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL directory (models/hf/qwen_vl.py), an InternVL one
-        (models/hf/internvl.py) or an Idefics3 / SmolVLM one (models/hf/idefics3.py), every weight
+        (models/hf/internvl.py), an Idefics3 / SmolVLM one (models/hf/idefics3.py), a LLaVA-OneVision one
+        (models/hf/onevision.py) or a DeepSeek-VL /
+        DeepSeek-VL hybrid one (models/hf/deepseek_vl.py), every weight
         loaded, its tokenizer attached when it has one.
         vision, llm: a HF SigLIP / CLIP tower and a HF decoder; only the adapter is initialised.
         feature_layer: the vision hidden state the adapter reads (LLaVA reads the second to last).
@@ -168,6 +177,10 @@ class VLM(VLMModel):
                 model = load_internvl(path, model_cls=cls)  # its tiling is in its VLMConfig
             elif idefics3_family(hf_config, str(path)) is not None:
                 model = load_idefics3(path, model_cls=cls)  # its splitting too
+            elif is_onevision(hf_config, str(path)):
+                model = load_onevision(path, model_cls=cls)  # its any-resolution tiling too
+            elif deepseek_vl_family(hf_config, str(path)) is not None:
+                model = load_deepseek_vl(path, model_cls=cls)  # its padding too
             elif qwen_vl_family(hf_config, str(path)) is None:
                 raise CheckpointError(f"{path}/config.json: architecture {architecture(hf_config, path)!r} is not a "
                                       f"VLM vlmkit loads whole: {WHOLE_VLM_ARCHITECTURES} (llava-hf directories: "
@@ -213,13 +226,19 @@ class VLM(VLMModel):
         """Write the transformers directory of whatever this model is: a native model's Qwen-VL
         family (models/hf/qwen_vl.py, with its processor settings), a model with an InternViT tower
         as InternVL (models/hf/internvl.py), one that splits images as Idefics3 / SmolVLM
-        (models/hf/idefics3.py), else llava-hf."""
+        (models/hf/idefics3.py), one that tiles them at any resolution as LLaVA-OneVision
+        (models/hf/onevision.py), one that pads them (a hybrid one too) as DeepSeek-VL
+        (models/hf/deepseek_vl.py), else llava-hf."""
         if self.config.is_native:
             return export_hf_qwen_vl(self, path, self.native_processor_config())
         if self.config.vision.style == "intern_vit":
             return export_hf_internvl(self, path)
         if self.config.tiling == "split":
             return export_hf_idefics3(self, path)
+        if self.config.tiling == "anyres":
+            return export_hf_onevision(self, path)
+        if self.config.tiling == "pad":
+            return export_hf_deepseek_vl(self, path)
         return export_hf_llava(self, path)
 
     # --- use ----------------------------------------------------------------------------------------
@@ -251,14 +270,24 @@ class VLM(VLMModel):
                                  video_grid_thw=moved(batch.video_grid_thw))
 
 
-    def image_processor(self) -> ImageProcessor | SplitImageProcessor | NativeImageProcessor:
+    def image_processor(self) -> (ImageProcessor | SplitImageProcessor | PaddedImageProcessor | AnyResImageProcessor
+                                  | NativeImageProcessor):
         """What prepares images for this model: data.images.ImageProcessor (fixed size, tiles),
-        data.split_images.SplitImageProcessor (Idefics3's tiles and whole image), or for a
-        native-resolution model data.native_images.NativeImageProcessor (images and videos at
-        their own size)."""
+        data.split_images.SplitImageProcessor (Idefics3's tiles and whole image),
+        data.anyres.AnyResImageProcessor (LLaVA-OneVision's any-resolution tiles, with the model's
+        geometry, models/anyres.py),
+        data.padded_images.PaddedImageProcessor (DeepSeek-VL's padded square, at both resolutions for
+        a hybrid model), or for a native-resolution model data.native_images.NativeImageProcessor
+        (images and videos at their own size)."""
         if self.config.is_native:
             return NativeImageProcessor(self.native_processor_config())
         v = self.config.vision
+        if self.config.tiling == "pad":
+            h = self.config.high_res_vision
+            high_res = Resolution(h.image_size, h.image_mean, h.image_std) if self.config.is_hybrid else None
+            return PaddedImageProcessor(v.image_size, v.image_mean, v.image_std, high_res)
+        if self.config.tiling == "anyres":
+            return AnyResImageProcessor(self.anyres_geometry, v.image_size, v.image_mean, v.image_std)
         if self.config.tiling == "split":
             return SplitImageProcessor(v.image_size, v.image_mean, v.image_std, self.config.tiles_per_side)
         return ImageProcessor(image_size=v.image_size, mean=v.image_mean, std=v.image_std,

@@ -65,6 +65,13 @@ TILE_POSITION = "<row_{row}_col_{col}>"
 IDEFICS3_TOKENS = (FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE)
 """The tokens a vocabulary needs for the Idefics3 chat format (the ones its processor adds)."""
 
+# The DeepSeek-VL chat format (DeepSeek-VL and its hybrid as transformers holds them; data/template.py
+# renders it): a fixed system text, turns as `User: ...\n\n` and `Assistant: ...<｜end▁of▁sentence｜>`,
+# an image as its <image_placeholder> tokens.
+DEEPSEEK_VL_IMAGE_TOKEN = "<image_placeholder>"
+DEEPSEEK_END_OF_SENTENCE = "<｜end▁of▁sentence｜>"
+"""Ends an assistant (and a system) turn of the DeepSeek-VL format; DeepSeek's end of text too."""
+
 # File names of the checkpoint directory (docs/architecture.md, "Checkpoint format").
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vlmkit.data.anyres import AnyResImageProcessor
 from vlmkit.data.images import ImageProcessor
 from vlmkit.data.messages import ImageResolver, VideoResolver, keep_image, read_conversation
 from vlmkit.data.native_images import NativeImageProcessor, stack_videos
+from vlmkit.data.padded_images import PaddedImageProcessor
 from vlmkit.data.split_images import SplitImageProcessor
 from vlmkit.data.template import ImageTiles, ImageTokens, VideoTokens, encode_prompt
 from vlmkit.data.types import ImageRef, Sample
@@ -38,12 +40,13 @@ from vlmkit.errors import BadRecordError
 class VisualInputs:
     """The model-side form of a conversation's images (and, for native models, videos)."""
 
-    pixel_values: torch.Tensor | None  # (N, 3, S, S) tiles, or native (P, D) patch rows; None without images
+    pixel_values: torch.Tensor | None  # (N, 3, S, S) tiles, a hybrid model's (N, R) rows (data/padded_images.py),
+    # or native (P, D) patch rows; None without images
     tiles_per_image: list[int] = field(default_factory=list)
     visual_tokens: list[ImageTokens] = field(default_factory=list)
     """Visual tokens each image takes in the text: its tiles x tokens per tile, or its grid's tokens;
     for a split image its `ImageTiles` (the prompt writes where each tile sits)."""
-    grid_thw: torch.Tensor | None = None  # native: (I, 3) int64 per image
+    grid_thw: torch.Tensor | None = None  # native: (I, 3) int64 per image; anyres: each image's layout
     pixel_values_videos: torch.Tensor | None = None  # native: (P, D) every video's rows, in order
     video_grid_thw: torch.Tensor | None = None  # native: (V, 3) int64 per video
     second_per_grid_ts: list[float] = field(default_factory=list)
@@ -57,7 +60,8 @@ class VisualInputs:
                       self.pixel_values_videos, self.video_grid_thw, self.second_per_grid_ts)
 
 
-ImageProcessors = ImageProcessor | SplitImageProcessor | NativeImageProcessor
+ImageProcessors = (ImageProcessor | SplitImageProcessor | PaddedImageProcessor | AnyResImageProcessor
+                   | NativeImageProcessor)
 """What prepares a model's images (the model's `image_processor()`)."""
 
 
@@ -76,6 +80,8 @@ def encode_images(images: list, processor: ImageProcessors, tokens_per_tile: int
         raise BadRecordError("unexpected_video", f"{len(videos)} video(s), but this model's image processor "
                              "takes images only")
     loaded = [processor.load(image) for image in images]
+    if isinstance(processor, AnyResImageProcessor):
+        return _encode_anyres(loaded, processor)
     tiles = [processor(image) for image in loaded]  # each (N_i, 3, S, S)
     tiles_per_image = [t.shape[0] for t in tiles]
     visual_tokens: list[ImageTokens] = [n * tokens_per_tile for n in tiles_per_image]
@@ -83,6 +89,17 @@ def encode_images(images: list, processor: ImageProcessors, tokens_per_tile: int
         visual_tokens = [ImageTiles(*processor.grid(*image.size), tokens_per_tile) for image in loaded]
     return VisualInputs(pixel_values=torch.cat(tiles) if tiles else None, tiles_per_image=tiles_per_image,
                         visual_tokens=visual_tokens)
+
+
+def _encode_anyres(images: list, processor: AnyResImageProcessor) -> VisualInputs:
+    """Any-resolution tiles: an image is tiled only when it is its conversation's one image, as
+    LLaVA-OneVision's processor does; its layout row goes with its tiles (data/anyres.py)."""
+    tiled = len(images) == 1
+    tiles = [processor(image, tiled) for image in images]  # each (N_i, 3, S, S)
+    layouts = [processor.layout_row(image, t) for image, t in zip(images, tiles)]
+    return VisualInputs(pixel_values=torch.cat(tiles) if tiles else None, tiles_per_image=[t.shape[0] for t in tiles],
+                        visual_tokens=[processor.tokens(image, tiled) for image in images],
+                        grid_thw=torch.tensor(layouts, dtype=torch.long) if tiles else None)
 
 
 def _encode_native(images: list, videos: list, processor: NativeImageProcessor) -> VisualInputs:
@@ -110,7 +127,8 @@ class Prompt:
 
     input_ids: list[int]
     pixel_values: torch.Tensor | None = None  # (N, 3, S, S) tiles of all images, in order; native: (P, D)
-    # Native-resolution models only (None / empty otherwise), as VisualInputs.
+    # Native-resolution models only (None / empty otherwise), as VisualInputs; anyres models' image
+    # layouts travel in image_grid_thw too.
     image_grid_thw: torch.Tensor | None = None  # (I, 3) int64
     pixel_values_videos: torch.Tensor | None = None  # (P, D)
     video_grid_thw: torch.Tensor | None = None  # (V, 3) int64

@@ -17,11 +17,16 @@ Chat formats (the tokenizer's `template`): builtin, chatml, qwen_vl and internvl
 `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content stripped}<|eot_id|>` after
 `<|begin_of_text|>`, idefics3 renders `{Role}: {content}<end_of_utterance>\\n` after the
 tokenizer's bos token (`{Role}:` alone before content that opens with an image, and as the
-generation prompt). The text equals what the tokenizer's jinja chat template produces (tests
-compare with transformers' apply_chat_template); a loaded template's default system prompt (when
-a conversation has none) and system prefix (Llama-3.1's date lines) are inserted the same way.
+generation prompt), deepseek_vl renders the template's fixed system text after the bos token, then
+`{Role}: {content stripped}` followed by `\\n\\n` after a user turn and `<｜end▁of▁sentence｜>`
+after any other (`Assistant:` as the generation prompt; the reference leaves the end off a last
+turn, vlmkit keeps it there to supervise the stop). The text equals what the tokenizer's jinja
+chat template produces (tests compare with transformers' apply_chat_template); a loaded
+template's default system prompt (when a conversation has none) and system prefix (Llama-3.1's
+date lines) are inserted the same way.
 Headers, contents and images are tokenised as separate pieces, so the assistant's first token
-is the same in training as after the generation prompt.
+is the same in training as after the generation prompt; in the deepseek_vl format the unsupervised
+text between two special tokens is tokenised as one string, as the processor tokenises it.
 
 Each IMAGE_PLACEHOLDER in message content becomes visual_tokens[i] copies of the tokenizer's image
 token id, for the i-th placeholder in reading order. Each VIDEO_PLACEHOLDER becomes videos[j]'s
@@ -103,7 +108,7 @@ ImageTokens = int | ImageTiles
 
 
 def _header(tok, role: str) -> list[Piece]:
-    if tok.template == "idefics3":
+    if tok.template in ("idefics3", "deepseek_vl"):
         return [("text", f"{role.capitalize()}:", False)]
     if tok.template == "llama3":
         return [("id", tok.require(LLAMA3_HEADER_START), False), ("text", role, False),
@@ -111,17 +116,21 @@ def _header(tok, role: str) -> list[Piece]:
     return [("id", tok.require(IM_START), False), ("text", f"{role}\n", False)]
 
 
-def _footer(tok, supervised: bool) -> list[Piece]:
+def _footer(tok, supervised: bool, role: str) -> list[Piece]:
+    if tok.template == "deepseek_vl" and role == "user":
+        return [("text", "\n\n", False)]
     end_of_turn: list[Piece] = [("id", tok.end_of_turn_id, supervised)]
-    return end_of_turn if tok.template == "llama3" else end_of_turn + [("text", "\n", False)]
+    return end_of_turn if tok.template in ("llama3", "deepseek_vl") else end_of_turn + [("text", "\n", False)]
 
 
 def _content(tok, text: str, supervised: bool, first: dict[str, int], raw: bool = False) -> list[Piece]:
     """Text, image and video pieces of one message's content; images and videos numbered from
     first["image"] and first["video"], which are advanced past them. Llama-3 templates strip
     message content; `raw` text (the template's own system text) is kept."""
-    if tok.template == "llama3" and not raw:
+    if tok.template in ("llama3", "deepseek_vl") and not raw:
         text = text.strip()
+    if tok.template == "deepseek_vl":  # `{Role}: ...`, the space the content's as in idefics3
+        text = " " + text
     if tok.template == "idefics3" and not text.startswith(IMAGE_PLACEHOLDER):
         # `{Role}: text` but `{Role}:<image>`: the space is the content's, as after the generation
         # prompt `Assistant:` the reply's first token holds it
@@ -148,6 +157,8 @@ def _chat_pieces(messages: list[Message], tok, supervise: bool, generation_promp
     pieces: list[Piece] = []
     if tok.bos_id is not None:
         pieces.append(("id", tok.bos_id, False))
+    if tok.preamble:
+        pieces.append(("text", tok.preamble, False))
     messages = list(messages)
     system_raw = False  # the system text the template itself adds is not stripped
     if messages and messages[0].role == "system" and tok.system_prefix:
@@ -159,7 +170,7 @@ def _chat_pieces(messages: list[Message], tok, supervise: bool, generation_promp
     for i, m in enumerate(messages):
         learn = supervise and m.role == "assistant"
         pieces += _header(tok, m.role)
-        pieces += _content(tok, m.content, learn, visuals, raw=system_raw and i == 0) + _footer(tok, learn)
+        pieces += _content(tok, m.content, learn, visuals, raw=system_raw and i == 0) + _footer(tok, learn, m.role)
     if generation_prompt:
         pieces += _header(tok, "assistant")
     return pieces
@@ -185,7 +196,10 @@ def _tokens(pieces: list[Piece], tok, visual_tokens: Sequence[ImageTokens], vide
     _check_visuals(pieces, tok, visual_tokens, videos, record_id)
     ids: list[int] = []
     labels: list[int] = []
-    for kind, value, supervised in _expand_visuals(pieces, tok, visual_tokens, videos):
+    expanded = _expand_visuals(pieces, tok, visual_tokens, videos)
+    if tok.template == "deepseek_vl":
+        expanded = _joined_text(expanded)
+    for kind, value, supervised in expanded:
         new = value if kind == "ids" else _encode_text(tok, value)
         ids += new
         labels += new if supervised else [IGNORE_INDEX] * len(new)
@@ -228,6 +242,18 @@ def _expand_visuals(pieces: list[Piece], tok, visual_tokens: Sequence[ImageToken
             out.append(("ids", [value], supervised))
         else:
             out.append((kind, value, supervised))
+    return out
+
+
+def _joined_text(pieces: list[Piece]) -> list[Piece]:
+    """Each run of unsupervised text pieces as one piece (one string between special tokens, as a
+    processor tokenises the rendered template)."""
+    out: list[Piece] = []
+    for piece in pieces:
+        if piece[0] == "text" and not piece[2] and out and out[-1][0] == "text" and not out[-1][2]:
+            out[-1] = ("text", out[-1][1] + piece[1], False)
+        else:
+            out.append(piece)
     return out
 
 

@@ -20,12 +20,17 @@ ones) and works out the chat format from the special tokens it holds:
     idefics3  the bos token, then `Role: ...<end_of_utterance>\\n` turns, images as their tiles
               (<fake_token_around_image>, <row_r_col_c>, <image>...; data/template.py) and parts
               joined with nothing (Idefics3, SmolVLM)
+    deepseek_vl  the bos token, the template's fixed system text, then `User: ...\\n\\n` and
+              `Assistant: ...<｜end▁of▁sentence｜>` turns, images as <image_placeholder> tokens and
+              parts joined with nothing (DeepSeek-VL and its hybrid)
     llama3    <|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\n ... <|eot_id|>
 
 A Qwen-VL template is told from a plain ChatML one by its jinja writing <|vision_start|> (Qwen2.5's
 text tokenizers hold the vision tokens too), an InternVL one by its jinja writing <IMG_CONTEXT>,
 an Idefics3 one by its jinja writing <end_of_utterance> (before the Llama-3 or ChatML tokens its
-vocabulary holds too are considered).
+vocabulary holds too are considered), a DeepSeek-VL one by its jinja writing <image_placeholder>.
+The text a DeepSeek-VL template writes before any message (its fixed system text) is its rendering
+of no messages (`preamble`).
 
 The system text that the directory's own jinja template adds (a default system prompt when a
 conversation has none, as Qwen2's; a prefix before a given one, as Llama-3.1's date lines) is read
@@ -42,7 +47,8 @@ from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer as _Backend, decoders, models, pre_tokenizers, trainers
 
-from vlmkit.constants import (BUILTIN_SPECIAL_TOKENS, END_OF_UTTERANCE, EOS_TOKEN, IDEFICS3_TOKENS, IM_END,
+from vlmkit.constants import (BUILTIN_SPECIAL_TOKENS, DEEPSEEK_END_OF_SENTENCE, DEEPSEEK_VL_IMAGE_TOKEN,
+                              END_OF_UTTERANCE, EOS_TOKEN, IDEFICS3_TOKENS, IM_END,
                               IM_START, IMAGE_PLACEHOLDER, IMAGE_TOKEN, IMG_CONTEXT, INTERNVL_TOKENS,
                               LLAMA3_BEGIN_OF_TEXT, LLAMA3_CHAT_TOKENS, LLAMA3_END_OF_MESSAGE, LLAMA3_END_OF_TEXT,
                               LLAMA3_END_OF_TURN, LLAMA3_HEADER_END, LLAMA3_HEADER_START, PAD_TOKEN, IMAGE_PAD,
@@ -56,12 +62,14 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 PROCESSOR_TEMPLATE_FILE = "chat_template.json"
 """Where multimodal checkpoints (Qwen-VL) keep the processor's chat template: {"chat_template": ...}."""
 
-END_OF_TURN = {"llama3": LLAMA3_END_OF_TURN, "idefics3": END_OF_UTTERANCE}
+END_OF_TURN = {"llama3": LLAMA3_END_OF_TURN, "idefics3": END_OF_UTTERANCE, "deepseek_vl": DEEPSEEK_END_OF_SENTENCE}
 """Chat format -> the token that ends a turn, where it is not ChatML's <|im_end|>."""
 
 # Image tokens recognised in loaded vocabularies, in order of preference.
 IMAGE_TOKENS = (IMAGE_TOKEN, IMAGE_PAD)
-TEMPLATES = ("builtin", "chatml", "llama3", "qwen_vl", "internvl", "idefics3")
+TEMPLATES = ("builtin", "chatml", "llama3", "qwen_vl", "internvl", "idefics3", "deepseek_vl")
+BOS_TEMPLATES = ("idefics3", "deepseek_vl")
+"""Chat formats whose sequences open with the tokenizer's own bos token."""
 
 # The built-in chat template, ChatML without a default system prompt. Message content is a string
 # (IMAGE_PLACEHOLDER marks images) or a list of {"type": "text" | "image"} parts joined by newlines,
@@ -113,6 +121,9 @@ class Tokenizer:
         """System prompt the chat template adds when a conversation has none."""
         self.system_prefix = ""
         """Text the chat template puts before a given system prompt (Llama-3.1's date lines)."""
+        self.preamble = ""
+        """Text the chat template writes before the first message, whatever it is (DeepSeek-VL's
+        fixed system text)."""
 
     # --- making one --------------------------------------------------------------------------------
 
@@ -179,7 +190,9 @@ class Tokenizer:
             except (json.JSONDecodeError, AttributeError) as e:
                 raise ConfigError(f"{processor_template}: not a JSON object with a chat_template ({e})") from None
         tok = cls(backend, config, _template_kind(backend, config, path))
-        if tok.template != "builtin":
+        if tok.template == "deepseek_vl":
+            tok.preamble = _render_own_template(tok, []) or ""
+        elif tok.template != "builtin":
             tok.default_system, tok.system_prefix = _system_text(tok)
         return tok
 
@@ -239,6 +252,8 @@ class Tokenizer:
     def image_token(self) -> str | None:
         if self.template == "internvl":  # its vocabulary (Qwen2.5-VL's) holds <|image_pad|> too
             return IMG_CONTEXT
+        if self.template == "deepseek_vl":
+            return DEEPSEEK_VL_IMAGE_TOKEN
         return next((t for t in IMAGE_TOKENS if self.token_id(t) is not None), None)
 
     @property
@@ -259,7 +274,7 @@ class Tokenizer:
     def part_separator(self) -> str:
         """What joins the pieces of a list content (data/messages.py): the Qwen-VL templates put
         parts side by side, vlmkit's built-in one on separate lines."""
-        return "" if self.template in ("qwen_vl", "internvl", "idefics3") else "\n"
+        return "" if self.template in ("qwen_vl", "internvl", "idefics3", "deepseek_vl") else "\n"
 
     @property
     def image_part(self) -> str:
@@ -280,8 +295,9 @@ class Tokenizer:
     def bos_id(self) -> int | None:
         """The id put at the start of every sequence (Llama-3's <|begin_of_text|>; in the Idefics3
         format the tokenizer's bos token, which its templates open with: Idefics3's
-        <|begin_of_text|>, SmolVLM's <|im_start|>), or None."""
-        if self.template == "idefics3":
+        <|begin_of_text|>, SmolVLM's <|im_start|>; in the DeepSeek-VL format the bos token
+        DeepSeek's tokenizer puts before every text), or None."""
+        if self.template in BOS_TEMPLATES:
             token = _token_str(self.config.get("bos_token"))
             return None if token is None else self.token_id(token)
         return self.token_id(LLAMA3_BEGIN_OF_TEXT) if self.template == "llama3" else None
@@ -323,6 +339,9 @@ def _token_str(value) -> str | None:
 def _template_kind(backend: _Backend, config: dict, path: Path) -> str:
     if config.get("vlmkit_template") == "builtin":
         return "builtin"
+    if DEEPSEEK_VL_IMAGE_TOKEN in str(config.get("chat_template") or "") and all(
+            backend.token_to_id(t) is not None for t in (DEEPSEEK_VL_IMAGE_TOKEN, DEEPSEEK_END_OF_SENTENCE)):
+        return "deepseek_vl"
     # Idefics3's vocabulary is Llama-3's and SmolVLM's is ChatML's: the template tells them apart.
     if END_OF_UTTERANCE in str(config.get("chat_template") or "") and all(
             backend.token_to_id(t) is not None for t in IDEFICS3_TOKENS):
@@ -375,14 +394,26 @@ def _system_text(tok: Tokenizer) -> tuple[str | None, str]:
     else:
         opener, closer = f"{IM_START}system\n", IM_END
     default, prefix = None, ""
-    alone = _render_own_template(tok, [{"role": "user", "content": _PROBE}])
+    alone = _render_probes(tok, [("user", _PROBE)])
     if alone is not None and opener in alone.split(_PROBE)[0]:
         default = alone.split(_PROBE)[0].split(opener, 1)[1].split(closer, 1)[0]
-    given = _render_own_template(tok, [{"role": "system", "content": _SYSTEM_PROBE},
-                                       {"role": "user", "content": _PROBE}])
+    given = _render_probes(tok, [("system", _SYSTEM_PROBE), ("user", _PROBE)])
     if given is not None and opener in given.split(_SYSTEM_PROBE)[0]:
         prefix = given.split(_SYSTEM_PROBE)[0].split(opener, 1)[1]
     return default, prefix
+
+
+def _render_probes(tok: Tokenizer, turns: list[tuple[str, str]]) -> str | None:
+    """The template's render of `turns` (role, probe text) in which every probe appears: with
+    string contents, else with content-part lists (some templates, LLaVA-OneVision's, read only
+    the latter and drop a string silently); None when neither shows them all."""
+    for as_parts in (False, True):
+        messages = [{"role": role, "content": [{"type": "text", "text": text}] if as_parts else text}
+                    for role, text in turns]
+        text = _render_own_template(tok, messages)
+        if text is not None and all(probe in text for _, probe in turns):
+            return text
+    return None
 
 
 def _raise(message):

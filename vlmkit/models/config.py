@@ -253,6 +253,9 @@ class MoEConfig:
         require_at_least(self, ("num_shared_experts",), 0, "moe.")
 
 
+TILINGS = ("grid", "split", "pad", "anyres")
+"""How an image may become tiles (`VLMConfig.tiling`)."""
+
 MROPE_AXES = 3
 """Position axes of multimodal RoPE: temporal, height, width."""
 
@@ -422,12 +425,18 @@ class VLMConfig:
       videos, each as many tokens as its grid gives.
 
     `native_vision` set makes the second: `vision` and `adapter` are then None. Left out, a
-    LLaVA-shaped config gets the default `vision` and `adapter`."""
+    LLaVA-shaped config gets the default `vision` and `adapter`. `high_res_vision` set makes a
+    LLaVA-shaped model hybrid (DeepSeek-VL's, models/sam.py): `vision` (SigLIP) reads the image at
+    its low resolution, the SAM tower at its own high one, and their combination (`hybrid_vision`)
+    ends in its own aligner, so `adapter` is None."""
 
     vision: VisionConfig | None = None
     adapter: AdapterConfig | None = None
     llm: LLMConfig = field(default_factory=LLMConfig)
     native_vision: NativeVisionConfig | None = None
+    high_res_vision: SamVisionConfig | None = None
+    """DeepSeek-VL's hybrid vision: the SAM tower on the high-resolution image beside `vision` on
+    the low-resolution one (class docstring); needs tiling 'pad'. None: one tower."""
     image_token_id: int = 0
     """Token id that marks visual-token positions in input_ids (one per visual token)."""
     max_tiles: int = 1
@@ -435,12 +444,23 @@ class VLMConfig:
     no tiling."""
     use_thumbnail: bool = True
     """With tiling (max_tiles > 1), add a global thumbnail tile after the grid tiles."""
-    tiling: Literal["grid", "split"] = "grid"
-    """How an image becomes tiles (data/images.py, data/split_images.py). grid (InternVL): the grid
-    of at most max_tiles tiles closest to the image's aspect ratio. split (Idefics3, SmolVLM): the
-    image resized so its longer side spans sqrt(max_tiles) tiles (max_tiles a square), then up to
-    whole tiles on both sides and cut row-major, always followed by the whole image as one tile
-    (use_thumbnail); the prompt names each tile's row and column (data/template.py)."""
+    tiling: Literal["grid", "split", "pad", "anyres"] = "grid"
+    """How an image becomes tiles (data/images.py, data/split_images.py, data/padded_images.py).
+    grid (InternVL): the grid of at most max_tiles tiles closest to the image's aspect ratio. split
+    (Idefics3, SmolVLM): the image resized so its longer side spans sqrt(max_tiles) tiles (max_tiles
+    a square), then up to whole tiles on both sides and cut row-major, always followed by the whole
+    image as one tile (use_thumbnail); the prompt names each tile's row and column
+    (data/template.py). pad (DeepSeek-VL): one tile, the image resized so its longer side is the
+    tile's, then centred on a square of the normalisation's mean colour (max_tiles 1). anyres
+    (LLaVA-OneVision, data/anyres.py): the whole image as one tile, then the tiles of the
+    `grid_pinpoints` canvas that fits it best; the features are unpadded, maybe pooled and each row
+    closed by a newline embedding (models/anyres.py), so an image's tokens depend on its size."""
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    """anyres: the (height, width) canvases in pixels an image may be tiled at, each a whole number
+    of the tower's tiles (LLaVA-OneVision's `image_grid_pinpoints`)."""
+    anyres_max_tiles: int = 9
+    """anyres: an image's unpadded feature grid is pooled bilinearly down to about this many tiles'
+    patches when it holds more than 1.1 times as many (LLaVA-OneVision's `anyres_max_9`)."""
     hf_architecture: str | None = None
     """The transformers architecture a model was imported as, which `export_hf` writes back where
     several compute alike (Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration);
@@ -459,9 +479,12 @@ class VLMConfig:
         self.llm = build(LLMConfig, self.llm, "llm")
         if self.native_vision is not None:
             self._check_native()
+        elif self.high_res_vision is not None:
+            self._check_hybrid()
         else:
             self.vision = build(VisionConfig, self.vision, "vision")
             self.adapter = build(AdapterConfig, self.adapter, "adapter")
+        if not self.is_native:
             _check(self.video_token_id is None and self.tokens_per_second is None and not self.video_frames_apart,
                    "video_token_id, tokens_per_second and video_frames_apart need a native_vision tower")
         _check(0 <= self.image_token_id < self.llm.vocab_size,
@@ -470,17 +493,34 @@ class VLMConfig:
             _check(self.vision.grid_size % self.adapter.scale_factor == 0,
                    f"pixel_shuffle scale_factor {self.adapter.scale_factor} must divide the patch grid "
                    f"{self.vision.grid_size}x{self.vision.grid_size}")
-        _check(self.tiling in ("grid", "split"), f"tiling must be 'grid' or 'split', got {self.tiling!r}")
+        _check(self.tiling in TILINGS, f"tiling must be one of {list(TILINGS)}, got {self.tiling!r}")
+        _check(self.tiling != "pad" or (self.max_tiles == 1 and not self.is_native),
+               f"tiling 'pad' makes one tile of a fixed-size tower, got max_tiles {self.max_tiles}")
+        self.grid_pinpoints = tuple(tuple(canvas) for canvas in self.grid_pinpoints)
+        if self.tiling == "anyres":
+            self._check_anyres()
         if self.tiling == "split":
             _check(math.isqrt(self.max_tiles) ** 2 == self.max_tiles and self.use_thumbnail and not self.is_native,
                    "tiling 'split' cuts at most k x k tiles and always adds the whole image after them: it needs "
                    f"a square max_tiles, use_thumbnail and a fixed-size tower, got max_tiles {self.max_tiles}, "
                    f"use_thumbnail {self.use_thumbnail}")
 
+    def _check_anyres(self) -> None:
+        _check(not self.is_native and not self.is_hybrid and self.adapter.kind == "mlp",
+               "tiling 'anyres' lays one token per patch out on the image's grid: it needs one fixed-size tower "
+               f"and an 'mlp' adapter, got adapter {self.adapter.kind if self.adapter else None!r}")
+        tile = self.vision.image_size
+        _check(bool(self.grid_pinpoints) and all(len(c) == 2 and min(c) >= tile and not c[0] % tile and not c[1] % tile
+                                                 for c in self.grid_pinpoints),
+               "tiling 'anyres' needs grid_pinpoints: (height, width) canvases, each a whole number of the tower's "
+               f"{tile}-pixel tiles, got {[list(c) for c in self.grid_pinpoints]}")
+        require_at_least(self, ("anyres_max_tiles",), 1)
+
     def _check_native(self) -> None:
         self.native_vision = build(NativeVisionConfig, self.native_vision, "native_vision")
         _check(self.vision is None and self.adapter is None,
                "a native_vision model has no vision or adapter section (its merger maps to the LLM width)")
+        _check(self.high_res_vision is None, "a native_vision model has no high_res_vision section")
         _check(self.native_vision.out_hidden_size == self.llm.hidden_size,
                f"native_vision.out_hidden_size {self.native_vision.out_hidden_size} must equal "
                f"llm.hidden_size {self.llm.hidden_size}")
@@ -491,6 +531,31 @@ class VLMConfig:
         _check(self.video_token_id is None or 0 <= self.video_token_id < self.llm.vocab_size,
                f"video_token_id {self.video_token_id} is outside the vocabulary ({self.llm.vocab_size})")
         _check(self.video_token_id != self.image_token_id, "video_token_id must differ from image_token_id")
+
+    def _check_hybrid(self) -> None:
+        self.vision = build(VisionConfig, self.vision, "vision")
+        self.high_res_vision = build(SamVisionConfig, self.high_res_vision, "high_res_vision")
+        _check(self.adapter is None, "a hybrid model (high_res_vision) has no adapter section (its aligner "
+               "is the combination's)")
+        _check(self.tiling == "pad", f"a hybrid model (high_res_vision) takes images as DeepSeek-VL's processor "
+               f"pads them (tiling 'pad'), got tiling {self.tiling!r}")
+        _ = self.hybrid_vision  # built once here for the combination's own checks
+
+    @property
+    def is_hybrid(self) -> bool:
+        """DeepSeek-VL's hybrid vision (`high_res_vision` beside `vision`)."""
+        return self.high_res_vision is not None
+
+    @property
+    def hybrid_vision(self) -> HybridVisionConfig:
+        """The hybrid tower's config (models/sam.py's `HybridVisionTower`) of a hybrid model."""
+        try:
+            return HybridVisionConfig(low_res=self.vision, high_res=self.high_res_vision,
+                                      out_hidden_size=self.llm.hidden_size)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("hybrid_vision.low_res", "vision")
+                              .replace("hybrid_vision.high_res", "high_res_vision")
+                              .replace("hybrid_vision.out_hidden_size", "llm.hidden_size")) from None
 
     @property
     def is_native(self) -> bool:
@@ -503,6 +568,8 @@ class VLMConfig:
         if self.is_native:
             raise ValueError("a native_vision model has no fixed tokens per image: each image gives "
                              "t * h * w / spatial_merge_size^2 tokens of its own patch grid")
+        if self.is_hybrid:  # one combined token per low-resolution patch
+            return self.vision.num_patches
         if self.adapter.kind == "resampler":
             return self.adapter.num_queries
         if self.adapter.kind == "pixel_shuffle":

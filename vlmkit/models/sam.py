@@ -28,6 +28,11 @@ and this tower on the high-resolution one, and `HybridCombiner` joins them:
 - combination: each tower's tokens projected to half the LLM width, concatenated (high-resolution
   first), GELU, one linear layer (the reference's aligner).
 
+In a `VLMModel` (models/vlm.py) an image is one row holding both resolutions, the high-resolution
+pixels then the low-resolution ones, each channels-first and flattened (`split_hybrid_rows`; the
+data side's processor, data/padded_images.py, writes them so), so prompts and packs carry it as
+they carry any tile.
+
 Shape suffixes: N images, g patches per side, D tower width, Co neck channels, Dh head dim.
 """
 
@@ -283,6 +288,17 @@ class HybridCombiner(nn.Module):
         return self.out_proj(F.gelu(torch.cat([high, self.low_res_proj(low_res)], dim=-1)))
 
 
+def split_hybrid_rows(rows: torch.Tensor, cfg: HybridVisionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, R) rows of both resolutions (module docstring) -> the low-resolution images (N, C, S_lo,
+    S_lo) and the high-resolution ones (N, C, S_hi, S_hi)."""
+    C, lo, hi = cfg.high_res.num_channels, cfg.low_res.image_size, cfg.high_res.image_size
+    if rows.dim() != 2 or rows.shape[1] != C * (hi * hi + lo * lo):
+        raise ValueError(f"a hybrid model takes one row per image of {C} x ({hi}^2 + {lo}^2) values (its "
+                         f"high- then low-resolution pixels), got shape {tuple(rows.shape)}")
+    high, low = rows.split([C * hi * hi, C * lo * lo], dim=1)
+    return low.reshape(-1, C, lo, lo), high.reshape(-1, C, hi, hi)
+
+
 class HybridVisionTower(nn.Module):
     """Both towers and the combiner: `forward(pixel_values, high_res_pixel_values) -> (N, g * g, Do)`."""
 
@@ -292,6 +308,15 @@ class HybridVisionTower(nn.Module):
         self.low_res = VisionEncoder(cfg.low_res)
         self.high_res = SamVisionTower(cfg.high_res)
         self.combiner = HybridCombiner(cfg)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.low_res.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        """Both towers recompute their blocks in the backward pass (`VLMModel.set_gradient_checkpointing`)."""
+        self.low_res.gradient_checkpointing = self.high_res.gradient_checkpointing = on
 
     def forward(self, pixel_values: torch.Tensor, high_res_pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (N, C, S_lo, S_lo) for SigLIP, high_res_pixel_values (N, C, S_hi, S_hi) for SAM."""

@@ -20,6 +20,18 @@ Qwen3-VL's deepstack features join the decoder's first layers (models/llm.py, `D
 `forward` then takes transformers' keyword arguments (`image_grid_thw`, `pixel_values_videos`,
 `video_grid_thw`, `second_per_grid_ts`).
 
+A hybrid model (`VLMConfig.high_res_vision`: DeepSeek-VL's, transformers'
+modeling_deepseek_vl_hybrid.py) runs models/sam.py's `HybridVisionTower`, whose aligner is its
+adapter: each image is one tile seen at two resolutions. Prompts and packs carry both in one row
+per image (`split_hybrid_rows`: the high-resolution pixels, then the low-resolution ones, each
+channels-first and flattened, as data/padded_images.py writes them), so they flow wherever tiles
+do; `forward` also takes transformers' two tensors (`pixel_values`, `high_res_pixel_values`).
+
+An anyres model (`VLMConfig.tiling == "anyres"`: LLaVA-OneVision) takes its images' tiles and one
+layout row per image (tiles, height, width; models/anyres.py) in the `image_grid_thw` slot, so prompts
+and packs carry them unchanged; an image's tokens follow its size. `forward` also takes
+transformers' tensors (`pixel_values` (I, N, 3, S, S), `image_sizes`, `batch_num_images`).
+
 Shape suffixes: B rows, T tokens, S samples, N tiles, D LLM width, V vocabulary.
 """
 
@@ -34,11 +46,13 @@ import torch.nn.functional as F
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.errors import BadRecordError
 from vlmkit.models.adapter import build_adapter
+from vlmkit.models.anyres import AnyResAdapter, AnyResGeometry
 from vlmkit.models.attention import AttnSpec
 from vlmkit.models.config import MROPE_AXES, VLMConfig
 from vlmkit.models.llm import LLM, Deepstack
 from vlmkit.models.mrope import MRopeLayout, rope_positions
 from vlmkit.models.native_vision import NativeVisionOutput, NativeVisionTower, merged_token_counts
+from vlmkit.models.sam import HybridVisionTower, split_hybrid_rows
 from vlmkit.models.vision import VisionEncoder, unpad_tiles
 from vlmkit.models.weights import uninitialised
 
@@ -119,9 +133,13 @@ class VLMModel(nn.Module):
         if cfg.is_native:
             self.vision = NativeVisionTower(cfg.native_vision)
             self.adapter = nn.Identity()  # the tower's merger already maps to the LLM width
+        elif cfg.is_hybrid:
+            self.vision = HybridVisionTower(cfg.hybrid_vision)
+            self.adapter = nn.Identity()  # the tower ends in its aligner
         else:
             self.vision = VisionEncoder(cfg.vision)
-            self.adapter = build_adapter(cfg.adapter, cfg.vision.hidden_size, cfg.llm.hidden_size)
+            make_adapter = AnyResAdapter if cfg.tiling == "anyres" else build_adapter
+            self.adapter = make_adapter(cfg.adapter, cfg.vision.hidden_size, cfg.llm.hidden_size)
         self.llm = LLM(cfg.llm)
 
     @classmethod
@@ -132,18 +150,28 @@ class VLMModel(nn.Module):
 
     # --- images -> visual tokens ------------------------------------------------------------------
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) tiles -> (N, tokens per tile, D) visual tokens in the LLM's space."""
+    def image_features(self, pixel_values: torch.Tensor, high_res_pixel_values: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """(N, 3, H, W) tiles -> (N, tokens per tile, D) visual tokens in the LLM's space. A hybrid
+        model takes its rows of both resolutions (N, R), or the low-resolution tiles with
+        `high_res_pixel_values` (N, 3, S_hi, S_hi)."""
+        if self.config.is_hybrid:
+            if high_res_pixel_values is None:
+                pixel_values, high_res_pixel_values = split_hybrid_rows(pixel_values, self.config.hybrid_vision)
+            return self.vision(pixel_values, high_res_pixel_values)  # (N, g * g, D)
         features = self.vision.features(pixel_values)  # (N, P, Dv)
         return self.adapter(features, grid=self.vision.grid(pixel_values))  # (N, tokens, D)
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                     cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                     cu_seqlens: torch.Tensor | None = None, high_res_pixel_values: torch.Tensor | None = None,
+                     image_layouts: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with each image-token position replaced by the next visual token.
 
         input_ids (B, T) or (T,) -> (..., D). Raises BadRecordError (reason "placeholder_mismatch")
         when the image tokens in input_ids differ from the visual tokens of pixel_values; with
         `cu_seqlens` (packed input) the message also names the samples that hold image tokens.
+        An anyres model also takes each image's layout (I, 3) (models/anyres.py), which sets how
+        many tokens its tiles give.
         """
         embeds = self.llm.embed(input_ids)  # (..., D)
         is_image = input_ids == self.config.image_token_id  # (...)
@@ -153,14 +181,24 @@ class VLMModel(nn.Module):
                 raise BadRecordError("placeholder_mismatch", _count_message(
                     n_placeholders, 0, "no pixel_values", is_image, cu_seqlens))
             return embeds
-        visual = self.image_features(pixel_values)  # (N, tokens, D)
-        n_visual = visual.shape[0] * visual.shape[1]
-        if n_visual != n_placeholders:
+        visual = self.image_features(pixel_values, high_res_pixel_values)  # (N, tokens, D)
+        visual_desc = f"{visual.shape[0]} tile(s) x {visual.shape[1]} tokens"
+        if self.config.tiling == "anyres":
+            if image_layouts is None:
+                raise ValueError("an anyres model's pixel_values need their image layouts (image_grid_thw: one "
+                                 "row of tiles, height, width per image)")
+            visual = self.anyres_geometry.visual_tokens(visual, image_layouts, self.adapter.image_newline)
+            visual_desc = f"{len(image_layouts)} image(s) of {image_layouts[:, 0].tolist()} tile(s)"
+        visual = visual.reshape(-1, visual.shape[-1])  # (N * tokens, D)
+        if visual.shape[0] != n_placeholders:
             raise BadRecordError("placeholder_mismatch", _count_message(
-                n_placeholders, n_visual, f"{visual.shape[0]} tile(s) x {visual.shape[1]} tokens",
-                is_image, cu_seqlens))
-        visual = visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)  # (N * tokens, D)
-        return embeds.masked_scatter(is_image.unsqueeze(-1), visual)
+                n_placeholders, visual.shape[0], visual_desc, is_image, cu_seqlens))
+        return embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
+
+    @property
+    def anyres_geometry(self) -> AnyResGeometry:
+        """Where an anyres model's image tiles lie and what tokens they give (models/anyres.py)."""
+        return AnyResGeometry.of(self.config)
 
     # --- native models: images and videos of any size -> visual tokens -------------------------------
 
@@ -214,19 +252,28 @@ class VLMModel(nn.Module):
     def decoder_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                        attention_mask: torch.Tensor | None = None, *, image_grid_thw: torch.Tensor | None = None,
                        pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
-                       second_per_grid_ts: torch.Tensor | list[float] | None = None) -> DecoderInputs:
+                       second_per_grid_ts: torch.Tensor | list[float] | None = None,
+                       high_res_pixel_values: torch.Tensor | None = None) -> DecoderInputs:
         """What the decoder takes for a padded batch input_ids (B, T): the embeddings with the
         visual tokens placed, and for native models their M-RoPE positions, deepstack features and
         per-row rope deltas (the HF-style call and the generation engine's prefill share this).
 
         LLaVA-shaped models take image tiles (N, 3, H, W) as pixel_values. Native models take what
         transformers' Qwen-VL processors make: pixel_values (P, C*T*p*p) with image_grid_thw (N, 3),
-        pixel_values_videos with video_grid_thw, and second_per_grid_ts (Qwen2.5-VL, one per video)."""
+        pixel_values_videos with video_grid_thw, and second_per_grid_ts (Qwen2.5-VL, one per video).
+        A hybrid model takes its rows of both resolutions as pixel_values, or transformers' low- and
+        high-resolution images (pixel_values, high_res_pixel_values)."""
+        if high_res_pixel_values is not None and not self.config.is_hybrid:
+            raise ValueError("high_res_pixel_values are an input of hybrid models (VLMConfig.high_res_vision)")
         if not self.config.is_native:
-            if image_grid_thw is not None or pixel_values_videos is not None or video_grid_thw is not None:
+            # an anyres model's image layouts travel where native models' grids do (models/anyres.py)
+            layouts = image_grid_thw if self.config.tiling == "anyres" else None
+            if (image_grid_thw is not None and layouts is None) or pixel_values_videos is not None or (
+                    video_grid_thw is not None):
                 raise ValueError("grids and videos are inputs of native-resolution models; this model "
-                                 "takes image tiles as pixel_values")
-            return DecoderInputs(self.embed_inputs(input_ids, pixel_values))
+                                 "takes image tiles as pixel_values (an anyres model with their layouts)")
+            return DecoderInputs(self.embed_inputs(input_ids, pixel_values, image_layouts=layouts,
+                                                   high_res_pixel_values=high_res_pixel_values))
         native = self.embed_native(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         if second_per_grid_ts is not None and not torch.is_tensor(second_per_grid_ts):
             second_per_grid_ts = torch.tensor(second_per_grid_ts, dtype=torch.float32) if second_per_grid_ts else None
@@ -239,16 +286,25 @@ class VLMModel(nn.Module):
                 attention_mask: torch.Tensor | None = None, *, image_grid_thw: torch.Tensor | None = None,
                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
                 second_per_grid_ts: torch.Tensor | None = None,
-                pixel_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                pixel_attention_mask: torch.Tensor | None = None,
+                high_res_pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+                batch_num_images: torch.Tensor | None = None) -> torch.Tensor:
         """HF-style padded call: input_ids (B, T), attention_mask (B, T) 1 = real -> logits (B, T, V);
         the inputs as `decoder_inputs` takes them, or the padded images of transformers' Idefics3 /
-        SmolVLM processors, pixel_values (B, I, 3, S, S) with pixel_attention_mask (B, I, S, S)."""
+        SmolVLM processors, pixel_values (B, I, 3, S, S) with pixel_attention_mask (B, I, S, S), or
+        those of its LLaVA-OneVision processor, pixel_values (I, N, 3, S, S) with image_sizes (I, 2)
+        and batch_num_images (B,)."""
+        if image_sizes is not None and pixel_values is not None:
+            if self.config.tiling != "anyres":
+                raise ValueError("image_sizes are an input of anyres models (VLMConfig.tiling 'anyres')")
+            pixel_values, image_grid_thw = self.anyres_geometry.hf_inputs(pixel_values, image_sizes, batch_num_images)
         if pixel_values is not None and pixel_values.dim() == 5:
             pixel_values = unpad_tiles(pixel_values, pixel_attention_mask)
         spec = AttnSpec.causal() if attention_mask is None else AttnSpec.padded(attention_mask)
         inputs = self.decoder_inputs(input_ids, pixel_values, attention_mask, image_grid_thw=image_grid_thw,
                                      pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
-                                     second_per_grid_ts=second_per_grid_ts)
+                                     second_per_grid_ts=second_per_grid_ts,
+                                     high_res_pixel_values=high_res_pixel_values)
         hidden = self.llm.decode(inputs.embeds, position_ids=inputs.position_ids, spec=spec,
                                  deepstack=inputs.deepstack)
         return self.llm.logits(hidden)
@@ -260,7 +316,8 @@ class VLMModel(nn.Module):
         """Loss of a packed batch: input_ids, labels (unshifted), position_ids (T,); cu_seqlens (S+1,).
 
         A native model takes its M-RoPE positions (3, T) (models/mrope.py's `packed_rope_positions`)
-        and the pack's images and videos as `forward` does. Logits are computed only at positions
+        and the pack's images and videos as `forward` does; an anyres model its images' layouts as
+        image_grid_thw. Logits are computed only at positions
         that have a target, which saves the (T, V) matrix.
         """
         positions_shape = (MROPE_AXES, *input_ids.shape) if self.config.is_native else input_ids.shape
@@ -276,7 +333,8 @@ class VLMModel(nn.Module):
             native = self.embed_native(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
             embeds, deepstack = native.embeds, native.deepstack  # (T, D)
         else:
-            embeds, deepstack = self.embed_inputs(input_ids, pixel_values, cu_seqlens=cu_seqlens), None
+            embeds = self.embed_inputs(input_ids, pixel_values, cu_seqlens=cu_seqlens, image_layouts=image_grid_thw)
+            deepstack = None
         hidden = self.llm.decode(embeds, position_ids=position_ids, spec=AttnSpec.packed(cu_seqlens),
                                  deepstack=deepstack)  # (T, D)
         targets = shift_labels(labels, cu_seqlens)  # (T,)

@@ -7,9 +7,11 @@
   second neck, the downsampler, the global scale and the aligner; the decoder's tensors are left
   to its own loader.
 
-Key maps are data (models/hf/common.py); the SigLIP tower's names go through models/hf/vision.py's
-map. Loading is strict (`load_into`): every missing, unexpected or mis-shaped tensor is reported in
-one CheckpointError before anything is copied.
+Key maps are data (models/hf/common.py): name templates read both ways (`common.key_map`), so the
+export of a hybrid model (models/hf/deepseek_vl.py) writes the names this module reads; the SigLIP
+tower's names go through models/hf/vision.py's maps. Loading is strict (`load_into`): every
+missing, unexpected or mis-shaped tensor is reported in one CheckpointError before anything is
+copied.
 """
 
 from __future__ import annotations
@@ -22,27 +24,40 @@ import torch
 from vlmkit.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vlmkit.errors import CheckpointError
 from vlmkit.models.config import HybridVisionConfig, SamVisionConfig
-from vlmkit.models.hf.common import KeyMap, load_into, prefixed, read_config, read_state_dict
-from vlmkit.models.hf.vision import VISION_IGNORE, VISION_KEYS, read_preprocessor, vision_config_from_hf
+from vlmkit.models.hf.common import KeyMap, key_map, load_into, prefixed, read_config, read_state_dict
+from vlmkit.models.hf.vision import (VISION_EXPORT_KEYS, VISION_IGNORE, VISION_KEYS, read_preprocessor,
+                                     vision_config_from_hf)
 from vlmkit.models.sam import HybridVisionTower, SamVisionTower
 from vlmkit.models.weights import uninitialised
 
 
-# A neck's names (SAM's own and the hybrid model's second one), relative to the neck.
-NECK_KEYS: KeyMap = [
-    (r"conv([12])\.weight", r"conv\1.weight"),
-    (r"layer_norm([12])\.(weight|bias)", r"norm\1.\2"),
-]
+NAME_FIELDS = {"i": r"\d+", "n": "[12]", "wb": "weight|bias", "qkv": "qkv|proj", "hw": "[hw]"}
 
-# HF SamVisionEncoder names -> SamVisionTower's.
-SAM_KEYS: KeyMap = [
-    (r"patch_embed\.projection\.(weight|bias)", r"patch_embed.\1"),
-    (r"pos_embed", r"pos_embed"),
-    (r"layers\.(\d+)\.layer_norm([12])\.(weight|bias)", r"layers.\1.norm\2.\3"),
-    (r"layers\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)", r"layers.\1.attn.\2.\3"),
-    (r"layers\.(\d+)\.attn\.(rel_pos_[hw])", r"layers.\1.attn.\2"),
-    (r"layers\.(\d+)\.mlp\.lin([12])\.(weight|bias)", r"layers.\1.mlp.fc\2.\3"),
-    *prefixed(NECK_KEYS, "neck.", "neck."),
+# A neck's names (SAM's own and the hybrid model's second one), relative to the neck: (HF, ours).
+NECK_NAMES = [("conv{n}.weight", "conv{n}.weight"), ("layer_norm{n}.{wb}", "norm{n}.{wb}")]
+
+# HF SamVisionEncoder names, SamVisionTower's.
+SAM_NAMES = [
+    ("patch_embed.projection.{wb}", "patch_embed.{wb}"),
+    ("pos_embed", "pos_embed"),
+    ("layers.{i}.layer_norm{n}.{wb}", "layers.{i}.norm{n}.{wb}"),
+    ("layers.{i}.attn.{qkv}.{wb}", "layers.{i}.attn.{qkv}.{wb}"),
+    ("layers.{i}.attn.rel_pos_{hw}", "layers.{i}.attn.rel_pos_{hw}"),
+    ("layers.{i}.mlp.lin{n}.{wb}", "layers.{i}.mlp.fc{n}.{wb}"),
+    *((f"neck.{hf}", f"neck.{ours}") for hf, ours in NECK_NAMES),
+]
+SAM_KEYS: KeyMap = key_map(SAM_NAMES, NAME_FIELDS)
+
+# HF DeepseekVLHybridModel names (the `model.` prefix of the ForConditionalGeneration removed) of
+# everything but the SigLIP tower, HybridVisionTower's.
+HYBRID_NAMES = [
+    *((f"high_res_vision_model.vision_encoder.{hf}", f"high_res.{ours}") for hf, ours in SAM_NAMES),
+    *((f"high_res_vision_neck.{hf}", f"combiner.global_neck.{ours}") for hf, ours in NECK_NAMES),
+    ("high_res_vision_proj.conv{n}.weight", "combiner.downsample.conv{n}.weight"),
+    ("high_res_vision_alpha", "combiner.global_scale"),
+    ("aligner.vision_proj.{wb}", "combiner.low_res_proj.{wb}"),
+    ("aligner.high_res_vision_proj.{wb}", "combiner.high_res_proj.{wb}"),
+    ("aligner.proj.{wb}", "combiner.out_proj.{wb}"),
 ]
 
 SAM_ENCODER_PREFIXES = ("vision_encoder.", "")
@@ -50,17 +65,11 @@ SAM_ENCODER_PREFIXES = ("vision_encoder.", "")
 SAM_IGNORE = [r"prompt_encoder\..*", r"mask_decoder\..*", r"shared_image_embedding\..*"]
 """A whole SAM's tensors that are not its image encoder."""
 
-# HF DeepseekVLHybridModel names (the `model.` prefix of the ForConditionalGeneration removed) -> ours.
-HYBRID_KEYS: KeyMap = [
-    *prefixed(VISION_KEYS, "vision_model.", "low_res."),
-    *prefixed(SAM_KEYS, "high_res_vision_model.vision_encoder.", "high_res."),
-    *prefixed(NECK_KEYS, "high_res_vision_neck.", "combiner.global_neck."),
-    (r"high_res_vision_proj\.conv([12])\.weight", r"combiner.downsample.conv\1.weight"),
-    (r"high_res_vision_alpha", r"combiner.global_scale"),
-    (r"aligner\.vision_proj\.(weight|bias)", r"combiner.low_res_proj.\1"),
-    (r"aligner\.high_res_vision_proj\.(weight|bias)", r"combiner.high_res_proj.\1"),
-    (r"aligner\.proj\.(weight|bias)", r"combiner.out_proj.\1"),
-]
+HYBRID_KEYS: KeyMap = [*prefixed(VISION_KEYS, "vision_model.", "low_res."), *key_map(HYBRID_NAMES, NAME_FIELDS)]
+"""HF DeepseekVLHybridModel names (without the `model.` prefix) -> HybridVisionTower's."""
+HYBRID_EXPORT_KEYS: KeyMap = [*prefixed(VISION_EXPORT_KEYS, "low_res.", "vision_model."),
+                              *key_map(HYBRID_NAMES, NAME_FIELDS, reverse=True)]
+"""HYBRID_KEYS read backwards: HybridVisionTower's names -> transformers'."""
 HYBRID_IGNORE = [r"language_model\..*", r"lm_head\..*",
                  *(re.escape("vision_model.") + p for p in VISION_IGNORE["siglip"])]
 HYBRID_MODEL_PREFIX = "model."
@@ -97,6 +106,16 @@ def sam_vision_config_from_hf(hf_config: dict, where: str, *, image_mean=OPENAI_
         )
     except (TypeError, ValueError) as e:  # ConfigError is a ValueError
         raise CheckpointError(f"{where}: cannot map the SAM vision config to vlmkit: {e}") from None
+
+
+def sam_vision_config_to_hf(cfg: SamVisionConfig) -> dict:
+    """transformers' SamVisionConfig dict of `cfg` (what `sam_vision_config_from_hf` reads back)."""
+    return {"model_type": SAM_MODEL_TYPES[0], "hidden_size": cfg.hidden_size, "output_channels": cfg.output_channels,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "num_channels": cfg.num_channels, "image_size": cfg.image_size, "patch_size": cfg.patch_size,
+            "hidden_act": cfg.hidden_act, "layer_norm_eps": cfg.layer_norm_eps, "qkv_bias": cfg.qkv_bias,
+            "mlp_dim": cfg.intermediate_size, "use_abs_pos": cfg.use_abs_pos, "use_rel_pos": cfg.use_rel_pos,
+            "window_size": cfg.window_size, "global_attn_indexes": list(cfg.global_attn_indexes)}
 
 
 def hybrid_vision_config_from_hf(hf_config: dict, where: str, preprocessor: dict | None = None) -> HybridVisionConfig:
