@@ -386,6 +386,51 @@ def test_lora_disabled_reference_starts_at_log2(world, one_thread, tmp_path):
     assert (tmp_path / "adapters" / "dpo" / "adapter_config.json").is_file()
 
 
+@pytest.mark.slow
+def test_replayed_sft_data_adds_its_loss_and_resumes_bitwise(world, one_thread, monkeypatch, tmp_path):
+    replay = {"mixture": {"qa": 1.0}, "weight": 0.5}
+    raw = dpo_only(world, steps=4, save_every=1, dpo={"reference": "precomputed", "eval_source": None},
+                   replay=replay)
+    train(load_config(raw), tmp_path / "reference")
+    first = [r for r in metrics(tmp_path / "reference") if not r.get("eval")][0]
+    # the step's loss is the DPO loss (log 2 at the first step) plus the weighted replay loss
+    assert first["objective_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert 1.0 < first["replay_loss"] < 10.0  # a fresh model on the world's QA: about log(vocab)
+    assert first["loss"] == pytest.approx(first["objective_loss"] + 0.5 * first["replay_loss"], rel=1e-6)
+    # the replayed batches' gradients reach the weights
+    without = dpo_only(world, steps=4, save_every=1, dpo={"reference": "precomputed", "eval_source": None})
+    train(load_config(without), tmp_path / "without")
+    a, b = final_weights(tmp_path / "reference"), final_weights(tmp_path / "without")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    # stopped inside the stage: the replay cursor rides beside the objective's, and resumes bitwise
+    stop_after(monkeypatch, 2)
+    with pytest.raises(Stopped):
+        train(load_config(raw), tmp_path / "stopped")
+    monkeypatch.undo()
+    cursor = json.loads((list_checkpoints(tmp_path / "stopped")[-1] / "trainer.json").read_text())
+    assert "sources" in cursor["data"]["0"]["replay"]
+    train(load_config(raw), tmp_path / "stopped", resume=True)
+    assert_same_weights(final_weights(tmp_path / "reference"), final_weights(tmp_path / "stopped"))
+
+
+def test_config_checks_replay():
+    raw = yaml.safe_load(DPO_TINY.read_text())
+    raw["stages"][1]["replay"] = {"mixture": {"qa": 1.0}, "weight": 0.5}
+    assert load_config(raw).stages[1].replay.mixture == {"qa": 1.0}
+    for replay, match in [({"mixture": {"nowhere": 1.0}}, "unknown source"), ({"mixture": {}}, "at least one"),
+                          ({"mixture": {"qa": 1.0}, "weight": 0}, "weight")]:
+        raw["stages"][1]["replay"] = replay
+        with pytest.raises(ConfigError, match=match):
+            load_config(raw)
+    raw["stages"][1]["replay"] = {"mixture": {"qa": 1.0}}
+    raw["stages"][0]["replay"] = {"mixture": {"qa": 1.0}}
+    with pytest.raises(ConfigError, match="an sft stage"):
+        load_config(raw)
+    del raw["stages"][0]["replay"], raw["stages"][1]["mixture"]
+    with pytest.raises(ConfigError, match="names its own sources"):
+        load_config(raw)
+
+
 def test_config_checks_the_held_out_source():
     raw = yaml.safe_load(DPO_TINY.read_text())
     load_config(raw)

@@ -255,6 +255,30 @@ class GRPOSettings:
 
 
 @dataclass
+class ReplaySettings:
+    """Supervised micro-batches replayed beside a dpo / grpo / contrastive stage's own objective:
+    each step also backpropagates `weight` times the next-token loss of `batches` packed
+    micro-batches drawn from `mixture`, the same packs an `sft` stage of that mixture would take.
+    Keeps what the model already does while a preference or reward signal, which says nothing
+    about the tasks it leaves out, moves the weights (train/loop.py)."""
+
+    mixture: dict[str, float] = field(default_factory=dict)
+    """Source name -> sampling weight of the replayed data (e.g. the SFT data and a text corpus)."""
+    weight: float = 1.0
+    """Weight of the replay loss (the mean token loss of the replayed targets) in the step's loss."""
+    batches: int = 1
+    """Replayed micro-batches per optimizer step (each of the stage's token_budget)."""
+
+    def __post_init__(self):
+        if not self.mixture or sum(self.mixture.values()) <= 0 or min(self.mixture.values()) < 0:
+            raise ConfigError(f"replay.mixture needs at least one source with a weight > 0 (and none < 0), "
+                              f"got {self.mixture}")
+        if self.weight <= 0:
+            raise ConfigError(f"replay.weight must be > 0, got {self.weight}")
+        require_at_least(self, ("batches",), 1, "replay.")
+
+
+@dataclass
 class Stage:
     """One training stage: which modules learn, from which data, for how long, and how."""
 
@@ -274,6 +298,9 @@ class Stage:
     """Settings of a `kind: dpo` stage."""
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
     """Settings of a `kind: grpo` stage."""
+    replay: ReplaySettings | None = None
+    """Supervised data replayed beside a dpo, grpo or contrastive stage's objective (None: none;
+    an `sft` stage puts such data in its `mixture` instead)."""
     # --- what learns -------------------------------------------------------------------------
     vision_lr: float = 0.0
     """Peak learning rate of the vision encoder; 0 freezes it."""
@@ -281,6 +308,11 @@ class Stage:
     """Peak learning rate of the adapter; 0 freezes it."""
     llm_lr: float = 0.0
     """Peak learning rate of the LLM (embeddings, blocks, head); 0 freezes it."""
+    frozen: list[str] = field(default_factory=list)
+    """fnmatch patterns over full parameter names frozen in this stage whatever their module's lr:
+    part of a module, e.g. one branch of DeepSeek-VL's hybrid tower (`vision.low_res.*`, the
+    SigLIP branch; `vision.high_res.*`, the SAM branch) or the LLM's embeddings. A pattern that
+    matches no parameter is an error."""
     # --- data ----------------------------------------------------------------------------------
     mixture: dict[str, float] = field(default_factory=dict)
     """Source name -> sampling weight for this stage. Empty: every source with its own weight."""
@@ -357,6 +389,12 @@ class Stage:
                 raise ConfigError(f"{where}: mixture weight of {src!r} must be >= 0, got {w}")
         if self.mixture and sum(self.mixture.values()) <= 0:
             raise ConfigError(f"{where}: mixture weights sum to 0")
+        if self.replay is not None and self.kind == "sft":
+            raise ConfigError(f"{where}: replay is for dpo, grpo and contrastive stages; an sft stage mixes "
+                              "the same data through its `mixture`")
+        if self.replay is not None and not self.mixture:
+            raise ConfigError(f"{where}: a stage with replay names its own sources in `mixture` (without one it "
+                              "would read every source, the replayed ones too, as its own data)")
         if self.dpo.reference == "lora_disabled" and self.kind == "dpo" and self.lora is None:
             raise ConfigError(f"{where}: dpo.reference lora_disabled needs a `lora` section")
 
@@ -433,6 +471,10 @@ class RunConfig:
                                   f"data defines {sorted(self.data)}")
             if held_out is not None and not any(w > 0 for n, w in names.items() if n != held_out):
                 raise ConfigError(f"stages.{i}: no training pairs besides the held-out dpo.eval_source {held_out!r}")
+            unknown = sorted(set(stage.replay.mixture if stage.replay else {}) - set(self.data))
+            if unknown:
+                raise ConfigError(f"stages.{i}.replay.mixture: unknown source(s) {unknown}; "
+                                  f"data defines {sorted(self.data)}")
             held_out = stage.contrastive.eval_source
             if stage.kind == "contrastive" and held_out is not None and held_out not in self.data:
                 raise ConfigError(f"stages.{i}.contrastive.eval_source: unknown source {held_out!r}; "

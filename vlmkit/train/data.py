@@ -49,10 +49,13 @@ class StageData:
     and a JSON-able cursor (`state_dict` / `load_state_dict`)."""
 
     def __init__(self, cfg: RunConfig, index: int, tokenizer, processor, tokens_per_tile: int, *,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, mixture: dict[str, float] | None = None):
+        """`mixture`: read these sources (name -> weight) instead of the stage's own mixture (the
+        stage's replayed data, config.ReplaySettings)."""
         stage = cfg.stages[index]
         seed = stage_seed(cfg, index)
-        self.weights = {name: weight for name, weight in cfg.stage_mixture(index).items() if weight > 0}
+        mixture = cfg.stage_mixture(index) if mixture is None else mixture
+        self.weights = {name: weight for name, weight in mixture.items() if weight > 0}
         self.modalities = {name: source_modality(cfg.data[name]) for name in self.weights}
         self.max_bad_fraction, self.world = cfg.max_bad_fraction, world
         self.unreadable: dict[str, str] = {}

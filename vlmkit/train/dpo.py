@@ -19,7 +19,9 @@ per-token loss (`sequence_logprobs`), the same forward every stage kind uses.
 The reference (`dpo.reference`):
 - copy: a frozen copy of the model as the stage starts. It rides in the stage's checkpoints as the
   objective's module (`heads`, never optimised), so a resumed stage compares with the stage's start
-  model, not with the weights it resumes from.
+  model, not with the weights it resumes from. Under torchrun every rank holds the whole copy,
+  gathered from the shards (train/distributed.py's `frozen_copy`): its forwards need no
+  collectives.
 - lora_disabled: the policy itself with its LoRA adapters switched off (models/lora.py), free: the
   base weights are frozen in a LoRA stage.
 - precomputed: log-probs of every pair of this rank's share of the data (and of the held-out
@@ -34,7 +36,6 @@ and packing efficiency; with `dpo.eval_source`, held-out reward accuracy, margin
 
 from __future__ import annotations
 
-import copy
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -48,6 +49,7 @@ from vlmkit.data.packing import SourceStream
 from vlmkit.data.preference import PairPacker, PairPipeline, PreferenceBatch, read_pairs
 from vlmkit.models import lora
 from vlmkit.train.data import source_modality
+from vlmkit.train.distributed import frozen_copy
 from vlmkit.train.objective import Objective
 from vlmkit.train.stages import stage_seed
 
@@ -152,8 +154,8 @@ class DPOObjective(Objective):
                                               source_modality(trainer.cfg.data[name]))
                                 for name, weight in weights.items()], seed=seed)
         self.reference_model: nn.Module | None = None
-        if self.settings.reference == "copy":  # one process only: the trainer refuses it under torchrun
-            self.reference_model = frozen_copy(self.model)
+        if self.settings.reference == "copy":
+            self.reference_model = frozen_copy(self.model, trainer.ctx)
         self.table: dict[str, list[float]] | None = None
         """reference: precomputed -- pair key -> [chosen, rejected] reference log-probs."""
 
@@ -283,10 +285,3 @@ class DPOObjective(Objective):
 
     def close(self) -> None:
         self.reference_model, self.table = None, None
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` that never trains: no gradients, eval mode."""
-    reference = copy.deepcopy(model)
-    reference.requires_grad_(False)
-    return reference.eval()

@@ -32,6 +32,15 @@ stage the model with its adapters disabled (models/lora.py's `lora_disabled`), o
 copy, kept as the objective's `heads` so that checkpoints carry it and a resumed run gets the
 stage start's weights back rather than the checkpoint's.
 
+Under torchrun (FSDP2) every rank samples its own share of the prompts: a rank's decoding takes
+as many steps as its replies need, which a sharded model cannot do (each forward gathers
+parameters on every rank at once), so each rollout decodes on an unsharded copy of the policy,
+gathered from the shards (train/distributed.py's `unsharded_copy`), which also computes a LoRA
+stage's reference log-probs (adapters disabled); the frozen reference of a full-weight stage is such
+a copy on every rank. The update runs on the sharded model, every rank padding its packs with
+zero-weight passes to the same number of passes of each kind (`aligned_passes`); N and the
+metrics are summed over the ranks.
+
 Exact resume: the cursor holds the prompt stream (each source's position, the draw count, the bad
 prompt counts) and a rollout with updates left (its prompts by source and position, replies, old
 and reference log-probs, advantages, metrics). Every sequence samples with its own generator,
@@ -53,7 +62,6 @@ total so far), tokens.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import random
 from contextlib import nullcontext
@@ -61,6 +69,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmkit.api import VLM
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.formats import BadRecord, Item
 from vlmkit.data.packing import Position, SourceStream, collate
@@ -72,6 +81,7 @@ from vlmkit.errors import BadRecordError, ConfigError
 from vlmkit.infer.engine import Engine, Sequence
 from vlmkit.infer.sampling import SamplingParams
 from vlmkit.models import lora
+from vlmkit.train.distributed import aligned_passes, frozen_copy, pass_kind, unsharded_copy
 from vlmkit.train.objective import Objective
 from vlmkit.train.rewards import Reward, RewardRouter, Task, task_from_record
 from vlmkit.train.stages import stage_seed
@@ -368,7 +378,7 @@ class GRPOObjective(Objective):
     """Rollouts, rewards, advantages and the clipped token-level policy loss (module docstring)."""
 
     def __init__(self, trainer, index: int):
-        super().__init__(trainer, index)  # one process only: the trainer refuses grpo under torchrun
+        super().__init__(trainer, index)
         self.settings = self.stage.grpo
         self.model = trainer.model
         self.prompts = PromptStream(trainer, index)
@@ -379,7 +389,7 @@ class GRPOObjective(Objective):
         """Token ids a reply may not contain (`_reply`)."""
         self.reference = None
         if self.settings.kl_coef > 0 and self.stage.lora is None:
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.reference = frozen_copy(self.model, trainer.ctx)
             self.reference.llm.fuse_projections(False)  # the policy's kernels, whatever the model decoded with
 
     def heads(self):
@@ -395,19 +405,21 @@ class GRPOObjective(Objective):
         self.pending.updates += 1
         if self.pending.updates >= self.settings.updates_per_rollout:
             self.pending = None
-        return {**metrics, "bad_prompts": self.prompts.stats.num_bad}
+        (bad,) = self.trainer.ctx.all_reduce_sum([float(self.prompts.stats.num_bad)])
+        return {**metrics, "bad_prompts": int(bad)}
 
     def _rollout(self) -> Rollout:
         """Sample, score and keep groups until the batch is full or the refill rounds are used."""
         s = self.settings
         kept: list[tuple[PromptItem, list[Reply]]] = []
         sums = RolloutSums()
+        policy = self._rollout_policy()
         rounds = 1 + (s.refill_rounds if s.dynamic_sampling else 0)
         for _ in range(rounds):
             if len(kept) >= s.prompts_per_step:
                 break
             drawn = [self.prompts.next() for _ in range(s.prompts_per_step - len(kept))]
-            for prompt, group in zip(drawn, self._sample(drawn)):
+            for prompt, group in zip(drawn, self._sample(drawn, policy)):
                 sums.add(group)
                 if s.dynamic_sampling and len({reply.reward.total for reply in group}) == 1:
                     sums.groups_dropped += 1
@@ -422,17 +434,22 @@ class GRPOObjective(Objective):
                        for i, (_, group) in enumerate(kept) for k, reply in enumerate(group)]
         rollout = Rollout([prompt for prompt, _ in kept], samples, sums.metrics(self.trainer.ctx))
         if s.kl_coef > 0:
-            self._add_reference_logprobs(rollout)
+            self._add_reference_logprobs(rollout, policy)
         return rollout
 
+    def _rollout_policy(self) -> VLM:
+        """The model a rollout decodes with: the policy itself, or under FSDP its unsharded copy
+        (module docstring), gathered by every rank at once."""
+        return unsharded_copy(self.model, self.trainer.ctx) if self.trainer.sharded else self.model
+
     @torch.no_grad()
-    def _sample(self, drawn: list[PromptItem]) -> list[list[Reply]]:
-        """`group_size` replies to each prompt, all decoded in one batch by the engine."""
+    def _sample(self, drawn: list[PromptItem], policy: VLM) -> list[list[Reply]]:
+        """`group_size` replies to each prompt, all decoded in one batch by the engine on `policy`."""
         s = self.settings
-        was_training = self.model.training
-        self.model.eval()
+        was_training = policy.training
+        policy.eval()
         try:
-            engine = Engine(self.model, self.trainer.tokenizer)
+            engine = Engine(policy, self.trainer.tokenizer)
             seqs: list[Sequence] = []
             for prompt in drawn:
                 room = self.prompts.context - len(prompt.prompt.input_ids)
@@ -449,8 +466,8 @@ class GRPOObjective(Objective):
             # The engine decodes on copies of the weights derived for decoding (models/fused.py);
             # they are stale after the next optimizer step anyway, and without them the rest of the
             # stage (the reference's and the held-out forwards) runs the model's own kernels.
-            self.model.llm.fuse_projections(False)
-            self.model.train(was_training)
+            policy.llm.fuse_projections(False)
+            policy.train(was_training)
         return [[self._reply(seq, prompt.task) for seq in seqs[i * s.group_size:(i + 1) * s.group_size]]
                 for i, prompt in enumerate(drawn)]
 
@@ -493,10 +510,11 @@ class GRPOObjective(Objective):
         return packs
 
     @torch.no_grad()
-    def _add_reference_logprobs(self, rollout: Rollout) -> None:
-        """Each kept sample's reply log-probs under the reference (module docstring)."""
-        reference = self.reference if self.reference is not None else self.model
-        disabled = lora.lora_disabled(self.model) if self.reference is None else nullcontext()
+    def _add_reference_logprobs(self, rollout: Rollout, policy: VLM) -> None:
+        """Each kept sample's reply log-probs under the reference (module docstring); in a LoRA
+        stage, `policy` (the rollout's model) with its adapters disabled."""
+        reference = self.reference if self.reference is not None else policy
+        disabled = lora.lora_disabled(policy) if self.reference is None else nullcontext()
         was_training = reference.training
         reference.eval()
         i = 0
@@ -521,7 +539,12 @@ class GRPOObjective(Objective):
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if self.stage.precision == "bf16"
                     else nullcontext())
         sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0}
-        for batch, targets in packs:
+        for (batch, targets), real in aligned_passes(packs, ctx, lambda pack: pass_kind(pack[0])):
+            if not real:  # FSDP's padding pass (train/distributed.py): gathers and adds nothing
+                with autocast:
+                    out = self.model.pack_loss(batch, device)
+                (out.loss_sum.float() * 0.0 + out.aux_loss.float() * 0.0).backward()
+                continue
             with autocast:
                 out = self.model.pack_loss(batch, device)
             reply = targets.reply.to(device)

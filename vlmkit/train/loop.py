@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from vlmkit import __version__
 from vlmkit.api import VLM
@@ -54,7 +53,7 @@ from vlmkit.models.weights import load_state
 from vlmkit.train import checkpoint as ckpt
 from vlmkit.train.data import StageData, eval_batches
 from vlmkit.train.distributed import (Dist, dcp_load_model, dcp_load_optimizer, dcp_save, full_state_dict,
-                                     shard_model)
+                                     resharded, shard_model)
 from vlmkit.train.contrastive import ContrastiveObjective
 from vlmkit.train.dpo import DPOObjective
 from vlmkit.train.grpo import GRPOObjective
@@ -222,6 +221,10 @@ class ForwardBackward:
     """This rank's MoE auxiliary loss, the mean over its micro-batches (0 without MoE)."""
 
 
+REPLAY_CURSOR = "replay"
+"""The key of a stage's replayed data cursor inside a rank's data cursor (beside the objective's)."""
+
+
 class Trainer:
     """Runs the stages of a RunConfig into an output directory."""
 
@@ -256,6 +259,8 @@ class Trainer:
         """The running stage's objective (None in an `sft` stage)."""
         self.heads: torch.nn.Module | None = None
         """The running stage's objective's own trained modules (train/objective.py)."""
+        self.replay: StageData | None = None
+        """The running stage's replayed supervised data (config.ReplaySettings; None: none)."""
         self.signals = StopSignals()
 
     # ------------------------------------------------------------------------------------------
@@ -274,16 +279,21 @@ class Trainer:
                                   "it, or choose another --out")
         if self.ctx.is_distributed:
             self._check_distributable()
-            shard_model(self.model, self.ctx)
-            self.sharded = True
         # Only a checkpoint inside a stage carries an optimizer, data cursors and RNG to go on from.
         inside_stage = resume_from if resume_from is not None and self.state.step > 0 else None
-        if inside_stage is not None:  # its LoRA adapters and heads exist before their weights load
+        if inside_stage is not None:  # its LoRA adapters and heads exist before sharding and loading
             self._enter_stage(self.state.stage)
+        if self.ctx.is_distributed:
+            shard_model(self.model, self.ctx)
+            self.sharded = True
         if resume_from is not None:
             # Whatever point the checkpoint marks (inside a stage, a stage's end, after the last
             # stage), the weights are the run's: even when no stage is left to run.
             self._load_weights(resume_from)
+        if inside_stage is None and resume_from is not None:
+            # At a stage's end: the next stage's surgery (LoRA's initialisation, an objective's
+            # heads) draws from the RNG before the stage seeds it, as the uninterrupted run did.
+            ckpt.restore_rng(resume_from, self.ctx.rank)
         self.logger = MetricsLogger(self.out, enabled=self.ctx.is_main, tensorboard=self.cfg.tensorboard,
                                     progress=self.cfg.progress, resume_step=self.state.global_step)
         try:
@@ -337,19 +347,21 @@ class Trainer:
         """Refuse, before any work, the stages that run in one process only (the one home of that
         rule: the objectives rely on it)."""
         for stage in self.cfg.stages:
-            if stage.kind == "dpo" and stage.dpo.reference == "copy":
-                raise ConfigError(f"stage {stage.name!r}: dpo.reference copy runs in one process; under torchrun "
-                                  "use reference: precomputed")
-            if stage.lora is not None or stage.kind in ("contrastive", "grpo"):
-                raise ConfigError(f"stage {stage.name!r}: LoRA, contrastive and grpo stages run in one process "
-                                  "for now; run this config without torchrun")
+            if stage.kind == "contrastive":
+                # Its heads (the text side) train outside FSDP: nothing would sum their gradients.
+                raise ConfigError(f"stage {stage.name!r}: contrastive stages run in one process for now; run this "
+                                  "config without torchrun")
 
     def _enter_stage(self, index: int) -> None:
         """The model surgery a stage needs before its weights are trained or loaded: its LoRA
-        adapters and its objective (with the objective's heads)."""
+        adapters and its objective (with the objective's heads). A sharded model gets its adapters
+        through an unsharded copy, sharded again (train/distributed.py)."""
         stage = self.cfg.stages[index]
         if stage.lora is not None and not has_lora(self.model):
-            apply_lora(self.model, stage.lora)
+            if self.sharded:
+                self.model = resharded(self.model, self.ctx, lambda model: apply_lora(model, stage.lora))
+            else:
+                apply_lora(self.model, stage.lora)
         self.objective = OBJECTIVES[stage.kind](self, index) if stage.kind != "sft" else None
         self.heads = self.objective.heads() if self.objective is not None else None
 
@@ -371,6 +383,9 @@ class Trainer:
         else:
             data = StageData(cfg, index, self.tokenizer, self.processor, self.model.config.tokens_per_tile,
                              rank=ctx.rank, world=ctx.world)
+        if stage.replay is not None:
+            self.replay = StageData(cfg, index, self.tokenizer, self.processor, self.model.config.tokens_per_tile,
+                                    rank=ctx.rank, world=ctx.world, mixture=stage.replay.mixture)
         if resume_from is None:
             self.state.stage, self.state.step, self.state.tokens = index, 0, 0
             return optimizer, data
@@ -378,7 +393,11 @@ class Trainer:
         if len(self.state.data) != ctx.world:  # each rank reads its own share of the data
             raise CheckpointError(f"{resume_from} was written by {len(self.state.data)} processes; resume it with "
                                   f"as many (this run has {ctx.world})")
-        data.load_state_dict(self.state.data[str(ctx.rank)])
+        cursor = dict(self.state.data[str(ctx.rank)])
+        replay_cursor = cursor.pop(REPLAY_CURSOR, None)
+        data.load_state_dict(cursor)
+        if self.replay is not None:
+            self.replay.load_state_dict(replay_cursor)
         ckpt.restore_rng(resume_from, ctx.rank)  # last: the next draw is the next step's
         return optimizer, data
 
@@ -401,12 +420,19 @@ class Trainer:
         weights), and drop its objective."""
         stage = self.cfg.stages[index]
         if stage.lora is not None:
-            if self.ctx.is_main:
-                save_adapter(self.model, self.out / ADAPTERS_DIR / stage.name)
-            merge_and_unload(self.model)
+            if self.sharded:
+                self.model = resharded(self.model, self.ctx, lambda model: self._save_and_merge(model, stage))
+            else:
+                self._save_and_merge(self.model, stage)
         if self.objective is not None:
             self.objective.close()
-        self.objective, self.heads = None, None
+        self.objective, self.heads, self.replay = None, None, None
+
+    def _save_and_merge(self, model: VLM, stage: Stage) -> None:
+        """Write a LoRA stage's adapter (DIR/adapters/<stage>), then fold it into the weights."""
+        if self.ctx.is_main:
+            save_adapter(model, self.out / ADAPTERS_DIR / stage.name)
+        merge_and_unload(model)
 
     # ------------------------------------------------------------------------------------------
     def _train_step(self, index: int, optimizer: torch.optim.Optimizer, data: StageData | Objective) -> dict:
@@ -432,6 +458,8 @@ class Trainer:
         """A step of a contrastive / dpo / grpo stage: the objective's passes, then the trainer's
         optimizer step."""
         metrics = self.objective.forward_backward(self.state.step)
+        if self.replay is not None:
+            metrics = self._replay_step(self.cfg.stages[index], metrics)
         grad_norm, stepped = self._optimizer_step(optimizer, self.cfg.stages[index].grad_clip, float(metrics["loss"]))
         seconds = time.perf_counter() - t0
         tokens = int(metrics.get("tokens", 0))
@@ -442,23 +470,36 @@ class Trainer:
                   "tokens_per_s": tokens / seconds, "step_seconds": seconds}
         return record if stepped else {**record, "skipped": "nonfinite"}
 
-    def _forward_backward(self, stage: Stage, batches: list[PackedBatch]) -> ForwardBackward:
+    def _replay_step(self, stage: Stage, metrics: dict) -> dict:
+        """Backpropagate the step's replayed supervised micro-batches on top of the objective's
+        gradients; the step's loss becomes the objective's plus the weighted replay loss."""
+        modality = self.replay.modality(self.state.step)
+        batches = [self.replay.next_batch(modality) for _ in range(stage.replay.batches)]
+        passes = self._forward_backward(stage, batches, weight=stage.replay.weight)
+        sums = passes.sums.all_reduced(self.ctx, [])
+        replay_loss = sums.loss_sum / passes.targets
+        return {**metrics, "loss": float(metrics["loss"]) + stage.replay.weight * replay_loss,
+                "objective_loss": float(metrics["loss"]), "replay_loss": replay_loss,
+                "tokens": int(metrics.get("tokens", 0)) + sums.tokens}
+
+    def _forward_backward(self, stage: Stage, batches: list[PackedBatch], *, weight: float = 1.0) -> ForwardBackward:
         """Backpropagate every micro-batch: its summed token loss over the step's targets (all
-        micro-batches, all ranks; see the module docstring) plus its share of the MoE aux loss."""
+        micro-batches, all ranks; see the module docstring), times `weight`, plus its share of
+        the MoE aux loss."""
         per_sample = [targets_per_sample(b) for b in batches]
         (targets,) = self.ctx.all_reduce_sum([float(sum(int(t.sum()) for t in per_sample))])
         targets = max(targets, 1.0)
         # FSDP averages gradients over ranks: scaling by the world size keeps the global sum.
-        loss_scale = self.ctx.world / targets
+        loss_scale = weight * self.ctx.world / targets
         autocast = (torch.autocast(self.ctx.device.type, dtype=torch.bfloat16) if stage.precision == "bf16"
                     else nullcontext())
         sums, aux_loss = StepSums(), 0.0
         for batch, n_targets in zip(batches, per_sample):
             with autocast:
                 out = self._compute_loss(batch)
-            (out.loss_sum.float() * loss_scale + out.aux_loss.float() / stage.grad_accum).backward()
+            (out.loss_sum.float() * loss_scale + out.aux_loss.float() / len(batches)).backward()
             sums.add(batch, out, n_targets)
-            aux_loss += float(out.aux_loss.detach()) / stage.grad_accum
+            aux_loss += float(out.aux_loss.detach()) / len(batches)
         return ForwardBackward(sums, targets, aux_loss)
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, max_norm: float, loss: float) -> tuple[float, bool]:
@@ -570,13 +611,11 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------------------------------
-    def _gather_cursors(self, data: StageData) -> dict:
+    def _gather_cursors(self, data: StageData | Objective) -> dict:
         cursor = data.state_dict()
-        if not self.ctx.is_distributed:
-            return {"0": cursor}
-        gathered = [None] * self.ctx.world
-        dist.all_gather_object(gathered, cursor)
-        return {str(r): c for r, c in enumerate(gathered)}
+        if self.replay is not None:
+            cursor = {**cursor, REPLAY_CURSOR: self.replay.state_dict()}
+        return {str(r): c for r, c in enumerate(self.ctx.all_gather_object(cursor))}
 
     def _resumable_checkpoint(self) -> Path | None:
         """The newest intact checkpoint (rank 0 checks the checksums, every rank gets its answer)."""
@@ -615,7 +654,7 @@ class Trainer:
         tmp = self.ctx.broadcast_object(tmp)
         if tmp is not None:
             try:
-                dcp_save(Path(tmp) / "dcp", self.model, optimizer)
+                dcp_save(Path(tmp) / "dcp", self.model, optimizer, self.heads)
                 ckpt.write_trainer_files(Path(tmp), self.state, self.ctx.rank)
             except (OSError, CheckpointException) as e:
                 error = str(e)
@@ -632,7 +671,7 @@ class Trainer:
 
     def _load_weights(self, path: Path) -> None:
         if self.sharded:
-            dcp_load_model(path / "dcp", self.model)
+            dcp_load_model(path / "dcp", self.model, self.heads)
         else:
             ckpt.load_model_weights(path, self.model)
             if self.heads is not None:

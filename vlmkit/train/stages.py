@@ -9,13 +9,17 @@ moments (LLaVA and DeepSeek-VL restart the schedule per stage).
 A native-resolution model has no separate adapter: its tower's mergers (the patch merger and
 Qwen3-VL's deepstack mergers) map patches to the LLM width, so they are its adapter here, and
 `vision` is the rest of the tower. An alignment stage (adapter_lr only) then trains the mergers,
-as it trains a LLaVA-shaped model's projector.
+as it trains a LLaVA-shaped model's projector. A hybrid model (DeepSeek-VL's SigLIP + SAM tower)
+has its aligner at the end of its tower: the aligner's three linear layers are its adapter, and
+`vision` is both towers with the high-resolution branch's reduction (second neck, downsampler,
+global scale), as DeepSeek-VL's own training groups them.
 
 The schedule is a pure function of the step, so resuming needs only the step number.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 
 import torch
@@ -40,26 +44,44 @@ NATIVE_ADAPTER_PARTS = ("merger", "deepstack_mergers")
 """The children of a native tower that count as the adapter (module docstring)."""
 
 
+HYBRID_ADAPTER_PARTS = ("combiner.low_res_proj.", "combiner.high_res_proj.", "combiner.out_proj.")
+"""The parameters of a hybrid tower that count as the adapter (its aligner; module docstring)."""
+
+
 def module_parameters(model: nn.Module, name: str) -> list[tuple[str, nn.Parameter]]:
     """The named parameters of one of MODULES; every parameter belongs to exactly one."""
-    if not model.config.is_native or name == "llm":
+    cfg = model.config
+    if not (cfg.is_native or cfg.is_hybrid) or name == "llm":
         return list(getattr(model, name).named_parameters())
     wants_adapter = name == "adapter"
+    if cfg.is_hybrid:
+        return [(n, p) for n, p in model.vision.named_parameters()
+                if n.startswith(HYBRID_ADAPTER_PARTS) == wants_adapter]
     return [(n, p) for n, p in model.vision.named_parameters()
             if (n.split(".", 1)[0] in NATIVE_ADAPTER_PARTS) == wants_adapter]
 
 
 def apply_freezing(model: nn.Module, stage: Stage) -> dict[str, int]:
     """Set requires_grad per module by the stage's lrs (in a LoRA stage, only the adapters of the
-    modules it trains learn); returns trainable parameter counts."""
-    counts = {}
+    modules it trains learn), then freeze what `stage.frozen` names; returns trainable parameter
+    counts."""
+    counts, matched = {}, set()
+    full_names = {id(p): n for n, p in model.named_parameters()}  # a native tower's adapter lives in `vision`
     for name in MODULES:
         count = 0
         for param_name, p in module_parameters(model, name):
-            trainable = stage.lr_of(name) > 0 and (stage.lora is None or is_lora_parameter(param_name))
+            full_name = full_names[id(p)]
+            named_frozen = {pattern for pattern in stage.frozen if fnmatch.fnmatchcase(full_name, pattern)}
+            matched |= named_frozen
+            trainable = (stage.lr_of(name) > 0 and (stage.lora is None or is_lora_parameter(param_name))
+                         and not named_frozen)
             p.requires_grad_(trainable)
             count += p.numel() if trainable else 0
         counts[name] = count
+    unmatched = [pattern for pattern in stage.frozen if pattern not in matched]
+    if unmatched:
+        raise ConfigError(f"stage {stage.name!r}: frozen pattern(s) {unmatched} match no parameter of the model "
+                          "(full names such as vision.low_res.blocks.0.attn.qkv.weight; see VLMModel.named_parameters)")
     return counts
 
 
