@@ -3,9 +3,15 @@
 Starts `vlmkit serve` twice on the same checkpoint (a random VLM built here unless --model is
 given): with --max-batch 8 and with --max-batch 1. Each run, 8 client threads (the official
 `openai` client) send requests back to back, each with an image as a data URL; the bench
-reports generated tokens per second over the whole run and prints the ratio.
+reports generated tokens per second over the whole run and prints the ratio, with the load average
+(the machine may be shared: compare ratios from one run).
 
     .venv/bin/python bench/serve.py [--model DIR] [--clients 8] [--requests 3] [--max-tokens 64] [--threads 1]
+                                    [--isa avx2]
+
+`--isa avx2` runs both servers on PyTorch's, MKL's and oneDNN's AVX2 kernels only (what an
+AVX2-only CPU runs), also on a machine with AVX-512; without it the servers use the kernels the
+environment allows.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 READY_TIMEOUT_S = 120
+ISA_ENV = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+"""The environment each `--isa` adds for the servers: which kernels PyTorch, MKL and oneDNN may pick."""
 
 
 def build_checkpoint(out: Path) -> Path:
@@ -71,13 +81,14 @@ def image_data_url(seed: int) -> str:
 
 
 def start_server(model: Path, max_batch: int, threads: int, *options: str,
-                 ready_timeout_s: float = READY_TIMEOUT_S) -> tuple[subprocess.Popen, int]:
-    """`vlmkit serve` of `model` on a free port (with more command-line `options`), once its /health
-    answers: (the process, its port)."""
+                 ready_timeout_s: float = READY_TIMEOUT_S, env: dict[str, str] | None = None
+                 ) -> tuple[subprocess.Popen, int]:
+    """`vlmkit serve` of `model` on a free port (with more command-line `options`, and `env` added to
+    this process's environment), once its /health answers: (the process, its port)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "vlmkit", "serve", "--model", str(model), "--port", str(port),
                              "--max-batch", str(max_batch), "--threads", str(threads), *options], cwd=ROOT,
-                            stdout=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         try:
@@ -127,12 +138,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1,
                         help="the server's torch threads (1: steadiest on a shared 2-core machine)")
+    parser.add_argument("--isa", choices=sorted(ISA_ENV), default=None,
+                        help="restrict the servers to these kernels (avx2: as on an AVX2-only CPU)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else build_checkpoint(Path(tmp) / "model")
         results = {}
         for max_batch in (args.clients, 1):
-            proc, port = start_server(model, max_batch, args.threads)
+            proc, port = start_server(model, max_batch, args.threads, env=ISA_ENV.get(args.isa))
             url = f"http://127.0.0.1:{port}"
             try:
                 run_clients(url, 2, 1, 4)  # warm-up
@@ -144,7 +157,17 @@ def main() -> None:
             print(f"--max-batch {max_batch}: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tokens/s "
                   f"({args.clients} clients x {args.requests} requests x {args.max_tokens} tokens)", flush=True)
     ratio = results[args.clients] / results[1]
-    print(f"continuous batching / one at a time: {ratio:.2f}x (target >= 3x)")
+    kernels = f"{args.isa} kernels" if args.isa else "the environment's kernels"
+    print(f"continuous batching / one at a time: {ratio:.2f}x (target >= 3x); {kernels}, "
+          f"load average {load_average()}")
+
+
+def load_average() -> str:
+    """The 1-minute load average (other jobs on a shared machine move the figures), or "n/a"."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "n/a"
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vlmkit.models.attention import (AlignedStep, AttnSpec, AutoBackend, FlashBackend, KVCache, RaggedStep,
-                                     flash_available, padding_mask, select_backend)
+                                     decode_attention, flash_available, padding_mask, select_backend)
 
 AUTO = select_backend("auto")  # what a model gets by default: SDPA on the CPU
 SDPA = select_backend("sdpa")
@@ -230,3 +230,19 @@ def test_flash_varlen_matches_sdpa_packed_and_padded_on_cuda():
     noncausal = flash_backend(q, k, v, spec, causal=False)
     torch.testing.assert_close(noncausal.float(), SDPA(q, k, v, spec, causal=False).float(),
                                atol=2e-2, rtol=2e-2)
+
+
+def test_decode_attention_with_a_ragged_mask_and_gqa():
+    """One query per row against cached keys of different lengths per row (a continuous batch's
+    decode step, GQA folded with the row's mask broadcast over the heads) == the reference per row."""
+    B, H, Hkv, Dh, L = 3, 4, 2, 8, 7
+    lengths = [7, 3, 5]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, 1, Dh, generator=g)
+    k, v = (torch.randn(B, Hkv, L, Dh, generator=g) for _ in range(2))
+    mask = (torch.arange(L)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]  # (B, 1, 1, L)
+    out = decode_attention(q, k, v, mask)  # (B, H, 1, Dh)
+    for b, n in enumerate(lengths):
+        expected = reference(q[b].transpose(0, 1), k[b, :, :n].transpose(0, 1), v[b, :, :n].transpose(0, 1),
+                             torch.ones(1, n, dtype=torch.bool))  # (1, H, Dh)
+        torch.testing.assert_close(out[b].transpose(0, 1), expected, atol=1e-5, rtol=1e-5)

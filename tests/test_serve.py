@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, live on 127.0.0.1, driven by the official `openai` client."""
 
+import asyncio
 import io
 import json
 import threading
@@ -17,7 +18,9 @@ from vlmkit.infer.engine import Engine
 from vlmkit.infer.generate import prompt_for, stream_messages
 from vlmkit.infer.sampling import SamplingParams
 from vlmkit.serve.app import create_app
-from vlmkit.serve.scheduler import Scheduler
+from vlmkit.serve.metrics import FAILED
+from vlmkit.serve.scheduler import Event, Scheduler
+from vlmkit.serve.serving import EventRelay, WholeAnswer
 from vlmkit.serve.settings import ImageLimits, ServerSettings
 
 KEY = "test-key"
@@ -302,3 +305,49 @@ def test_python_api_batch_and_stream_agree(model):
     assert model.generate(conversations, max_new_tokens=16) == alone
     assert model.generate(conversations, max_new_tokens=16, max_batch=2) == alone
     assert "".join(stream_messages(model, conversations[1], max_new_tokens=16)) == alone[1]
+
+
+def test_whole_answer_passes_on_the_last_event_with_all_text():
+    """A request answered in one piece hears of its scheduler once: the whole text with the last
+    event's finish reason and usage; an error goes on at once, whatever text came before it."""
+    delivered = []
+    whole = WholeAnswer(delivered.append)
+    for delta in ("Hel", "", "lo"):
+        whole(Event(delta=delta, prompt_tokens=5, completion_tokens=1))
+    assert delivered == []
+    whole(Event(delta="!", finish_reason="length", prompt_tokens=5, completion_tokens=4))
+    assert delivered == [Event(delta="Hello!", finish_reason="length", prompt_tokens=5, completion_tokens=4)]
+
+    failed = []
+    whole = WholeAnswer(failed.append)
+    whole(Event(delta="partial"))
+    whole(Event(error="generation failed: boom", outcome=FAILED))
+    assert failed == [Event(error="generation failed: boom", outcome=FAILED)]
+
+
+def test_event_relay_wakes_the_loop_once_for_a_burst_of_events():
+    """Events posted from another thread (the scheduler's, one per row after a step) reach their
+    queues in order, with one wake-up of the loop for all those posted before it ran."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        wakeups = []
+        real_call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def counting_call_soon_threadsafe(callback, *args):
+            wakeups.append(callback)
+            return real_call_soon_threadsafe(callback, *args)
+
+        loop.call_soon_threadsafe = counting_call_soon_threadsafe
+        relay = EventRelay(loop)
+        queues = [asyncio.Queue() for _ in range(3)]
+        burst = threading.Thread(target=lambda: [relay.post(q, Event(delta=f"{i}{j}")) for j in range(4)
+                                                 for i, q in enumerate(queues)])
+        burst.start()
+        burst.join()  # the whole burst is posted before the loop runs again
+        got = [[(await q.get()).delta for _ in range(4)] for q in queues]
+        assert got == [[f"{i}{j}" for j in range(4)] for i in range(3)]
+        assert len(wakeups) == 1
+        relay.post(queues[0], Event(delta="later"))  # after a delivery, the next post wakes the loop again
+        assert (await queues[0].get()).delta == "later" and len(wakeups) == 2
+
+    asyncio.run(main())

@@ -281,8 +281,11 @@ def _sdpa_heads_first(q, k, v, mask, causal: bool) -> torch.Tensor:
         # query length, which avoids copying the whole cache every step.
         rep = H // Hkv
         if T <= FOLD_MAX_QUERIES:
+            # one query per row (a decode step): its (B, 1, 1, Tk) mask broadcasts over the folded
+            # heads as it is, with the same result as a repeated copy and without the copy
+            fold_mask = mask if T == 1 else mask.repeat(1, 1, rep, 1)
             out = F.scaled_dot_product_attention(q.reshape(B, Hkv, rep * T, Dh), k, v,
-                                                 attn_mask=mask.repeat(1, 1, rep, 1))  # (B, Hkv, rep*T, Dh)
+                                                 attn_mask=fold_mask)  # (B, Hkv, rep*T, Dh)
             return out.reshape(B, H, T, Dh)
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=k.shape[1] != H)

@@ -20,8 +20,12 @@ serve/app.py's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
+import os
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -48,6 +52,9 @@ from vlmkit.serve.videos import RequestVideos, video_error
 log = logging.getLogger("vlmkit.serve")
 
 SCRATCH_PREFIX = "vlmkit-request-"
+NO_SCRATCH = os.devnull
+"""The scratch directory given to a model that takes no video: never written, since RequestVideos
+refuses a video part before writing it."""
 VIDEO_REASONS = {"missing_video", "empty_video", "not_a_video", "truncated_video", "mixed_frame_sizes",
                  "not_an_image", "truncated_image", "image_too_large"}
 """Reasons the processor gives for a video it cannot decode past its first frame (a bad frame
@@ -71,6 +78,51 @@ class RequestImages:
         if role != "user":
             raise bad_request(f"{where}: images are allowed in user messages only", where)
         return resolve_image(url, self.limits, where)
+
+
+class EventRelay:
+    """Hands events from the scheduler thread to one event loop: a single wake-up of the loop
+    carries every event posted since the last one. A decode step ends with an event per running
+    row; waking the loop for each (a write to its self-pipe, a turn of the loop) would cost the
+    scheduler thread the GIL once per row and step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Event]] = []
+
+    def post(self, queue: asyncio.Queue, event: Event) -> None:
+        """Put `event` on `queue` from any thread (the loop's own included)."""
+        with self._lock:
+            wake = not self._pending  # otherwise a wake-up is already scheduled and will take it
+            self._pending.append((queue, event))
+        if wake:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
+class WholeAnswer:
+    """The scheduler callback of a request answered in one piece (not streamed): it gathers the
+    text deltas on the scheduler thread and passes on only the last event, carrying the whole
+    text, or an error, so the event loop hears of the request once instead of once per token."""
+
+    def __init__(self, deliver: Callable[[Event], None]):
+        self._deliver = deliver
+        self._pieces: list[str] = []
+
+    def __call__(self, event: Event) -> None:
+        if event.error is not None:
+            self._deliver(event)
+        elif event.finish_reason is None:
+            self._pieces.append(event.delta)
+        else:
+            self._pieces.append(event.delta)
+            self._deliver(dataclasses.replace(event, delta="".join(self._pieces)))
 
 
 @dataclass
@@ -98,12 +150,13 @@ class ChatServing:
         self.engine = engine
         self.scheduler = scheduler
         self.settings = settings
+        self._relay: EventRelay | None = None  # for the event loop the requests run on
 
     async def create(self, request: ChatCompletionRequest) -> dict | EventStream:
         """The answer to a request: its `chat.completion` body, or with `stream` its events."""
         arrived = time.monotonic()
         prompt, params = await run_in_threadpool(self.prepare, request)
-        submitted = self.submit(prompt, params, arrived)
+        submitted = self.submit(prompt, params, arrived, whole=not request.stream)
         if self.settings.log_prompts:
             log.info("%s messages:\n%s", submitted.completion.id, request.transcript())
         if request.stream:
@@ -138,8 +191,13 @@ class ChatServing:
         conversation = [message.model_dump(exclude_none=True) for message in request.messages]
         vlm = self.engine.vlm
         limits = self.settings.images
-        with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) as scratch:
-            videos = RequestVideos(limits, Path(scratch), takes_video=vlm.config.is_native)
+        takes_video = vlm.config.is_native
+        # Only a model that takes videos makes a scratch directory: creating and removing one are
+        # file-system calls (a removal can take milliseconds), on every request's way in.
+        scratch = (tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) if takes_video
+                   else contextlib.nullcontext(NO_SCRATCH))
+        with scratch as directory:
+            videos = RequestVideos(limits, Path(directory), takes_video=takes_video)
             try:
                 return prompt_for(vlm, conversation, RequestImages(limits), videos)
             except BadRecordError as e:
@@ -162,14 +220,21 @@ class ChatServing:
 
     # ---- prompt -> scheduler -> answer (the event loop) ----------------------------------------
 
-    def submit(self, prompt: Prompt, params: SamplingParams, arrived: float) -> Submitted:
-        """Hand the prompt to the scheduler; its events come back on this event loop. 429 when the
+    def submit(self, prompt: Prompt, params: SamplingParams, arrived: float, whole: bool) -> Submitted:
+        """Hand the prompt to the scheduler; its events come back on this event loop: every text
+        delta, or with `whole` one event with the whole text (`WholeAnswer`). 429 when the
         scheduler's waiting line is full, 503 once the server is shutting down."""
         events: asyncio.Queue[Event] = asyncio.Queue()
         loop = asyncio.get_running_loop()
+        relay = self._relay
+        if relay is None or relay.loop is not loop:  # the first request, or a new loop (tests start several)
+            relay = self._relay = EventRelay(loop)
+
+        def deliver(event: Event) -> None:
+            relay.post(events, event)
+
         try:
-            ticket = self.scheduler.submit(prompt, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
-                                           arrived)
+            ticket = self.scheduler.submit(prompt, params, WholeAnswer(deliver) if whole else deliver, arrived)
         except QueueFullError as e:
             raise busy(str(e), self.settings.retry_after_s) from None
         except DrainingError as e:
@@ -178,19 +243,17 @@ class ChatServing:
         return Submitted(ticket, events, completion)
 
     async def complete(self, submitted: Submitted) -> dict:
-        """Wait for the whole answer; an answer cut short is its outcome's error (500, 503, 504)."""
-        pieces = []
+        """Wait for the whole answer (submitted with `whole`: one event); an answer cut short is its
+        outcome's error (500, 503, 504)."""
         event = Event()
         try:
-            while event.finish_reason is None:
-                event = await submitted.events.get()
-                if event.error is not None:
-                    raise self._error(event)
-                pieces.append(event.delta)
+            event = await submitted.events.get()
+            if event.error is not None:
+                raise self._error(event)
         finally:
             self.scheduler.cancel(submitted.ticket)
             _log_end(submitted, event)
-        return completion_body(submitted.completion, "".join(pieces), event.finish_reason, _usage(event))
+        return completion_body(submitted.completion, event.delta, event.finish_reason, _usage(event))
 
     async def stream(self, submitted: Submitted, include_usage: bool) -> AsyncIterator[str]:
         """The answer as server-sent events: a role chunk, content chunks, the finish chunk, the usage
