@@ -1,7 +1,7 @@
 """Whole native-resolution VLMs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) loaded from transformers
 checkpoints: logits equal to transformers' on a padded batch of a text-only row, images of three
 sizes and a video; a packed training batch equal to the padded call; the vlmkit checkpoint round
-trip; token / grid mismatches; config layouts; the refused MoE."""
+trip; token / grid mismatches; config layouts. Qwen3-VL-MoE: tests/test_qwen3_vl_moe.py."""
 
 import json
 import shutil
@@ -290,13 +290,6 @@ def test_the_directory_tokenizer_is_attached(pair, tmp_path):
         shutil.copy(path / name, tmp_path / name)
     chatml_dir(tmp_path)
     assert VLM.from_hf(tmp_path).tokenizer.token_id("<|im_end|>") is not None
-
-
-def test_moe_checkpoints_are_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3VLMoeForConditionalGeneration"],
-                                                      "model_type": "qwen3_vl_moe"}))
-    with pytest.raises(CheckpointError, match="experts are stored fused"):
-        VLM.from_hf(tmp_path)
 
 
 def test_from_hf_takes_one_directory_or_a_pair(tmp_path):

@@ -57,7 +57,7 @@ from vlmkit.models.hf.onevision import ARCHITECTURE as ONEVISION_ARCHITECTURE
 from vlmkit.models.hf.onevision import export_hf_onevision, is_onevision, load_onevision
 from vlmkit.models.hf.llm import load_llm
 from vlmkit.models.hf.qwen_vl import ARCHITECTURE_NAMES as QWEN_VL_ARCHITECTURES
-from vlmkit.models.hf.qwen_vl import export_hf_qwen_vl, load_qwen_vl, qwen_vl_family
+from vlmkit.models.hf.qwen_vl import assemble_native, export_hf_qwen_vl, load_qwen_vl, qwen_vl_family
 from vlmkit.models.hf.vision import load_vision
 from vlmkit.models.lora import load_adapter, merge_and_unload
 from vlmkit.models.mrope import packed_rope_positions
@@ -163,6 +163,9 @@ class VLM(VLMModel):
         DeepSeek-VL hybrid one (models/hf/deepseek_vl.py), every weight
         loaded, its tokenizer attached when it has one.
         vision, llm: a HF SigLIP / CLIP tower and a HF decoder; only the adapter is initialised.
+        A whole Qwen-VL directory as `vision` gives a native-resolution VLM of its tower and the
+        decoder (models/hf/qwen_vl.py, `assemble_native`; `adapter` and `feature_layer` unused: the
+        tower's mergers adapt, kept when they map to the decoder's width, else new).
         feature_layer: the vision hidden state the adapter reads (LLaVA reads the second to last).
         The LLM directory's tokenizer is attached when it has one; when its vocabulary has no image
         token, one is added (and the embeddings grow by a row). Without a tokenizer the image
@@ -193,6 +196,10 @@ class VLM(VLMModel):
             return model
         if vision is None or llm is None:
             raise ValueError("VLM.from_hf(vision=..., llm=...) needs both directories")
+        if qwen_vl_family(read_config(Path(vision)), str(vision)) is not None:  # a native tower: its mergers adapt
+            model = assemble_native(vision, load_llm(llm), model_cls=cls)
+            model.tokenizer = _load_tokenizer(Path(llm))
+            return model
         encoder = load_vision(vision, feature_layer=feature_layer)
         decoder = load_llm(llm)
         tokenizer = _load_tokenizer(Path(llm))

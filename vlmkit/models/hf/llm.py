@@ -1,4 +1,4 @@
-"""Load HF decoder checkpoints (Llama / SmolLM2, Mistral, Qwen2, Qwen3) into `LLM`, and export back.
+"""Load HF decoder checkpoints (Llama / SmolLM2, Mistral, Qwen2, Qwen3, Qwen3-MoE) into `LLM`, and export back.
 
 `llm_config_from_hf` reads a transformers config.json (4.x keeps `rope_theta` at the top level,
 5.x writes it under `rope_parameters`; a multimodal model's decoder config nested under
@@ -14,6 +14,19 @@ table per direction, shared by the four families because they name their tensors
 Sliding-window attention (Mistral, Qwen2 with use_sliding_window) is not implemented: such a
 checkpoint loads, with a warning, and matches the reference for sequences up to the window length;
 longer sequences attend to the whole prefix where the reference would not.
+
+MoE decoders (Qwen3-MoE, and Qwen3-VL-MoE's text model) route by softmax top-k without shared
+experts, which is models/moe.py's `MoE` with `score_func="softmax"`, `num_shared_experts=0` and no
+selection bias. vlmkit keeps one `SwiGLU` per expert (its decode path, LoRA and FSDP2 all work on
+those per-expert linears), so the loaders meet experts in two layouts: one tensor per expert and
+projection (`mlp.experts.{e}.gate_proj.weight`, what transformers writes for Qwen3-MoE) is a plain
+renaming; experts fused in 3-D tensors (`mlp.experts.gate_up_proj` (E, 2I, D) and
+`mlp.experts.down_proj` (E, D, I) as transformers 5 holds them, Qwen3-VL-MoE's layout; the released
+files store both transposed) are split first (`moe_tensors_from_hf`) and fused again on export
+(`fused_experts`). A transformers router has no selection bias: the load fills vlmkit's
+`score_bias` with zeros, and an export refuses a model whose bias moved off zero. Dense layers must
+be a leading range (`MoEConfig.first_dense_layers`); other `mlp_only_layers` / `decoder_sparse_step`
+patterns are refused by name.
 """
 
 from __future__ import annotations
@@ -26,7 +39,7 @@ from typing import Any
 import torch
 
 from vlmkit.errors import CheckpointError, ConfigError
-from vlmkit.models.config import LLMConfig
+from vlmkit.models.config import LLMConfig, MoEConfig
 from vlmkit.models.hf.common import KeyMap, architecture, key_map, load_into, read_config, read_state_dict, rename
 from vlmkit.models.llm import LLM
 from vlmkit.models.weights import uninitialised
@@ -37,9 +50,15 @@ FAMILIES = {
     "MistralForCausalLM": "mistral", "mistral": "mistral",
     "Qwen2ForCausalLM": "qwen2", "qwen2": "qwen2",
     "Qwen3ForCausalLM": "qwen3", "qwen3": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe", "qwen3_moe": "qwen3_moe",
     # the decoders of the native-resolution VLMs (their `text_config` model types)
     "qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3",
+    "qwen3_vl_moe_text": "qwen3_moe",
 }
+QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
+ALWAYS_RENORMALISED = ("qwen3_vl_moe_text",)
+"""Decoders whose router renormalises the top-k weights whatever `norm_topk_prob` says (transformers'
+Qwen3-VL-MoE router has no such switch)."""
 
 DEFAULT_ROPE_TYPES = ("default", "mrope")
 """RoPE types computed as plain rotary embeddings (4.x configs of Qwen2-VL name M-RoPE "mrope")."""
@@ -51,12 +70,16 @@ NAMES = [
     ("model.layers.{i}.self_attn.{qkvo}_proj.{wb}", "layers.{i}.attn.{qkvo}_proj.{wb}"),
     ("model.layers.{i}.self_attn.{qk}_norm.weight", "layers.{i}.attn.{qk}_norm.weight"),
     ("model.layers.{i}.mlp.{ffn}_proj.weight", "layers.{i}.mlp.{ffn}_proj.weight"),
+    ("model.layers.{i}.mlp.gate.weight", "layers.{i}.mlp.router.weight"),
+    # the selection bias under DeepSeek-V3's name; for Qwen's bias-free routers `moe_tensors_from_hf` adds zeros
+    ("model.layers.{i}.mlp.gate.e_score_correction_bias", "layers.{i}.mlp.router.score_bias"),
+    ("model.layers.{i}.mlp.experts.{e}.{ffn}_proj.weight", "layers.{i}.mlp.experts.{e}.{ffn}_proj.weight"),
     ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
     ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight"),
     ("model.norm.weight", "norm.weight"),
     ("lm_head.weight", "lm_head.weight"),
 ]
-NAME_FIELDS = {"i": r"\d+", "qkvo": "[qkvo]", "qk": "[qk]", "wb": "weight|bias", "ffn": "gate|up|down"}
+NAME_FIELDS = {"i": r"\d+", "e": r"\d+", "qkvo": "[qkvo]", "qk": "[qk]", "wb": "weight|bias", "ffn": "gate|up|down"}
 IGNORED = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq"]
 
 
@@ -130,29 +153,144 @@ def llm_config_from_hf(hf_config: dict[str, Any], where: str = "config") -> LLMC
             rms_norm_eps=get("rms_norm_eps", 1e-6),
             max_position_embeddings=get("max_position_embeddings", 4096),
             qkv_bias=family == "qwen2",
-            qk_norm=family == "qwen3",
+            qk_norm=family in QK_NORM_FAMILIES,
             tie_embeddings=bool(get("tie_word_embeddings", False)),
             initializer_range=get("initializer_range", 0.02),
+            moe=moe_config_from_hf(hf_config, arch, where) if family == "qwen3_moe" else None,
         )
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{where}: cannot build an LLM config: {e}") from None
+
+
+def sparse_layers(hf_config: dict[str, Any]) -> list[int]:
+    """The layers transformers' Qwen3-MoE decoders give experts: those not in `mlp_only_layers`
+    whose number (from 1) is a multiple of `decoder_sparse_step`."""
+    get = hf_config.get
+    dense, step = set(get("mlp_only_layers") or ()), get("decoder_sparse_step", 1)
+    if not get("num_experts", get("num_local_experts", 0)):
+        return []
+    return [i for i in range(get("num_hidden_layers")) if i not in dense and (i + 1) % step == 0]
+
+
+def moe_config_from_hf(hf_config: dict[str, Any], arch: str, where: str) -> MoEConfig | None:
+    """The MoEConfig of a Qwen3-MoE / Qwen3-VL-MoE decoder config (None when no layer has experts):
+    softmax routing, no shared experts, no selection bias; the balance loss transformers adds when
+    `output_router_logits` is set. CheckpointError when the dense layers are not a leading range."""
+    get = hf_config.get
+    sparse = sparse_layers(hf_config)
+    if not sparse:
+        return None
+    first_sparse = sparse[0]
+    if sparse != list(range(first_sparse, get("num_hidden_layers"))):
+        dense = sorted(set(range(get("num_hidden_layers"))) - set(sparse))
+        raise CheckpointError(
+            f"{where}: dense layers {dense} (mlp_only_layers {get('mlp_only_layers') or []}, decoder_sparse_step "
+            f"{get('decoder_sparse_step', 1)}) are not supported: vlmkit's MoE decoder keeps dense FFNs in the "
+            "first layers only (moe.first_dense_layers)")
+    return MoEConfig(
+        num_experts=get("num_experts", get("num_local_experts")),
+        top_k=get("num_experts_per_tok"),
+        num_shared_experts=0,
+        expert_intermediate_size=get("moe_intermediate_size"),
+        score_func="softmax",
+        norm_topk_prob=arch in ALWAYS_RENORMALISED or bool(get("norm_topk_prob", False)),
+        bias_update_rate=0.0,
+        aux_loss_coef=float(get("router_aux_loss_coef", 0.0)) if get("output_router_logits") else 0.0,
+        first_dense_layers=first_sparse,
+    )
 
 
 def load_llm(path: str | Path, dtype: torch.dtype = torch.float32) -> LLM:
     """A HF decoder directory (config.json + safetensors, single or sharded) -> LLM in eval mode."""
     path = Path(path)
     cfg = llm_config_from_hf(read_config(path), where=str(path))
-    tensors = read_state_dict(path)
+    tensors = moe_tensors_from_hf(read_state_dict(path), cfg, str(path))
     model = uninitialised(lambda: LLM(cfg)).to(dtype)
     load_into(model, tensors, HF_TO_OURS, source=str(path), ignore=decoder_ignore("", cfg))
     return model.eval()
 
 
+# --- MoE experts: fused 3-D tensors <-> one SwiGLU per expert ----------------------------------------
+
+FUSED_EXPERTS = re.compile(r"(?P<experts>.*\.mlp\.experts)\.(?P<kind>gate_up_proj|down_proj)")
+ROUTER_WEIGHT = re.compile(r"(?P<router>.*\.mlp\.gate)\.weight")
+ROUTER_BIAS = "e_score_correction_bias"
+EXPERT_WEIGHT = re.compile(r"(?P<experts>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<ffn>gate|up|down)_proj\.weight")
+
+
+def moe_tensors_from_hf(tensors: dict[str, torch.Tensor], cfg: LLMConfig, where: str) -> dict[str, torch.Tensor]:
+    """A decoder checkpoint's tensors with fused experts split into one gate / up / down weight per
+    expert (the names Qwen3-MoE's files give them) and a zero selection bias beside each router;
+    unchanged for a dense decoder. Either orientation of a fused tensor is read, as transformers
+    reads it: as it is when it has the module's shape (E, 2I, D) / (E, D, I), else transposed."""
+    if cfg.moe is None:
+        return tensors
+    out = {}
+    for name, t in tensors.items():
+        fused = FUSED_EXPERTS.fullmatch(name)
+        if fused is None:
+            out[name] = t
+            continue
+        kind = fused["kind"]
+        t = _module_oriented(t, name, cfg, where)
+        for e, weight in enumerate(t):
+            if kind == "down_proj":
+                out[f"{fused['experts']}.{e}.down_proj.weight"] = weight
+            else:
+                gate, up = weight.chunk(2, dim=0)
+                out[f"{fused['experts']}.{e}.gate_proj.weight"] = gate
+                out[f"{fused['experts']}.{e}.up_proj.weight"] = up
+    for name in list(out):
+        router = ROUTER_WEIGHT.fullmatch(name)
+        if router is not None:
+            out.setdefault(f"{router['router']}.{ROUTER_BIAS}", torch.zeros(out[name].shape[0]))
+    return out
+
+
+def _module_oriented(t: torch.Tensor, name: str, cfg: LLMConfig, where: str) -> torch.Tensor:
+    """A fused expert tensor as transformers' module holds it: gate_up_proj (E, 2I, D), down_proj (E, D, I)."""
+    moe, d = cfg.moe, cfg.hidden_size
+    width = 2 * moe.expert_intermediate_size if name.endswith("gate_up_proj") else moe.expert_intermediate_size
+    module_shape = (moe.num_experts, width, d) if name.endswith("gate_up_proj") else (moe.num_experts, d, width)
+    if tuple(t.shape) == module_shape:
+        return t
+    if t.dim() == 3 and tuple(t.transpose(1, 2).shape) == module_shape:
+        return t.transpose(1, 2)
+    raise CheckpointError(f"cannot load {where}: {name} has shape {tuple(t.shape)}, expected {module_shape} "
+                          f"or its last two dimensions swapped")
+
+
+def fused_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with each layer's per-expert weights fused as transformers 5 holds them
+    (`experts.gate_up_proj` (E, 2I, D), `experts.down_proj` (E, D, I)): Qwen3-VL-MoE's layout."""
+    out, experts = {}, {}
+    for name, t in tensors.items():
+        match = EXPERT_WEIGHT.fullmatch(name)
+        if match is None:
+            out[name] = t
+        else:
+            experts.setdefault(match["experts"], {}).setdefault(match["ffn"], {})[int(match["e"])] = t
+    for prefix, by_ffn in experts.items():
+        out[f"{prefix}.gate_up_proj"] = torch.cat([_stacked(by_ffn["gate"]), _stacked(by_ffn["up"])], dim=1)
+        out[f"{prefix}.down_proj"] = _stacked(by_ffn["down"])
+    return out
+
+
+def _stacked(by_expert: dict[int, torch.Tensor]) -> torch.Tensor:
+    """One projection of every expert, in expert order: (E, out, in)."""
+    return torch.stack([by_expert[e] for e in sorted(by_expert)])
+
+
 def llm_state_dict_to_hf(llm: LLM) -> dict[str, torch.Tensor]:
-    """Our state dict under HF Llama / Qwen2 / Qwen3 names (tied models carry no lm_head)."""
-    if llm.config.moe is not None:
-        raise ConfigError("an MoE LLM has no Llama-family HF layout to export to")
+    """Our state dict under HF Llama / Qwen2 / Qwen3 / Qwen3-MoE names (tied models carry no
+    lm_head; an MoE decoder's experts one tensor per expert, without the routers' zero selection
+    biases, which transformers' routers do not have)."""
     state = llm.state_dict()
+    moved = [name for name, t in state.items() if name.endswith(".router.score_bias") and t.any()]
+    if moved:
+        raise ConfigError(f"the MoE routers' selection biases {moved[:3]} are not zero (auxiliary-loss-free "
+                          "balancing moved them); transformers' Qwen3-MoE routers have none")
+    state = {name: t for name, t in state.items() if not name.endswith(".router.score_bias")}
     mapping, unmatched = rename(state, OURS_TO_HF)
     if unmatched:
         raise ConfigError(f"no HF name for parameter(s) {unmatched}")
@@ -169,7 +307,8 @@ def decoder_ignore(prefix: str, cfg: LLMConfig) -> list[str]:
 def decoder_export_reasons(cfg: LLMConfig) -> list[str]:
     """Why a VLM's decoder has no Llama-family HF config (nothing when it has one)."""
     if cfg.moe is not None:
-        return ["the LLM has MoE layers; vlmkit exports dense Llama-family decoders"]
+        return [("the LLM has MoE layers; vlmkit exports dense Llama-family decoders (an MoE one only as "
+                 "Qwen3-MoE, or inside Qwen3-VL-MoE)")]
     try:
         llm_config_to_hf(cfg)
     except ConfigError as e:
@@ -177,14 +316,50 @@ def decoder_export_reasons(cfg: LLMConfig) -> list[str]:
     return []
 
 
+def moe_export_reasons(cfg: LLMConfig) -> list[str]:
+    """Why an MoE decoder is not a Qwen3-MoE one (nothing when it is, or when it is dense)."""
+    if cfg.moe is None:
+        return []
+    attention = [] if cfg.qk_norm and not cfg.qkv_bias else ["Qwen3-MoE's attention has q/k norms and no q/k/v bias"]
+    return attention + moe_routing_reasons(cfg.moe)
+
+
+def moe_routing_reasons(moe: MoEConfig) -> list[str]:
+    """Why transformers' Qwen3-MoE routing is not `moe`'s (nothing when it is)."""
+    reasons = []
+    if moe.num_shared_experts:
+        reasons.append(f"Qwen3-MoE has no shared experts (moe.num_shared_experts is {moe.num_shared_experts})")
+    if moe.score_func != "softmax":
+        reasons.append(f"Qwen3-MoE's router scores experts by softmax, not {moe.score_func}")
+    return reasons
+
+
+def moe_config_to_hf(moe: MoEConfig) -> dict[str, Any]:
+    """The MoE settings of a Qwen3-MoE / Qwen3-VL-MoE decoder config (`moe_config_from_hf` reads them back)."""
+    return {
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "moe_intermediate_size": moe.expert_intermediate_size,
+        "norm_topk_prob": moe.norm_topk_prob,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": list(range(moe.first_dense_layers)),
+        "router_aux_loss_coef": moe.aux_loss_coef,
+        "output_router_logits": moe.aux_loss_coef > 0,
+    }
+
+
 def llm_config_to_hf(cfg: LLMConfig) -> dict[str, Any]:
-    """An HF config dict for our config: Qwen3 with qk-norm, Qwen2 with qkv bias, Llama otherwise."""
-    if cfg.moe is not None:
-        raise ConfigError("an MoE LLM has no Llama-family HF config to export to")
+    """An HF config dict for our config: Qwen3-MoE with MoE layers, Qwen3 with qk-norm, Qwen2 with
+    qkv bias, Llama otherwise."""
+    reasons = moe_export_reasons(cfg)
+    if reasons:
+        raise ConfigError("an MoE LLM exports as Qwen3-MoE only: " + "; ".join(reasons))
     if cfg.qk_norm and cfg.qkv_bias:
         raise ConfigError("qk_norm together with qkv_bias matches no HF family (Qwen3 has no q/k/v-only bias)")
-    arch, model_type = (("Qwen3ForCausalLM", "qwen3") if cfg.qk_norm else
+    arch, model_type = (("Qwen3MoeForCausalLM", "qwen3_moe") if cfg.moe is not None else
+                        ("Qwen3ForCausalLM", "qwen3") if cfg.qk_norm else
                         ("Qwen2ForCausalLM", "qwen2") if cfg.qkv_bias else ("LlamaForCausalLM", "llama"))
+    moe = moe_config_to_hf(cfg.moe) if cfg.moe is not None else {}
     return {
         "architectures": [arch],
         "model_type": model_type,
@@ -203,4 +378,5 @@ def llm_config_to_hf(cfg: LLMConfig) -> dict[str, Any]:
         "attention_bias": False,
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.initializer_range,
+        **moe,
     }

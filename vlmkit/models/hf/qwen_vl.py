@@ -1,7 +1,8 @@
-"""Load and export transformers checkpoints of the native-resolution VLMs: Qwen2-VL, Qwen2.5-VL, Qwen3-VL.
+"""Load and export transformers checkpoints of the native-resolution VLMs: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE.
 
-A directory of `Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration` or
-`Qwen3VLForConditionalGeneration` becomes one `VLMModel` with a native tower
+A directory of `Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`,
+`Qwen3VLForConditionalGeneration` or `Qwen3VLMoeForConditionalGeneration` becomes one `VLMModel`
+with a native tower
 (`VLMConfig.native_vision`): the tower's config is read by models/hf/native_vision.py, the
 decoder's by models/hf/llm.py (`text_config`, or the top level of the flat configs transformers 4
 wrote for Qwen2-VL and Qwen2.5-VL), the token ids and video spacing by `qwen_vl_config`.
@@ -12,21 +13,23 @@ Both are first normalised to `visual.` + the tower's names and `language_model.`
 checkpoint's names, then mapped with the tower's and the decoder's key maps: one strict load of the
 whole model that reports every missing, unexpected or mis-shaped tensor together.
 
-Qwen3-VL-MoE is refused: its decoder's routing (softmax top-k, renormalised, no shared experts;
-dense layers only where `mlp_only_layers` is a leading range) is what models/moe.py computes, but
-the checkpoint stores each layer's experts fused in 3-D tensors (`experts.gate_up_proj`
-(E, 2I, D) as transformers 5 writes it, `experts.down_proj` (E, D, I)), which a renaming load
-cannot split into vlmkit's per-expert projections, and the router has no `score_bias` to load.
+Qwen3-VL-MoE is Qwen3-VL's tower and layout with a Qwen3-MoE decoder (softmax top-k routing,
+always renormalised, no shared experts): models/moe.py's `MoE`. Its checkpoint stores each layer's
+experts fused in 3-D tensors, which models/hf/llm.py splits into vlmkit's per-expert projections
+before the renaming load (`moe_tensors_from_hf`) and fuses again on export (`fused_experts`); what
+vlmkit's MoE cannot compute (dense layers other than a leading range) is refused by name there.
 
 Export (`export_hf_qwen_vl`) writes a native model back as its family's transformers directory:
 config.json, model.safetensors in the layout transformers itself saves for that family (the
 released files' for Qwen2-VL and Qwen2.5-VL, transformers 5's modules for Qwen3-VL), the processor
-configs from the model's processor settings and its tokenizer when it has one. What the family's
-class cannot compute is refused with the reason (`check_qwen_vl_exportable`).
+configs from the model's processor settings and its tokenizer when it has one. A Qwen3-VL-style
+model with an MoE decoder is written as Qwen3-VL-MoE. What the family's class cannot compute is
+refused with the reason (`check_qwen_vl_exportable`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,15 +39,17 @@ import torch
 
 from vlmkit.constants import VISION_END, VISION_START
 from vlmkit.errors import CheckpointError, ConfigError
-from vlmkit.models.config import VLMConfig
+from vlmkit.models.config import MoEConfig, VLMConfig
 from vlmkit.models.hf.common import (BICUBIC, PROCESSOR_FILE, KeyMap, architecture, load_into, prefixed, read_config,
                                      read_state_dict, rename, renamed, write_chat_template, write_json, write_weights)
-from vlmkit.models.hf.llm import (HF_TO_OURS, decoder_ignore, llm_config_from_hf, llm_config_to_hf,
-                                  llm_state_dict_to_hf)
+from vlmkit.models.hf.llm import (HF_TO_OURS, decoder_ignore, fused_experts, llm_config_from_hf, llm_config_to_hf,
+                                  llm_state_dict_to_hf, moe_routing_reasons, moe_tensors_from_hf)
 from vlmkit.models.hf.native_vision import (NATIVE_VISION_EXPORT_KEYS, NATIVE_VISION_KEYS, TOWER_PREFIXES,
-                                            native_vision_config_from_hf)
+                                            load_native_vision_weights, native_vision_config_from_hf, tower_tensors)
+from vlmkit.models.llm import LLM
+from vlmkit.models.native_vision import NativeVisionTower
 from vlmkit.models.vlm import VLMModel
-from vlmkit.models.weights import for_safetensors
+from vlmkit.models.weights import for_safetensors, load_state
 
 @dataclass(frozen=True)
 class VideoSpacing:
@@ -67,10 +72,10 @@ ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl", "qwen2_5_vl": "qwen2_5_vl",
     "Qwen3VLForConditionalGeneration": "qwen3_vl", "qwen3_vl": "qwen3_vl",
 }
-MOE_REFUSAL = ("its decoder's experts are stored fused in 3-D tensors (experts.gate_up_proj, experts.down_proj, "
-               "oriented differently by different releases) that vlmkit's loader does not split into "
-               "per-expert projections")
-REFUSED = {"Qwen3VLMoeForConditionalGeneration": MOE_REFUSAL, "qwen3_vl_moe": MOE_REFUSAL}
+MOE_ARCHITECTURE, MOE_MODEL_TYPE = "Qwen3VLMoeForConditionalGeneration", "qwen3_vl_moe"
+MOE_ARCHITECTURES = {MOE_ARCHITECTURE: "qwen3_vl", MOE_MODEL_TYPE: "qwen3_vl"}
+"""Qwen3-VL-MoE: Qwen3-VL's family (tower, video spacing) with an MoE decoder."""
+LOADED_ARCHITECTURES = {**ARCHITECTURES, **MOE_ARCHITECTURES}
 
 DEFAULT_TOKENS_PER_SECOND = 4
 """Qwen2.5-VL's vision config default, for configs that leave it out."""
@@ -86,14 +91,12 @@ LAYOUTS: KeyMap = (
 
 
 def qwen_vl_family(hf_config: dict, where: str) -> str | None:
-    """The family of a Qwen-VL config ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"), None for any other
-    model; CheckpointError for a family vlmkit refuses, with the reason."""
+    """The family of a Qwen-VL config ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"; Qwen3-VL-MoE's is
+    "qwen3_vl"), None for any other model."""
     arch = architecture(hf_config, where)
     for name in (arch, hf_config.get("model_type")):
-        if name in REFUSED:
-            raise CheckpointError(f"{where}: {name} is not supported: {REFUSED[name]}")
-        if name in ARCHITECTURES:
-            return ARCHITECTURES[name]
+        if name in LOADED_ARCHITECTURES:
+            return LOADED_ARCHITECTURES[name]
     return None
 
 
@@ -111,7 +114,7 @@ def qwen_vl_config(hf_config: dict, where: str) -> VLMConfig:
     family = qwen_vl_family(hf_config, where)
     if family is None:
         raise CheckpointError(f"{where}: architecture {architecture(hf_config, where)!r} is not a Qwen-VL model; "
-                              f"vlmkit loads {sorted(k for k in ARCHITECTURES if k[0].isupper())} as one "
+                              f"vlmkit loads {sorted(k for k in LOADED_ARCHITECTURES if k[0].isupper())} as one "
                               "directory (llava-hf directories: VLM.from_hf_llava)")
     spacing = FAMILIES[family]
     vision = native_vision_config_from_hf(hf_config, where)
@@ -138,21 +141,22 @@ def qwen_vl_key_map(cfg: VLMConfig) -> tuple[KeyMap, list[str]]:
 
 
 def load_qwen_vl(path: str | Path, model_cls: type[VLMModel] = VLMModel) -> VLMModel:
-    """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL directory -> `model_cls` (VLMModel or a subclass) in fp32,
-    eval mode."""
+    """A Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE directory -> `model_cls` (VLMModel or a
+    subclass) in fp32, eval mode."""
     path = Path(path)
     cfg = qwen_vl_config(read_config(path), f"{path}/config.json")
-    tensors = read_state_dict(path)
+    tensors = moe_tensors_from_hf(renamed(read_state_dict(path), LAYOUTS), cfg.llm, str(path))
     model = model_cls.empty(cfg)
     key_map, ignore = qwen_vl_key_map(cfg)
-    load_into(model, renamed(tensors, LAYOUTS), key_map, source=str(path), ignore=ignore)
+    load_into(model, tensors, key_map, source=str(path), ignore=ignore)
     return model.eval()
 
 
 # --- export ------------------------------------------------------------------------------------------
 
-ARCHITECTURE_NAMES = {family: name for name, family in ARCHITECTURES.items() if name[0].isupper()}
-"""family -> its transformers class name (what config.json's `architectures` holds)."""
+ARCHITECTURE_NAMES = {**{family: name for name, family in ARCHITECTURES.items() if name[0].isupper()},
+                      MOE_MODEL_TYPE: MOE_ARCHITECTURE}
+"""model_type (a family, or Qwen3-VL-MoE's) -> its transformers class name (config.json's `architectures`)."""
 PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
                      "qwen3_vl": "Qwen3VLProcessor"}
 VIDEO_PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLVideoProcessor", "qwen2_5_vl": "Qwen2VLVideoProcessor",
@@ -172,6 +176,13 @@ MODULE_LAYOUT: KeyMap = [
 EXPORT_LAYOUTS = {"qwen2_vl": RELEASED_LAYOUT, "qwen2_5_vl": RELEASED_LAYOUT, "qwen3_vl": MODULE_LAYOUT}
 
 
+def hf_model_type(cfg: VLMConfig) -> str:
+    """The transformers model_type a native model exports as: its family (the tower's style), or
+    Qwen3-VL-MoE's for a Qwen3-VL-style model with an MoE decoder."""
+    style = cfg.native_vision.style
+    return MOE_MODEL_TYPE if cfg.llm.moe is not None and style == "qwen3_vl" else style
+
+
 def check_qwen_vl_exportable(cfg: VLMConfig) -> None:
     """Raise ConfigError saying why the family's transformers class cannot compute this model
     (nothing when it can); the family is the tower's style."""
@@ -179,15 +190,15 @@ def check_qwen_vl_exportable(cfg: VLMConfig) -> None:
         raise ConfigError("cannot export to a Qwen-VL family: the model has no native-resolution tower")
     reasons = _decoder_reasons(cfg) + _tower_reasons(cfg)
     if reasons:
-        raise ConfigError(f"cannot export to {ARCHITECTURE_NAMES[cfg.native_vision.style]}: " + "; ".join(reasons))
+        raise ConfigError(f"cannot export to {ARCHITECTURE_NAMES[hf_model_type(cfg)]}: " + "; ".join(reasons))
 
 
 def _decoder_reasons(cfg: VLMConfig) -> list[str]:
     family, llm = cfg.native_vision.style, cfg.llm
-    if llm.moe is not None:
-        return ["the decoder has MoE layers; the family's text model is dense"]
     qwen3 = family == "qwen3_vl"
-    reasons = []
+    if llm.moe is not None and not qwen3:
+        return [f"the decoder has MoE layers; {family}'s text model is dense (an MoE decoder exports as Qwen3-VL-MoE)"]
+    reasons = [] if llm.moe is None else _moe_reasons(llm.moe)
     if llm.qk_norm != qwen3 or llm.qkv_bias == qwen3:
         reasons.append("Qwen3-VL's decoder has q/k norms and no q/k/v bias" if qwen3 else
                        f"{family}'s decoder has a q/k/v bias and no q/k norms")
@@ -203,6 +214,12 @@ def _decoder_reasons(cfg: VLMConfig) -> list[str]:
     if cfg.video_frames_apart != qwen3:
         reasons.append("Qwen3-VL, and only it, writes each video frame pair apart (video_frames_apart)")
     return reasons
+
+
+def _moe_reasons(moe: MoEConfig) -> list[str]:
+    renormalised = [] if moe.norm_topk_prob else [
+        "Qwen3-VL-MoE's router always renormalises the top-k weights (moe.norm_topk_prob is false)"]
+    return moe_routing_reasons(moe) + renormalised
 
 
 def _tower_reasons(cfg: VLMConfig) -> list[str]:
@@ -231,20 +248,22 @@ def _mlp_ratio(cfg: VLMConfig) -> float | int:
 def qwen_vl_hf_config(cfg: VLMConfig, token_ids: dict[str, int] | None = None) -> dict[str, Any]:
     """The family's config.json for `cfg` (check_qwen_vl_exportable first). token_ids: extra
     top-level ids (vision_start_token_id, vision_end_token_id) where the tokenizer knows them."""
-    family = cfg.native_vision.style
+    family, model_type = cfg.native_vision.style, hf_model_type(cfg)
     text = llm_config_to_hf(cfg.llm)
     for key in ("architectures", "rope_theta", "tie_word_embeddings"):  # the top level holds the tie
         text.pop(key)
     if family != "qwen3_vl":  # the Qwen2 decoders have no head_dim or attention_bias setting
         text.pop("head_dim")
         text.pop("attention_bias")
+    if model_type == MOE_MODEL_TYPE:  # its router always renormalises: no switch in its config
+        text.pop("norm_topk_prob")
     rope = {"rope_type": "default", "rope_theta": cfg.llm.rope_theta, "mrope_section": list(cfg.llm.mrope_section)}
     if cfg.llm.mrope_interleaved:
         rope["mrope_interleaved"] = True
-    text.update(model_type=f"{family}_text", rope_parameters=rope)
+    text.update(model_type=f"{model_type}_text", rope_parameters=rope)
     return {
-        "architectures": [ARCHITECTURE_NAMES[family]],
-        "model_type": family,
+        "architectures": [ARCHITECTURE_NAMES[model_type]],
+        "model_type": model_type,
         "text_config": text,
         "vision_config": _vision_hf_config(cfg),
         "image_token_id": cfg.image_token_id,
@@ -257,7 +276,8 @@ def qwen_vl_hf_config(cfg: VLMConfig, token_ids: dict[str, int] | None = None) -
 def _vision_hf_config(cfg: VLMConfig) -> dict[str, Any]:
     v, family = cfg.native_vision, cfg.native_vision.style
     out: dict[str, Any] = {
-        "model_type": f"{family}_vision", "depth": v.depth, "num_heads": v.num_heads, "in_channels": v.in_channels,
+        "model_type": f"{hf_model_type(cfg)}_vision", "depth": v.depth, "num_heads": v.num_heads,
+        "in_channels": v.in_channels,
         "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
         "spatial_merge_size": v.spatial_merge_size, "hidden_act": v.hidden_act,
         "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
@@ -284,7 +304,10 @@ def qwen_vl_state_dict(model: VLMModel) -> dict[str, torch.Tensor]:
     if unmatched:
         raise ConfigError(f"no {style} tower name for {unmatched}")
     normalised = {"visual." + hf: tower[ours] for ours, hf in mapping.items()}
-    normalised.update({"language_model." + name: t for name, t in llm_state_dict_to_hf(model.llm).items()})
+    decoder = llm_state_dict_to_hf(model.llm)
+    if model.config.llm.moe is not None:  # Qwen3-VL-MoE's experts are fused 3-D tensors
+        decoder = fused_experts(decoder)
+    normalised.update({"language_model." + name: t for name, t in decoder.items()})
     return renamed(normalised, EXPORT_LAYOUTS[style])
 
 
@@ -317,13 +340,14 @@ def export_hf_qwen_vl(model: VLMModel, out_dir: str | Path, processor: Any) -> P
     check_qwen_vl_exportable(cfg)
     family = cfg.native_vision.style
     if processor.video_rules != VIDEO_RULES[family]:
-        raise ConfigError(f"cannot export to {ARCHITECTURE_NAMES[family]}: its video processor follows "
+        raise ConfigError(f"cannot export to {ARCHITECTURE_NAMES[hf_model_type(cfg)]}: its video processor follows "
                           f"{VIDEO_RULES[family]}'s rules, the model's processor {processor.video_rules}'s")
+    tensors = for_safetensors(qwen_vl_state_dict(model))  # before writing anything: it refuses moved router biases
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = getattr(model, "tokenizer", None)
     hf_config = qwen_vl_hf_config(cfg, _vision_token_ids(tokenizer))
-    write_weights(out, for_safetensors(qwen_vl_state_dict(model)), hf_config)
+    write_weights(out, tensors, hf_config)
     image, video = processor_hf_configs(family, processor)
     write_json(out / "preprocessor_config.json", image)
     write_json(out / "video_preprocessor_config.json", video)
@@ -342,3 +366,47 @@ def _vision_token_ids(tokenizer) -> dict[str, int]:
     ids = {"vision_start_token_id": tokenizer.token_id(VISION_START),
            "vision_end_token_id": tokenizer.token_id(VISION_END)}
     return {key: i for key, i in ids.items() if i is not None}
+
+
+# --- assembly: a Qwen-VL directory's tower in front of another decoder ---------------------------------
+
+MERGER_PREFIXES = ("merger.", "deepstack_mergers.")
+"""The tower's mergers: what maps its features to the decoder's width (a native model's adapter)."""
+
+
+def assemble_native(vision_dir: str | Path, llm: LLM, model_cls: type[VLMModel] = VLMModel) -> VLMModel:
+    """A native-resolution VLM of a Qwen-VL directory's tower and `llm` (any decoder `load_llm`
+    gives, an MoE one included: Seed1.5-VL's shape), in eval mode. The decoder keeps its weights and
+    takes the directory's M-RoPE layout (`mrope_section`, interleaving; on text alone M-RoPE is its
+    1-D RoPE), the model the directory's token ids and video spacing. The tower keeps its weights;
+    its mergers too when they already map to the decoder's width, else they are new (initialised),
+    like the adapter of a LLaVA-shaped build."""
+    path = Path(vision_dir)
+    source = qwen_vl_config(read_config(path), f"{path}/config.json")
+    tower_cfg = dataclasses.replace(source.native_vision, out_hidden_size=llm.config.hidden_size)
+    try:
+        llm_cfg = dataclasses.replace(llm.config, mrope_section=source.llm.mrope_section,
+                                      mrope_interleaved=source.llm.mrope_interleaved)
+        cfg = dataclasses.replace(source, native_vision=tower_cfg, llm=llm_cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"cannot put {path}'s tower in front of this decoder: {e}") from None
+    model = model_cls.empty(cfg)
+    load_state(model.llm, llm.state_dict(), source="the decoder")
+    _load_tower(model.vision, read_state_dict(path), keep_mergers=tower_cfg == source.native_vision,
+                source=str(path))
+    return model.eval()
+
+
+def _load_tower(tower: NativeVisionTower, hf_tensors: dict[str, torch.Tensor], keep_mergers: bool,
+                source: str) -> None:
+    """A Qwen-VL checkpoint's tower weights into `tower`, strictly; without `keep_mergers` the
+    mergers are initialised instead (their stored weights map to another width)."""
+    if keep_mergers:
+        load_native_vision_weights(tower, hf_tensors, source)
+        return
+    tower.init_weights()
+    stored = tower_tensors(hf_tensors)
+    mapping, unmatched = rename(stored, NATIVE_VISION_KEYS[tower.config.style])
+    state = {ours: stored[hf] for hf, ours in mapping.items() if not ours.startswith(MERGER_PREFIXES)}
+    fresh = {name: t.clone() for name, t in tower.state_dict().items() if name.startswith(MERGER_PREFIXES)}
+    load_state(tower, {**state, **fresh}, source, unmatched=unmatched)
