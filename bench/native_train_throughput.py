@@ -17,13 +17,10 @@ that a change of load on a shared machine reaches both alike) and the ratio vlmk
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 from PIL import Image
@@ -31,7 +28,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import lengths_mix  # noqa: E402
+from train_comparison import (OURS, THEIRS, WARMUP_STEPS, Side, measure, parse_args, random_examples,  # noqa: E402
+                              report_rates, right_padded, step_slices, timed_token_counts)
 from vlmkit.api import VLM  # noqa: E402
 from vlmkit.constants import IGNORE_INDEX  # noqa: E402
 from vlmkit.data.native_images import NativeImageProcessor, processor_config_from_dir  # noqa: E402
@@ -44,9 +42,6 @@ TEXT_IDS = VOCAB - 4  # text tokens are drawn below the special ones
 PATCH, MERGE, TEMPORAL = 14, 2, 2
 MIN_SIDE, MAX_SIDE = 64, 256  # image sides in pixels, drawn independently (so aspect ratios vary)
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 256 * 256
-LEARNING_RATE = 1e-4
-LOSS_RTOL = 1e-4
-WARMUP_STEPS = 1  # per side, untimed: first-call allocations and kernel selection
 
 
 def build_qwen2_vl(path: Path) -> transformers.Qwen2VLForConditionalGeneration:
@@ -74,15 +69,10 @@ def image_processor() -> transformers.Qwen2VLImageProcessorPil:
 
 def make_samples(n: int, processor: NativeImageProcessor, seed: int) -> tuple[list[Image.Image], list[Sample]]:
     """n (image, vlmkit Sample) pairs: vision start, the image's merged tokens, vision end, text."""
-    gen = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
     images, samples = [], []
-    for i, length in enumerate(lengths_mix(n, gen)):
-        height, width = (int(x) for x in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
-        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    for i, (image, text) in enumerate(random_examples(n, seed, MIN_SIDE, MAX_SIDE, TEXT_IDS)):
         visual = processor.images([image])
         visual_ids = [VISION_START] + [IMAGE_TOKEN] * visual.visual_tokens[0] + [VISION_END]
-        text = torch.randint(0, TEXT_IDS, (length,), generator=gen).tolist()
         samples.append(Sample(id=str(i), source="bench", input_ids=visual_ids + text,
                               labels=[IGNORE_INDEX] * len(visual_ids) + text, pixel_values=visual.pixel_values,
                               image_grid_thw=visual.grid_thw))
@@ -92,48 +82,17 @@ def make_samples(n: int, processor: NativeImageProcessor, seed: int) -> tuple[li
 
 def padded_batch(images: list[Image.Image], samples: list[Sample]) -> dict:
     """transformers' inputs for these samples: right-padded ids, mask, labels, processor tensors."""
-    B, T = len(samples), max(len(s) for s in samples)
-    ids = torch.zeros(B, T, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    for b, s in enumerate(samples):
-        n = len(s)
-        ids[b, :n], mask[b, :n], labels[b, :n] = torch.tensor(s.input_ids), 1, torch.tensor(s.labels)
+    text = right_padded(samples)
     pixels = image_processor()(images=images, return_tensors="pt")
     grids = torch.cat([s.image_grid_thw for s in samples])
     if not torch.equal(pixels["image_grid_thw"], grids):
         raise RuntimeError("transformers' processor and NativeImageProcessor sized the images differently")
-    return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels["pixel_values"],
-                image_grid_thw=pixels["image_grid_thw"], mm_token_type_ids=(ids == IMAGE_TOKEN).long())
-
-
-class Side:
-    """One framework's model, optimizer and prepared batches; keeps its best timed repeat."""
-
-    def __init__(self, model: torch.nn.Module, loss_fn, batches: list):
-        self.model, self.loss_fn, self.batches = model.train(), loss_fn, batches
-        self.opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
-        self.best = float("inf")
-
-    def step(self, i: int) -> None:
-        self.loss_fn(self.model, self.batches[i]).backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-
-    def timed(self, first: int, steps: int) -> None:
-        start = time.perf_counter()
-        for i in range(first, first + steps):
-            self.step(i)
-        self.best = min(self.best, time.perf_counter() - start)
+    return dict(**text, pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"],
+                mm_token_type_ids=(text["input_ids"] == IMAGE_TOKEN).long())
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per repeat")
-    ap.add_argument("--repeats", type=int, default=3, help="repeats per side, interleaved")
-    ap.add_argument("--batch", type=int, default=8, help="samples per step (a padded batch / one pack)")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    args = parse_args(__doc__.splitlines()[0])
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         hf = build_qwen2_vl(Path(tmp))
@@ -141,34 +100,21 @@ def main() -> int:
         processor = NativeImageProcessor(processor_config_from_dir(tmp))
     steps = WARMUP_STEPS + args.steps
     images, samples = make_samples(args.batch * steps, processor, seed=1)
-    chunks = [slice(i * args.batch, (i + 1) * args.batch) for i in range(steps)]
+    chunks = step_slices(args.batch, steps)
     padded = [padded_batch(images[c], samples[c]) for c in chunks]
     packed = [collate(samples[c], budget=b["input_ids"].numel()) for c, b in zip(chunks, padded)]
-    timed_tokens = sum(int(b["attention_mask"].sum()) for b in padded[WARMUP_STEPS:])
-    slots = sum(b["input_ids"].numel() for b in padded[WARMUP_STEPS:])
+    timed_tokens, slots = timed_token_counts(padded)
 
-    sides = {"transformers": Side(hf, lambda m, b: m(**b).loss, padded),
-             "vlmkit": Side(ours, lambda m, b: m.pack_loss(b).loss, packed)}
-    with torch.no_grad():  # same weights, same samples: the same loss, or the comparison is void
-        losses = [side.loss_fn(side.model, side.batches[0]).item() for side in sides.values()]
-    if not np.isclose(*losses, rtol=LOSS_RTOL):
-        raise RuntimeError(f"the two sides' losses differ on the first batch: {losses}")
-    for side in sides.values():
-        for i in range(WARMUP_STEPS):
-            side.step(i)
-    for _ in range(args.repeats):  # interleaved: theirs, ours, theirs, ...
-        for side in sides.values():
-            side.timed(WARMUP_STEPS, args.steps)
+    sides = {THEIRS: Side(hf, lambda m, b: m(**b).loss, padded),
+             OURS: Side(ours, lambda m, b: m.pack_loss(b).loss, packed)}
+    measure(sides, args.steps, args.repeats)
 
     visual = sum(s.input_ids.count(IMAGE_TOKEN) for s in samples[args.batch * WARMUP_STEPS:])
     print(f"Qwen2-VL vision 4x128 + decoder 6x256, {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M params; "
           f"threads {torch.get_num_threads()}; {args.repeats} x {args.steps} timed steps of {args.batch} samples "
           f"({MIN_SIDE}..{MAX_SIDE} px images, text log-uniform 16..512); {timed_tokens} tokens per repeat "
           f"({visual} visual), padding {100 * (1 - timed_tokens / slots):.1f}% of transformers' slots")
-    rates = {name: timed_tokens / side.best for name, side in sides.items()}
-    for name, rate in rates.items():
-        print(f"{name:>12}: {rate:8.0f} non-pad tokens/s")
-    print(f"ratio vlmkit / transformers: {rates['vlmkit'] / rates['transformers']:.2f}x")
+    report_rates(sides, timed_tokens)
     return 0
 
 

@@ -60,8 +60,9 @@ class ModelSpec:
     llm with mrope_section for a native-resolution model): a fresh model."""
     pretrained: str | None = None
     """A model directory as `VLM.load` reads it: a vlmkit checkpoint (config.json +
-    model.safetensors + tokenizer), or a whole transformers VLM directory (a Qwen2-VL / Qwen2.5-VL /
-    Qwen3-VL one with its tokenizer and processor settings, or llava-hf)."""
+    model.safetensors + tokenizer), or a whole transformers VLM directory with its tokenizer and
+    processor settings (Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE, InternVL, Idefics3 / SmolVLM,
+    LLaVA-OneVision, DeepSeek-VL and its hybrid, or llava-hf)."""
     hf_llava: str | None = None
     """A llava-hf model directory (LlavaForConditionalGeneration, saved with save_pretrained)."""
     hf_vision: str | None = None
