@@ -115,3 +115,34 @@ def test_switched_tower_has_no_table_and_trains():
 def test_config_checks(kw, needle):
     with pytest.raises(ConfigError, match=needle):
         VisionConfig(**kw)
+
+
+def test_an_aimv2_tower_and_a_qwen3_decoder_assemble_sail_vl2s_shape(tmp_path):
+    """`VLM.from_hf(vision=AIMV2_DIR, llm=QWEN3_DIR)` (what `vlmkit build` calls): the tower computes
+    transformers' Aimv2VisionModel features, the decoder keeps its logits, and the assembled model
+    trains and round-trips through its own checkpoint."""
+    from tests.test_hf_llm import build as build_llm
+    from vlmkit.api import VLM
+
+    tower = _save_aimv2(tmp_path / "vision")
+    decoder = build_llm("qwen3", num_key_value_heads=2)
+    decoder.save_pretrained(tmp_path / "llm")
+    model = VLM.from_hf(vision=tmp_path / "vision", llm=tmp_path / "llm", feature_layer=-1)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = tower(pixel_values=pixels).last_hidden_state
+        assert (model.vision(pixels) - want).abs().max() <= 1e-4
+        ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(1))
+        # the vocabulary grew by the image token's row (no tokenizer here): the old rows are equal
+        assert (model.llm(ids)[..., :128] - decoder(ids).logits).abs().max() <= 1e-4
+    tokens = model.config.tokens_per_tile
+    ids = torch.tensor([1, 2, *[model.config.image_token_id] * tokens, 3, 4])
+    out = model.compute_loss(ids, ids, torch.arange(len(ids)), torch.tensor([0, len(ids)], dtype=torch.int32),
+                             pixels[:1])
+    out.loss.backward()
+    grads = [p.grad for p in model.adapter.parameters()]
+    assert torch.isfinite(out.loss) and all(g is not None and g.abs().sum() > 0 for g in grads)
+    model.save_pretrained(tmp_path / "built")
+    again = VLM.load(tmp_path / "built")
+    with torch.no_grad():
+        assert torch.equal(again(ids[None], pixels[:1]), model.eval()(ids[None], pixels[:1]))

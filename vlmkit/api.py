@@ -45,6 +45,7 @@ from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.infer.generate import generate_messages
 from vlmkit.models.adapter import build_adapter
 from vlmkit.models.config import AdapterConfig, VLMConfig
+from vlmkit.models.hf.aimv2 import AIMV2_MODEL_TYPES, load_aimv2_vision
 from vlmkit.models.hf.common import architecture, read_config
 from vlmkit.models.hf.deepseek_vl import ARCHITECTURE_NAMES as DEEPSEEK_VL_ARCHITECTURES
 from vlmkit.models.hf.deepseek_vl import deepseek_vl_family, export_hf_deepseek_vl, load_deepseek_vl
@@ -162,7 +163,8 @@ class VLM(VLMModel):
         (models/hf/onevision.py) or a DeepSeek-VL /
         DeepSeek-VL hybrid one (models/hf/deepseek_vl.py), every weight
         loaded, its tokenizer attached when it has one.
-        vision, llm: a HF SigLIP / CLIP tower and a HF decoder; only the adapter is initialised.
+        vision, llm: a HF SigLIP / CLIP / AIMv2 tower (AIMv2 + a Qwen3 decoder: SAIL-VL2's shape)
+        and a HF decoder; only the adapter is initialised.
         A whole Qwen-VL directory as `vision` gives a native-resolution VLM of its tower and the
         decoder (models/hf/qwen_vl.py, `assemble_native`; `adapter` and `feature_layer` unused: the
         tower's mergers adapt, kept when they map to the decoder's width, else new).
@@ -200,7 +202,10 @@ class VLM(VLMModel):
             model = assemble_native(vision, load_llm(llm), model_cls=cls)
             model.tokenizer = _load_tokenizer(Path(llm))
             return model
-        encoder = load_vision(vision, feature_layer=feature_layer)
+        if read_config(Path(vision)).get("model_type") in AIMV2_MODEL_TYPES:
+            encoder = load_aimv2_vision(vision, feature_layer=feature_layer)
+        else:
+            encoder = load_vision(vision, feature_layer=feature_layer)
         decoder = load_llm(llm)
         tokenizer = _load_tokenizer(Path(llm))
         image_token_id = getattr(tokenizer, "image_token_id", None) if tokenizer is not None else None

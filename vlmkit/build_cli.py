@@ -5,6 +5,7 @@
 The vision tower and the LLM keep their pretrained weights; the adapter is new (train it first,
 e.g. LLaVA's stage 1). The LLM directory's tokenizer is taken along; an image token is added when
 its vocabulary lacks one. The result is a vlmkit checkpoint directory (VLM.from_pretrained).
+An AIMv2 tower (Aimv2VisionModel or Aimv2Model) with a Qwen3 decoder is SAIL-VL2's shape.
 
 With a whole Qwen2-VL / Qwen2.5-VL / Qwen3-VL(-MoE) directory as --vision, the result is a
 native-resolution VLM: that directory's tower (its mergers kept when they map to the LLM's width,
@@ -19,7 +20,7 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vision", required=True,
-                        help="HF SigLIP / CLIP vision directory, or a whole Qwen-VL directory (its native tower)")
+                        help="HF SigLIP / CLIP / AIMv2 vision directory, or a whole Qwen-VL directory (its native tower)")
     parser.add_argument("--llm", required=True, help="HF Llama / Qwen2 / Qwen3 / Qwen3-MoE / Mistral directory")
     parser.add_argument("--adapter", default="mlp", choices=["mlp", "pixel_shuffle", "resampler"],
                         help="vision-to-LLM adapter kind (default: mlp, LLaVA-1.5)")
