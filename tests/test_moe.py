@@ -145,3 +145,23 @@ def test_llm_moe_load_aux_and_dense_first_layers():
     dense(torch.randint(0, 50, (1, 3)))
     assert dense.aux_loss().item() == 0 and dense.moe_load() == {}
     dense.update_moe_bias()  # no-op
+
+
+def test_idle_experts_run_on_an_empty_batch_when_sharded_training_asks():
+    """Under FSDP every rank must run (gather, reduce) the same experts, whatever its tokens chose:
+    with `run_idle_experts` an expert no token chose still gets a gradient, of zeros, and the
+    output is unchanged; without it (one process) an idle expert gets none."""
+    x = torch.randn(2, D)  # 2 tokens x top-2: at most 4 of the 6 experts are chosen
+    grads = {}
+    for run_idle in (False, True):
+        layer = moe()
+        layer.run_idle_experts = run_idle
+        out, _, counts = layer(x)
+        out.sum().backward()
+        grads[run_idle] = (out.detach(), counts, [e.gate_proj.weight.grad for e in layer.experts])
+    (out_off, counts, off), (out_on, _, on) = grads[False], grads[True]
+    idle = [e for e, n in enumerate(counts.tolist()) if n == 0]
+    assert idle and torch.equal(out_off, out_on)
+    assert all(off[e] is None for e in idle)
+    assert all(on[e] is not None and not on[e].any() for e in idle)
+    assert all(torch.equal(off[e], on[e]) for e in range(len(off)) if e not in idle)

@@ -105,6 +105,20 @@ def stopped_after_checkpoint(run: Path, global_step: int, out: Path) -> None:
 
 
 @pytest.mark.slow
+def test_an_moe_decoder_trains_sharded_when_a_rank_leaves_experts_idle(world, tmp_path):
+    """32 experts, top-1, 256-token packs: in most steps some expert gets no token on one rank and
+    some on the other. Every rank must still gather and reduce every expert (models/moe.py's
+    `run_idle_experts`, set by shard_model; the experts stay in their layer's unit): without
+    that the ranks' collectives differ and the run fails."""
+    moe = "model.config.llm.moe={num_experts: 32, top_k: 1, expert_intermediate_size: 32}"
+    torchrun(world, tmp_path, "--set", moe, "--set", "stages.0.token_budget=256", "--set", "stages.1.token_budget=256")
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if not r.get("eval")]
+    assert len(steps) == 7 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    assert any(k.startswith("moe_load_max/") for k in steps[-1])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("global_step", [5, 3, 7], ids=["inside-sft", "end-of-align", "end-of-sft"])
 def test_sharded_run_resumes_bitwise(world, sharded, tmp_path, global_step):
     out = tmp_path / "resumed"

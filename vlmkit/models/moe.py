@@ -66,6 +66,12 @@ class Router(nn.Module):
 class MoE(nn.Module):
     """Routed experts + shared experts. Records the last forward's expert load and aux loss."""
 
+    run_idle_experts: bool = False
+    """Run an expert that no token chose on an empty batch, so that its weights get a (zero)
+    gradient like every other expert's. Sharded training sets it (train/distributed.py): every rank
+    must gather and reduce the same experts whatever its own tokens chose. Off otherwise, where an
+    idle expert's missing gradient keeps it out of the optimizer step."""
+
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
@@ -88,7 +94,7 @@ class MoE(nn.Module):
         out = self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
         counts = torch.bincount(idx.flatten(), minlength=self.cfg.num_experts)  # (E,)
         for e, n in enumerate(counts.tolist()):
-            if n == 0:
+            if n == 0 and not self.run_idle_experts:
                 continue
             token, slot = torch.where(idx == e)
             y = self.experts[e](x[token]) * weights[token, slot, None]

@@ -37,6 +37,7 @@ from vlmkit.data.types import PackedBatch
 from vlmkit.errors import CheckpointError
 from vlmkit.models.config import VLMConfig
 from vlmkit.models.lora import LoRAConfig, apply_lora, has_lora, lora_config_of
+from vlmkit.models.moe import MoE
 from vlmkit.models.vlm import VLMModel
 from vlmkit.models.weights import load_state, uninitialised
 
@@ -118,8 +119,11 @@ class Dist:
 
 
 def block_lists(model: nn.Module) -> list[nn.ModuleList]:
-    """The stacks of repeated blocks (transformer layers of vision and LLM)."""
-    return [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+    """The stacks of repeated blocks (transformer layers of vision and LLM). An MoE layer's experts
+    are not one: they stay in their layer's unit (a unit inside another one would have to be
+    sharded first), where every rank gathers and reduces them together."""
+    experts = {id(m.experts) for m in model.modules() if isinstance(m, MoE)}
+    return [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0 and id(m) not in experts
             and all(type(b) is type(m[0]) for b in m)]
 
 
@@ -128,6 +132,9 @@ def shard_model(model: VLMModel, ctx: Dist) -> VLMModel:
     # Deferred (here and below): FSDP and DCP are slow to import and only multi-process runs use them.
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+    for module in model.modules():  # ranks whose tokens chose other experts still run the same units
+        if isinstance(module, MoE):
+            module.run_idle_experts = True
     for blocks in block_lists(model):
         for block in blocks:
             fully_shard(block)
