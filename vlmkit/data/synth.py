@@ -27,6 +27,11 @@ column, a third apart from them, 3-6 shapes), categories that chain several look
     count_attribute   How many red shapes are there? / How many circles are there?  (0-4, uniform)
     chained_relation  What is directly to the left of the shape directly above the red circle?
 
+and, asked only of small-text scenes (opt-in, `split_small_text_scenes`: the 3x3 grid at 192 px,
+shapes as usual, a digit drawn 10 px high somewhere in a free cell), beside the default categories:
+
+    small_text        What is the small number in the image?             (0-9, uniform)
+
 A question is asked only when its answer is unique (a reference like "the circle" names one object;
 a relation asks for the adjacent cell), and each category's answers are close to uniform, so a
 model that does not look at the image stays near chance (`chance_accuracy`).
@@ -113,6 +118,19 @@ MOTION_CATEGORIES = ("motion_which", "motion_where")
 REASONING_CATEGORIES = ("arithmetic", "count_attribute", "chained_relation")
 """The questions of a reasoning scene (never of the default world's scenes): each chains several
 lookups the default categories make one at a time."""
+SMALL_TEXT_CATEGORIES = ("small_text",)
+"""The question only a small-text scene is asked (it is also asked the default categories)."""
+SMALL_TEXT_CELL_SIZE = 64
+"""Pixels per cell of a small-text scene: a 192 px image, four times the default world's side."""
+SMALL_TEXT_GLYPH = (7, 10)
+"""(width, height) in pixels of a small-text scene's digit: a 5x7 glyph scaled by ~1.4, readable
+at the scene's size and 2.5 px high once the scene is shrunk to the default 48 px."""
+SMALL_TEXT_MARGIN = 2
+"""Pixels of light tile around a small-text digit."""
+SMALL_TEXT_JITTER = 16
+"""Largest offset in pixels, each axis, of a small-text digit from its cell's centre (uniform):
+drawn at one place, each digit would shrink to one fixed blob at 48 px, which a linear probe of
+a random 48 px tower tells apart (docs/studies/hybrid-encoder.md)."""
 MAX_ATTRIBUTE_COUNT = 4
 """count_attribute's answers are 0-4: a reasoning scene holds that many shapes of its counted
 colour or shape, drawn uniformly."""
@@ -232,6 +250,16 @@ class Obj:
         return f"{self.color} {self.shape}"
 
 
+@dataclass(frozen=True)
+class SmallDigit:
+    """A digit drawn SMALL_TEXT_GLYPH small in `cell`, its centre (dx, dy) px from the cell's."""
+
+    cell: int
+    digit: str
+    dx: int = 0
+    dy: int = 0
+
+
 @dataclass
 class Scene:
     id: str
@@ -246,10 +274,12 @@ class Scene:
     counted: tuple[str, str] | None = None
     """What count_attribute asks of a reasoning scene: ("color", "red") or ("shape", "circle"),
     the attribute the sampler drew 0-MAX_ATTRIBUTE_COUNT shapes of, so the answers are uniform."""
+    small_digit: SmallDigit | None = None
+    """A small-text scene's digit (not among `written`, whose digits fill their cell)."""
 
     def signature(self) -> tuple:
         objects = tuple((o.shape, o.color, o.size, o.cell) for o in self.objects)
-        return objects + (self.digit, self.digit_cell, self.extra_digits, self.grid, self.cell_size)
+        return objects + (self.digit, self.digit_cell, self.extra_digits, self.grid, self.cell_size, self.small_digit)
 
     def at(self, cell: int) -> Obj | None:
         return next((o for o in self.objects if o.cell == cell), None)
@@ -310,6 +340,17 @@ def sample_reasoning_scene(rng: random.Random, scene_id: str, layout: str = "fix
     (digit_cell, digit), *extra = digits.items()
     return Scene(scene_id, objects, digit, digit_cell, grid, cell_size, extra_digits=tuple(extra),
                  counted=(kind, value))
+
+
+def sample_small_text_scene(rng: random.Random, scene_id: str) -> Scene:
+    """A large scene with a small digit: the fixed 3x3 grid at SMALL_TEXT_CELL_SIZE, 1-6 shapes
+    (uniform count) drawn as any scene's, and a digit (uniform) drawn SMALL_TEXT_GLYPH small in a
+    free cell up to SMALL_TEXT_JITTER px off its centre, too small to read once the image is
+    shrunk to the default world's size."""
+    n = rng.randint(1, MAX_OBJECTS)
+    scene = _fill(rng, scene_id, n, True, FIXED_GRID, SMALL_TEXT_CELL_SIZE)
+    dx, dy = (rng.randint(-SMALL_TEXT_JITTER, SMALL_TEXT_JITTER) for _ in range(2))
+    return replace(scene, digit=None, digit_cell=None, small_digit=SmallDigit(scene.digit_cell, scene.digit, dx, dy))
 
 
 def _digit_line(rng: random.Random, grid: Grid) -> dict[int, str]:
@@ -378,13 +419,38 @@ def render(scene: Scene, image_size: int = IMAGE_SIZE) -> Image.Image:
         row, col = divmod(digit_cell, grid.cols)
         x0, y0 = col * cell, row * cell
         draw.rectangle((x0 + 1, y0 + 1, x0 + cell - 2, y0 + cell - 2), fill=TILE)
-        glyph = Image.new("L", (5, 7))
-        glyph.putdata([255 if ch == "#" else 0 for line in GLYPHS[digit] for ch in line])
         h = max(7, round(cell * 0.72))
         w = max(5, round(h * 5 / 7))
-        mask = glyph.resize((w, h), Image.BOX)
+        mask = _glyph(digit).resize((w, h), Image.BOX)
         img.paste(INK, (round(x0 + (cell - w) / 2), round(y0 + (cell - h) / 2)), mask)
+    if scene.small_digit is not None:
+        _draw_small_digit(img, draw, scene.small_digit, grid, cell)
     return img
+
+
+def _glyph(digit: str) -> Image.Image:
+    """The digit's 5x7 glyph as a mask (255 = ink)."""
+    glyph = Image.new("L", (5, 7))
+    glyph.putdata([255 if ch == "#" else 0 for line in GLYPHS[digit] for ch in line])
+    return glyph
+
+
+def small_digit_box(small: SmallDigit, grid: Grid, cell_size: float) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom), exclusive, of a small-text digit's SMALL_TEXT_GLYPH."""
+    row, col = divmod(small.cell, grid.cols)
+    w, h = SMALL_TEXT_GLYPH
+    left = round((col + 0.5) * cell_size + small.dx - w / 2)
+    top = round((row + 0.5) * cell_size + small.dy - h / 2)
+    return left, top, left + w, top + h
+
+
+def _draw_small_digit(img: Image.Image, draw: ImageDraw.ImageDraw, small: SmallDigit, grid: Grid,
+                      cell_size: float) -> None:
+    """A small-text digit, crisp (nearest-neighbour scaled), on a light tile just around it."""
+    left, top, right, bottom = small_digit_box(small, grid, cell_size)
+    m = SMALL_TEXT_MARGIN
+    draw.rectangle((left - m, top - m, right - 1 + m, bottom - 1 + m), fill=TILE)
+    img.paste(INK, (left, top), _glyph(small.digit).resize(SMALL_TEXT_GLYPH, Image.NEAREST))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,10 +497,11 @@ def answer_space(category: str, grid: Grid = FIXED_GRID) -> list[str]:
         "multiple_choice": list(LETTERS), "motion_which": names, "motion_where": grid.positions(),
         "arithmetic": [str(n) for n in range(2 * MAX_DIGIT + 1)],
         "count_attribute": [str(n) for n in range(MAX_ATTRIBUTE_COUNT + 1)], "chained_relation": names,
+        "small_text": list(DIGITS),
     }
     if category not in spaces:
         raise KeyError(f"unknown category {category!r}; expected one of "
-                       f"{', '.join(CATEGORIES + MOTION_CATEGORIES + REASONING_CATEGORIES)}")
+                       f"{', '.join(CATEGORIES + MOTION_CATEGORIES + REASONING_CATEGORIES + SMALL_TEXT_CATEGORIES)}")
     return spaces[category]
 
 
@@ -568,6 +635,14 @@ def ask_ocr(scene: Scene, rng: random.Random) -> QA | None:
     return QA("ocr", q, scene.digit)
 
 
+def ask_small_text(scene: Scene, rng: random.Random) -> QA | None:
+    """The small-text scene's digit (answered in a word, like ocr)."""
+    if scene.small_digit is None:
+        return None
+    q = rng.choice(("What is the small number in the image?", "Which digit is printed in small type?"))
+    return QA("small_text", q, scene.small_digit.digit)
+
+
 def ask_arithmetic(scene: Scene, rng: random.Random) -> QA | None:
     """The sum of the two digits of a row or column that holds exactly two (a reasoning scene has
     one such line), worked: each digit's cell, then the digit read there, then the sum."""
@@ -652,7 +727,7 @@ def ask_choice(scene: Scene, rng: random.Random) -> QA | None:
 ASKERS = {"color": ask_color, "shape": ask_shape, "count": ask_count, "position": ask_position,
           "relation": ask_relation, "existence": ask_existence, "ocr": ask_ocr, "multiple_choice": ask_choice,
           "arithmetic": ask_arithmetic, "count_attribute": ask_count_attribute,
-          "chained_relation": ask_chained_relation}
+          "chained_relation": ask_chained_relation, "small_text": ask_small_text}
 
 
 def questions(scene: Scene, rng: random.Random, categories: Iterable[str] = CATEGORIES,
@@ -801,6 +876,13 @@ def split_reasoning_scenes(seed: int, counts: dict[str, int], layout: str = "fix
                                                                              layout))
 
 
+def split_small_text_scenes(seed: int, counts: dict[str, int]) -> dict[str, list[Scene]]:
+    """Small-text scenes (`sample_small_text_scene`) per split, drawn as `split_scenes` draws scenes
+    (own streams, disjoint splits); ids "small_text_{split}_{index}"."""
+    return _disjoint_splits(seed, counts, "small-text",
+                            lambda rng, index, split: sample_small_text_scene(rng, f"small_text_{split}_{index:06d}"))
+
+
 def split_clips(seed: int, counts: dict[str, int], ocr_fraction: float, layout: str = "fixed") -> dict[str, list[Clip]]:
     """Clips per split, drawn as `split_scenes` draws scenes (own streams, disjoint splits)."""
     return _disjoint_splits(seed, counts, "clips",
@@ -869,8 +951,23 @@ def split_reasoning_records(seed: int, split: str, scenes: list[Scene], *, turns
                             categories: Iterable[str] = REASONING_CATEGORIES) -> Iterator[SceneRecords]:
     """The records of each reasoning scene of a split: one question of each of `categories` the
     scene can answer, grouped as a scene's are, from the split's own seeded stream; no caption."""
-    rng = random.Random(f"vlmkit-synth/{seed}/{split}/reasoning-questions")
-    categories = tuple(categories)
+    return _question_records(f"vlmkit-synth/{seed}/{split}/reasoning-questions", split, scenes,
+                             turns_per_record=turns_per_record, categories=tuple(categories))
+
+
+def split_small_text_records(seed: int, split: str, scenes: list[Scene], *,
+                             turns_per_record: int) -> Iterator[SceneRecords]:
+    """The records of each small-text scene of a split: its small_text question and one of each
+    default category it can answer (never ocr: it has no full-cell digit), grouped as a scene's
+    are, from the split's own seeded stream; no caption."""
+    return _question_records(f"vlmkit-synth/{seed}/{split}/small-text-questions", split, scenes,
+                             turns_per_record=turns_per_record, categories=SMALL_TEXT_CATEGORIES + CATEGORIES)
+
+
+def _question_records(stream: str, split: str, scenes: list[Scene], *, turns_per_record: int,
+                      categories: tuple[str, ...]) -> Iterator[SceneRecords]:
+    """Each scene's questions of `categories` as records without a caption, from the seeded `stream`."""
+    rng = random.Random(stream)
     for scene in scenes:
         asked = questions(scene, rng, categories)
         llava, messages, bench = _qa_records(scene.id, split, "image", scene.image, asked, rng, turns_per_record)

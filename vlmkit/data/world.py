@@ -8,7 +8,8 @@ JSONL (OpenAI-style content parts), the test split as the generic benchmark JSON
 category), written last. A native-layout world (`layout="native"`) has scenes of many sizes;
 clips (`n_*_clips`) add clips/*/NN.png frames and their own QA files with video parts; reasoning
 scenes (`n_*_reasoning`) add their images, their own QA files and benchmark, and optionally their
-records mixed into the QA files (`reasoning_in_qa`). With the defaults (fixed layout, no clips,
+records mixed into the QA files (`reasoning_in_qa`); small-text scenes (`n_*_small_text`) add
+their images (192 px, a digit drawn small), their own QA files and benchmark. With the defaults (fixed layout, no clips,
 no reasoning scenes) the files are those of the demo's world, byte for byte. A
 run's world also holds the byte-level BPE tokenizer trained on its texts (`tokenizer_texts`) in
 tokenizer/ (a native world's in the Qwen-VL chat format, with image and video tokens).
@@ -30,10 +31,11 @@ from tqdm import tqdm
 from vlmkit.data.corpus import write_corpus
 from vlmkit.data.synth import (ANSWER_STYLE, CATEGORIES, CLIP_FRAMES, GRID, IMAGE_SIZE, LAYOUTS, MAX_MOVERS,
                                MIN_IMAGE_SIZE, MOTION_CATEGORIES, NATIVE_CELL_SIZES, NATIVE_GRIDS, PROMPT_LAYOUT,
-                               REASONING_CATEGORIES, VISUAL_PLACEHOLDERS, Clip, ClipRecords, Scene, SceneRecords,
-                               chance_accuracy, layout_answers, layout_chance, render, split_clip_records,
-                               split_clips, split_reasoning_records, split_reasoning_scenes, split_records,
-                               split_scenes)
+                               REASONING_CATEGORIES, SMALL_TEXT_CATEGORIES, SMALL_TEXT_CELL_SIZE, SMALL_TEXT_GLYPH,
+                               VISUAL_PLACEHOLDERS, Clip, ClipRecords, Scene, SceneRecords, chance_accuracy,
+                               layout_answers, layout_chance, render, split_clip_records, split_clips,
+                               split_reasoning_records, split_reasoning_scenes, split_records, split_scenes,
+                               split_small_text_records, split_small_text_scenes)
 from vlmkit.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from vlmkit.errors import ConfigError
 from vlmkit.schema import require_at_least
@@ -90,16 +92,27 @@ class WorldSpec:
     reasoning_in_qa: bool = False
     """Also mix the reasoning scenes' records into qa_{split} (spread evenly through them) and
     their held-out questions into synth.jsonl, so a run's QA and its evaluation include them."""
+    n_train_small_text: int = 0
+    """Training small-text scenes (192 px scenes with a digit drawn small, asked small_text and the
+    default categories, in `qa_small_text_train.json`); 0: a world without them."""
+    n_val_small_text: int = 0
+    n_test_small_text: int = 0
+    """Held-out small-text scenes (the benchmark file `synth_small_text.jsonl`)."""
 
     def __post_init__(self):
         require_at_least(self, ("n_train", "n_test", "vocab_size", "turns_per_record"), 1, "world.")
         require_at_least(self, ("n_val", "n_train_clips", "n_val_clips", "n_test_clips", "n_train_reasoning",
-                                "n_val_reasoning", "n_test_reasoning"), 0, "world.")
+                                "n_val_reasoning", "n_test_reasoning", "n_train_small_text", "n_val_small_text",
+                                "n_test_small_text"), 0, "world.")
         _check_reasoning_categories(self.reasoning_categories)
 
     @property
     def reasoning_counts(self) -> dict[str, int]:
         return {"train": self.n_train_reasoning, "val": self.n_val_reasoning, "test": self.n_test_reasoning}
+
+    @property
+    def small_text_counts(self) -> dict[str, int]:
+        return {"train": self.n_train_small_text, "val": self.n_val_small_text, "test": self.n_test_small_text}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,6 +126,7 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
              n_train_clips: int = 0, n_val_clips: int = 0, n_test_clips: int = 0, n_train_reasoning: int = 0,
              n_val_reasoning: int = 0, n_test_reasoning: int = 0,
              reasoning_categories: Sequence[str] = REASONING_CATEGORIES, reasoning_in_qa: bool = False,
+             n_train_small_text: int = 0, n_val_small_text: int = 0, n_test_small_text: int = 0,
              progress: bool = False) -> dict:
     """Write the synthetic world into `out_dir`; return the file paths and counts.
 
@@ -123,7 +137,8 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
     categories that take longest to learn. `layout` picks the scenes (synth.LAYOUTS: "fixed" 3x3
     at `image_size`, "native" grids of several shapes and cell sizes); n_*_clips: clips per split;
     n_*_reasoning: reasoning scenes per split, asked `reasoning_categories`, and with
-    `reasoning_in_qa` also mixed into the QA files and synth.jsonl.
+    `reasoning_in_qa` also mixed into the QA files and synth.jsonl; n_*_small_text: small-text
+    scenes per split (synth.split_small_text_scenes), asked small_text and the default categories.
     Layout (paths relative to out_dir; image paths inside files are relative to out_dir):
 
         images/{split}_{index}.png                 one PNG per scene
@@ -147,19 +162,25 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
         qa_reasoning_{train,val,test}.json         LLaVA JSON, their QA (grouped as qa_{split}.json's)
         qa_reasoning_{train,val,test}.jsonl        the same as messages JSONL
         synth_reasoning.jsonl                      their test split as benchmark JSONL
+
+    and with small-text scenes, the same as reasoning scenes' under `small_text` in place of
+    `reasoning` (images/small_text_{split}_{index}.png, qa_small_text_*, synth_small_text.jsonl).
     """
     clip_counts = {"train": n_train_clips, "val": n_val_clips, "test": n_test_clips}
     reasoning_counts = {"train": n_train_reasoning, "val": n_val_reasoning, "test": n_test_reasoning}
+    small_text_counts = {"train": n_train_small_text, "val": n_val_small_text, "test": n_test_small_text}
     _check_settings(n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size,
                     ocr_fraction=ocr_fraction, turns_per_record=turns_per_record, train_questions=train_questions,
                     layout=layout, clip_counts=clip_counts, reasoning_counts=reasoning_counts,
-                    reasoning_categories=reasoning_categories)
+                    reasoning_categories=reasoning_categories, small_text_counts=small_text_counts)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     counts = {"train": n_train, "val": n_val, "test": n_test}
     with_clips = any(clip_counts.values())
     with_reasoning = any(reasoning_counts.values())
-    total = sum(counts.values()) + sum(clip_counts.values()) + sum(reasoning_counts.values())
+    with_small_text = any(small_text_counts.values())
+    total = (sum(counts.values()) + sum(clip_counts.values()) + sum(reasoning_counts.values())
+             + sum(small_text_counts.values()))
     with tqdm(total=total, desc="synth scenes", unit="scene", disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=min(IMAGE_WRITERS, os.cpu_count() or 1)) as pool:
         writer = _ImageWriter(out, image_size, pool, bar)
@@ -175,15 +196,20 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
                                                       ocr_fraction=ocr_fraction, turns_per_record=turns_per_record)
             files.update(clip_files)
         if with_reasoning:
-            reasoning_files, stats["reasoning"] = _write_reasoning(out, reasoning)
+            reasoning_files, stats["reasoning"] = _write_apart(out, "reasoning", reasoning)
             files.update(reasoning_files)
+        if with_small_text:
+            small_text_files, stats["small_text"] = _write_apart(
+                out, "small_text", _small_text_records(writer, seed=seed, counts=small_text_counts,
+                                                       turns_per_record=turns_per_record))
+            files.update(small_text_files)
         writer.wait()
     if text_corpus:
         corpus = write_corpus(out, seed=seed)
         files.update({"text_train": corpus["train"], "text_heldout": corpus["heldout"]})
         stats["text"] = corpus["counts"]
     categories = CATEGORIES + (MOTION_CATEGORIES if with_clips else ()) + (
-        tuple(reasoning_categories) if with_reasoning else ())
+        tuple(reasoning_categories) if with_reasoning else ()) + (SMALL_TEXT_CATEGORIES if with_small_text else ())
     world = {
         "seed": seed, **_layout_settings(layout, image_size), "ocr_fraction": ocr_fraction,
         "turns_per_record": turns_per_record, "train_questions": train_questions, "prompt_layout": PROMPT_LAYOUT,
@@ -194,6 +220,8 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
         world["clips"] = {"frames": list(CLIP_FRAMES), "max_movers": MAX_MOVERS}
     if with_reasoning:
         world["reasoning"] = {"categories": list(reasoning_categories), "in_qa": reasoning_in_qa}
+    if with_small_text:
+        world["small_text"] = {"image_size": SMALL_TEXT_CELL_SIZE * GRID, "glyph": list(SMALL_TEXT_GLYPH)}
     (out / WORLD_FILE).write_text(json.dumps(world, indent=2) + "\n")
     return {"dir": str(out), **files, "world": str(out / WORLD_FILE), "counts": stats}
 
@@ -252,13 +280,28 @@ def _reasoning_records(writer: _ImageWriter, *, seed: int, counts: dict[str, int
     return out
 
 
-def _write_reasoning(out: Path, reasoning: dict[str, list[SceneRecords]]) -> tuple[dict[str, str], dict[str, dict]]:
-    """The reasoning scenes' own QA files and benchmark; returns (files, counts by split)."""
+def _small_text_records(writer: _ImageWriter, *, seed: int, counts: dict[str, int],
+                        turns_per_record: int) -> dict[str, list[SceneRecords]]:
+    """Every split's small-text scenes (images queued on `writer`) and their records, by split."""
+    out = {}
+    for split, scenes in split_small_text_scenes(seed, counts).items():
+        made = split_small_text_records(seed, split, scenes, turns_per_record=turns_per_record)
+        out[split] = []
+        for scene, rec in zip(scenes, made):
+            writer.scene(scene, rec.image)
+            out[split].append(rec)
+    return out
+
+
+def _write_apart(out: Path, kind: str, records_by_split: dict[str, list[SceneRecords]]
+                 ) -> tuple[dict[str, str], dict[str, dict]]:
+    """The own QA files (`qa_{kind}_{split}`) and benchmark (`synth_{kind}.jsonl`, key
+    `test_{kind}`) of scenes kept apart from the default ones (reasoning, small text); returns
+    (files, counts by split)."""
     files: dict[str, str] = {}
-    for split, records in reasoning.items():
-        files.update(_write_qa(out, f"qa_reasoning_{split}", split, records, "synth_reasoning.jsonl",
-                               "test_reasoning"))
-    return files, {split: _split_counts(records) for split, records in reasoning.items()}
+    for split, records in records_by_split.items():
+        files.update(_write_qa(out, f"qa_{kind}_{split}", split, records, f"synth_{kind}.jsonl", f"test_{kind}"))
+    return files, {split: _split_counts(records) for split, records in records_by_split.items()}
 
 
 def _write_clips(out: Path, writer: _ImageWriter, *, seed: int, counts: dict[str, int], layout: str,
@@ -298,7 +341,7 @@ def _categories(layout: str, categories: tuple[str, ...]) -> dict:
 def _check_settings(*, n_train: int, n_val: int, n_test: int, image_size: int, ocr_fraction: float,
                     turns_per_record: int, train_questions: dict[str, int] | None, layout: str,
                     clip_counts: dict[str, int], reasoning_counts: dict[str, int],
-                    reasoning_categories: Sequence[str]) -> None:
+                    reasoning_categories: Sequence[str], small_text_counts: dict[str, int]) -> None:
     if image_size < MIN_IMAGE_SIZE:
         raise ConfigError(f"image_size {image_size} is too small for a {GRID}x{GRID} grid of legible objects "
                           f"(use >= {MIN_IMAGE_SIZE})")
@@ -318,6 +361,8 @@ def _check_settings(*, n_train: int, n_val: int, n_test: int, image_size: int, o
         raise ConfigError(f"clip counts must be >= 0, got {clip_counts}")
     if min(reasoning_counts.values()) < 0:
         raise ConfigError(f"reasoning scene counts must be >= 0, got {reasoning_counts}")
+    if min(small_text_counts.values()) < 0:
+        raise ConfigError(f"small-text scene counts must be >= 0, got {small_text_counts}")
     _check_reasoning_categories(reasoning_categories)
 
 
@@ -433,7 +478,9 @@ def prepare_world(spec: WorldSpec, progress: bool = True) -> Path:
                  n_train_clips=spec.n_train_clips, n_val_clips=spec.n_val_clips, n_test_clips=spec.n_test_clips,
                  n_train_reasoning=spec.n_train_reasoning, n_val_reasoning=spec.n_val_reasoning,
                  n_test_reasoning=spec.n_test_reasoning, reasoning_categories=spec.reasoning_categories,
-                 reasoning_in_qa=spec.reasoning_in_qa, progress=progress)
+                 reasoning_in_qa=spec.reasoning_in_qa, n_train_small_text=spec.n_train_small_text,
+                 n_val_small_text=spec.n_val_small_text, n_test_small_text=spec.n_test_small_text,
+                 progress=progress)
     tok_dir = world_dir / TOKENIZER_DIR
     if not (tok_dir / TOKENIZER_FILE).is_file():
         tmp = world_dir / f".{TOKENIZER_DIR}-tmp"
@@ -450,6 +497,7 @@ def _check_world(spec: WorldSpec, world: dict, world_dir: Path) -> None:
     counts = world.get("counts", {})
     clips = counts.get("clips", {})  # absent: a world of stills
     reasoning = counts.get("reasoning", {})  # absent: a world without reasoning scenes
+    small_text = counts.get("small_text", {})  # absent: a world without small-text scenes
     settings = world.get("reasoning", {})
     have = {"seed": world.get("seed"), "n_train": counts.get("train", {}).get("scenes"),
             "n_val": counts.get("val", {}).get("scenes"), "n_test": counts.get("test", {}).get("scenes"),
@@ -458,6 +506,8 @@ def _check_world(spec: WorldSpec, world: dict, world_dir: Path) -> None:
             "layout": world.get("layout", "fixed"),  # a fixed world writes no layout key (_layout_settings)
             **{f"n_{split}_clips": clips.get(split, {}).get("clips", 0) for split in ("train", "val", "test")},
             **{f"n_{split}_reasoning": reasoning.get(split, {}).get("scenes", 0) for split in ("train", "val", "test")},
+            **{f"n_{split}_small_text": small_text.get(split, {}).get("scenes", 0)
+               for split in ("train", "val", "test")},
             "reasoning_categories": settings.get("categories"), "reasoning_in_qa": settings.get("in_qa")}
     with_reasoning = any(spec.reasoning_counts.values())  # else the reasoning settings do not apply
     want = {"seed": spec.seed, "n_train": spec.n_train, "n_val": spec.n_val, "n_test": spec.n_test,
@@ -467,6 +517,7 @@ def _check_world(spec: WorldSpec, world: dict, world_dir: Path) -> None:
             "layout": spec.layout, "n_train_clips": spec.n_train_clips, "n_val_clips": spec.n_val_clips,
             "n_test_clips": spec.n_test_clips,
             **{f"n_{split}_reasoning": n for split, n in spec.reasoning_counts.items()},
+            **{f"n_{split}_small_text": n for split, n in spec.small_text_counts.items()},
             "reasoning_categories": list(spec.reasoning_categories) if with_reasoning else None,
             "reasoning_in_qa": spec.reasoning_in_qa if with_reasoning else None}
     differ = [f"{k}: {have[k]!r} on disk, {want[k]!r} in the config" for k in want if have[k] != want[k]]
