@@ -257,18 +257,21 @@ class GRPOSettings:
 
 @dataclass
 class ReplaySettings:
-    """Supervised micro-batches replayed beside a dpo / grpo / contrastive stage's own objective:
+    """Supervised micro-batches replayed beside a stage's own data or objective:
     each step also backpropagates `weight` times the next-token loss of `batches` packed
     micro-batches drawn from `mixture`, the same packs an `sft` stage of that mixture would take.
     Keeps what the model already does while a preference or reward signal, which says nothing
-    about the tasks it leaves out, moves the weights (train/loop.py)."""
+    about the tasks it leaves out, or a new task's data moves the weights (train/loop.py)."""
 
     mixture: dict[str, float] = field(default_factory=dict)
     """Source name -> sampling weight of the replayed data (e.g. the SFT data and a text corpus)."""
     weight: float = 1.0
     """Weight of the replay loss (the mean token loss of the replayed targets) in the step's loss."""
     batches: int = 1
-    """Replayed micro-batches per optimizer step (each of the stage's token_budget)."""
+    """Replayed micro-batches per optimizer step."""
+    token_budget: int | None = None
+    """Tokens of each replayed micro-batch (None: the stage's token_budget). A smaller pack keeps
+    e.g. a language share in every SFT step at a fraction of the step's cost."""
 
     def __post_init__(self):
         if not self.mixture or sum(self.mixture.values()) <= 0 or min(self.mixture.values()) < 0:
@@ -277,6 +280,8 @@ class ReplaySettings:
         if self.weight <= 0:
             raise ConfigError(f"replay.weight must be > 0, got {self.weight}")
         require_at_least(self, ("batches",), 1, "replay.")
+        if self.token_budget is not None:
+            require_at_least(self, ("token_budget",), 1, "replay.")
 
 
 @dataclass
@@ -300,8 +305,8 @@ class Stage:
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
     """Settings of a `kind: grpo` stage."""
     replay: ReplaySettings | None = None
-    """Supervised data replayed beside a dpo, grpo or contrastive stage's objective (None: none;
-    an `sft` stage puts such data in its `mixture` instead)."""
+    """Supervised data replayed beside the stage's own (None: none). In an `sft` stage its packs
+    join every step, where a `mixture` source takes whole steps of its own (data/mixture.py)."""
     # --- what learns -------------------------------------------------------------------------
     vision_lr: float = 0.0
     """Peak learning rate of the vision encoder; 0 freezes it."""
@@ -390,9 +395,6 @@ class Stage:
                 raise ConfigError(f"{where}: mixture weight of {src!r} must be >= 0, got {w}")
         if self.mixture and sum(self.mixture.values()) <= 0:
             raise ConfigError(f"{where}: mixture weights sum to 0")
-        if self.replay is not None and self.kind == "sft":
-            raise ConfigError(f"{where}: replay is for dpo, grpo and contrastive stages; an sft stage mixes "
-                              "the same data through its `mixture`")
         if self.replay is not None and not self.mixture:
             raise ConfigError(f"{where}: a stage with replay names its own sources in `mixture` (without one it "
                               "would read every source, the replayed ones too, as its own data)")

@@ -49,9 +49,11 @@ class StageData:
     and a JSON-able cursor (`state_dict` / `load_state_dict`)."""
 
     def __init__(self, cfg: RunConfig, index: int, tokenizer, processor, tokens_per_tile: int, *,
-                 rank: int = 0, world: int = 1, mixture: dict[str, float] | None = None):
-        """`mixture`: read these sources (name -> weight) instead of the stage's own mixture (the
-        stage's replayed data, config.ReplaySettings)."""
+                 rank: int = 0, world: int = 1, mixture: dict[str, float] | None = None,
+                 token_budget: int | None = None):
+        """`mixture`: read these sources (name -> weight) instead of the stage's own mixture, and
+        `token_budget`: pack them to this many tokens instead of the stage's (both for the stage's
+        replayed data, config.ReplaySettings)."""
         stage = cfg.stages[index]
         seed = stage_seed(cfg, index)
         mixture = cfg.stage_mixture(index) if mixture is None else mixture
@@ -64,7 +66,8 @@ class StageData:
             path = cfg.resolve(cfg.data[name].path)
             if not Path(path).exists():
                 self._drop(UnreadableSource(name, path_not_found(path)))
-        sources = [MixtureSource(name, _packer(cfg, name, tokenizer, processor, tokens_per_tile, stage.token_budget,
+        budget = stage.token_budget if token_budget is None else token_budget
+        sources = [MixtureSource(name, _packer(cfg, name, tokenizer, processor, tokens_per_tile, budget,
                                                rank=rank, world=world, seed=seed),
                                  weight, self.modalities[name])
                    for name, weight in self.weights.items() if name not in self.unreadable]

@@ -385,7 +385,8 @@ class Trainer:
                              rank=ctx.rank, world=ctx.world)
         if stage.replay is not None:
             self.replay = StageData(cfg, index, self.tokenizer, self.processor, self.model.config.tokens_per_tile,
-                                    rank=ctx.rank, world=ctx.world, mixture=stage.replay.mixture)
+                                    rank=ctx.rank, world=ctx.world, mixture=stage.replay.mixture,
+                                    token_budget=stage.replay.token_budget)
         if resume_from is None:
             self.state.stage, self.state.step, self.state.tokens = index, 0, 0
             return optimizer, data
@@ -447,11 +448,15 @@ class Trainer:
         batches = [data.next_batch(modality) for _ in range(stage.grad_accum)]
         passes = self._forward_backward(stage, batches)
         sums = passes.sums.all_reduced(self.ctx, sorted(self.cfg.data))
-        grad_norm, stepped = self._optimizer_step(optimizer, stage.grad_clip, sums.loss_sum)
+        replayed = ({} if self.replay is None else
+                    self._replay_step(stage, {"loss": sums.loss_sum / passes.targets, "tokens": sums.tokens}))
+        grad_norm, stepped = self._optimizer_step(optimizer, stage.grad_clip,
+                                                  float(replayed.get("loss", sums.loss_sum)))
         seconds = time.perf_counter() - t0
-        self.state.tokens += sums.tokens
+        self.state.tokens += int(replayed.get("tokens", sums.tokens))
         self.state.wall_seconds += seconds
         record = self._step_record(index, modality, passes, sums, lr=lr, grad_norm=grad_norm, seconds=seconds)
+        record.update(replayed)
         return record if stepped else {**record, "skipped": "nonfinite"}
 
     def _objective_step(self, index: int, optimizer: torch.optim.Optimizer, lr: float, t0: float) -> dict:
@@ -479,7 +484,7 @@ class Trainer:
         sums = passes.sums.all_reduced(self.ctx, [])
         replay_loss = sums.loss_sum / passes.targets
         return {**metrics, "loss": float(metrics["loss"]) + stage.replay.weight * replay_loss,
-                "objective_loss": float(metrics["loss"]), "replay_loss": replay_loss,
+                "objective_loss": float(metrics["loss"]), "replay_loss": replay_loss, "replay_tokens": sums.tokens,
                 "tokens": int(metrics.get("tokens", 0)) + sums.tokens}
 
     def _forward_backward(self, stage: Stage, batches: list[PackedBatch], *, weight: float = 1.0) -> ForwardBackward:
