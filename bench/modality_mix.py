@@ -67,11 +67,11 @@ def joint_stage(raw_joint: dict, multimodal: float, warmup: bool, args) -> dict:
 
 def measure(model, bench: Path, heldout: Path, args) -> dict:
     from vlmkit.eval.ppl import text_perplexity
-    from vlmkit.eval.prompts import SYNTH_PROMPTS
+    from vlmkit.eval.prompts import world_prompt_format
     from vlmkit.eval.runner import REPLY_TOKENS, evaluate
 
     result = evaluate(model, bench, mode="gen", batch_size=64, max_new_tokens=REPLY_TOKENS["synth"],
-                      prompt_format=SYNTH_PROMPTS, progress=False)
+                      prompt_format=world_prompt_format(bench.parent), progress=False)
     n = len(result.rows)
     return {"accuracy": result.accuracy,
             "accuracy_stderr": math.sqrt(result.accuracy * (1 - result.accuracy) / max(n, 1)),
@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     raw = yaml.safe_load(find_config("demo").read_text())
     raw["base_dir"] = str(out)
     raw["progress"] = False
-    raw["world"].update({"dir": str(out / "world"), "n_train": args.n_train, "n_test": args.n_test})
+    # The question first: the layout docs/studies/modality-mix.md's figures were measured in.
+    raw["world"].update({"dir": str(out / "world"), "n_train": args.n_train, "n_test": args.n_test,
+                         "prompt_layout": "text-then-image"})
     stages = {s["name"]: s for s in raw["stages"]}
     base_stages = [dict(stages["language"]), dict(stages["align"])]
     for stage, steps in zip(base_stages, map(int, args.base_steps.split(","))):

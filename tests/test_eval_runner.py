@@ -130,29 +130,53 @@ def test_ppl_score_equals_padded_forward(tmp_path, tokenizer):
     assert row.scores[1] == pytest.approx(float(logp.mean()), abs=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["image-then-text", "text-then-image", None])
 @pytest.mark.parametrize("choices", [None, ["red", "blue", "green"]])
-def test_synth_prompt_matches_the_world_training_records(tmp_path, tokenizer, choices):
-    """The synthetic benchmark is asked token for token as the world's training records ask."""
+def test_synth_prompt_matches_the_world_training_records(tmp_path, tokenizer, choices, layout):
+    """The synthetic benchmark is asked token for token as its world's training records ask, in the
+    prompt layout its world.json records (None: no world.json beside the file, images first)."""
     from vlmkit.data import synth
     from vlmkit.data.prompt import build_prompt
-    from vlmkit.eval.prompts import SYNTH_PROMPTS, chat_messages, question_text
+    from vlmkit.eval.prompts import chat_messages, question_text
+    from vlmkit.eval.runner import benchmark_prompt_format
 
     model = tiny_vlm(tokenizer)
     row = {"id": "q", "images": ["img/red.png"], "question": "What colour is it?", "answer": "red",
            "category": "colour", **({"choices": choices, "answer": "A"} if choices else {})}
-    [item] = read_benchmark(write_bench(tmp_path, [row])).items
+    if layout is not None:
+        (tmp_path / "world.json").write_text(json.dumps({"prompt_layout": layout}))
+    bench = read_benchmark(write_bench(tmp_path, [row], name="synth.jsonl"))
+    fmt = benchmark_prompt_format(bench)
+    [item] = bench.items
     image = Image.open(tmp_path / "img" / "red.png").convert("RGB")
-    prompt = build_prompt(chat_messages(item, [image], SYNTH_PROMPTS, list_options=True), tokenizer,
+    prompt = build_prompt(chat_messages(item, [image], fmt, list_options=True), tokenizer,
                           model.image_processor(), model.config.tokens_per_image)
-    question = question_text(item, SYNTH_PROMPTS, list_options=True)
-    conv = synth._llava("x", "img/red.png", [(question, item.answer)])["conversations"]
+    question = question_text(item, fmt, list_options=True)
+    conv = synth._llava("x", "img/red.png", [(question, item.answer)],
+                        prompt_layout=layout or synth.DEFAULT_PROMPT_LAYOUT)["conversations"]
     record = Record(id="x", source="t", kind="chat",
                     messages=[Message("user", conv[0]["value"]), Message("assistant", conv[1]["value"])])
     ids, labels = encode_record(record, tokenizer, [model.config.tokens_per_image])
     first_target = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
     assert prompt.input_ids == ids[:first_target]
     image_at = ids.index(tokenizer.image_token_id)
-    assert image_at > len(tokenizer.encode(question)) // 2  # the question comes before the image
+    question_ids = tokenizer.encode(question)
+    after_image = ids[image_at:first_target]
+    question_after_image = any(after_image[i:i + len(question_ids)] == question_ids for i in range(len(after_image)))
+    assert question_after_image == (layout != "text-then-image")
+
+
+def test_only_the_world_benchmarks_take_the_world_layout(tmp_path):
+    """A benchmark file named as one of the world's is asked in its world's layout, with no
+    instruction; any other file beside the same world.json in LLaVA's wording, images first."""
+    from vlmkit.eval.prompts import LLAVA_PROMPTS
+    from vlmkit.eval.runner import benchmark_prompt_format
+
+    (tmp_path / "world.json").write_text(json.dumps({"prompt_layout": "text-then-image"}))
+    row = {"id": "q", "images": ["img/red.png"], "question": "What colour is it?", "answer": "red"}
+    clips = benchmark_prompt_format(read_benchmark(write_bench(tmp_path, [row], name="synth_clips.jsonl")))
+    assert clips.images_after_text and not clips.short_instruction
+    assert benchmark_prompt_format(read_benchmark(write_bench(tmp_path, [row], name="mine.jsonl"))) == LLAVA_PROMPTS
 
 
 def _train_on(model, tok, examples, steps=20):

@@ -2,6 +2,7 @@
 model (gen and ppl, with the blind baseline), blank videos, and a LLaVA-shaped model's bad row."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from vlmkit.api import VLM
 from vlmkit.cli import main
 from vlmkit.data.world import generate
 from vlmkit.eval.benchmarks import read_benchmark
-from vlmkit.eval.prompts import SYNTH_PROMPTS, chat_messages
+from vlmkit.eval.prompts import chat_messages, world_prompt_format
 from vlmkit.eval.runner import blank_video, evaluate, evaluate_with_blind
 
 CLIP_ROWS = 4
@@ -39,9 +40,10 @@ def native_model(native_dir):
 
 def test_a_video_row_is_asked_with_its_video_part(clips):
     item = read_benchmark(clips).items[0]
-    content = chat_messages(item, [], SYNTH_PROMPTS, list_options=True, videos=item.videos)[0]["content"]
-    assert [part["type"] for part in content] == ["text", "video"]  # as the world's training data asks
-    assert content[1]["video"] == item.videos[0] and len(item.videos[0]) > 1
+    fmt = world_prompt_format(Path(clips).parent)
+    content = chat_messages(item, [], fmt, list_options=True, videos=item.videos)[0]["content"]
+    assert [part["type"] for part in content] == ["video", "text"]  # as the world's training data asks
+    assert content[0]["video"] == item.videos[0] and len(item.videos[0]) > 1
 
 
 def test_blank_video_keeps_the_frame_count_and_size_at_the_processor_mean(clips, native_model):

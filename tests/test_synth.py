@@ -177,8 +177,8 @@ def test_scene_records_group_train_questions_and_keep_one_question_elsewhere():
     for llava, messages in zip(train.llava, train.messages):
         assert llava["id"] == messages["id"] and llava["image"] == train.image
         assert sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in llava["conversations"]) == 1
-        assert [m["content"][0]["text"] for m in messages["messages"]] == [t["value"].replace(
-            "\n" + IMAGE_PLACEHOLDER, "") for t in llava["conversations"]]
+        assert [m["content"][-1]["text"] for m in messages["messages"]] == [t["value"].replace(
+            IMAGE_PLACEHOLDER + "\n", "") for t in llava["conversations"]]
     test = scene_records(scene, "test", random.Random(1), turns_per_record=3, per_category=None)
     assert [r["id"] for r in test.llava] == [f"{scene.id}-{qa.category}" for qa in test.asked]
     assert [item["id"] for item in test.bench] == [r["id"] for r in test.llava]
@@ -197,16 +197,24 @@ def test_split_records_ask_more_in_train_only():
 
 def test_the_fixed_world_is_unchanged():
     """The demo's numbers rest on the fixed world: its first test scene, records and pixels as
-    they were before native scenes and clips existed (the whole files: tests/test_world.py)."""
+    they were before native scenes and clips existed, asked question first as then (the whole
+    files: tests/test_world.py); the default layout shows the image first."""
     scene = synth.split_scenes(0, {"test": 1}, 0.35)["test"][0]
-    records = scene_records(scene, "test", random.Random(0), turns_per_record=8, per_category=None)
+    records = scene_records(scene, "test", random.Random(0), turns_per_record=8, per_category=None,
+                            prompt_layout="text-then-image")
     assert records.caption["conversations"][1]["value"] == (
         "Three shapes: a small red cross in the top right, a small blue cross in the bottom left and a large "
         "blue circle in the bottom middle.")
+    question = {"type": "text", "text": "What color is the shape in the bottom left?"}
+    image = {"type": "image", "image": "images/test_000000.png"}
     assert records.messages[0] == {"id": "test_000000-color", "messages": [
-        {"role": "user", "content": [{"type": "text", "text": "What color is the shape in the bottom left?"},
-                                     {"type": "image", "image": "images/test_000000.png"}]},
+        {"role": "user", "content": [question, image]},
         {"role": "assistant", "content": [{"type": "text", "text": "blue"}]}]}
+    assert records.llava[0]["conversations"][0]["value"] == question["text"] + "\n" + IMAGE_PLACEHOLDER
+    image_first = scene_records(scene, "test", random.Random(0), turns_per_record=8, per_category=None)
+    assert image_first.messages[0]["messages"][0]["content"] == [image, question]
+    assert image_first.llava[0]["conversations"][0]["value"] == IMAGE_PLACEHOLDER + "\n" + question["text"]
+    assert image_first.caption["conversations"][0]["value"].startswith(IMAGE_PLACEHOLDER + "\n")
     assert hashlib.sha256(render(scene).tobytes()).hexdigest() == (
         "6757dc182c0676b44aee4bffa2bd5e8dcd1d935e20005c22fa858400a7132486")
 
@@ -434,11 +442,11 @@ def test_clip_records_carry_the_frames_as_a_video():
             for llava, messages in zip(rec.llava, rec.messages):
                 assert llava["video"] == rec.frames and "image" not in llava
                 conv = llava["conversations"]
-                assert conv[0]["value"].endswith("\n" + synth.VIDEO_PLACEHOLDER)
+                assert conv[0]["value"].startswith(synth.VIDEO_PLACEHOLDER + "\n")
                 assert sum(turn["value"].count(synth.VIDEO_PLACEHOLDER) for turn in conv) == 1
                 first = messages["messages"][0]["content"]
-                assert first == [{"type": "text", "text": conv[0]["value"].split("\n")[0]},
-                                 {"type": "video", "video": rec.frames}]
+                assert first == [{"type": "video", "video": rec.frames},
+                                 {"type": "text", "text": conv[0]["value"].split("\n", 1)[1]}]
             assert bool(rec.bench) == (split == "test")
             assert all(item["video"] == rec.frames and "images" not in item for item in rec.bench)
             if split == "train":

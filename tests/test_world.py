@@ -1,7 +1,8 @@
 """The synthetic world on disk (data/world.py): deterministic files that parse and the eval reader
-reads, settings checked, the tokenizer trained on `tokenizer_texts`, a world on disk reused only
-when it matches the run's world settings, the fixed world byte for byte as it was, and native
-worlds with clips."""
+reads (the text corpus's text-only chats too), settings checked, the tokenizer trained on
+`tokenizer_texts`, a world on disk reused only when it matches the run's world settings, the fixed world byte for byte as it was (question
+first), the image-first layout as the same records with the image moved, and native worlds with
+clips."""
 
 import hashlib
 import json
@@ -11,13 +12,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlmkit.constants import IMAGE_PLACEHOLDER
+from vlmkit.cli import main
+from vlmkit.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from vlmkit.data.formats import read_records
-from vlmkit.data.synth import (CATEGORIES, CLIP_FRAMES, MOTION_CATEGORIES, VIDEO_PLACEHOLDER, answer_space,
-                               layout_chance)
+from vlmkit.data.pipeline import SamplePipeline
+from vlmkit.data.synth import (CATEGORIES, CLIP_FRAMES, DEFAULT_PROMPT_LAYOUT, MOTION_CATEGORIES, VIDEO_PLACEHOLDER,
+                               answer_space, layout_chance)
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.types import Record
-from vlmkit.data.world import TOKENIZER_DIR, WorldSpec, generate, prepare_world, tokenizer_texts
+from vlmkit.data.world import (TOKENIZER_DIR, WorldSpec, generate, prepare_world, tokenizer_texts,
+                               world_prompt_layout)
 from vlmkit.errors import ConfigError
 from vlmkit.schema import build
 
@@ -53,15 +57,15 @@ def test_files_parse_and_reference_existing_images(world):
             assert (root / r["image"]).is_file()
             conv = r["conversations"]
             assert [c["from"] for c in conv] == ["human", "gpt"] * (len(conv) // 2)
-            # the question first, then the image (synth.PROMPT_LAYOUT)
-            assert conv[0]["value"].endswith("\n" + IMAGE_PLACEHOLDER) and not conv[0]["value"].startswith("\n")
+            # the image first, then the question (the default prompt layout)
+            assert conv[0]["value"].startswith(IMAGE_PLACEHOLDER + "\n") and not conv[0]["value"].endswith("\n")
             assert sum(c["value"].count(IMAGE_PLACEHOLDER) for c in conv) == 1
     for key in ("qa_train_messages", "qa_val_messages", "qa_test_messages"):
         for line in open(world[key]):
             r = json.loads(line)
             first = r["messages"][0]["content"]
-            assert first[0]["type"] == "text" and first[0]["text"]
-            assert first[1] == {"type": "image", "image": first[1]["image"]} and (root / first[1]["image"]).is_file()
+            assert first[1]["type"] == "text" and first[1]["text"]
+            assert first[0] == {"type": "image", "image": first[0]["image"]} and (root / first[0]["image"]).is_file()
             assert [m["role"] for m in r["messages"]] == ["user", "assistant"] * (len(r["messages"]) // 2)
     items = [json.loads(line) for line in open(world["test"])]
     assert {i["category"] for i in items} == set(CATEGORIES)
@@ -72,6 +76,7 @@ def test_files_parse_and_reference_existing_images(world):
         else:
             assert "choices" not in item and item["answer"] in answer_space(item["category"])
     meta = json.loads((root / "world.json").read_text())
+    assert meta["prompt_layout"] == DEFAULT_PROMPT_LAYOUT == "image-then-text" == world_prompt_layout(root)
     assert meta["categories"]["ocr"]["chance"] == pytest.approx(0.1)
     assert meta["counts"]["test"]["scenes"] == SMALL["n_test"]
     assert meta["counts"]["test"]["records"] == len(items) == sum(meta["counts"]["test"]["questions"].values())
@@ -88,7 +93,8 @@ def test_benchmark_file_reads_with_the_eval_reader(world):
 
 def test_bad_settings_fail_clearly(tmp_path):
     for bad in (dict(image_size=16), dict(n_train=-1), dict(ocr_fraction=1.5), dict(turns_per_record=0),
-                dict(train_questions={"size": 2}), dict(train_questions={"color": -1})):
+                dict(train_questions={"size": 2}), dict(train_questions={"color": -1}),
+                dict(prompt_layout="image-only")):
         with pytest.raises(ConfigError):
             generate(tmp_path, **{**SMALL, **bad})
 
@@ -141,6 +147,41 @@ def test_prepare_world_trains_the_tokenizer_on_tokenizer_texts(prepared, tmp_pat
     assert prepare_world(spec, progress=False) == root and digest(root / "world.json") == before
 
 
+def test_the_corpus_text_chats_are_listed_and_train_as_text_only_chats(prepared):
+    """text_chat_{train,heldout}.json (data/corpus.py) in world.json, read by the LLaVA reader as
+    chats without an image, whose supervised tokens are the reply."""
+    _, root = prepared
+    meta = json.loads((root / "world.json").read_text())
+    tokenizer = Tokenizer.load(root / TOKENIZER_DIR)
+    pipeline = SamplePipeline(tokenizer, None, tokens_per_image=1)  # no image processor: text only
+    for part in ("train", "heldout"):
+        assert meta["files"][f"text_chat_{part}"] == f"text_chat_{part}.json"
+        records = list(read_records(root / meta["files"][f"text_chat_{part}"]))
+        assert len(records) == meta["counts"]["text"][part]["chat_records"] > 0
+        for record in records:
+            assert isinstance(record, Record) and record.kind == "chat" and record.modality == "text"
+            assert [m.role for m in record.messages] == ["user", "assistant"]
+        sample = pipeline.encode(records[0])
+        supervised = [t for t in sample.labels if t != IGNORE_INDEX]
+        assert tokenizer.decode(supervised).strip() == records[0].messages[1].content
+    # the tokenizer does not read them: their replies are in the corpus it reads already
+    texts = set(tokenizer_texts(root))
+    assert not any(r.messages[0].content in texts for r in read_records(root / "text_chat_train.json"))
+
+
+def test_a_world_whose_corpus_has_no_text_chats_is_refused(tmp_path):
+    """Worlds written before the corpus gave text-only chats; a world without a corpus has none to give."""
+    fake_world(tmp_path / "w", files={"text_train": "text_train.jsonl", "text_heldout": "text_heldout.jsonl"})
+    spec = WorldSpec(dir=str(tmp_path / "w"), n_train=40, n_val=0, n_test=5, prompt_layout="text-then-image")
+    with pytest.raises(ConfigError, match="text_chats: False on disk, True in the config"):
+        prepare_world(spec, progress=False)
+    fake_world(tmp_path / "bare", files={"qa_train": "qa_train.json"})
+    with pytest.raises(ConfigError) as err:  # refused for its turns, not for chats it never had
+        prepare_world(WorldSpec(dir=str(tmp_path / "bare"), n_train=40, n_val=0, n_test=5, turns_per_record=1,
+                                prompt_layout="text-then-image"), progress=False)
+    assert "turns_per_record" in str(err.value) and "text_chats" not in str(err.value)
+
+
 def fake_world(root, **settings):
     root.mkdir(parents=True, exist_ok=True)
     world = {"seed": 0, "turns_per_record": 8, "train_questions": None, "prompt_layout": "text-then-image",
@@ -160,12 +201,33 @@ def test_a_world_with_other_settings_is_refused_with_what_differs(tmp_path):
     assert "train_questions" in message and "n_train" not in message
 
 
-def test_a_world_asked_image_first_is_refused(tmp_path):
-    """Worlds written before the question-then-image layout (no prompt_layout in world.json)."""
+def test_a_world_of_the_other_prompt_layout_is_refused(tmp_path):
+    fake_world(tmp_path / "w")  # asked text first
+    spec = WorldSpec(dir=str(tmp_path / "w"), n_train=40, n_val=0, n_test=5, turns_per_record=8)
+    with pytest.raises(ConfigError, match="prompt_layout: 'text-then-image' on disk, 'image-then-text' in the config"):
+        prepare_world(spec, progress=False)
+    fake_world(tmp_path / "i", prompt_layout="image-then-text")
+    spec = WorldSpec(dir=str(tmp_path / "i"), n_train=40, n_val=0, n_test=5, prompt_layout="text-then-image")
+    with pytest.raises(ConfigError, match="prompt_layout: 'image-then-text' on disk, 'text-then-image' in the config"):
+        prepare_world(spec, progress=False)
+
+
+def test_a_world_without_a_prompt_layout_is_refused(tmp_path):
+    """Worlds written before the layout was recorded (no prompt_layout in world.json)."""
     fake_world(tmp_path / "w", prompt_layout=None)
     spec = WorldSpec(dir=str(tmp_path / "w"), n_train=40, n_val=0, n_test=5, turns_per_record=8)
-    with pytest.raises(ConfigError, match="prompt_layout: None on disk, 'text-then-image' in the config"):
+    with pytest.raises(ConfigError, match="prompt_layout: None on disk, 'image-then-text' in the config"):
         prepare_world(spec, progress=False)
+
+
+def test_world_prompt_layout_reads_world_json(tmp_path):
+    """What the evaluation asks a world's benchmarks in: world.json's layout; without one (or
+    without the key, as worlds before layouts were recorded, which showed the image first) images first."""
+    assert world_prompt_layout(tmp_path) == "image-then-text"
+    fake_world(tmp_path / "t")
+    assert world_prompt_layout(tmp_path / "t") == "text-then-image"
+    fake_world(tmp_path / "old", prompt_layout=None)
+    assert world_prompt_layout(tmp_path / "old") == "image-then-text"
 
 
 def test_a_world_answering_in_one_word_is_refused(tmp_path):
@@ -210,11 +272,65 @@ def pixel_digest(images_dir):
     return h.hexdigest()
 
 
-def test_the_fixed_world_is_byte_identical(world):
-    root = Path(world["dir"])
+@pytest.fixture(scope="module")
+def text_first(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("text_first"), prompt_layout="text-then-image", **SMALL)
+
+
+def test_the_fixed_world_is_byte_identical(text_first):
+    """Asked question first (the layout it was written in then), the fixed world is as it was."""
+    root = Path(text_first["dir"])
     assert {name: digest(root / name) for name in FIXED_DIGESTS} == FIXED_DIGESTS
     assert pixel_digest(root / "images") == FIXED_PIXELS
     assert not (root / "clips").exists() and "layout" not in json.loads((root / "world.json").read_text())
+
+
+def image_moved_first(record: dict) -> dict:
+    """A text-first record as the image-first layout writes it: the first user turn's placeholder
+    line (LLaVA JSON) or visual part (messages) moved before the question."""
+    record = json.loads(json.dumps(record))
+    if "conversations" in record:
+        first = record["conversations"][0]
+        text, placeholder = first["value"].rsplit("\n", 1)
+        first["value"] = f"{placeholder}\n{text}"
+    else:
+        first = record["messages"][0]
+        first["content"] = first["content"][::-1]
+    return record
+
+
+def test_the_image_first_world_is_the_same_records_with_the_image_moved(world, text_first):
+    """The layout moves the image and nothing else: same questions, answers, ids and pixels, the
+    same benchmark file, world.json differing in prompt_layout only."""
+    image_first, question_first = Path(world["dir"]), Path(text_first["dir"])
+    for name in ("captions_train.json", "qa_train.json", "qa_val.json", "qa_test.json"):
+        before = json.loads((question_first / name).read_text())
+        assert json.loads((image_first / name).read_text()) == [image_moved_first(r) for r in before], name
+    for name in ("qa_train.jsonl", "qa_test.jsonl"):
+        before = [json.loads(line) for line in open(question_first / name)]
+        assert [json.loads(line) for line in open(image_first / name)] == [image_moved_first(r) for r in before]
+    assert digest(image_first / "synth.jsonl") == digest(question_first / "synth.jsonl")
+    assert pixel_digest(image_first / "images") == FIXED_PIXELS
+    meta, old = (json.loads((root / "world.json").read_text()) for root in (image_first, question_first))
+    assert old["prompt_layout"] == "text-then-image" and meta == {**old, "prompt_layout": "image-then-text"}
+
+
+def test_both_layouts_train_the_same_tokenizer(world, text_first, tmp_path):
+    """The tokenizer's texts differ only in where a newline sits, which the byte-level pre-tokenizer
+    splits off either way, so a world's token ids do not depend on its layout."""
+    assert list(tokenizer_texts(world["dir"])) != list(tokenizer_texts(text_first["dir"]))
+    for name, w in (("image_first", world), ("text_first", text_first)):
+        Tokenizer.train(tokenizer_texts(w["dir"]), vocab_size=400).save(tmp_path / name)
+    assert digest(tmp_path / "image_first" / "tokenizer.json") == digest(tmp_path / "text_first" / "tokenizer.json")
+
+
+def test_data_synth_takes_the_prompt_layout(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path / "w"), "--scenes", "4", "--prompt-layout",
+                 "text-then-image"]) == 0
+    capsys.readouterr()
+    assert world_prompt_layout(tmp_path / "w") == "text-then-image"
+    first = json.loads((tmp_path / "w" / "qa_test.json").read_text())[0]["conversations"][0]["value"]
+    assert first.endswith("\n" + IMAGE_PLACEHOLDER)
 
 
 NATIVE = dict(n_train=40, n_val=5, n_test=30, text_corpus=False, layout="native", n_train_clips=20,
@@ -250,10 +366,10 @@ def test_native_world_files_read_and_reference_existing_frames(native):
             frames = record["video"]
             assert len(frames) in CLIP_FRAMES and all((root / f).is_file() for f in frames)
             assert len({Image.open(root / f).size for f in frames}) == 1
-            assert record["conversations"][0]["value"].endswith("\n" + VIDEO_PLACEHOLDER)
+            assert record["conversations"][0]["value"].startswith(VIDEO_PLACEHOLDER + "\n")
     for line in open(native["clips_test_messages"]):
         first = json.loads(line)["messages"][0]["content"]
-        assert [part["type"] for part in first] == ["text", "video"]
+        assert [part["type"] for part in first] == ["video", "text"]
     items = [json.loads(line) for line in open(native["test_clips"])]
     assert {i["category"] for i in items} == set(MOTION_CATEGORIES)
     meta = json.loads((root / "world.json").read_text())
@@ -276,6 +392,10 @@ def test_tokenizer_texts_take_the_clip_turns_too(native):
 def test_world_spec_reads_the_layout_and_clips(tmp_path):
     spec = build(WorldSpec, {"layout": "native", "n_test_clips": 3}, "world")
     assert spec.layout == "native" and spec.n_test_clips == 3 and spec.n_train_clips == 0
+    assert spec.prompt_layout == "image-then-text"
+    assert build(WorldSpec, {"prompt_layout": "text-then-image"}, "world").prompt_layout == "text-then-image"
+    with pytest.raises(ConfigError, match="world.prompt_layout"):
+        build(WorldSpec, {"prompt_layout": "image-only"}, "world")
     with pytest.raises(ConfigError, match="world.layout"):
         build(WorldSpec, {"layout": "square"}, "world")
     with pytest.raises(ConfigError, match="n_train_clips"):

@@ -1,7 +1,8 @@
 """`vlmkit data synth` (write the synthetic world) and `vlmkit data inspect` (look at data files).
 
 synth writes the world of data/world.py: `--layout fixed` (the demo's scenes) or `native` (grids
-for native-resolution models), with `--clips` motion clips per split (WorldSpec's n_*_clips). inspect reports what
+for native-resolution models), with `--clips` motion clips per split (WorldSpec's n_*_clips), each
+record's image first or after its question (`--prompt-layout`, WorldSpec's prompt_layout). inspect reports what
 data/inspection.py counts: records by modality, bad records by reason, token lengths (exact with
 `--tokenizer DIR`, byte-level without), packing efficiency at `--budget`.
 """
@@ -13,7 +14,7 @@ import json
 import sys
 
 from vlmkit.data.formats import FORMATS
-from vlmkit.data.synth import IMAGE_SIZE, LAYOUTS
+from vlmkit.data.synth import DEFAULT_PROMPT_LAYOUT, IMAGE_SIZE, LAYOUTS, PROMPT_LAYOUTS
 from vlmkit.data.world import generate
 
 SPLITS = ("train", "val", "test")
@@ -30,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="fixed: the demo's 3x3 scenes; native: grids of several shapes and cell sizes")
     synth.add_argument("--clips", type=clip_counts, default=(0, 0, 0), metavar="N | TRAIN,VAL,TEST",
                        help="motion clips: N in each split, or one count per split (default: none)")
+    synth.add_argument("--prompt-layout", choices=PROMPT_LAYOUTS, default=DEFAULT_PROMPT_LAYOUT,
+                       help="where each record's image goes in its first user turn: before the question "
+                            f"(LLaVA's layout) or after it (default: {DEFAULT_PROMPT_LAYOUT})")
     synth.add_argument("--seed", type=int, default=0)
     inspect = sub.add_parser("inspect", help="count records, bad records by reason, lengths, packing efficiency")
     inspect.add_argument("paths", nargs="+", metavar="PATH", help="data files or directories")
@@ -75,7 +79,8 @@ def _synth(args: argparse.Namespace) -> int:
     n_train_clips, n_val_clips, n_test_clips = args.clips
     result = generate(args.out, n_train=n, n_val=max(1, n // 40), n_test=max(1, n // 20),
                       image_size=args.image_size, seed=args.seed, layout=args.layout, n_train_clips=n_train_clips,
-                      n_val_clips=n_val_clips, n_test_clips=n_test_clips, progress=sys.stderr.isatty())
+                      n_val_clips=n_val_clips, n_test_clips=n_test_clips, prompt_layout=args.prompt_layout,
+                      progress=sys.stderr.isatty())
     print(json.dumps(result, indent=1, default=str))
     return 0
 

@@ -69,7 +69,7 @@ def keep_image(value: Any, where: str, role: str) -> Any:
 
 def user_content(text: str, images: list, *, images_after_text: bool = False) -> list[dict]:
     """The content parts of one user turn: the images, then the text (LLaVA's order), or the text
-    first with `images_after_text` (how the synthetic world asks its questions)."""
+    first with `images_after_text` (how a `text-then-image` synthetic world asks its questions)."""
     image_parts = [{"type": "image", "image": image} for image in images]
     text_part = {"type": "text", "text": text}
     return [text_part, *image_parts] if images_after_text else [*image_parts, text_part]

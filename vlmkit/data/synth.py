@@ -42,12 +42,14 @@ left, is a blue square. Answer: blue square"; a multiple-choice reply concludes 
 option's text. The benchmark file keeps the short answers (the evaluation reads what follows
 "Answer:").
 
-Every record asks its (first) question first and shows the image after it: "What color is the
-circle?\n<image>". The answer then sits a fixed number of tokens after each cell's visual token,
-whatever the question's length, so a small decoder with relative (rotary) positions finds "the
-top left cell" by a fixed offset. With the image first the offset varies with every question, and
-the demo's 4-layer decoder learned position-based categories far more slowly (measured in
-docs/training.md). The benchmark prompt for this world (`eval.prompts.SYNTH_PROMPTS`) does the same.
+A world's `prompt_layout` (PROMPT_LAYOUTS) places the image (or clip) in each record's first user
+turn: "image-then-text" (the default, LLaVA's layout: "<image>\nWhat color is the circle?") or
+"text-then-image" ("What color is the circle?\n<image>"). With the question first the answer sits
+a fixed number of tokens after each cell's visual token, whatever the question's length, so a
+small decoder with relative (rotary) positions finds "the top left cell" by a fixed offset; with
+the image first the offset varies with every question (docs/training.md measured the difference
+on the demo's decoder). Configs whose documented figures were measured with the question first
+keep that layout. A world's benchmarks are asked in its layout (`eval.prompts.world_prompt_format`).
 
 Native layout (`layout="native"`, for models that read images at their own size): a scene's grid
 is one of NATIVE_GRIDS (2x3 to 4x3 cells, wide, tall and square) at one of NATIVE_CELL_SIZES,
@@ -71,6 +73,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from typing import Literal, get_args
 
 from PIL import Image, ImageDraw
 
@@ -164,8 +167,12 @@ GLYPHS = {
     "9": (" ### ", "#   #", "#   #", " ####", "    #", "    #", " ### "),
 }
 
-PROMPT_LAYOUT = "text-then-image"
-"""Where a record's image goes: after its first question's text (recorded in world.json)."""
+PromptLayout = Literal["image-then-text", "text-then-image"]
+PROMPT_LAYOUTS: tuple[str, ...] = get_args(PromptLayout)
+"""Where a record's image (or clip) goes in its first user turn: before its question's text or
+after it (recorded in world.json)."""
+DEFAULT_PROMPT_LAYOUT: PromptLayout = "image-then-text"
+"""LLaVA's layout, the one most data and benchmarks use."""
 ANSWER_STYLE = "worked"
 """How relation, multiple-choice and reasoning questions are answered in training: the lookup
 steps as short sentences, then "Answer: X" (recorded in world.json)."""
@@ -928,49 +935,57 @@ class SceneRecords:
 
 
 def split_records(seed: int, split: str, scenes: list[Scene], *, turns_per_record: int,
-                  train_questions: dict[str, int] | None) -> Iterator[SceneRecords]:
+                  train_questions: dict[str, int] | None,
+                  prompt_layout: PromptLayout = DEFAULT_PROMPT_LAYOUT) -> Iterator[SceneRecords]:
     """The records of each scene of a split, in order, from the split's own seeded question stream.
     `train_questions` (per category, default one) applies to the train split only."""
     rng = random.Random(f"vlmkit-synth/{seed}/{split}/questions")
     for scene in scenes:
         yield scene_records(scene, split, rng, turns_per_record=turns_per_record,
-                            per_category=train_questions if split == "train" else None)
+                            per_category=train_questions if split == "train" else None, prompt_layout=prompt_layout)
 
 
 def scene_records(scene: Scene, split: str, rng: random.Random, *, turns_per_record: int,
-                  per_category: dict[str, int] | None) -> SceneRecords:
+                  per_category: dict[str, int] | None,
+                  prompt_layout: PromptLayout = DEFAULT_PROMPT_LAYOUT) -> SceneRecords:
     """A scene's caption, its questions, and its records (every split draws a caption instruction,
     so a split's question stream does not depend on whether its captions are written)."""
-    caption_record = _llava(f"{scene.id}-cap", scene.image, [(rng.choice(CAPTION_PROMPTS), caption(scene))])
+    caption_record = _llava(f"{scene.id}-cap", scene.image, [(rng.choice(CAPTION_PROMPTS), caption(scene))],
+                            prompt_layout=prompt_layout)
     asked = questions(scene, rng, per_category=per_category)
-    llava, messages, bench = _qa_records(scene.id, split, "image", scene.image, asked, rng, turns_per_record)
+    llava, messages, bench = _qa_records(scene.id, split, "image", scene.image, asked, rng, turns_per_record,
+                                         prompt_layout)
     return SceneRecords(scene.image, asked, caption_record, llava, messages, bench)
 
 
 def split_reasoning_records(seed: int, split: str, scenes: list[Scene], *, turns_per_record: int,
-                            categories: Iterable[str] = REASONING_CATEGORIES) -> Iterator[SceneRecords]:
+                            categories: Iterable[str] = REASONING_CATEGORIES,
+                            prompt_layout: PromptLayout = DEFAULT_PROMPT_LAYOUT) -> Iterator[SceneRecords]:
     """The records of each reasoning scene of a split: one question of each of `categories` the
     scene can answer, grouped as a scene's are, from the split's own seeded stream; no caption."""
     return _question_records(f"vlmkit-synth/{seed}/{split}/reasoning-questions", split, scenes,
-                             turns_per_record=turns_per_record, categories=tuple(categories))
+                             turns_per_record=turns_per_record, categories=tuple(categories),
+                             prompt_layout=prompt_layout)
 
 
-def split_small_text_records(seed: int, split: str, scenes: list[Scene], *,
-                             turns_per_record: int) -> Iterator[SceneRecords]:
+def split_small_text_records(seed: int, split: str, scenes: list[Scene], *, turns_per_record: int,
+                             prompt_layout: PromptLayout = DEFAULT_PROMPT_LAYOUT) -> Iterator[SceneRecords]:
     """The records of each small-text scene of a split: its small_text question and one of each
     default category it can answer (never ocr: it has no full-cell digit), grouped as a scene's
     are, from the split's own seeded stream; no caption."""
     return _question_records(f"vlmkit-synth/{seed}/{split}/small-text-questions", split, scenes,
-                             turns_per_record=turns_per_record, categories=SMALL_TEXT_CATEGORIES + CATEGORIES)
+                             turns_per_record=turns_per_record, categories=SMALL_TEXT_CATEGORIES + CATEGORIES,
+                             prompt_layout=prompt_layout)
 
 
 def _question_records(stream: str, split: str, scenes: list[Scene], *, turns_per_record: int,
-                      categories: tuple[str, ...]) -> Iterator[SceneRecords]:
+                      categories: tuple[str, ...], prompt_layout: PromptLayout) -> Iterator[SceneRecords]:
     """Each scene's questions of `categories` as records without a caption, from the seeded `stream`."""
     rng = random.Random(stream)
     for scene in scenes:
         asked = questions(scene, rng, categories)
-        llava, messages, bench = _qa_records(scene.id, split, "image", scene.image, asked, rng, turns_per_record)
+        llava, messages, bench = _qa_records(scene.id, split, "image", scene.image, asked, rng, turns_per_record,
+                                             prompt_layout)
         yield SceneRecords(scene.image, asked, None, llava, messages, bench)
 
 
@@ -989,18 +1004,20 @@ class ClipRecords:
     """Benchmark JSONL items with the frames under "video" (test split only)."""
 
 
-def split_clip_records(seed: int, split: str, clips: list[Clip], *, turns_per_record: int) -> Iterator[ClipRecords]:
+def split_clip_records(seed: int, split: str, clips: list[Clip], *, turns_per_record: int,
+                       prompt_layout: PromptLayout = DEFAULT_PROMPT_LAYOUT) -> Iterator[ClipRecords]:
     """The records of each clip of a split, in order, from the split's own seeded stream."""
     rng = random.Random(f"vlmkit-synth/{seed}/{split}/clip-questions")
     for clip in clips:
-        yield clip_records(clip, split, rng, turns_per_record=turns_per_record)
+        yield clip_records(clip, split, rng, turns_per_record=turns_per_record, prompt_layout=prompt_layout)
 
 
-def clip_records(clip: Clip, split: str, rng: random.Random, *, turns_per_record: int) -> ClipRecords:
+def clip_records(clip: Clip, split: str, rng: random.Random, *, turns_per_record: int,
+                 prompt_layout: PromptLayout = DEFAULT_PROMPT_LAYOUT) -> ClipRecords:
     """A clip's motion questions and their records (grouped as a scene's are)."""
     frames = clip.frame_paths()
     asked = clip_questions(clip, rng)
-    llava, messages, bench = _qa_records(clip.id, split, "video", frames, asked, rng, turns_per_record)
+    llava, messages, bench = _qa_records(clip.id, split, "video", frames, asked, rng, turns_per_record, prompt_layout)
     return ClipRecords(frames, asked, llava, messages, bench)
 
 
@@ -1009,7 +1026,7 @@ VISUAL_PLACEHOLDERS = {"image": IMAGE_PLACEHOLDER, "video": VIDEO_PLACEHOLDER}
 
 
 def _qa_records(item_id: str, split: str, kind: str, visual, asked: list[QA], rng: random.Random,
-                turns_per_record: int) -> tuple[list[dict], list[dict], list[dict]]:
+                turns_per_record: int, prompt_layout: PromptLayout) -> tuple[list[dict], list[dict], list[dict]]:
     """(LLaVA records, messages records, benchmark items) of the questions about one image or clip
     (`kind` "image": `visual` is its path; "video": the list of frame paths). A train item's
     questions are shuffled into conversations of up to `turns_per_record`; any other split's are
@@ -1024,24 +1041,40 @@ def _qa_records(item_id: str, split: str, kind: str, visual, asked: list[QA], rn
     llava, messages = [], []
     for rid, group in groups:
         turns = [(qa.prompt(), qa.reply()) for qa in group]
-        llava.append(_llava(rid, visual, turns, kind))
-        messages.append(_messages(rid, visual, turns, kind))
+        llava.append(_llava(rid, visual, turns, kind, prompt_layout))
+        messages.append(_messages(rid, visual, turns, kind, prompt_layout))
     bench = [_bench_item(item_id, kind, visual, qa) for qa in asked] if split == "test" else []
     return llava, messages, bench
 
 
-def _llava(rid: str, visual, turns: list[tuple[str, str]], kind: str = "image") -> dict:
+def visual_after_text(prompt_layout: PromptLayout) -> bool:
+    """Whether the layout puts the image (or clip) after the question's text."""
+    return prompt_layout == "text-then-image"
+
+
+def _first_turn(text, visual, prompt_layout: PromptLayout) -> list:
+    """The first user turn's text and visual (placeholders or content parts) in the layout's order."""
+    return [text, visual] if visual_after_text(prompt_layout) else [visual, text]
+
+
+def _llava(rid: str, visual, turns: list[tuple[str, str]], kind: str = "image",
+           prompt_layout: PromptLayout = DEFAULT_PROMPT_LAYOUT) -> dict:
+    """A LLaVA JSON record: the visual's placeholder in the first user turn, on its own line."""
     conv = []
     for i, (q, a) in enumerate(turns):
-        conv.append({"from": "human", "value": f"{q}\n{VISUAL_PLACEHOLDERS[kind]}" if i == 0 else q})
+        human = "\n".join(_first_turn(q, VISUAL_PLACEHOLDERS[kind], prompt_layout)) if i == 0 else q
+        conv.append({"from": "human", "value": human})
         conv.append({"from": "gpt", "value": a})
     return {"id": rid, kind: visual, "conversations": conv}
 
 
-def _messages(rid: str, visual, turns: list[tuple[str, str]], kind: str = "image") -> dict:
+def _messages(rid: str, visual, turns: list[tuple[str, str]], kind: str = "image",
+              prompt_layout: PromptLayout = DEFAULT_PROMPT_LAYOUT) -> dict:
+    """A messages JSONL record (OpenAI-style content parts): the visual part in the first user turn."""
     msgs = []
     for i, (q, a) in enumerate(turns):
-        parts = [{"type": "text", "text": q}] + ([{"type": kind, kind: visual}] if i == 0 else [])
+        text = {"type": "text", "text": q}
+        parts = _first_turn(text, {"type": kind, kind: visual}, prompt_layout) if i == 0 else [text]
         msgs.append({"role": "user", "content": parts})
         msgs.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
     return {"id": rid, "messages": msgs}

@@ -4,15 +4,16 @@ of a run (`WorldSpec`, `prepare_world`).
 The world's content (scenes, clips, pixels, captions, questions, records) is data/synth.py; this
 module writes it in the formats users bring: images/*.png, LLaVA JSON (captions and QA), messages
 JSONL (OpenAI-style content parts), the test split as the generic benchmark JSONL, the text corpus
-(data/corpus.py) as text JSONL, and world.json (settings, counts, answer sets, chance per
-category), written last. A native-layout world (`layout="native"`) has scenes of many sizes;
-clips (`n_*_clips`) add clips/*/NN.png frames and their own QA files with video parts; reasoning
-scenes (`n_*_reasoning`) add their images, their own QA files and benchmark, and optionally their
-records mixed into the QA files (`reasoning_in_qa`); small-text scenes (`n_*_small_text`) add
-their images (192 px, a digit drawn small), their own QA files and benchmark. With the defaults (fixed layout, no clips,
-no reasoning scenes) the files are those of the demo's world, byte for byte. A
-run's world also holds the byte-level BPE tokenizer trained on its texts (`tokenizer_texts`) in
-tokenizer/ (a native world's in the Qwen-VL chat format, with image and video tokens).
+(data/corpus.py) as text JSONL and as text-only chats in LLaVA JSON, and world.json (settings,
+counts, answer sets, chance per category), written last. A native-layout world (`layout="native"`)
+has scenes of many sizes; clips (`n_*_clips`) add clips/*/NN.png frames and their own QA files with
+video parts; reasoning scenes (`n_*_reasoning`) add their images, their own QA files and benchmark,
+and optionally their records mixed into the QA files (`reasoning_in_qa`); small-text scenes
+(`n_*_small_text`) add their images (192 px, a digit drawn small), their own QA files and benchmark.
+With the defaults (fixed layout, no clips, no reasoning scenes) the files are those of the demo's
+world, byte for byte. A run's world also holds the byte-level BPE tokenizer trained on its texts
+(`tokenizer_texts`) in tokenizer/ (a native world's in the Qwen-VL chat format, with image and video
+tokens).
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ from typing import Literal
 from tqdm import tqdm
 
 from vlmkit.data.corpus import write_corpus
-from vlmkit.data.synth import (ANSWER_STYLE, CATEGORIES, CLIP_FRAMES, GRID, IMAGE_SIZE, LAYOUTS, MAX_MOVERS,
-                               MIN_IMAGE_SIZE, MOTION_CATEGORIES, NATIVE_CELL_SIZES, NATIVE_GRIDS, PROMPT_LAYOUT,
-                               REASONING_CATEGORIES, SMALL_TEXT_CATEGORIES, SMALL_TEXT_CELL_SIZE, SMALL_TEXT_GLYPH,
-                               VISUAL_PLACEHOLDERS, Clip, ClipRecords, Scene, SceneRecords, chance_accuracy,
-                               layout_answers, layout_chance, render, split_clip_records, split_clips,
-                               split_reasoning_records, split_reasoning_scenes, split_records, split_scenes,
-                               split_small_text_records, split_small_text_scenes)
+from vlmkit.data.synth import (ANSWER_STYLE, CATEGORIES, CLIP_FRAMES, DEFAULT_PROMPT_LAYOUT, GRID, IMAGE_SIZE,
+                               LAYOUTS, MAX_MOVERS, MIN_IMAGE_SIZE, MOTION_CATEGORIES, NATIVE_CELL_SIZES,
+                               NATIVE_GRIDS, PROMPT_LAYOUTS, REASONING_CATEGORIES, SMALL_TEXT_CATEGORIES,
+                               SMALL_TEXT_CELL_SIZE, SMALL_TEXT_GLYPH, VISUAL_PLACEHOLDERS, Clip, ClipRecords,
+                               PromptLayout, Scene, SceneRecords, chance_accuracy, layout_answers, layout_chance,
+                               render, split_clip_records, split_clips, split_reasoning_records,
+                               split_reasoning_scenes, split_records, split_scenes, split_small_text_records,
+                               split_small_text_scenes)
 from vlmkit.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from vlmkit.errors import ConfigError
 from vlmkit.schema import require_at_least
@@ -76,6 +78,9 @@ class WorldSpec:
     layout: Literal["fixed", "native"] = "fixed"
     """fixed: the demo's 3x3 scenes at one image size; native: grids of several shapes and cell
     sizes, for models that read images at their own size (data/synth.py, docs/data-synthetic.md)."""
+    prompt_layout: PromptLayout = DEFAULT_PROMPT_LAYOUT
+    """Where each record's image (or clip) goes in its first user turn: before the question
+    (LLaVA's layout) or after it (synth.PROMPT_LAYOUTS); the world's benchmarks are asked the same way."""
     n_train_clips: int = 0
     """Training clips (frames where shapes move, asked motion questions); 0: a world of stills."""
     n_val_clips: int = 0
@@ -127,7 +132,7 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
              n_val_reasoning: int = 0, n_test_reasoning: int = 0,
              reasoning_categories: Sequence[str] = REASONING_CATEGORIES, reasoning_in_qa: bool = False,
              n_train_small_text: int = 0, n_val_small_text: int = 0, n_test_small_text: int = 0,
-             progress: bool = False) -> dict:
+             prompt_layout: str = DEFAULT_PROMPT_LAYOUT, progress: bool = False) -> dict:
     """Write the synthetic world into `out_dir`; return the file paths and counts.
 
     n_*: scenes per split. Train QA records are conversations of up to `turns_per_record` questions
@@ -139,7 +144,8 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
     n_*_reasoning: reasoning scenes per split, asked `reasoning_categories`, and with
     `reasoning_in_qa` also mixed into the QA files and synth.jsonl; n_*_small_text: small-text
     scenes per split (synth.split_small_text_scenes), asked small_text and the default categories.
-    Layout (paths relative to out_dir; image paths inside files are relative to out_dir):
+    `prompt_layout` (synth.PROMPT_LAYOUTS) puts each record's image or clip before or after its
+    first question's text. Layout (paths relative to out_dir; image paths inside files are relative to out_dir):
 
         images/{split}_{index}.png                 one PNG per scene
         captions_{train,val}.json                  LLaVA JSON, one caption per scene (kind caption)
@@ -147,6 +153,8 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
         qa_{train,val,test}.jsonl                  the same as messages JSONL (OpenAI content parts)
         synth.jsonl                                the test split as the generic benchmark JSONL
         text_train.jsonl, text_heldout.jsonl       the language corpus (data/corpus.py), text JSONL
+        text_chat_{train,heldout}.json             LLaVA JSON, text-only chats: a question about each
+                                                   corpus document's unit, its opening as the reply
         world.json                                 settings, counts, answer sets, chance per category
 
     and with clips:
@@ -172,7 +180,8 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
     _check_settings(n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size,
                     ocr_fraction=ocr_fraction, turns_per_record=turns_per_record, train_questions=train_questions,
                     layout=layout, clip_counts=clip_counts, reasoning_counts=reasoning_counts,
-                    reasoning_categories=reasoning_categories, small_text_counts=small_text_counts)
+                    reasoning_categories=reasoning_categories, small_text_counts=small_text_counts,
+                    prompt_layout=prompt_layout)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     counts = {"train": n_train, "val": n_val, "test": n_test}
@@ -187,13 +196,15 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
         reasoning = {}
         if with_reasoning:  # made first: with reasoning_in_qa, the QA files hold them too
             reasoning = _reasoning_records(writer, seed=seed, counts=reasoning_counts, layout=layout,
-                                           turns_per_record=turns_per_record, categories=reasoning_categories)
+                                           turns_per_record=turns_per_record, categories=reasoning_categories,
+                                           prompt_layout=prompt_layout)
         files, stats = _write_scenes(out, writer, seed=seed, counts=counts, layout=layout, ocr_fraction=ocr_fraction,
                                      turns_per_record=turns_per_record, train_questions=train_questions,
-                                     mixed_in=reasoning if reasoning_in_qa else {})
+                                     mixed_in=reasoning if reasoning_in_qa else {}, prompt_layout=prompt_layout)
         if with_clips:
             clip_files, stats["clips"] = _write_clips(out, writer, seed=seed, counts=clip_counts, layout=layout,
-                                                      ocr_fraction=ocr_fraction, turns_per_record=turns_per_record)
+                                                      ocr_fraction=ocr_fraction, turns_per_record=turns_per_record,
+                                                      prompt_layout=prompt_layout)
             files.update(clip_files)
         if with_reasoning:
             reasoning_files, stats["reasoning"] = _write_apart(out, "reasoning", reasoning)
@@ -201,18 +212,19 @@ def generate(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_t
         if with_small_text:
             small_text_files, stats["small_text"] = _write_apart(
                 out, "small_text", _small_text_records(writer, seed=seed, counts=small_text_counts,
-                                                       turns_per_record=turns_per_record))
+                                                       turns_per_record=turns_per_record, prompt_layout=prompt_layout))
             files.update(small_text_files)
         writer.wait()
     if text_corpus:
         corpus = write_corpus(out, seed=seed)
-        files.update({"text_train": corpus["train"], "text_heldout": corpus["heldout"]})
+        files.update({"text_train": corpus["train"], "text_heldout": corpus["heldout"],
+                      "text_chat_train": corpus["chat_train"], "text_chat_heldout": corpus["chat_heldout"]})
         stats["text"] = corpus["counts"]
     categories = CATEGORIES + (MOTION_CATEGORIES if with_clips else ()) + (
         tuple(reasoning_categories) if with_reasoning else ()) + (SMALL_TEXT_CATEGORIES if with_small_text else ())
     world = {
         "seed": seed, **_layout_settings(layout, image_size), "ocr_fraction": ocr_fraction,
-        "turns_per_record": turns_per_record, "train_questions": train_questions, "prompt_layout": PROMPT_LAYOUT,
+        "turns_per_record": turns_per_record, "train_questions": train_questions, "prompt_layout": prompt_layout,
         "answer_style": ANSWER_STYLE, "counts": stats, "categories": _categories(layout, categories),
         "files": {k: str(Path(v).relative_to(out)) for k, v in files.items()},
     }
@@ -251,14 +263,16 @@ class _ImageWriter:
 
 def _write_scenes(out: Path, writer: _ImageWriter, *, seed: int, counts: dict[str, int], layout: str,
                   ocr_fraction: float, turns_per_record: int, train_questions: dict[str, int] | None,
-                  mixed_in: dict[str, list[SceneRecords]]) -> tuple[dict[str, str], dict[str, dict]]:
+                  mixed_in: dict[str, list[SceneRecords]],
+                  prompt_layout: str) -> tuple[dict[str, str], dict[str, dict]]:
     """Every split's scenes (images queued on `writer`) and files, with `mixed_in[split]`'s records
     spread through the split's QA files; returns (files, counts by split, of the scenes alone)."""
     files: dict[str, str] = {}
     stats: dict[str, dict] = {}
     for split, scenes in split_scenes(seed, counts, ocr_fraction, layout).items():
         records = []
-        made = split_records(seed, split, scenes, turns_per_record=turns_per_record, train_questions=train_questions)
+        made = split_records(seed, split, scenes, turns_per_record=turns_per_record, train_questions=train_questions,
+                             prompt_layout=prompt_layout)
         for scene, rec in zip(scenes, made):
             writer.scene(scene, rec.image)
             records.append(rec)
@@ -268,11 +282,13 @@ def _write_scenes(out: Path, writer: _ImageWriter, *, seed: int, counts: dict[st
 
 
 def _reasoning_records(writer: _ImageWriter, *, seed: int, counts: dict[str, int], layout: str,
-                       turns_per_record: int, categories: Sequence[str]) -> dict[str, list[SceneRecords]]:
+                       turns_per_record: int, categories: Sequence[str],
+                       prompt_layout: str) -> dict[str, list[SceneRecords]]:
     """Every split's reasoning scenes (images queued on `writer`) and their records, by split."""
     out = {}
     for split, scenes in split_reasoning_scenes(seed, counts, layout).items():
-        made = split_reasoning_records(seed, split, scenes, turns_per_record=turns_per_record, categories=categories)
+        made = split_reasoning_records(seed, split, scenes, turns_per_record=turns_per_record, categories=categories,
+                                       prompt_layout=prompt_layout)
         out[split] = []
         for scene, rec in zip(scenes, made):
             writer.scene(scene, rec.image)
@@ -281,11 +297,12 @@ def _reasoning_records(writer: _ImageWriter, *, seed: int, counts: dict[str, int
 
 
 def _small_text_records(writer: _ImageWriter, *, seed: int, counts: dict[str, int],
-                        turns_per_record: int) -> dict[str, list[SceneRecords]]:
+                        turns_per_record: int, prompt_layout: str) -> dict[str, list[SceneRecords]]:
     """Every split's small-text scenes (images queued on `writer`) and their records, by split."""
     out = {}
     for split, scenes in split_small_text_scenes(seed, counts).items():
-        made = split_small_text_records(seed, split, scenes, turns_per_record=turns_per_record)
+        made = split_small_text_records(seed, split, scenes, turns_per_record=turns_per_record,
+                                        prompt_layout=prompt_layout)
         out[split] = []
         for scene, rec in zip(scenes, made):
             writer.scene(scene, rec.image)
@@ -305,13 +322,15 @@ def _write_apart(out: Path, kind: str, records_by_split: dict[str, list[SceneRec
 
 
 def _write_clips(out: Path, writer: _ImageWriter, *, seed: int, counts: dict[str, int], layout: str,
-                 ocr_fraction: float, turns_per_record: int) -> tuple[dict[str, str], dict[str, dict]]:
+                 ocr_fraction: float, turns_per_record: int,
+                 prompt_layout: str) -> tuple[dict[str, str], dict[str, dict]]:
     """Every split's clips (frames queued on `writer`) and files; returns (files, counts by split)."""
     files: dict[str, str] = {}
     stats: dict[str, dict] = {}
     for split, clips in split_clips(seed, counts, ocr_fraction, layout).items():
         records = []
-        for clip, rec in zip(clips, split_clip_records(seed, split, clips, turns_per_record=turns_per_record)):
+        made = split_clip_records(seed, split, clips, turns_per_record=turns_per_record, prompt_layout=prompt_layout)
+        for clip, rec in zip(clips, made):
             writer.clip(clip, rec.frames)
             records.append(rec)
         files.update(_write_qa(out, f"clips_{split}", split, records, "synth_clips.jsonl", "test_clips"))
@@ -341,7 +360,7 @@ def _categories(layout: str, categories: tuple[str, ...]) -> dict:
 def _check_settings(*, n_train: int, n_val: int, n_test: int, image_size: int, ocr_fraction: float,
                     turns_per_record: int, train_questions: dict[str, int] | None, layout: str,
                     clip_counts: dict[str, int], reasoning_counts: dict[str, int],
-                    reasoning_categories: Sequence[str], small_text_counts: dict[str, int]) -> None:
+                    reasoning_categories: Sequence[str], small_text_counts: dict[str, int], prompt_layout: str) -> None:
     if image_size < MIN_IMAGE_SIZE:
         raise ConfigError(f"image_size {image_size} is too small for a {GRID}x{GRID} grid of legible objects "
                           f"(use >= {MIN_IMAGE_SIZE})")
@@ -357,6 +376,8 @@ def _check_settings(*, n_train: int, n_val: int, n_test: int, image_size: int, o
         raise ConfigError(f"ocr_fraction must be in [0, 1], got {ocr_fraction}")
     if layout not in LAYOUTS:
         raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if prompt_layout not in PROMPT_LAYOUTS:
+        raise ConfigError(f"prompt_layout must be one of {', '.join(PROMPT_LAYOUTS)}, got {prompt_layout!r}")
     if min(clip_counts.values()) < 0:
         raise ConfigError(f"clip counts must be >= 0, got {clip_counts}")
     if min(reasoning_counts.values()) < 0:
@@ -442,7 +463,9 @@ def tokenizer_texts(world_dir: str | Path) -> Iterator[str]:
     files that world.json lists. Reasoning scenes kept apart (`qa_reasoning_train.json`) are not
     read, so adding them leaves the tokenizer as it was: a model trained on the world without them
     (the demo's) keeps its token ids when a run names the world with them. Mixed into qa_train
-    (`reasoning_in_qa`), they are read with it."""
+    (`reasoning_in_qa`), they are read with it. The corpus's text-only chats
+    (`text_chat_train.json`) are not read either: their replies are openings of the corpus's
+    documents, read already, and their questions a few templates around a topic's name."""
     world_dir = Path(world_dir)
     files = json.loads((world_dir / WORLD_FILE).read_text())["files"]
     if "text_train" in files:
@@ -455,6 +478,16 @@ def tokenizer_texts(world_dir: str | Path) -> Iterator[str]:
         for record in json.loads((world_dir / files[key]).read_text()):
             for turn in record["conversations"]:
                 yield _without_placeholders(turn["value"])
+
+
+def world_prompt_layout(world_dir: str | Path) -> PromptLayout:
+    """The prompt layout a world on disk was written in (world.json's `prompt_layout`). A directory
+    without world.json, or a world.json without the key (written before layouts could be chosen,
+    when every record showed its image first), gives LLaVA's image-first layout."""
+    path = Path(world_dir) / WORLD_FILE
+    if not path.is_file():
+        return DEFAULT_PROMPT_LAYOUT
+    return json.loads(path.read_text()).get("prompt_layout") or DEFAULT_PROMPT_LAYOUT
 
 
 def _without_placeholders(text: str) -> str:
@@ -480,7 +513,7 @@ def prepare_world(spec: WorldSpec, progress: bool = True) -> Path:
                  n_test_reasoning=spec.n_test_reasoning, reasoning_categories=spec.reasoning_categories,
                  reasoning_in_qa=spec.reasoning_in_qa, n_train_small_text=spec.n_train_small_text,
                  n_val_small_text=spec.n_val_small_text, n_test_small_text=spec.n_test_small_text,
-                 progress=progress)
+                 prompt_layout=spec.prompt_layout, progress=progress)
     tok_dir = world_dir / TOKENIZER_DIR
     if not (tok_dir / TOKENIZER_FILE).is_file():
         tmp = world_dir / f".{TOKENIZER_DIR}-tmp"
@@ -499,6 +532,7 @@ def _check_world(spec: WorldSpec, world: dict, world_dir: Path) -> None:
     reasoning = counts.get("reasoning", {})  # absent: a world without reasoning scenes
     small_text = counts.get("small_text", {})  # absent: a world without small-text scenes
     settings = world.get("reasoning", {})
+    files = world.get("files", {})
     have = {"seed": world.get("seed"), "n_train": counts.get("train", {}).get("scenes"),
             "n_val": counts.get("val", {}).get("scenes"), "n_test": counts.get("test", {}).get("scenes"),
             "turns_per_record": world.get("turns_per_record"), "train_questions": world.get("train_questions"),
@@ -508,18 +542,20 @@ def _check_world(spec: WorldSpec, world: dict, world_dir: Path) -> None:
             **{f"n_{split}_reasoning": reasoning.get(split, {}).get("scenes", 0) for split in ("train", "val", "test")},
             **{f"n_{split}_small_text": small_text.get(split, {}).get("scenes", 0)
                for split in ("train", "val", "test")},
-            "reasoning_categories": settings.get("categories"), "reasoning_in_qa": settings.get("in_qa")}
+            "reasoning_categories": settings.get("categories"), "reasoning_in_qa": settings.get("in_qa"),
+            # a corpus written before the corpus gave text-only chats lacks their files
+            "text_chats": "text_chat_train" in files or "text_train" not in files}
     with_reasoning = any(spec.reasoning_counts.values())  # else the reasoning settings do not apply
     want = {"seed": spec.seed, "n_train": spec.n_train, "n_val": spec.n_val, "n_test": spec.n_test,
             "turns_per_record": spec.turns_per_record, "train_questions": spec.train_questions,
-            "prompt_layout": PROMPT_LAYOUT,  # a world asked image-first trains another layout
+            "prompt_layout": spec.prompt_layout,  # a world asked in the other layout trains another prompt
             "answer_style": ANSWER_STYLE,  # a world of one-word relation and option answers, another style
             "layout": spec.layout, "n_train_clips": spec.n_train_clips, "n_val_clips": spec.n_val_clips,
             "n_test_clips": spec.n_test_clips,
             **{f"n_{split}_reasoning": n for split, n in spec.reasoning_counts.items()},
             **{f"n_{split}_small_text": n for split, n in spec.small_text_counts.items()},
             "reasoning_categories": list(spec.reasoning_categories) if with_reasoning else None,
-            "reasoning_in_qa": spec.reasoning_in_qa if with_reasoning else None}
+            "reasoning_in_qa": spec.reasoning_in_qa if with_reasoning else None, "text_chats": True}
     differ = [f"{k}: {have[k]!r} on disk, {want[k]!r} in the config" for k in want if have[k] != want[k]]
     if differ:
         raise ConfigError(f"{world_dir} holds a world generated with other settings ({'; '.join(differ)}); "

@@ -10,7 +10,9 @@ Formats (docs/evaluation.md has examples of each):
     vlmkit format `{id, images, question, choices?, answer, category?}` that
     vlmkit.data.synth writes for its test split; a row may also carry a video (`video` /
     `videos`: a list of frame paths, a frame directory or a video file; a list of such lists for
-    several), as the synthetic world's `synth_clips.jsonl` does.
+    several), as the synthetic world's `synth_clips.jsonl` does. A row may carry a conversation
+    before its question (`history`: a list of `{"question", "reply"}` turns; docs/evaluation.md,
+    "Follow-up questions").
 
 Images are read by the data files' rule (data/formats.py's `image_ref`): data URLs, or paths
 relative to `image_root` (by default the benchmark file's folder) that must stay inside it; MMBench
@@ -46,6 +48,14 @@ class BenchmarkError(VlmkitError):
 
 
 @dataclass
+class Turn:
+    """An earlier turn of an item's conversation: the user's text as sent, and the reply to it."""
+
+    question: str
+    reply: str
+
+
+@dataclass
 class BenchItem:
     """One question. For choice items `answer` is the gold option's letter (A = choices[0])."""
 
@@ -59,6 +69,8 @@ class BenchItem:
     """Each video: its frames (a list of ImageRef) or the path of a frame directory or video file."""
     category: str = "all"
     hint: str = ""
+    history: list[Turn] = field(default_factory=list)
+    """Turns asked before the question, in order; the images and videos go with the first one."""
     source_id: str = ""
     """The id of the question this item was derived from (CircularEval rotations); else `id`."""
     rotation: int = 0
@@ -113,6 +125,7 @@ JSONL_KEYS: dict[str, tuple[str, ...]] = {
     "videos": ("videos", "video"),
     "category": ("category", "question_type", "question_type_id", "subject", "type", "task"),
     "hint": ("hint", "context", "lecture_hint"),
+    "history": ("history",),
 }
 SEED_CHOICE_KEYS = tuple(f"choice_{c}" for c in "abcdefgh")
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/=\s]+$")
@@ -185,7 +198,8 @@ def _bare_base64_image(value: str) -> bytes | None:
 
 
 def make_item(*, id: str, question: Any, answer: Any, choices: list[str] | None, images: list[ImageRef],
-              category: Any = None, hint: Any = None, videos: list[VideoRef] | None = None) -> BenchItem:
+              category: Any = None, hint: Any = None, videos: list[VideoRef] | None = None,
+              history: Any = None) -> BenchItem:
     """Validate fields and decide the item's kind (choice / yesno / open)."""
     if _missing(question) or not isinstance(question, str):
         raise BadRecordError("missing_question", "no question text")
@@ -197,9 +211,32 @@ def make_item(*, id: str, question: Any, answer: Any, choices: list[str] | None,
     if len(choices) == 1:
         raise BadRecordError("one_choice", "a multiple-choice item needs at least two choices")
     common = dict(id=id, question=question, images=images, videos=list(videos or []),
-                  category="all" if _missing(category) else str(category), hint="" if _missing(hint) else str(hint))
+                  category="all" if _missing(category) else str(category), hint="" if _missing(hint) else str(hint),
+                  history=read_history(history))
     kind, gold = canonical_answer(answer, choices)
     return BenchItem(answer=gold, kind=kind, choices=choices, **common)
+
+
+def read_history(value: Any) -> list[Turn]:
+    """A row's `history` (absent: no earlier turns) -> its turns. Raises BadRecordError (bad_history)
+    unless it is a list of objects, each with a non-empty string `question` and a string `reply`."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRecordError("bad_history", f"history must be a list of turns, got {type(value).__name__}")
+    turns = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise BadRecordError("bad_history", f"history[{i}] must be an object with 'question' and 'reply', "
+                                                f"got {type(turn).__name__}")
+        question, reply = turn.get("question"), turn.get("reply")
+        if not isinstance(question, str) or not question.strip():
+            raise BadRecordError("bad_history",
+                                 f"history[{i}].question must be a non-empty string, got {question!r:.60}")
+        if not isinstance(reply, str):
+            raise BadRecordError("bad_history", f"history[{i}].reply must be a string, got {reply!r:.60}")
+        turns.append(Turn(question, reply))
+    return turns
 
 
 def _jsonl_item(obj: Any, index: int, root: Path) -> BenchItem:
@@ -219,7 +256,7 @@ def _jsonl_item(obj: Any, index: int, root: Path) -> BenchItem:
     return make_item(id=str(index) if raw_id is None else str(raw_id), question=_first(obj, "question"),
                      answer=_first(obj, "answer"), choices=choices,
                      images=[benchmark_image(v, root) for v in images],
-                     category=_first(obj, "category"), hint=_first(obj, "hint"),
+                     category=_first(obj, "category"), hint=_first(obj, "hint"), history=_first(obj, "history"),
                      videos=[benchmark_video(v, root) for v in video_entries(_first(obj, "videos"))])
 
 

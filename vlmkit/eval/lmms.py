@@ -6,8 +6,8 @@
 lmms-eval finds the model through the `lmms_eval.models` entry point (eval/lmms_manifest.py).
 Model arguments: `pretrained=DIR` (required), `adapter=DIR` (a LoRA adapter merged in),
 `device=cpu|cuda|cuda:1` (default: cuda when available), `dtype=float32|bfloat16|float16` (default:
-the checkpoint's), `images_after_text=true` (put the visuals after the text, as the synthetic
-world asks), `max_new_tokens=N` (a task that sets none); `--batch_size` is the rows decoding together.
+the checkpoint's), `images_after_text=true` (put the visuals after the text, as a
+`text-then-image` synthetic world asks), `max_new_tokens=N` (a task that sets none); `--batch_size` is the rows decoding together.
 
 A request's context and its visuals (its task's `doc_to_visual`: PIL images, or paths: an image
 file's, else a video's) become one user turn, put as `vlmkit eval` puts a question

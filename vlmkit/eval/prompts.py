@@ -1,10 +1,13 @@
-"""How a benchmark item is put to the model: one user turn with the item's videos, images and its text.
+"""How a benchmark item is put to the model: one user turn with the item's videos, images and its text,
+or, for an item with a history, the whole conversation with the visuals in its first turn.
 
 The wording follows LLaVA-1.5's evaluation prompts: options as "A. text" lines followed by
 "Answer with the option's letter from the given choices directly.", and for short answers
 "Answer the question using a single word or phrase.". A `PromptFormat` with empty instructions
-puts the question alone; `SYNTH_PROMPTS` also puts the image after the text, as the synthetic
-world's training data asks (data/synth.py), so that benchmark is asked exactly as the model learned it.
+puts the question alone. The synthetic world's benchmarks are asked with no instruction and the
+image where the world's training records put it (its `prompt_layout`, data/synth.py): before the
+text (`SYNTH_PROMPTS`) or after it; `world_prompt_format` reads the layout from the world on disk,
+so a benchmark is asked exactly as the model learned it.
 
 Both evaluation modes and the lmms-eval plugin (eval/lmms.py) build the same OpenAI-style turn
 (`user_turn`, on data/messages.py's `user_content`) and read it as every conversation is read
@@ -16,11 +19,14 @@ cloze-style (options not listed, each scored as the reply).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from PIL import Image
 
 from vlmkit.data.messages import user_content
+from vlmkit.data.synth import PromptLayout, visual_after_text
+from vlmkit.data.world import world_prompt_layout
 from vlmkit.eval.benchmarks import LETTERS, BenchItem
 
 
@@ -36,7 +42,20 @@ class PromptFormat:
 
 LLAVA_PROMPTS = PromptFormat()
 PLAIN_PROMPTS = PromptFormat(choice_instruction="", short_instruction="")
-SYNTH_PROMPTS = PromptFormat(choice_instruction="", short_instruction="", images_after_text=True)
+SYNTH_PROMPTS = PromptFormat(choice_instruction="", short_instruction="")
+"""The synthetic world's benchmarks in the default (image-first) layout: no instruction, as its
+training records have none."""
+
+
+def synth_prompts(prompt_layout: PromptLayout) -> PromptFormat:
+    """SYNTH_PROMPTS with the images where a world of `prompt_layout` puts them."""
+    return replace(SYNTH_PROMPTS, images_after_text=visual_after_text(prompt_layout))
+
+
+def world_prompt_format(world_dir: str | Path) -> PromptFormat:
+    """How the benchmarks of the world in `world_dir` (synth.jsonl and its siblings) are asked: in
+    the layout its world.json records (images first without one)."""
+    return synth_prompts(world_prompt_layout(world_dir))
 
 
 def question_text(item: BenchItem, fmt: PromptFormat, *, list_options: bool) -> str:
@@ -54,9 +73,15 @@ def question_text(item: BenchItem, fmt: PromptFormat, *, list_options: bool) -> 
 
 def chat_messages(item: BenchItem, images: list[Image.Image], fmt: PromptFormat, *, list_options: bool,
                   videos: Sequence = ()) -> list[dict]:
-    """An item's question as one user turn (`user_turn`)."""
-    return user_turn(question_text(item, fmt, list_options=list_options), images, videos,
-                     images_after_text=fmt.images_after_text)
+    """An item's conversation: its question as one user turn (`user_turn`), or after its history
+    (user, assistant, ..., user), the videos and images in the first user turn and the later turns
+    text only, as `vlmkit chat` and the server hold a conversation. A history turn's question is
+    sent as written; only the item's own question is worded by `fmt`."""
+    texts = [turn.question for turn in item.history] + [question_text(item, fmt, list_options=list_options)]
+    messages = user_turn(texts[0], images, videos, images_after_text=fmt.images_after_text)
+    for turn, text in zip(item.history, texts[1:]):
+        messages += [{"role": "assistant", "content": turn.reply}, *user_turn(text, [])]
+    return messages
 
 
 def user_turn(text: str, images: Sequence, videos: Sequence = (), *, images_after_text: bool = False) -> list[dict]:

@@ -12,6 +12,7 @@ and the pieces every report is built from, `vlmkit demo`'s included (train/demo.
   percent(x)                                      0.8312 -> "83.1"
   category_table(per_category, columns)           the per-category Markdown table
   plot_categories(per_category, series, path)     the per-category bar chart, one bar per series
+  plot_stage_values(stages, values, path)         one value after each stage of a curriculum, as a line
   benchmark_chance(per_category, chance_of)       chance accuracy of a benchmark, per category and
                                                   overall (weighted by questions)
   compare_with_baselines(model, blind, chance_of) a model's accuracy beside its blind baseline and
@@ -56,13 +57,7 @@ def plot_categories(per_category: PerCategory, series: list[tuple[str, str]], pa
                     title: str | None = None, overall: float | None = None) -> None:
     """A bar chart of `per_category` written to `path` (PNG): per category, one bar per (key, label)
     of `series`, side by side; `overall` adds a dashed line at that accuracy."""
-    # matplotlib is imported here, and only for its Agg backend: it takes a second to import and
-    # the commands that never draw a chart should not pay for it.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     cats = list(per_category)
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(4.0, (0.3 + 0.27 * len(series)) * len(cats) + 2), 3.4))
@@ -74,10 +69,42 @@ def plot_categories(per_category: PerCategory, series: list[tuple[str, str]], pa
         ax.axhline(100 * overall, color=OVERALL_COLOR, linestyle="--", label=f"overall {percent(overall)}%")
     ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
     ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    _save(plt, fig, ax, path, ylabel=ylabel, title=title)
+
+
+def plot_stage_values(stages: list[str], values: list[float], path: Path, *, ylabel: str, title: str | None = None,
+                      log_y: bool = False) -> None:
+    """A line chart written to `path` (PNG): one value measured after each stage (e.g. held-out text
+    perplexity), the stage names on the x axis in curriculum order, each point labelled."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(stages) + 2), 3.4))
+    ax.plot(range(len(stages)), values, "o-", color=SERIES_COLORS[0])
+    for i, value in enumerate(values):
+        ax.annotate(f"{value:.3g}", (i, value), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xticks(range(len(stages)), stages, rotation=30, ha="right")
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    _save(plt, fig, ax, path, ylabel=ylabel, title=title)
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend. Imported only when a chart is drawn: it takes a
+    second to import, and the commands that never draw one should not pay for it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, ax, path: Path, *, ylabel: str, title: str | None) -> None:
+    """Label the y axis (and title), lay out, write the PNG and free the figure."""
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

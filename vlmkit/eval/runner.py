@@ -4,8 +4,10 @@
        answer extraction (data/answers.py) and exact match.
   ppl  multiple choice by length-normalised log-likelihood of each option (eval/ppl.py).
 
-Both modes put a question as one OpenAI-style user turn (eval/prompts.py) and read it as every
-conversation is read (data/messages.py, data/prompt.py).
+Both modes put a question as one OpenAI-style user turn, or an item with a history as its whole
+conversation (eval/prompts.py), and read it as every conversation is read (data/messages.py,
+data/prompt.py). eval/follow_up.py turns a finished evaluation into follow-up items (each question
+asked after another one about the same image and the model's own reply to it).
 
 `blind=True` evaluates the same model with every image replaced by a blank one of the same size
 (the mean colour of the encoder's normalisation, i.e. all-zero pixel values), and every video by
@@ -31,18 +33,19 @@ from typing import Any, Iterator, Literal
 from PIL import Image
 from tqdm import tqdm
 
+from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.images import ImageProcessor
 from vlmkit.data.messages import keep_image, read_conversation
 from vlmkit.data.native_images import open_video
 from vlmkit.data.prompt import Prompt, build_prompt, encode_images
-from vlmkit.data.template import encode_record
+from vlmkit.data.template import encode_prompt, encode_record
 from vlmkit.data.types import ImageRef, Message, Record, Sample, VideoRef
 from vlmkit.data.world import generate as generate_world
 from vlmkit.errors import BadRecordError, VlmkitError
 from vlmkit.eval.benchmarks import LETTERS, Benchmark, BadRow, BenchItem, circular_items, read_benchmark
 from vlmkit.eval.metrics import RowResult, score_reply, summarize
 from vlmkit.eval.ppl import length_normalised, sequence_logprobs
-from vlmkit.eval.prompts import LLAVA_PROMPTS, SYNTH_PROMPTS, PromptFormat, chat_messages
+from vlmkit.eval.prompts import LLAVA_PROMPTS, SYNTH_PROMPTS, PromptFormat, chat_messages, world_prompt_format
 from vlmkit.infer.engine import Engine
 from vlmkit.infer.sampling import SamplingParams
 
@@ -64,6 +67,8 @@ class EvalResult:
     rows: list[RowResult] = field(default_factory=list)
     bad_rows: list[BadRow] = field(default_factory=list)
     seconds: float = 0.0
+    prompt_format: PromptFormat = LLAVA_PROMPTS
+    """How the questions were worded (a follow-up evaluation repeats an earlier question as asked)."""
 
     @property
     def accuracy(self) -> float:
@@ -91,7 +96,7 @@ class Question:
     videos: list[VideoRef | list[Image.Image]] = field(default_factory=list)
 
     def messages(self, fmt: PromptFormat, *, list_options: bool) -> list[dict]:
-        """The question as one OpenAI-style user turn (eval/prompts.py)."""
+        """The question as an OpenAI-style conversation: one user turn, or its history first (eval/prompts.py)."""
         return chat_messages(self.item, self.images, fmt, list_options=list_options, videos=self.videos)
 
 
@@ -193,17 +198,21 @@ def _option_samples(model, processor: ImageProcessor, question: Question, fmt: P
 
 def reply_samples(model, processor: ImageProcessor, messages: list[dict], replies: list[str],
                   sample_id: str) -> list[Sample]:
-    """One sample per reply: the user turn `messages` (images decoded once for all), then the reply
-    as the assistant's turn, supervised as training supervises a reply (the reply's tokens and its
-    end-of-turn token): what eval/ppl.py's `sequence_logprobs` scores. Raises BadRecordError."""
-    user = read_conversation(messages, keep_image, keep_image)
-    visual = encode_images(user.images, processor, model.config.tokens_per_tile, user.videos)
+    """One sample per reply: the conversation `messages`, ending with a user turn (images decoded
+    once for all), then the reply as the assistant's turn, supervised as training supervises a reply
+    (the reply's tokens and its end-of-turn token): what eval/ppl.py's `sequence_logprobs` scores.
+    Earlier assistant turns are context only: everything up to the reply's generation prompt is
+    left unsupervised. Raises BadRecordError."""
+    asked = read_conversation(messages, keep_image, keep_image)
+    visual = encode_images(asked.images, processor, model.config.tokens_per_tile, asked.videos)
+    context = len(encode_prompt(asked.messages, model.tokenizer, visual.visual_tokens, visual.video_tokens))
     samples = []
     for reply in replies:
         record = Record(id=sample_id, source="eval", kind="chat",
-                        messages=user.messages + [Message("assistant", reply)])
+                        messages=asked.messages + [Message("assistant", reply)])
         ids, labels = encode_record(record, model.tokenizer, visual.visual_tokens, visual.video_tokens)
-        samples.append(visual.sample(sample_id, "eval", list(ids), list(labels)))
+        labels = [IGNORE_INDEX] * context + list(labels[context:])
+        samples.append(visual.sample(sample_id, "eval", list(ids), labels))
     return samples
 
 
@@ -263,11 +272,9 @@ def synth_test_split(cache_dir: str | Path | None, n_test: int = 1000, seed: int
 
 
 BUILTIN = {"synth": lambda cache_dir: read_benchmark(synth_test_split(cache_dir))}
-# Prompt wording per benchmark name: the synthetic split and the synthetic world's test clips and
-# reasoning questions (`synth_clips.jsonl`, `synth_reasoning.jsonl`, data/world.py) are asked
-# exactly as their training data asks.
-FORMATS: dict[str, PromptFormat] = {"synth": SYNTH_PROMPTS, "synth_clips": SYNTH_PROMPTS,
-                                    "synth_reasoning": SYNTH_PROMPTS}
+WORLD_BENCHMARKS = ("synth", "synth_clips", "synth_reasoning")
+"""Benchmark names asked exactly as their training data asks (`benchmark_prompt_format`): the
+synthetic world's test split, test clips and reasoning questions (data/world.py)."""
 # Longest reply per benchmark name (gen mode): the synthetic world's worked replies run to ~26 tokens.
 REPLY_TOKENS: dict[str, int] = {"synth": 40, "synth_clips": 40, "synth_reasoning": 64}
 DEFAULT_REPLY_TOKENS = 16
@@ -304,7 +311,8 @@ def evaluate(model, bench: Benchmark | str | Path, *, mode: Mode = "gen", circul
 
     bench: a Benchmark, a file (.tsv / .jsonl / .json) or "synth". `limit` keeps the first N
     questions (before CircularEval expands them into rotations). `prompt_format` defaults to
-    LLaVA's wording, and to the plain training wording for the synthetic benchmark;
+    LLaVA's wording, and for the synthetic world's benchmarks to their world's training wording
+    and prompt layout (`benchmark_prompt_format`);
     `max_new_tokens` to REPLY_TOKENS for the benchmark's name, else DEFAULT_REPLY_TOKENS.
     `image_root`: the folder a benchmark file's image paths resolve under (and must stay in).
     """
@@ -316,7 +324,7 @@ def evaluate(model, bench: Benchmark | str | Path, *, mode: Mode = "gen", circul
         raise VlmkitError("the model has no tokenizer; evaluate a checkpoint saved with one")
     start = time.perf_counter()
     benchmark = load_benchmark(bench, image_root=image_root, cache_dir=cache_dir)
-    fmt = prompt_format or FORMATS.get(benchmark.name, LLAVA_PROMPTS)
+    fmt = prompt_format or benchmark_prompt_format(benchmark)
     if max_new_tokens is None:
         max_new_tokens = REPLY_TOKENS.get(benchmark.name, DEFAULT_REPLY_TOKENS)
     answers_by_category = _open_answers(benchmark)  # the whole benchmark's, also under `limit`
@@ -338,7 +346,16 @@ def evaluate(model, bench: Benchmark | str | Path, *, mode: Mode = "gen", circul
         model.train(was_training)
     return EvalResult(benchmark=benchmark.name, mode=mode, circular=circular, blind=blind, summary=summarize(rows),
                       rows=rows, bad_rows=benchmark.bad_rows + bad_rows + more_bad,
-                      seconds=time.perf_counter() - start)
+                      seconds=time.perf_counter() - start, prompt_format=fmt)
+
+
+def benchmark_prompt_format(benchmark: Benchmark) -> PromptFormat:
+    """How a benchmark is asked by default: one of the synthetic world's (WORLD_BENCHMARKS) in the
+    prompt layout of the world its file sits in (eval/prompts.py `world_prompt_format`), any other
+    in LLaVA's wording."""
+    if benchmark.name not in WORLD_BENCHMARKS:
+        return LLAVA_PROMPTS
+    return world_prompt_format(Path(benchmark.path).parent) if benchmark.path else SYNTH_PROMPTS
 
 
 def evaluate_with_blind(model, bench: Benchmark | str | Path, **kw) -> dict[str, EvalResult]:

@@ -49,8 +49,8 @@ POST_TRAIN_DIR = "post_train"
 """Everything the post-training examples write, inside the demo's DIR."""
 REASONING_BENCH = "synth_reasoning.jsonl"
 """The held-out reasoning questions; evaluation asks them with its own wording and reply length
-for this benchmark name (eval/runner.py's FORMATS, REPLY_TOKENS), and self-feedback samples
-replies of that length."""
+for this benchmark name, in its world's prompt layout (eval/runner.py's WORLD_BENCHMARKS,
+REPLY_TOKENS), and self-feedback samples replies of that length."""
 EVAL_BATCH = 64
 
 # The budgets (full run / --quick). The quick run checks that every step runs and every field is
@@ -75,14 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def reasoning_world(root: Path, budget: dict, progress: bool) -> Path:
+def reasoning_world(root: Path, budget: dict, prompt_layout: str, progress: bool) -> Path:
     """DIR/post_train/world: reasoning scenes only (one default scene per split, which nothing
-    reads: a world needs them), written once."""
+    reads: a world needs them), asked in the demo world's `prompt_layout`, written once."""
     world = root / "world"
     if not (world / WORLD_FILE).is_file():
         generate(world, n_train=1, n_val=0, n_test=1, turns_per_record=1, text_corpus=False,
                  n_train_reasoning=budget["reasoning_train"], n_test_reasoning=budget["reasoning_test"],
-                 reasoning_categories=CATEGORIES, progress=progress)
+                 reasoning_categories=CATEGORIES, prompt_layout=prompt_layout, progress=progress)
     return world
 
 
@@ -195,8 +195,8 @@ def self_feedback_data(start: Path, world: Path, out: Path, budget: dict) -> tup
 
 
 def content_parts(question: str, image: Path) -> list[dict]:
-    """A LLaVA human turn as content parts, the image where its placeholder stands (the world asks
-    its question before the image, as the demo model was trained)."""
+    """A LLaVA human turn as content parts, the image where its placeholder stands (before or after
+    the question, as the world's prompt layout put it and the demo model was trained)."""
     before, _, after = question.partition(IMAGE_PLACEHOLDER)
     parts = [{"type": "text", "text": before}] if before.strip() else []
     parts.append({"type": "image", "image": str(image)})
@@ -240,7 +240,7 @@ def run(args: argparse.Namespace, demo_run, demo_cfg: RunConfig) -> int:
     root = out / POST_TRAIN_DIR
     root.mkdir(parents=True, exist_ok=True)
     demo_world = out / "world"
-    world = reasoning_world(root, budget, progress)
+    world = reasoning_world(root, budget, demo_cfg.world.prompt_layout, progress)
     categories = list(CATEGORIES)
 
     start, _, _ = train_run(start_config(demo_cfg, budget, quick=args.quick), root / "sft_start")

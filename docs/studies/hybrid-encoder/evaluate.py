@@ -15,7 +15,7 @@ import torch
 from vlmkit import VLM
 from vlmkit.data.synth import (CATEGORIES, GRID, SMALL_TEXT_CATEGORIES, Scene, chance_accuracy, render,
                                split_small_text_scenes)
-from vlmkit.eval.prompts import SYNTH_PROMPTS
+from vlmkit.eval.prompts import world_prompt_format
 from vlmkit.eval.runner import evaluate_with_blind
 
 BENCHMARK = "synth_small_text.jsonl"
@@ -76,7 +76,7 @@ def main() -> None:
     results = {}
     for ckpt in args.checkpoints:
         model = VLM.load(ckpt)
-        got = evaluate_with_blind(model, bench, prompt_format=SYNTH_PROMPTS, max_new_tokens=REPLY_TOKENS,
+        got = evaluate_with_blind(model, bench, prompt_format=world_prompt_format(args.world), max_new_tokens=REPLY_TOKENS,
                                   image_root=args.world, progress=False)
         results[ckpt] = {k: r.summary for k, r in got.items()}
         if args.probe:
