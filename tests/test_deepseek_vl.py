@@ -173,9 +173,11 @@ def test_images_equal_the_image_processor(pair):
 
 def test_prompts_equal_the_processor(pair):
     """build_prompt gives the processor's ids and pixels: images anywhere, several turns, a system
-    message, the fixed system text and the bos token."""
+    message, the fixed system text and the bos token. The template writes a message's parts in
+    their order (text before, between and after images: CONVERSATIONS[1:3])."""
     _, _, ours, _, processor = pair
     assert ours.tokenizer.template == "deepseek_vl" and ours.tokenizer.image_token == DEEPSEEK_VL_IMAGE_TOKEN
+    assert not ours.tokenizer.visuals_first
     for make in CONVERSATIONS:
         conversation = make(sample_images())
         prompt = build_prompt(conversation, ours.tokenizer, ours.image_processor(), ours.config.tokens_per_tile)

@@ -1,8 +1,9 @@
 """Idefics3 and SmolVLM checkpoints (transformers' `Idefics3ForConditionalGeneration`,
-`SmolVLMForConditionalGeneration`) in vlmkit: tiny random models of two shapes (Idefics3's: a
+`SmolVLMForConditionalGeneration`) in vlmkit: tiny random models of three shapes (Idefics3's: a
 Llama-3 vocabulary, an untied decoder, an 8 x 8 patch grid; SmolVLM's: a ChatML vocabulary, a tied
 decoder, a 25 x 25 grid, whose bucketed positions the reference rounds off the diagonal, and a
-pixel shuffle by 5) saved with a tokenizer and processor configs. Checked against transformers:
+pixel shuffle by 5; SmolVLM-Instruct's: tiles that are not a whole number of patches, shuffled by
+3) saved with a tokenizer and processor configs. Checked against transformers:
 the image processor's tiles, the processor's prompt ids, logits on a padded batch of a text-only
 row and rows with images of different sizes (the processor's 5-D tensors as they are), cached
 greedy decoding and the export round trip; plus the packed loss, the vlmkit checkpoint and the
@@ -33,7 +34,7 @@ from vlmkit.data.split_images import SplitImageProcessor
 from vlmkit.data.template import encode_record, render
 from vlmkit.data.types import Record
 from vlmkit.errors import BadRecordError, CheckpointError, ConfigError
-from vlmkit.models.config import VLMConfig
+from vlmkit.models.config import VisionConfig, VLMConfig
 from vlmkit.models.hf.idefics3 import check_idefics3_exportable, idefics3_config
 from vlmkit.models.hf.internvl import check_internvl_exportable
 from vlmkit.models.vision import bucketed_position_ids
@@ -70,6 +71,17 @@ SHAPES = {
                     vision=dict(hidden_size=32, num_attention_heads=2, intermediate_size=48, num_hidden_layers=2,
                                 image_size=50, patch_size=2),
                     scale_factor=5, tied=True, tiles_per_side=2),
+    # SmolVLM-Instruct's tower in small: tiles of a size that is not a multiple of the patch (384 /
+    # 14 there, 38 / 4 here), the conv dropping the part patch (9 x 9), shuffled by 3.
+    "smolvlm_instruct": dict(name="SmolVLM", config=transformers.SmolVLMConfig,
+                             model=transformers.SmolVLMForConditionalGeneration,
+                             image_processor=transformers.SmolVLMImageProcessorPil,
+                             specials=["<|endoftext|>", IM_START, IM_END, *IDEFICS3_TOKENS],
+                             tokens=dict(bos_token=IM_START, eos_token=END_OF_UTTERANCE, pad_token="<|endoftext|>",
+                                         chat_template=processing_smolvlm.DEFAULT_CHAT_TEMPLATE),
+                             vision=dict(hidden_size=32, num_attention_heads=2, intermediate_size=48,
+                                         num_hidden_layers=2, image_size=38, patch_size=4),
+                             scale_factor=3, tied=True, tiles_per_side=2),
 }
 
 
@@ -114,7 +126,7 @@ def _reference_processor(path, shape: str):
     parts = dict(image_processor=spec["image_processor"].from_pretrained(path),
                  tokenizer=transformers.AutoTokenizer.from_pretrained(path), image_seq_len=_tokens_per_tile(spec),
                  chat_template=spec["tokens"]["chat_template"])
-    if shape == "idefics3":
+    if spec["name"] == "Idefics3":
         return transformers.Idefics3Processor(**parts)
     with without_video_processor(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(processing_smolvlm, "num2words", str)
@@ -158,11 +170,12 @@ def _reference_batch(processor, conversations, images_per_row):
 
 
 @pytest.mark.parametrize("tiles_per_side", [1, 2, 3])
-def test_tiles_equal_the_image_processor(tiles_per_side):
+@pytest.mark.parametrize("tile", [32, 38])
+def test_tiles_equal_the_image_processor(tiles_per_side, tile):
     """data/split_images.py gives transformers' Idefics3 image processor's tiles: the same grids,
     global images and pixels, for images wider, taller, smaller and larger than a tile, and with
-    the longest side of one tile (no split, the image alone)."""
-    tile = 32
+    the longest side of one tile (no split, the image alone); for tiles of whole 4-pixel patches
+    and not (SmolVLM-Instruct's)."""
     reference = transformers.Idefics3ImageProcessorPil(size={"longest_edge": tiles_per_side * tile},
                                                         max_image_size={"longest_edge": tile})
     mine = SplitImageProcessor(tile, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), tiles_per_side)
@@ -180,11 +193,13 @@ def test_tiles_equal_the_image_processor(tiles_per_side):
 
 def test_bucketed_positions_equal_the_reference():
     """The position rows the tower reads: transformers' bucketing, float rounding included (side 25
-    shifts some patches of the native grid), for native and other grids."""
+    shifts some patches of the native grid), for native and other grids, and for image sizes that
+    end in a part patch (the table's side is the whole patches)."""
     torch.manual_seed(0)
-    for side in (8, 25, 26, 31):
-        config = transformers.Idefics3VisionConfig(hidden_size=8, image_size=side * 2, patch_size=2,
+    for side, part_patch in ((8, 0), (25, 0), (26, 0), (31, 0), (25, 1)):
+        config = transformers.Idefics3VisionConfig(hidden_size=8, image_size=side * 2 + part_patch, patch_size=2,
                                                    num_attention_heads=2)
+        assert VisionConfig(image_size=config.image_size, patch_size=2).grid_size == side
         embeddings = transformers.models.idefics3.modeling_idefics3.Idefics3VisionEmbeddings(config)
         table = embeddings.position_embedding.weight
         for grid in ((side, side), (side - 3, side), (5, 12)):
@@ -274,6 +289,21 @@ def test_config_read_from_the_directory(pair):
     assert ours.tokenizer.bos_id == ours.tokenizer.token_id(spec["tokens"]["bos_token"])
     assert ours.tokenizer.stop_ids == [ours.tokenizer.token_id(END_OF_UTTERANCE)]
     assert idefics3_config(path) == cfg
+
+
+def test_smolvlm_instruct_sizes_are_read(tmp_path):
+    """SmolVLM-Instruct's own sizes (384-pixel tiles of 14-pixel patches, a pixel shuffle by 3, 4
+    tiles per side): the 27 x 27 patches and 81 tokens per tile transformers counts."""
+    config = transformers.SmolVLMConfig(vision_config=dict(image_size=384, patch_size=14), scale_factor=3,
+                                        text_config={**TEXT, "vocab_size": 64}, image_token_id=63)
+    config.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(dict(
+        image_processor_type="SmolVLMImageProcessor", size=dict(longest_edge=4 * 384),
+        max_image_size=dict(longest_edge=384), resample=1, do_image_splitting=True)))
+    (tmp_path / "processor_config.json").write_text(json.dumps(dict(processor_class="SmolVLMProcessor",
+                                                                    image_seq_len=81)))
+    cfg = idefics3_config(tmp_path)
+    assert (cfg.vision.grid_size, cfg.tokens_per_image, cfg.tiles_per_side) == (27, 81, 4)
 
 
 def test_packed_loss_equals_the_padded_batch(pair):
@@ -385,7 +415,7 @@ def test_export_refusals(pair, tmp_path):
     (dict(preprocessor=dict(size=dict(longest_edge=80))), "not a whole number of 32-pixel tiles"),
     (dict(preprocessor=dict(image_processor_type="SiglipImageProcessor")), "vlmkit splits images as"),
     (dict(processor=dict(image_seq_len=169)), "image_seq_len 169 differs from the 16 tokens"),
-    (dict(config=dict(vision_config=dict(image_size=30))), "must be a multiple of patch_size"),
+    (dict(config=dict(vision_config=dict(image_size=3))), "must hold at least one patch of 4"),
     (dict(config=dict(architectures=["Idefics2ForConditionalGeneration"], model_type="idefics2")),
      r"architecture .Idefics2ForConditionalGeneration. is not a VLM vlmkit loads whole: \[.*Idefics3For.*SmolVLMFor"),
 ])

@@ -15,12 +15,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tests.test_decode_paths import greedy_full_forward, greedy_with_cache
+from tests.test_deepseek_vl import FAMILIES as DEEPSEEK_VL_FAMILIES
+from tests.test_deepseek_vl import _parity_batch as deepseek_vl_batch
+from tests.test_deepseek_vl import _reference_processor as deepseek_vl_processor
+from tests.test_deepseek_vl import _save as save_deepseek_vl
 from tests.test_internvl import SHAPES as INTERNVL_SHAPES
 from tests.test_internvl import _parity_batch as internvl_batch
 from tests.test_internvl import _reference_processor as internvl_processor
 from tests.test_internvl import _save_internvl
 from tests.test_llava import IMG, _inputs, exportable_config, with_random_norms
 from tests.test_llm import samples
+from tests.test_onevision import _parity_batch as onevision_batch
+from tests.test_onevision import _reference_processor as onevision_processor
+from tests.test_onevision import save_onevision
 from tests.test_llm import tiny as tiny_llm
 from tests.test_qwen_vl import TOLERANCE, _batch, _hf_model, _reference_logits
 from tests.train_support import Stopped, assert_same_weights, prepared_world, stop_after
@@ -259,6 +266,41 @@ def test_peft_loads_the_adapter_onto_the_internvl_export_with_the_same_logits(tm
         got = _peft_model(tmp_path / "export", tmp_path / "adapter")(**batch).logits
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(got[real], expected[real], rtol=0, atol=TOLERANCE)
+
+
+def _peft_logits_equal_ours(tmp_path, batch) -> None:
+    """The model imported from tmp_path/source, exported, given random adapters on every part and
+    saved; peft's model from the export and the adapter gives vlmkit's logits on `batch`."""
+    model = VLM.from_hf(tmp_path / "source")
+    model.export_hf(tmp_path / "export")
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=EVERY_PART))
+    randomise_adapters(model)
+    save_adapter(model, tmp_path / "adapter")
+    with torch.no_grad():
+        expected = model(**batch)
+        got = _peft_model(tmp_path / "export", tmp_path / "adapter")(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=0, atol=TOLERANCE)
+
+
+def test_peft_loads_the_adapter_onto_the_onevision_export_with_the_same_logits(tmp_path):
+    save_onevision(tmp_path / "source")
+    _peft_logits_equal_ours(tmp_path, onevision_batch(onevision_processor(tmp_path / "source")))
+    config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG_FILE).read_text())
+    assert {"model.multi_modal_projector.linear_1", "model.vision_tower.encoder.layers.0.mlp.fc1",
+            "model.language_model.layers.0.self_attn.q_proj"} <= set(config["target_modules"])
+
+
+@pytest.mark.parametrize("family", list(DEEPSEEK_VL_FAMILIES))
+def test_peft_loads_the_adapter_onto_the_deepseek_vl_export_with_the_same_logits(tmp_path, family):
+    save_deepseek_vl(tmp_path / "source", family)
+    _peft_logits_equal_ours(tmp_path, deepseek_vl_batch(deepseek_vl_processor(tmp_path / "source", family)))
+    config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG_FILE).read_text())
+    expected = {"model.vision_model.encoder.layers.0.mlp.fc1", "model.language_model.layers.0.self_attn.q_proj"}
+    expected |= ({"model.aligner.linear1"} if family == "deepseek_vl" else
+                 {"model.aligner.vision_proj", "model.aligner.high_res_vision_proj",
+                  "model.high_res_vision_model.vision_encoder.layers.0.attn.qkv"})
+    assert expected <= set(config["target_modules"])
 
 
 def test_llava_module_names_are_llava_s_layouts_read_backwards():

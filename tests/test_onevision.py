@@ -67,10 +67,8 @@ def _image_processor(path=None):
                                                         image_std=[0.2, 0.3, 0.4])
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """(transformers model, its directory): a tiny random OneVision saved with tokenizer and processor configs."""
-    path = tmp_path_factory.mktemp("onevision")
+def save_onevision(path):
+    """A tiny random OneVision saved in `path` with tokenizer and processor configs; the model."""
     hf_dir(path, SPECIALS, {"eos_token": IM_END, "pad_token": "<|endoftext|>", "bos_token": None,
                             "chat_template": ONEVISION_TEMPLATE})
     _image_processor().save_pretrained(path)
@@ -84,7 +82,14 @@ def saved(tmp_path_factory):
         vision_aspect_ratio=POOLING)
     model = randomized(transformers.LlavaOnevisionForConditionalGeneration(config), _is_scale)
     model.save_pretrained(path)
-    return model, path
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(transformers model, its directory)."""
+    path = tmp_path_factory.mktemp("onevision")
+    return save_onevision(path), path
 
 
 def _reference_processor(path):
@@ -114,6 +119,16 @@ CONVERSATIONS = [
     lambda im: [{"role": "user", "content": [*image_parts(im[3:]), _text("How many shapes?")]},
                 {"role": "assistant", "content": [_text("There are three shapes.")]},
                 {"role": "user", "content": [_text("And now?")]}],
+]
+
+
+# A message's text before, between and around its images: OneVision's template moves the images first.
+TEXT_FIRST = [
+    lambda im: [{"role": "user", "content": [_text("What color is it?"), *image_parts(im[:1])]}],
+    lambda im: [{"role": "user", "content": [_text("Look: "), *image_parts(im[2:3]), _text("what is it?")]}],
+    lambda im: [{"role": "user", "content": [*image_parts(im[:1]), _text("Which is larger,"), *image_parts(im[1:2])]},
+                {"role": "assistant", "content": [_text("The first.")]},
+                {"role": "user", "content": [_text("And this one?"), *image_parts(im[3:])]}],
 ]
 
 
@@ -171,14 +186,27 @@ def test_prompts_equal_the_processor(pair):
     _, ours, _, processor = pair
     assert ours.tokenizer.template == "chatml" and ours.tokenizer.image_token == IMAGE_TOKEN
     for make in CONVERSATIONS:
-        conversation = make(sample_images())
-        prompt = _prompt(ours, conversation)
-        expected = _reference_batch(processor, [conversation])
-        assert prompt.input_ids == expected["input_ids"][0].tolist()
-        tiles, layouts = ours.anyres_geometry.hf_inputs(expected["pixel_values"], expected["image_sizes"],
-                                                        expected["batch_num_images"])
-        torch.testing.assert_close(prompt.pixel_values, tiles, rtol=0, atol=1e-6)
-        assert torch.equal(prompt.image_grid_thw, layouts)
+        assert_prompt_equals_the_processor(ours, processor, make(sample_images()))
+
+
+def test_text_before_images_equals_the_processor(pair):
+    """A message's text before, between and after its images: the processor's ids (its template
+    writes each message's images first, each on its own line, then the texts side by side)."""
+    _, ours, _, processor = pair
+    assert ours.tokenizer.visuals_first
+    for make in TEXT_FIRST:
+        assert_prompt_equals_the_processor(ours, processor, make(sample_images()))
+
+
+def assert_prompt_equals_the_processor(ours, processor, conversation) -> None:
+    """build_prompt's ids, tiles and image layouts equal the processor's for `conversation`."""
+    prompt = _prompt(ours, conversation)
+    expected = _reference_batch(processor, [conversation])
+    assert prompt.input_ids == expected["input_ids"][0].tolist()
+    tiles, layouts = ours.anyres_geometry.hf_inputs(expected["pixel_values"], expected["image_sizes"],
+                                                    expected["batch_num_images"])
+    torch.testing.assert_close(prompt.pixel_values, tiles, rtol=0, atol=1e-6)
+    assert torch.equal(prompt.image_grid_thw, layouts)
 
 
 def test_system_prompt_equals_the_processor(pair):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from vlmkit.errors import ConfigError
 from vlmkit.models.config import VisionConfig
 from vlmkit.models.vision import VisionEncoder, activation
 
@@ -47,6 +48,22 @@ def test_bad_pixel_values():
         enc(torch.randn(1, 3, 30, 32))
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         enc(torch.randn(3, 32, 32))
+
+
+def test_image_size_need_not_be_whole_patches():
+    """A tower whose image size ends in a part patch (SmolVLM-Instruct's 384 / 14): at that size the
+    patch conv drops the pixels past the last whole patch, as transformers' towers do; other sizes
+    stay whole patches, and a size under one patch is refused."""
+    torch.manual_seed(0)
+    enc = VisionEncoder(_cfg(image_size=30)).eval()  # 3 whole 8-pixel patches per side, 6 pixels left
+    assert (enc.config.grid_size, enc.config.num_patches) == (3, 9)
+    x = torch.randn(2, 3, 30, 30)
+    assert enc.grid(x) == (3, 3)
+    torch.testing.assert_close(enc(x), enc(x[..., :24, :24]), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of the patch size 8"):
+        enc(torch.randn(1, 3, 30, 26))
+    with pytest.raises(ConfigError, match="at least one patch"):
+        _cfg(image_size=4)
 
 
 @pytest.mark.parametrize("style", ["siglip", "clip"])

@@ -5,6 +5,9 @@
     build_prompt(messages, tokenizer, processor, tokens_per_tile, resolve_image, resolve_video)
                                                                 -> Prompt ready for generation
                                                                 (infer/engine.py)
+    visuals_first(messages)                                     each message's image and video parts
+                                                                before its text (LLaVA-OneVision's
+                                                                template's order)
 
 Generation (infer/generate.py: `VLM.generate`, the chat command), the server (serve/serving.py)
 and both evaluation modes (eval/) build their prompts here, and the training pipeline
@@ -27,7 +30,7 @@ import torch
 
 from vlmkit.data.anyres import AnyResImageProcessor
 from vlmkit.data.images import ImageProcessor
-from vlmkit.data.messages import ImageResolver, VideoResolver, keep_image, read_conversation
+from vlmkit.data.messages import VISUAL_PARTS, ImageResolver, VideoResolver, keep_image, read_conversation
 from vlmkit.data.native_images import NativeImageProcessor, stack_videos
 from vlmkit.data.padded_images import PaddedImageProcessor
 from vlmkit.data.split_images import SplitImageProcessor
@@ -142,10 +145,27 @@ def build_prompt(messages: list[dict], tokenizer, processor: ImageProcessors, to
     resolve_image: what an image part's value becomes before decoding (data/messages.py); the
     default keeps it as given. resolve_video: the same for video parts; None (the default) refuses
     them (unexpected_video), so a caller takes videos only by saying how. Raises BadRecordError
-    (bad structure, unreadable image, ...)."""
+    (bad structure, unreadable image, ...). A tokenizer whose template writes a message's images
+    before its text (`Tokenizer.visuals_first`) gets each message's visual parts first."""
+    if tokenizer.visuals_first:
+        messages = visuals_first(messages)
     conversation = read_conversation(messages, resolve_image, resolve_video, tokenizer.part_separator,
                                      tokenizer.image_part)
     visual = encode_images(conversation.images, processor, tokens_per_tile, conversation.videos)
     ids = encode_prompt(conversation.messages, tokenizer, visual.visual_tokens, visual.video_tokens)
     return Prompt(ids, visual.pixel_values, visual.grid_thw, visual.pixel_values_videos, visual.video_grid_thw,
                   visual.second_per_grid_ts)
+
+
+def visuals_first(messages: list[dict]) -> list[dict]:
+    """Each message's image and video parts moved before its text parts (both kept in their order),
+    as a template that writes visuals first renders them; anything malformed is left as it is for
+    read_conversation's checks."""
+    if not isinstance(messages, list):
+        return messages
+    return [{**m, "content": sorted(m["content"], key=lambda part: not _is_visual(part))}
+            if isinstance(m, dict) and isinstance(m.get("content"), list) else m for m in messages]
+
+
+def _is_visual(part) -> bool:
+    return isinstance(part, dict) and part.get("type") in VISUAL_PARTS

@@ -32,6 +32,11 @@ vocabulary holds too are considered), a DeepSeek-VL one by its jinja writing <im
 The text a DeepSeek-VL template writes before any message (its fixed system text) is its rendering
 of no messages (`preamble`).
 
+A template that writes a message's images before its text whatever their order in the message
+(LLaVA-OneVision's: each image on its own line, then the texts side by side) is told by rendering a
+text part and an image part in both orders (`visuals_first`); prompts then put each message's
+visual parts first (data/prompt.py) and join them as that template does.
+
 The system text that the directory's own jinja template adds (a default system prompt when a
 conversation has none, as Qwen2's; a prefix before a given one, as Llama-3.1's date lines) is read
 by rendering the template around probe strings, so data/template.py produces the same text.
@@ -124,6 +129,9 @@ class Tokenizer:
         self.preamble = ""
         """Text the chat template writes before the first message, whatever it is (DeepSeek-VL's
         fixed system text)."""
+        self.visuals_first = False
+        """Whether the chat template writes a message's images before its text whatever their order
+        in the message (LLaVA-OneVision's); data/prompt.py's `build_prompt` reads it."""
 
     # --- making one --------------------------------------------------------------------------------
 
@@ -194,6 +202,7 @@ class Tokenizer:
             tok.preamble = _render_own_template(tok, []) or ""
         elif tok.template != "builtin":
             tok.default_system, tok.system_prefix = _system_text(tok)
+        tok.visuals_first = tok.template != "builtin" and _writes_visuals_first(tok)
         return tok
 
     def save(self, path: str | Path) -> Path:
@@ -273,15 +282,19 @@ class Tokenizer:
     @property
     def part_separator(self) -> str:
         """What joins the pieces of a list content (data/messages.py): the Qwen-VL templates put
-        parts side by side, vlmkit's built-in one on separate lines."""
-        return "" if self.template in ("qwen_vl", "internvl", "idefics3", "deepseek_vl") else "\n"
+        parts side by side, vlmkit's built-in one on separate lines; a template that writes images
+        first puts a message's texts side by side after them."""
+        side_by_side = self.template in ("qwen_vl", "internvl", "idefics3", "deepseek_vl") or self.visuals_first
+        return "" if side_by_side else "\n"
 
     @property
     def image_part(self) -> str:
         """What an image part of a list content becomes in the message text (data/messages.py):
         its placeholder, followed by a newline in the InternVL format (its template writes an
-        image part as `<IMG_CONTEXT>\n`)."""
-        return IMAGE_PLACEHOLDER + "\n" if self.template == "internvl" else IMAGE_PLACEHOLDER
+        image part as `<IMG_CONTEXT>\n`), and where the template writes images first, each on its
+        own line."""
+        own_line = self.template == "internvl" or self.visuals_first
+        return IMAGE_PLACEHOLDER + "\n" if own_line else IMAGE_PLACEHOLDER
 
     @property
     def eos_id(self) -> int:
@@ -414,6 +427,15 @@ def _render_probes(tok: Tokenizer, turns: list[tuple[str, str]]) -> str | None:
         if text is not None and all(probe in text for _, probe in turns):
             return text
     return None
+
+
+def _writes_visuals_first(tok: Tokenizer) -> bool:
+    """Whether the directory's template renders a user turn of a text part and an image part the
+    same in both orders, the image written (the render differs from the text's alone)."""
+    text, image = {"type": "text", "text": _PROBE}, {"type": "image"}
+    renders = [_render_own_template(tok, [{"role": "user", "content": parts}])
+               for parts in ([text, image], [image, text], [text])]
+    return renders[0] is not None and _PROBE in renders[0] and renders[0] == renders[1] != renders[2]
 
 
 def _raise(message):

@@ -36,7 +36,9 @@ class VisionConfig:
     patch conv without bias. intern_vit (InternVL's InternViT): class token, patch conv with bias,
     neither pre- nor post-layernorm."""
     image_size: int = 48
-    """Side in pixels the encoder was built for; other sizes interpolate position embeddings."""
+    """Side in pixels the encoder was built for; other sizes interpolate position embeddings. It
+    need not be a multiple of patch_size: the patch conv then drops the pixels past the last whole
+    patch, as transformers' towers do (SmolVLM-Instruct's 384-pixel tiles of 14-pixel patches)."""
     patch_size: int = 8
     num_channels: int = 3
     hidden_size: int = 128
@@ -94,8 +96,8 @@ class VisionConfig:
                "vision.positions 'sincos' needs a tower without a class token (style siglip) and a "
                f"hidden_size divisible by 4, got style {self.style!r}, hidden_size {self.hidden_size}")
         _check(self.style in VISION_STYLES, f"vision.style must be one of {list(VISION_STYLES)}, got {self.style!r}")
-        _check(self.image_size % self.patch_size == 0,
-               f"vision.image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+        _check(self.image_size >= self.patch_size,
+               f"vision.image_size {self.image_size} must hold at least one patch of {self.patch_size}")
         _check(self.hidden_size % self.num_heads == 0,
                f"vision.hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
         _check(-self.num_layers - 1 <= self.feature_layer <= self.num_layers,

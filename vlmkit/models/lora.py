@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmkit.errors import CheckpointError, ConfigError
-from vlmkit.models.config import DEFAULT_TARGETS, LORA_PARAMETER_PARTS, LoRAConfig, is_lora_parameter
+from vlmkit.models.config import LoRAConfig, is_lora_parameter
 from vlmkit.models.hf.peft import PEFT_PREFIX, adapter_module_names
 from vlmkit.models.vlm import VLMModel
 from vlmkit.models.weights import for_safetensors, load_state

@@ -306,11 +306,14 @@ class VisionEncoder(nn.Module):
                 nn.init.constant_(block.layer_scale_2, self.config.layer_scale)
 
     def grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
-        """(patches down, patches across) for these pixel values."""
+        """(patches down, patches across) for these pixel values. Sides are whole patches, except
+        the tower's own image size, whose pixels past the last whole patch the patch conv drops (as
+        the reference towers do)."""
         H, W = pixel_values.shape[-2:]
-        p = self.config.patch_size
-        if H % p or W % p:
-            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
+        p, native = self.config.patch_size, self.config.image_size
+        if any(side % p and side != native for side in (H, W)):
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p} "
+                             f"(nor the tower's image size {native})")
         return H // p, W // p
 
     def _run(self, pixel_values: torch.Tensor, num_layers: int) -> torch.Tensor:

@@ -137,6 +137,30 @@ def architecture(config: dict, path: str | Path) -> str:
     raise CheckpointError(f"{path}/config.json names no architecture (no 'architectures' or 'model_type')")
 
 
+def config_family(hf_config: dict, architectures: dict[str, str], where: str) -> str | None:
+    """The family of a config.json among `architectures` ({model type: architecture name}; the
+    model type names the family): by its architecture, else its model type; None for any other."""
+    names = {**{model_type: model_type for model_type in architectures},
+             **{name: model_type for model_type, name in architectures.items()}}
+    for name in (architecture(hf_config, where), hf_config.get("model_type")):
+        if name in names:
+            return names[name]
+    return None
+
+
+def read_family_config(path: Path, architectures: dict[str, str]) -> tuple[dict, str]:
+    """A directory's config.json and its family (`config_family`), or CheckpointError naming the
+    architectures accepted."""
+    where = f"{path}/config.json"
+    hf = read_config(path)
+    family = config_family(hf, architectures, where)
+    if family is None:
+        names = sorted(architectures.values())
+        expected = names[0] if len(names) == 1 else f"one of {names}"
+        raise CheckpointError(f"{where}: architecture {architecture(hf, where)!r} is not {expected}")
+    return hf, family
+
+
 def check_tokens_per_tile(path: Path, key: str, tokens_per_tile: int, rule: str) -> None:
     """A processor_config.json's `key` (its image tokens per tile), where the file gives it, must be
     the model's `tokens_per_tile`; `rule` says how the model counts them."""

@@ -35,24 +35,21 @@ import torch
 
 from vlmkit.constants import DEEPSEEK_VL_IMAGE_TOKEN, RESCALE_FACTOR
 from vlmkit.errors import CheckpointError, ConfigError
-from vlmkit.models.config import AdapterConfig, VisionConfig, VLMConfig
-from vlmkit.models.hf.common import (BICUBIC, PROCESSOR_FILE, KeyMap, architecture, check_tokens_per_tile, key_map,
-                                     load_into, prefixed, read_config, read_state_dict, rename, renamed,
+from vlmkit.models.config import AdapterConfig, VLMConfig
+from vlmkit.models.hf.common import (BICUBIC, PROCESSOR_FILE, KeyMap, check_tokens_per_tile, config_family, key_map,
+                                     load_into, prefixed, read_family_config, read_state_dict, rename, renamed,
                                      write_chat_template, write_json, write_weights)
 from vlmkit.models.hf.llm import (HF_TO_OURS, decoder_export_reasons, decoder_ignore, llm_config_from_hf,
                                   llm_config_to_hf, llm_state_dict_to_hf)
 from vlmkit.models.hf.sam import HYBRID_EXPORT_KEYS, HYBRID_KEYS, hybrid_vision_config_from_hf, sam_vision_config_to_hf
 from vlmkit.models.hf.vision import (VISION_EXPORT_KEYS, VISION_IGNORE, VISION_KEYS, read_preprocessor,
-                                     vision_config_from_hf)
+                                     siglip_hf_config, vision_config_from_hf)
 from vlmkit.models.vlm import VLMModel
 from vlmkit.models.weights import for_safetensors
 
-ARCHITECTURES = {"DeepseekVLForConditionalGeneration": "deepseek_vl", "deepseek_vl": "deepseek_vl",
-                 "DeepseekVLHybridForConditionalGeneration": "deepseek_vl_hybrid",
-                 "deepseek_vl_hybrid": "deepseek_vl_hybrid"}
-"""config.json's architecture or model type -> family."""
 ARCHITECTURE_NAMES = {"deepseek_vl": "DeepseekVLForConditionalGeneration",
                       "deepseek_vl_hybrid": "DeepseekVLHybridForConditionalGeneration"}
+"""Family (config.json's model type) -> architecture name."""
 IMAGE_PROCESSOR_CLASSES = {"deepseek_vl": "DeepseekVLImageProcessor",
                            "deepseek_vl_hybrid": "DeepseekVLHybridImageProcessor"}
 PROCESSOR_CLASSES = {"deepseek_vl": "DeepseekVLProcessor", "deepseek_vl_hybrid": "DeepseekVLHybridProcessor"}
@@ -90,13 +87,10 @@ SIGLIP_HEAD = [r"vision_model\." + p for p in VISION_IGNORE["siglip"]]
 def deepseek_vl_family(hf_config: dict, where: str) -> str | None:
     """"deepseek_vl" or "deepseek_vl_hybrid" for such a config.json (by its architecture, else its
     model type), None for any other model."""
-    for name in (architecture(hf_config, where), hf_config.get("model_type")):
-        if name in ARCHITECTURES:
-            return ARCHITECTURES[name]
-    return None
+    return config_family(hf_config, ARCHITECTURE_NAMES, where)
 
 
-def _key_maps(hybrid: bool) -> tuple[KeyMap, KeyMap]:
+def vision_key_maps(hybrid: bool) -> tuple[KeyMap, KeyMap]:
     """(HF -> ours, ours -> HF) of the vision side, names as TEXT_LAYOUT leaves them."""
     if hybrid:
         return prefixed(HYBRID_KEYS, "", "vision."), prefixed(HYBRID_EXPORT_KEYS, "vision.", "")
@@ -146,11 +140,7 @@ def deepseek_vl_config(path: str | Path) -> VLMConfig:
     normalisation) and processor_config.json (image tokens per image, checked)."""
     path = Path(path)
     where = f"{path}/config.json"
-    hf = read_config(path)
-    family = deepseek_vl_family(hf, where)
-    if family is None:
-        raise CheckpointError(f"{where}: architecture {architecture(hf, where)!r} is not one of "
-                              f"{sorted(ARCHITECTURE_NAMES.values())}")
+    hf, family = read_family_config(path, ARCHITECTURE_NAMES)
     top = {**TOP_HF_DEFAULTS, **hf}
     pre = {**PREPROCESSOR_DEFAULTS, **(read_preprocessor(path) or {})}
     vision_hf = {**VISION_HF_DEFAULTS, **(hf.get("vision_config") or {})}
@@ -186,7 +176,7 @@ def load_deepseek_vl(path: str | Path, model_cls: type[VLMModel] = VLMModel) -> 
     path = Path(path)
     cfg = deepseek_vl_config(path)
     model = model_cls.empty(cfg)
-    to_ours, _ = _key_maps(cfg.is_hybrid)
+    to_ours, _ = vision_key_maps(cfg.is_hybrid)
     ignore = decoder_ignore("language_model.", cfg.llm) + SIGLIP_HEAD
     load_into(model, renamed(read_state_dict(path), TEXT_LAYOUT),
               to_ours + prefixed(HF_TO_OURS, "language_model.", "llm."), source=str(path), ignore=ignore)
@@ -223,15 +213,6 @@ def _family(cfg: VLMConfig) -> str:
     return "deepseek_vl_hybrid" if cfg.is_hybrid else "deepseek_vl"
 
 
-def siglip_hf_config(v: VisionConfig) -> dict[str, Any]:
-    """transformers' SiglipVisionConfig of the tower, without the pooling head it does not use."""
-    return {"model_type": "siglip_vision_model", "hidden_size": v.hidden_size,
-            "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_layers,
-            "num_attention_heads": v.num_heads, "num_channels": v.num_channels, "image_size": v.image_size,
-            "patch_size": v.patch_size, "hidden_act": v.hidden_act, "layer_norm_eps": v.layer_norm_eps,
-            "vision_use_head": False}
-
-
 def deepseek_vl_hf_config(cfg: VLMConfig) -> dict[str, Any]:
     """The family's config.json for `cfg` (check_deepseek_vl_exportable first)."""
     family = _family(cfg)
@@ -248,7 +229,7 @@ def deepseek_vl_hf_config(cfg: VLMConfig) -> dict[str, Any]:
 def deepseek_vl_state_dict(model: VLMModel) -> dict[str, torch.Tensor]:
     """The model's tensors under the names transformers saves the family with."""
     state = {name: t for name, t in model.state_dict().items() if not name.startswith("llm.")}
-    mapping, unmatched = rename(state, _key_maps(model.config.is_hybrid)[1])
+    mapping, unmatched = rename(state, vision_key_maps(model.config.is_hybrid)[1])
     if unmatched:
         raise ConfigError(f"no DeepSeek-VL name for {unmatched}")
     out = {hf: state[ours] for ours, hf in mapping.items()}

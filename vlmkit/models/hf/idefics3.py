@@ -20,8 +20,9 @@ both ways.
 What vlmkit computes differently is refused with the reason: a processor that does not split
 images (`do_image_splitting: false` resizes them to one tile through another size), resamples with
 anything but LANCZOS, has tiles of another size than the tower's or a longest edge that is not a
-whole number of tiles, or whose `image_seq_len` is not a tile's tokens; an image size that is not a
-multiple of the patch size (vlmkit's towers take whole patches). Export (`export_hf_idefics3`)
+whole number of tiles, or whose `image_seq_len` is not a tile's tokens. A tile size that is not a
+multiple of the patch size (SmolVLM-Instruct's 384 / 14) loads: the tower's patch conv drops the part
+patch, as the reference's does. Export (`export_hf_idefics3`)
 writes the layout transformers saves, as the architecture the model was imported as
 (`VLMConfig.hf_architecture`, else Idefics3), with its image processor's and processor's configs
 and an Idefics3-format tokenizer.
@@ -37,19 +38,17 @@ import torch
 from vlmkit.constants import FAKE_IMAGE_TOKEN, IMAGE_TOKEN, RESCALE_FACTOR
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.config import AdapterConfig, VisionConfig, VLMConfig
-from vlmkit.models.hf.common import (PROCESSOR_FILE, KeyMap, architecture, check_tokens_per_tile, key_map, load_into,
-                                     prefixed, read_config, read_state_dict, rename, renamed, write_chat_template,
-                                     write_json, write_weights)
+from vlmkit.models.hf.common import (PROCESSOR_FILE, KeyMap, check_tokens_per_tile, config_family, key_map, load_into,
+                                     prefixed, read_family_config, read_state_dict, rename, renamed,
+                                     write_chat_template, write_json, write_weights)
 from vlmkit.models.hf.llm import (HF_TO_OURS, decoder_export_reasons, decoder_ignore, llm_config_from_hf,
                                   llm_config_to_hf, llm_state_dict_to_hf)
-from vlmkit.models.hf.vision import VISION_EXPORT_KEYS, VISION_KEYS, read_preprocessor
+from vlmkit.models.hf.vision import VISION_EXPORT_KEYS, VISION_KEYS, read_preprocessor, vision_tower_hf_config
 from vlmkit.models.vlm import VLMModel
 from vlmkit.models.weights import for_safetensors
 
-ARCHITECTURES = {"Idefics3ForConditionalGeneration": "idefics3", "idefics3": "idefics3",
-                 "SmolVLMForConditionalGeneration": "smolvlm", "smolvlm": "smolvlm"}
-"""config.json's architecture or model type -> family."""
 ARCHITECTURE_NAMES = {"idefics3": "Idefics3ForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration"}
+"""Family (config.json's model type) -> architecture name."""
 IMAGE_PROCESSOR_CLASSES = {"idefics3": "Idefics3ImageProcessor", "smolvlm": "SmolVLMImageProcessor"}
 PROCESSOR_CLASSES = {"idefics3": "Idefics3Processor", "smolvlm": "SmolVLMProcessor"}
 
@@ -85,10 +84,7 @@ PARTS = [("model.vision_model.", "vision.", VISION_KEYS, VISION_EXPORT_KEYS),
 def idefics3_family(hf_config: dict, where: str) -> str | None:
     """"idefics3" or "smolvlm" for such a config.json (by its architecture, else its model type),
     None for any other model."""
-    for name in (architecture(hf_config, where), hf_config.get("model_type")):
-        if name in ARCHITECTURES:
-            return ARCHITECTURES[name]
-    return None
+    return config_family(hf_config, ARCHITECTURE_NAMES, where)
 
 
 # --- config -----------------------------------------------------------------------------------------
@@ -139,11 +135,7 @@ def idefics3_config(path: str | Path) -> VLMConfig:
     normalisation) and processor_config.json (visual tokens per tile, checked)."""
     path = Path(path)
     where = f"{path}/config.json"
-    hf = read_config(path)
-    family = idefics3_family(hf, where)
-    if family is None:
-        raise CheckpointError(f"{where}: architecture {architecture(hf, where)!r} is not one of "
-                              f"{sorted(ARCHITECTURE_NAMES.values())}")
+    hf, family = read_family_config(path, ARCHITECTURE_NAMES)
     top = {**TOP_HF_DEFAULTS, **hf}
     preprocessor = {**PREPROCESSOR_DEFAULTS, **(read_preprocessor(path) or {})}
     vision = _vision_config({**VISION_HF_DEFAULTS, **(hf.get("vision_config") or {})}, where, preprocessor)
@@ -192,7 +184,7 @@ def load_idefics3(path: str | Path, model_cls: type[VLMModel] = VLMModel) -> VLM
 
 def _family(cfg: VLMConfig) -> str:
     """The family an export writes: the one imported, else Idefics3."""
-    return ARCHITECTURES.get(cfg.hf_architecture or "", "idefics3")
+    return next((family for family, name in ARCHITECTURE_NAMES.items() if name == cfg.hf_architecture), "idefics3")
 
 
 def check_idefics3_exportable(cfg: VLMConfig) -> None:
@@ -220,14 +212,11 @@ def check_idefics3_exportable(cfg: VLMConfig) -> None:
 
 def idefics3_hf_config(cfg: VLMConfig) -> dict[str, Any]:
     """Idefics3's (or SmolVLM's) config.json for `cfg` (check_idefics3_exportable first)."""
-    v, family = cfg.vision, _family(cfg)
+    family = _family(cfg)
     text = llm_config_to_hf(cfg.llm)
     text.pop("architectures")
-    vision = {"model_type": f"{family}_vision", "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
-              "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "num_channels": v.num_channels,
-              "image_size": v.image_size, "patch_size": v.patch_size, "hidden_act": v.hidden_act,
-              "layer_norm_eps": v.layer_norm_eps}
-    return {"architectures": [ARCHITECTURE_NAMES[family]], "model_type": family, "vision_config": vision,
+    return {"architectures": [ARCHITECTURE_NAMES[family]], "model_type": family,
+            "vision_config": vision_tower_hf_config(cfg.vision, f"{family}_vision"),
             "text_config": text, "image_token_id": cfg.image_token_id, "scale_factor": cfg.adapter.scale_factor,
             "tie_word_embeddings": cfg.llm.tie_embeddings}
 

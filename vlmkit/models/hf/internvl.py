@@ -36,8 +36,8 @@ import torch
 from vlmkit.constants import IMG_CONTEXT, IMG_END, IMG_START, RESCALE_FACTOR
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.config import AdapterConfig, VisionConfig, VLMConfig
-from vlmkit.models.hf.common import (BICUBIC, PROCESSOR_FILE, KeyMap, architecture, check_tokens_per_tile, key_map,
-                                     load_into, prefixed, read_config, read_state_dict, rename, renamed,
+from vlmkit.models.hf.common import (BICUBIC, PROCESSOR_FILE, KeyMap, check_tokens_per_tile, config_family, key_map,
+                                     load_into, prefixed, read_family_config, read_state_dict, rename, renamed,
                                      write_chat_template, write_json, write_weights)
 from vlmkit.models.hf.llava import LAYOUTS
 from vlmkit.models.hf.llm import (HF_TO_OURS, decoder_export_reasons, decoder_ignore, llm_config_from_hf,
@@ -48,6 +48,7 @@ from vlmkit.models.weights import for_safetensors
 
 ARCHITECTURE = "InternVLForConditionalGeneration"
 MODEL_TYPE = "internvl"
+ARCHITECTURE_NAMES = {MODEL_TYPE: ARCHITECTURE}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -95,7 +96,7 @@ EXTRA_SPECIAL_TOKENS = {"start_image_token": IMG_START, "end_image_token": IMG_E
 
 def is_internvl(hf_config: dict, where: str) -> bool:
     """Whether a config.json is an InternVL model's (by its architecture, else its model type)."""
-    return architecture(hf_config, where) in (ARCHITECTURE, MODEL_TYPE)
+    return config_family(hf_config, ARCHITECTURE_NAMES, where) is not None
 
 
 # --- config -----------------------------------------------------------------------------------------
@@ -164,9 +165,7 @@ def internvl_config(path: str | Path) -> VLMConfig:
     normalisation) and processor_config.json (visual tokens per tile, checked)."""
     path = Path(path)
     where = f"{path}/config.json"
-    hf = read_config(path)
-    if not is_internvl(hf, where):
-        raise CheckpointError(f"{where}: architecture {architecture(hf, where)!r} is not {ARCHITECTURE}")
+    hf, _ = read_family_config(path, ARCHITECTURE_NAMES)
     preprocessor = read_preprocessor(path) or {}
     vision = _vision_config(hf, where, preprocessor)
     ratio = float(hf.get("downsample_ratio", DEFAULT_DOWNSAMPLE_RATIO))

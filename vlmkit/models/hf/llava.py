@@ -32,7 +32,7 @@ from vlmkit.models.hf.common import (BICUBIC, PROCESSOR_FILE, KeyMap, architectu
 from vlmkit.models.hf.llm import (HF_TO_OURS, decoder_export_reasons, decoder_ignore, llm_config_from_hf,
                                   llm_config_to_hf, llm_state_dict_to_hf)
 from vlmkit.models.hf.vision import (VISION_EXPORT_KEYS, VISION_IGNORE, VISION_KEYS, read_preprocessor,
-                                     vision_config_from_hf)
+                                     siglip_hf_config, vision_config_from_hf, vision_tower_hf_config)
 from vlmkit.models.vlm import VLMModel
 from vlmkit.models.weights import for_safetensors
 
@@ -130,15 +130,7 @@ def llava_hf_config(cfg: VLMConfig) -> dict[str, Any]:
     v = cfg.vision
     text = llm_config_to_hf(cfg.llm)
     text.pop("architectures")
-    vision = {
-        "model_type": "clip_vision_model" if v.style == "clip" else "siglip_vision_model",
-        "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
-        "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "num_channels": v.num_channels,
-        "image_size": v.image_size, "patch_size": v.patch_size, "hidden_act": v.hidden_act,
-        "layer_norm_eps": v.layer_norm_eps,
-    }
-    if v.style == "siglip":
-        vision["vision_use_head"] = False
+    vision = vision_tower_hf_config(v, "clip_vision_model") if v.style == "clip" else siglip_hf_config(v)
     return {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",

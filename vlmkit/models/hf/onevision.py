@@ -33,9 +33,9 @@ import torch
 from vlmkit.constants import IMAGE_TOKEN, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RESCALE_FACTOR
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.config import VLMConfig
-from vlmkit.models.hf.common import (BICUBIC, PROCESSOR_FILE, KeyMap, architecture, check_tokens_per_tile, load_into,
-                                     prefixed, read_config, read_state_dict, rename, renamed, write_chat_template,
-                                     write_json, write_weights)
+from vlmkit.models.hf.common import (BICUBIC, PROCESSOR_FILE, KeyMap, check_tokens_per_tile, config_family, load_into,
+                                     prefixed, read_family_config, read_state_dict, rename, renamed,
+                                     write_chat_template, write_json, write_weights)
 from vlmkit.models.hf.llava import LAYOUTS, PROJECTOR_EXPORT_KEYS, llava_config, llava_hf_config, llava_key_map
 from vlmkit.models.hf.llm import decoder_export_reasons, llm_state_dict_to_hf
 from vlmkit.models.hf.vision import VISION_EXPORT_KEYS, read_preprocessor
@@ -44,6 +44,7 @@ from vlmkit.models.weights import for_safetensors
 
 ARCHITECTURE = "LlavaOnevisionForConditionalGeneration"
 MODEL_TYPE = "llava_onevision"
+ARCHITECTURE_NAMES = {MODEL_TYPE: ARCHITECTURE}
 IMAGE_PROCESSOR_CLASS = "LlavaOnevisionImageProcessor"
 PROCESSOR_CLASS = "LlavaOnevisionProcessor"
 POOLING = re.compile(r"anyres_max_(\d+)")
@@ -73,7 +74,7 @@ EXPORT_KEYS: KeyMap = (prefixed(VISION_EXPORT_KEYS, "vision.", "vision_tower.")
 
 
 def is_onevision(hf_config: dict, where: str) -> bool:
-    return architecture(hf_config, where) in (ARCHITECTURE, MODEL_TYPE)
+    return config_family(hf_config, ARCHITECTURE_NAMES, where) is not None
 
 
 # --- config -----------------------------------------------------------------------------------------
@@ -131,9 +132,7 @@ def onevision_config(path: str | Path) -> VLMConfig:
     normalisation) and processor_config.json (tokens per tile, checked)."""
     path = Path(path)
     where = f"{path}/config.json"
-    hf = read_config(path)
-    if not is_onevision(hf, where):
-        raise CheckpointError(f"{where}: architecture {architecture(hf, where)!r} is not {ARCHITECTURE}")
+    hf, _ = read_family_config(path, ARCHITECTURE_NAMES)
     top = {**TOP_HF_DEFAULTS, **hf, "vision_config": {**VISION_HF_DEFAULTS, **(hf.get("vision_config") or {})},
            "text_config": {**TEXT_HF_DEFAULTS, **(hf.get("text_config") or {})}}
     top["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings") or top["text_config"].get("tie_word_embeddings"))

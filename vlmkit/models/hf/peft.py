@@ -6,11 +6,13 @@ modules at run time. Those run-time names are not the tensor names `save_pretrai
 llava-hf file holds `language_model.model.layers.0...` where the module is
 `model.language_model.layers.0...`, and peft 0.21 loads an adapter under the file's names into
 nothing (its keys are reported missing). So an adapter vlmkit saves names each layer as the
-transformers model loaded from `VLM.export_hf` (llava-hf, or the model's Qwen-VL family) names it:
+transformers model loaded from `VLM.export_hf` (the model's family, else llava-hf) names it:
 vlmkit's name -> the export's tensor name by the export's own key maps (models/hf/llava.py,
-models/hf/qwen_vl.py, models/hf/internvl.py, and the tower and decoder maps they use) -> the module
-layout transformers 5 runs (`model.language_model.`, `model.vision_tower.`,
-`model.multi_modal_projector.`, `model.visual.`, `lm_head.`).
+models/hf/qwen_vl.py, models/hf/internvl.py, models/hf/idefics3.py, models/hf/onevision.py,
+models/hf/deepseek_vl.py, and the tower and decoder maps they use) -> the module layout
+transformers 5 runs (`model.language_model.`, `model.vision_tower.`, `model.multi_modal_projector.`,
+`model.visual.`, DeepSeek-VL's `model.vision_model.` / `model.aligner.` / `model.high_res_vision_*`,
+`lm_head.`).
 
 A model the export cannot express (e.g. another adapter kind or an MoE decoder: the export's
 `check_*_exportable` says why) has no transformers counterpart; its adapters keep vlmkit's own
@@ -24,11 +26,15 @@ from collections.abc import Callable, Iterable
 from vlmkit.errors import ConfigError
 from vlmkit.models.config import VLMConfig
 from vlmkit.models.hf.common import KeyMap, prefixed, rename
+from vlmkit.models.hf.deepseek_vl import SAVED_LAYOUT as DEEPSEEK_VL_LAYOUT
+from vlmkit.models.hf.deepseek_vl import check_deepseek_vl_exportable, vision_key_maps
 from vlmkit.models.hf.idefics3 import SAVED_LAYOUT, check_idefics3_exportable, idefics3_key_map
 from vlmkit.models.hf.internvl import check_internvl_exportable, internvl_key_map
 from vlmkit.models.hf.llava import PROJECTOR_EXPORT_KEYS, check_llava_exportable
 from vlmkit.models.hf.llm import OURS_TO_HF
 from vlmkit.models.hf.native_vision import NATIVE_VISION_EXPORT_KEYS
+from vlmkit.models.hf.onevision import EXPORT_KEYS as ONEVISION_EXPORT_KEYS
+from vlmkit.models.hf.onevision import check_onevision_exportable
 from vlmkit.models.hf.qwen_vl import MODULE_LAYOUT, check_qwen_vl_exportable
 from vlmkit.models.hf.vision import VISION_EXPORT_KEYS
 
@@ -49,8 +55,9 @@ ExportCheck = Callable[[VLMConfig], None]
 def _export_names(cfg: VLMConfig) -> tuple[ExportCheck, KeyMap, KeyMap]:
     """What `VLM.export_hf` writes `cfg`'s model as: (its refusal check, vlmkit tensor names -> the
     export's names in the normalised file layout, that layout -> transformers' module names).
-    The key maps are the export's own, composed as llava_state_dict, qwen_vl_state_dict,
-    internvl_state_dict and idefics3_state_dict compose them."""
+    The families are told apart as `VLM.export_hf` tells them; the key maps are the export's own,
+    composed as llava_state_dict, qwen_vl_state_dict, internvl_state_dict, idefics3_state_dict,
+    onevision_state_dict and deepseek_vl_state_dict compose them."""
     llm = prefixed(OURS_TO_HF, "llm.", "language_model.")
     if cfg.is_native:
         tower = prefixed(NATIVE_VISION_EXPORT_KEYS[cfg.native_vision.style], "vision.", "visual.")
@@ -59,6 +66,11 @@ def _export_names(cfg: VLMConfig) -> tuple[ExportCheck, KeyMap, KeyMap]:
         return check_internvl_exportable, internvl_key_map(reverse=True) + llm, LLAVA_MODULE_LAYOUT
     if cfg.tiling == "split":
         return check_idefics3_exportable, idefics3_key_map(reverse=True) + llm, SAVED_LAYOUT
+    if cfg.tiling == "anyres":  # llava-hf's file layout, and so its module layout
+        return check_onevision_exportable, ONEVISION_EXPORT_KEYS + llm, LLAVA_MODULE_LAYOUT
+    if cfg.tiling == "pad":  # transformers runs DeepSeek-VL's modules under the names it saves
+        _, vision_to_hf = vision_key_maps(cfg.is_hybrid)
+        return check_deepseek_vl_exportable, vision_to_hf + llm, DEEPSEEK_VL_LAYOUT
     llava = (prefixed(VISION_EXPORT_KEYS, "vision.", "vision_tower.")
              + prefixed(PROJECTOR_EXPORT_KEYS, "adapter.", "multi_modal_projector.") + llm)
     return check_llava_exportable, llava, LLAVA_MODULE_LAYOUT

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -118,6 +119,20 @@ def read_preprocessor(path: str | Path) -> dict | None:
         return json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
+def vision_tower_hf_config(v: VisionConfig, model_type: str) -> dict[str, Any]:
+    """The fields transformers' ViT tower configs share (SigLIP's, CLIP's, Idefics3's), for the tower
+    `v`, as a `model_type` config."""
+    return {"model_type": model_type, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+            "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "num_channels": v.num_channels,
+            "image_size": v.image_size, "patch_size": v.patch_size, "hidden_act": v.hidden_act,
+            "layer_norm_eps": v.layer_norm_eps}
+
+
+def siglip_hf_config(v: VisionConfig) -> dict[str, Any]:
+    """transformers' SiglipVisionConfig of the tower, without the pooling head it does not use."""
+    return {**vision_tower_hf_config(v, "siglip_vision_model"), "vision_use_head": False}
 
 
 def load_vision(path: str | Path, *, feature_layer: int = -1) -> VisionEncoder:
