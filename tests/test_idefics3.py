@@ -52,6 +52,14 @@ LLAMA3_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", 
 
 TEXT = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=1024)
+SMOLVLM = dict(name="SmolVLM", config=transformers.SmolVLMConfig, model=transformers.SmolVLMForConditionalGeneration,
+               image_processor=transformers.SmolVLMImageProcessorPil,
+               specials=["<|endoftext|>", IM_START, IM_END, *IDEFICS3_TOKENS],
+               tokens=dict(bos_token=IM_START, eos_token=END_OF_UTTERANCE, pad_token="<|endoftext|>",
+                           chat_template=processing_smolvlm.DEFAULT_CHAT_TEMPLATE),
+               vision=dict(hidden_size=32, num_attention_heads=2, intermediate_size=48, num_hidden_layers=2,
+                           image_size=50, patch_size=2),
+               scale_factor=5, tied=True, tiles_per_side=2)
 SHAPES = {
     "idefics3": dict(name="Idefics3", config=transformers.Idefics3Config,
                      model=transformers.Idefics3ForConditionalGeneration,
@@ -62,26 +70,11 @@ SHAPES = {
                      vision=dict(hidden_size=32, num_attention_heads=2, intermediate_size=48, num_hidden_layers=3,
                                  image_size=32, patch_size=4),
                      scale_factor=2, tied=False, tiles_per_side=2),
-    "smolvlm": dict(name="SmolVLM", config=transformers.SmolVLMConfig,
-                    model=transformers.SmolVLMForConditionalGeneration,
-                    image_processor=transformers.SmolVLMImageProcessorPil,
-                    specials=["<|endoftext|>", IM_START, IM_END, *IDEFICS3_TOKENS],
-                    tokens=dict(bos_token=IM_START, eos_token=END_OF_UTTERANCE, pad_token="<|endoftext|>",
-                                chat_template=processing_smolvlm.DEFAULT_CHAT_TEMPLATE),
-                    vision=dict(hidden_size=32, num_attention_heads=2, intermediate_size=48, num_hidden_layers=2,
-                                image_size=50, patch_size=2),
-                    scale_factor=5, tied=True, tiles_per_side=2),
+    "smolvlm": SMOLVLM,
     # SmolVLM-Instruct's tower in small: tiles of a size that is not a multiple of the patch (384 /
     # 14 there, 38 / 4 here), the conv dropping the part patch (9 x 9), shuffled by 3.
-    "smolvlm_instruct": dict(name="SmolVLM", config=transformers.SmolVLMConfig,
-                             model=transformers.SmolVLMForConditionalGeneration,
-                             image_processor=transformers.SmolVLMImageProcessorPil,
-                             specials=["<|endoftext|>", IM_START, IM_END, *IDEFICS3_TOKENS],
-                             tokens=dict(bos_token=IM_START, eos_token=END_OF_UTTERANCE, pad_token="<|endoftext|>",
-                                         chat_template=processing_smolvlm.DEFAULT_CHAT_TEMPLATE),
-                             vision=dict(hidden_size=32, num_attention_heads=2, intermediate_size=48,
-                                         num_hidden_layers=2, image_size=38, patch_size=4),
-                             scale_factor=3, tied=True, tiles_per_side=2),
+    "smolvlm_instruct": {**SMOLVLM, "vision": {**SMOLVLM["vision"], "image_size": 38, "patch_size": 4},
+                         "scale_factor": 3},
 }
 
 

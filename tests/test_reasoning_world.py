@@ -5,7 +5,6 @@ and the opt-in on disk: the default files untouched, their own QA and benchmark 
 mixed into the QA files on request, settings and chance in world.json, and a world on disk with
 other reasoning settings refused."""
 
-import hashlib
 import json
 import random
 import re
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.world_support import assert_default_files_unchanged, digest
 from vlmkit.constants import IMAGE_PLACEHOLDER
 from vlmkit.data import synth
 from vlmkit.data.formats import read_records
@@ -28,10 +28,6 @@ from vlmkit.schema import build
 SMALL = dict(n_train=60, n_val=20, n_test=30, text_corpus=False)
 REASONING = dict(n_train_reasoning=40, n_val_reasoning=6, n_test_reasoning=30)
 NAME = "(" + "|".join(COLORS) + ") (" + "|".join(SHAPES) + ")"
-
-
-def digest(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def reasoning_questions(layout="fixed", n=3000):
@@ -209,20 +205,9 @@ def mixed(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("mixed"), **SMALL, **REASONING, reasoning_in_qa=True)
 
 
-DEFAULT_FILES = ("captions_train.json", "captions_val.json", "qa_train.json", "qa_train.jsonl", "qa_val.json",
-                 "qa_val.jsonl", "qa_test.json", "qa_test.jsonl", "synth.jsonl")
-
-
 def test_reasoning_scenes_leave_the_default_files_as_they_are(plain, apart):
-    root, other = Path(plain["dir"]), Path(apart["dir"])
-    for name in DEFAULT_FILES:
-        assert digest(root / name) == digest(other / name), name
-    for image in sorted((root / "images").iterdir())[::7]:
-        assert digest(image) == digest(other / "images" / image.name)
-    meta, plain_meta = (json.loads((d / "world.json").read_text()) for d in (other, root))
+    meta, plain_meta = assert_default_files_unchanged(Path(plain["dir"]), Path(apart["dir"]), 7)
     assert {k: v for k, v in meta.items() if k != "reasoning"} != plain_meta  # counts, categories, files grow
-    for key in ("train", "val", "test"):
-        assert meta["counts"][key] == plain_meta["counts"][key]
 
 
 def test_reasoning_files_and_world_json(apart):

@@ -4,7 +4,6 @@ splits, answers balanced and read back from the pixels, the digit illegible once
 shrunk, and the opt-in on disk: the default files untouched, their own QA and benchmark files,
 settings and chance in world.json, and a world on disk with other small-text counts refused."""
 
-import hashlib
 import json
 import random
 import re
@@ -17,6 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.world_support import assert_default_files_unchanged, digest
 from vlmkit.config import load_config
 from vlmkit.data import synth
 from vlmkit.data.formats import read_records
@@ -33,10 +33,6 @@ SMALL_TEXT = dict(n_train_small_text=30, n_val_small_text=5, n_test_small_text=2
 SCENE_SIDE = SMALL_TEXT_CELL_SIZE * GRID
 LEGIBLE_HEIGHT = 3
 """Pixels of glyph height below which a 5x7 digit cannot be read."""
-
-
-def digest(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def scenes(n=400, seed=5):
@@ -161,19 +157,8 @@ def with_small_text(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("small_text"), **SMALL, **SMALL_TEXT)
 
 
-DEFAULT_FILES = ("captions_train.json", "captions_val.json", "qa_train.json", "qa_train.jsonl", "qa_val.json",
-                 "qa_val.jsonl", "qa_test.json", "qa_test.jsonl", "synth.jsonl")
-
-
 def test_small_text_scenes_leave_the_default_files_as_they_are(plain, with_small_text):
-    root, other = Path(plain["dir"]), Path(with_small_text["dir"])
-    for name in DEFAULT_FILES:
-        assert digest(root / name) == digest(other / name), name
-    for image in sorted((root / "images").iterdir())[::5]:
-        assert digest(image) == digest(other / "images" / image.name)
-    meta, plain_meta = (json.loads((d / "world.json").read_text()) for d in (other, root))
-    for key in ("train", "val", "test"):
-        assert meta["counts"][key] == plain_meta["counts"][key]
+    meta, plain_meta = assert_default_files_unchanged(Path(plain["dir"]), Path(with_small_text["dir"]), 5)
     assert "small_text" not in plain_meta and "small_text" not in plain_meta["categories"]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.world_support import digest
 from vlmkit.cli import main
 from vlmkit.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from vlmkit.data.formats import read_records
@@ -31,10 +32,6 @@ SMALL = dict(n_train=60, n_val=20, n_test=30, text_corpus=False)
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("world"), **SMALL)
-
-
-def digest(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_generate_is_deterministic(world, tmp_path):

@@ -270,12 +270,8 @@ def _write_scenes(out: Path, writer: _ImageWriter, *, seed: int, counts: dict[st
     files: dict[str, str] = {}
     stats: dict[str, dict] = {}
     for split, scenes in split_scenes(seed, counts, ocr_fraction, layout).items():
-        records = []
-        made = split_records(seed, split, scenes, turns_per_record=turns_per_record, train_questions=train_questions,
-                             prompt_layout=prompt_layout)
-        for scene, rec in zip(scenes, made):
-            writer.scene(scene, rec.image)
-            records.append(rec)
+        records = _queued(writer, scenes, split_records(seed, split, scenes, turns_per_record=turns_per_record,
+                                                        train_questions=train_questions, prompt_layout=prompt_layout))
         files.update(_write_split(out, split, records, mixed_in.get(split, [])))
         stats[split] = _split_counts(records)
     return files, stats
@@ -287,12 +283,8 @@ def _reasoning_records(writer: _ImageWriter, *, seed: int, counts: dict[str, int
     """Every split's reasoning scenes (images queued on `writer`) and their records, by split."""
     out = {}
     for split, scenes in split_reasoning_scenes(seed, counts, layout).items():
-        made = split_reasoning_records(seed, split, scenes, turns_per_record=turns_per_record, categories=categories,
-                                       prompt_layout=prompt_layout)
-        out[split] = []
-        for scene, rec in zip(scenes, made):
-            writer.scene(scene, rec.image)
-            out[split].append(rec)
+        out[split] = _queued(writer, scenes, split_reasoning_records(
+            seed, split, scenes, turns_per_record=turns_per_record, categories=categories, prompt_layout=prompt_layout))
     return out
 
 
@@ -301,13 +293,19 @@ def _small_text_records(writer: _ImageWriter, *, seed: int, counts: dict[str, in
     """Every split's small-text scenes (images queued on `writer`) and their records, by split."""
     out = {}
     for split, scenes in split_small_text_scenes(seed, counts).items():
-        made = split_small_text_records(seed, split, scenes, turns_per_record=turns_per_record,
-                                        prompt_layout=prompt_layout)
-        out[split] = []
-        for scene, rec in zip(scenes, made):
-            writer.scene(scene, rec.image)
-            out[split].append(rec)
+        out[split] = _queued(writer, scenes, split_small_text_records(
+            seed, split, scenes, turns_per_record=turns_per_record, prompt_layout=prompt_layout))
     return out
+
+
+def _queued(writer: _ImageWriter, scenes: list[Scene], made: Iterable[SceneRecords]) -> list[SceneRecords]:
+    """`made` (the records of `scenes`, in order) as a list, each scene's image queued on `writer`
+    as its records are drawn."""
+    records = []
+    for scene, rec in zip(scenes, made):
+        writer.scene(scene, rec.image)
+        records.append(rec)
+    return records
 
 
 def _write_apart(out: Path, kind: str, records_by_split: dict[str, list[SceneRecords]]
