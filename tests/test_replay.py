@@ -52,6 +52,7 @@ def test_sft_replay_adds_its_loss_in_its_own_packs_and_resumes_bitwise(world, mo
         assert r["loss"] == pytest.approx(r["objective_loss"] + 0.5 * r["replay_loss"], rel=1e-6)
         assert 1.0 < r["replay_loss"] < 10.0  # a fresh model on prose: about log(vocab)
         assert 0 < r["replay_tokens"] <= REPLAY["token_budget"] < r["tokens"] - r["replay_tokens"]
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["step_seconds"])
     # the replayed packs' gradients reach the weights
     train(sft_with_replay(world), tmp_path / "without")
     a, b = final_weights(tmp_path / "reference"), final_weights(tmp_path / "without")

@@ -456,7 +456,8 @@ class Trainer:
         self.state.tokens += int(replayed.get("tokens", sums.tokens))
         self.state.wall_seconds += seconds
         record = self._step_record(index, modality, passes, sums, lr=lr, grad_norm=grad_norm, seconds=seconds)
-        record.update(replayed)
+        if replayed:  # the step's tokens and throughput count the replayed packs, as an objective step's do
+            record.update(replayed, tokens_per_s=replayed["tokens"] / seconds)
         return record if stepped else {**record, "skipped": "nonfinite"}
 
     def _objective_step(self, index: int, optimizer: torch.optim.Optimizer, lr: float, t0: float) -> dict:
