@@ -29,7 +29,7 @@ from tests.test_onevision import saved as onevision_saved  # noqa: F401 (a fixtu
 from tests.test_post_train_distributed import TOLERANCE, run, script, stopped_at  # noqa: F401 (script: a fixture)
 from tests.train_support import assert_same_weights, final_weights, prepared_world
 from vlmkit.api import VLM
-from vlmkit.train.distributed import block_lists
+from vlmkit.models.compile import block_lists
 
 pytestmark = pytest.mark.slow
 

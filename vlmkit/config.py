@@ -355,9 +355,18 @@ class Stage:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """fp32, or bf16 autocast (GPUs; bf16 matmuls are slow on CPUs without bf16 instructions)."""
+    """fp32, or bf16 mixed precision: bf16 compute over fp32 master weights (train/precision.py; for
+    GPUs: bf16 matmuls are slow on CPUs without bf16 instructions). A sharded run takes one for all stages."""
     gradient_checkpointing: bool = False
     """Recompute block activations in the backward pass (less memory, ~30% more compute)."""
+    compile: bool = False
+    """torch.compile each transformer block of the vision tower(s) and the LLM for this stage
+    (models/compile.py): faster steps after a one-time compile per block kind; the losses equal
+    the eager ones up to float rounding. Calls with a KV cache (generation) stay eager."""
+    fused_loss: Literal["auto", "on", "off"] = "auto"
+    """The output head and its cross-entropy computed together, chunk by chunk, never holding the
+    (tokens, vocabulary) logits (models/loss.py; Liger-Kernel's kernel on CUDA when installed):
+    on, off, or auto = on for CUDA, off on the CPU (where the plain path is as fast)."""
     seed: int = 0
     """Seeds data order, mixture draws and dropout of this stage (combined with the stage index)."""
     # --- bookkeeping ----------------------------------------------------------------------------

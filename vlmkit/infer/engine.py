@@ -11,6 +11,10 @@ decodes images. It runs a batch of sequences that can change between decode step
     step()               one decode step for every running row: (B, 1) ids at per-row positions
     remove(seq)          drop a row (finished or cancelled) from the cache
 
+`decode` picks how decode steps run (infer/static_decode.py): "dynamic" (the default) on a
+growable `KVCache` read up to its longest row; "static" on a `StaticKVCache` with shapes that
+never change; "graphs" the static step replayed from CUDA graphs on a GPU.
+
 `run` drives it for a fixed set of prompts (infer/generate.py's `generate_messages`, what
 `VLM.generate` calls, and the evaluator); the server's scheduler (serve/scheduler.py) drives it
 with requests that come and go (continuous batching).
@@ -28,6 +32,7 @@ import torch
 from vlmkit.data.prompt import Prompt
 from vlmkit.errors import VlmkitError
 from vlmkit.infer.sampling import SamplingParams, next_token, token_logprob
+from vlmkit.infer.static_decode import DECODE_MODES, DecodeMode, StaticDecoder
 from vlmkit.infer.streaming import TextStream
 from vlmkit.models.attention import AttnSpec, KVCache
 from vlmkit.models.lora import has_lora
@@ -125,10 +130,13 @@ class Engine:
     """Runs sequences of one model; not thread-safe (one owner thread drives it).
 
     Without a tokenizer (none given and the model has none) it generates token ids only: no
-    text, no stop strings, no end-of-turn ids.
+    text, no stop strings, no end-of-turn ids. `decode`: "dynamic", "static" or "graphs" (the
+    module's docstring).
     """
 
-    def __init__(self, vlm, tokenizer=None):
+    def __init__(self, vlm, tokenizer=None, decode: DecodeMode = "dynamic"):
+        if decode not in DECODE_MODES:
+            raise VlmkitError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
         self.vlm = vlm
         self.tokenizer = tokenizer if tokenizer is not None else getattr(vlm, "tokenizer", None)
         self.device = next(vlm.parameters()).device
@@ -136,6 +144,8 @@ class Engine:
         self.native = vlm.config.is_native  # decode steps then take positions shifted by rope deltas
         self.rows: list[Sequence] = []  # the running sequences, in cache order
         self.cache: KVCache | None = None
+        # static / graphs: decode steps run on its static cache, and `cache` stays None
+        self.static = StaticDecoder(vlm.llm, graphs=decode == "graphs") if decode != "dynamic" else None
         # The cache follows `rows` lazily: rows removed since the last step are still in it, rows
         # added wait in _joining (each prefilled in a cache of its own), and `_sync_cache` brings
         # it in line before the next step, one copy for all leaving and one for all joining rows.
@@ -178,7 +188,9 @@ class Engine:
         logits_V = self.vlm.llm.logits(hidden_1TD[0, -1])
         self._push(seq, logits_V, self._sample(logits_V, seq))
         if not seq.finished:
-            self._cache_rows.append((len(self.cache) if self.cache is not None else 0) + len(self._joining))
+            if self.static is not None:
+                self.static.reserve(len(self.rows) + 1, n + params.max_new_tokens)
+            self._cache_rows.append(self._cached_rows() + len(self._joining))
             self._joining.append(row_cache)
             self.rows.append(seq)
         return seq
@@ -189,6 +201,21 @@ class Engine:
         if not self.rows:
             return
         self._sync_cache()
+        if self.static is not None:
+            logits_BV = self.static.step([s.output_ids[-1] for s in self.rows])
+        else:
+            logits_BV = self._dynamic_step()
+        plain_greedy = [s.params.greedy and s.params.repetition_penalty == 1.0 for s in self.rows]
+        # one argmax and one device-to-host copy for every plain greedy row (max's indices: the
+        # first maximum, as argmax, in half the time of argmax on the CPU)
+        greedy_ids = logits_BV.max(-1).indices.tolist() if any(plain_greedy) else []
+        for i, (seq, logits_V) in enumerate(zip(self.rows, logits_BV)):
+            if seq.finished:  # done but not yet removed by its owner: its row idles
+                continue
+            self._push(seq, logits_V, greedy_ids[i] if plain_greedy[i] else self._sample(logits_V, seq))
+
+    def _dynamic_step(self) -> torch.Tensor:
+        """The default decode step on the growable cache -> logits (B, V)."""
         last_B1 = torch.tensor([[s.output_ids[-1]] for s in self.rows], device=self.device)
         embeds_B1D = self.vlm.llm.embed(last_B1)
         # positions come from the cache: each row continues from its own length (None), shifted by
@@ -199,15 +226,7 @@ class Engine:
             positions_B1 = continue_positions(self.cache.position_ids(), deltas_B1)
         hidden_B1D = self.vlm.llm.decode(embeds_B1D, position_ids=positions_B1, spec=AttnSpec.causal(),
                                          cache=self.cache)
-        logits_BV = self.vlm.llm.logits(hidden_B1D[:, -1])
-        plain_greedy = [s.params.greedy and s.params.repetition_penalty == 1.0 for s in self.rows]
-        # one argmax and one device-to-host copy for every plain greedy row (max's indices: the
-        # first maximum, as argmax, in half the time of argmax on the CPU)
-        greedy_ids = logits_BV.max(-1).indices.tolist() if any(plain_greedy) else []
-        for i, (seq, logits_V) in enumerate(zip(self.rows, logits_BV)):
-            if seq.finished:  # done but not yet removed by its owner: its row idles
-                continue
-            self._push(seq, logits_V, greedy_ids[i] if plain_greedy[i] else self._sample(logits_V, seq))
+        return self.vlm.llm.logits(hidden_B1D[:, -1])
 
     def remove(self, seq: Sequence | None) -> None:
         """Drop a sequence's row from the batch (no-op when it never joined or already left)."""
@@ -217,15 +236,26 @@ class Engine:
         del self.rows[i], self._cache_rows[i]
         if not self.rows:
             self.cache, self._joining, self._cache_rows = None, [], []
+            if self.static is not None:
+                self.static.clear()
 
     def _sync_cache(self) -> None:
         """Make cache row i belong to rows[i]: drop the rows of removed sequences, then append the
         joining ones (one copy each, however many rows leave or join)."""
-        held = len(self.cache) if self.cache is not None else 0
+        held = self._cached_rows()
         if not self._joining and len(self._cache_rows) == held:
             return  # nothing left or joined since the last step
         kept = [r for r in self._cache_rows if r < held]
         joining = [self._joining[r - held] for r in self._cache_rows if r >= held]
+        if self.static is not None:
+            offsets = [s.rope_delta for s, r in zip(self.rows, self._cache_rows) if r >= held]
+            self.static.sync(kept, joining, offsets)
+        else:
+            self._sync_dynamic(held, kept, joining)
+        self._joining, self._cache_rows = [], list(range(len(self.rows)))
+
+    def _sync_dynamic(self, held: int, kept: list[int], joining: list[KVCache]) -> None:
+        """`_sync_cache` on the growable cache: keep `kept` of its `held` rows, append `joining`."""
         if len(kept) < held:
             if kept:
                 self.cache.keep_rows(kept)
@@ -235,7 +265,12 @@ class Engine:
             if self.cache is None:
                 self.cache = joining.pop(0)
             self.cache.add_rows(*joining)
-        self._joining, self._cache_rows = [], list(range(len(self.rows)))
+
+    def _cached_rows(self) -> int:
+        """Rows the decode cache holds (removed rows included until the next step syncs it)."""
+        if self.static is not None:
+            return len(self.static)
+        return len(self.cache) if self.cache is not None else 0
 
     def _sample(self, logits_V: torch.Tensor, seq: Sequence) -> int:
         return next_token(logits_V, seq.params, seq.seen_ids.to(logits_V.device), seq.generator)
@@ -252,6 +287,9 @@ class Engine:
         waiting = list(enumerate(prompts))
         active: list[tuple[int, Sequence]] = []
         limit = max_batch or len(prompts)
+        if self.static is not None and prompts:  # the static cache sized once, for every prompt
+            self.static.reserve(min(limit, len(prompts)),
+                                max(len(p.input_ids) for p in prompts) + params.max_new_tokens)
         while waiting or active:
             while waiting and len(active) < limit:
                 index, prompt = waiting.pop(0)

@@ -8,7 +8,9 @@
 
 `vlm` is a `VLM` (api.py): a model with its tokenizer and `image_processor()`. Keyword arguments
 are SamplingParams fields (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
-stop, stop_token_ids, ignore_eos) and, for `generate_messages`, max_batch (rows decoded together).
+stop, stop_token_ids, ignore_eos), `decode` (how decode steps run: "dynamic", the default, "static"
+or "graphs", CUDA graphs on a GPU; infer/static_decode.py) and, for `generate_messages`, max_batch
+(rows decoded together).
 """
 
 from __future__ import annotations
@@ -39,19 +41,21 @@ def generate_messages(vlm, messages: list[dict] | list[list[dict]], **kw) -> str
     """Answer one conversation (-> str) or a list of conversations (-> list[str], batched). Image
     and video parts are taken as given (PIL images, paths, frame lists: the caller's own files)."""
     max_batch = kw.pop("max_batch", None)
+    decode = kw.pop("decode", "dynamic")
     params = SamplingParams(**kw)
     batched = _is_batch(messages)
     prompts = [prompt_for(vlm, m, resolve_video=keep_image) for m in (messages if batched else [messages])]
     texts = [""] * len(prompts)
-    for index, delta in Engine(vlm).run(prompts, params, max_batch):
+    for index, delta in Engine(vlm, decode=decode).run(prompts, params, max_batch):
         texts[index] += delta
     return texts if batched else texts[0]
 
 
 def stream_messages(vlm, messages: list[dict], **kw) -> Iterator[str]:
     """Answer one conversation as a stream of text deltas."""
+    decode = kw.pop("decode", "dynamic")
     prompt = prompt_for(vlm, messages, resolve_video=keep_image)
-    for _, delta in Engine(vlm).run([prompt], SamplingParams(**kw)):
+    for _, delta in Engine(vlm, decode=decode).run([prompt], SamplingParams(**kw)):
         yield delta
 
 

@@ -21,6 +21,8 @@ query head h reads kv head h // (H / Hkv), as transformers' `repeat_kv` does.
 
 `KVCache` holds per-layer keys / values of B rows with per-row lengths, so ragged prompts, one
 token per row per step, and rows joining or leaving between steps (continuous batching) all work.
+`StaticKVCache` holds them in storage allocated once, for decode steps of fixed shapes (the
+steps infer/static_decode.py replays as CUDA graphs).
 
 Shape suffixes: B batch rows, T tokens, H query heads, Hkv kv heads, Dh head dim, L cache length.
 """
@@ -166,11 +168,18 @@ class AttentionBackend:
         q, k, v = _in_autocast_dtype(q, k, v)
         if spec.kind != "packed":
             return self._unpacked(q, k, v, spec, causal)
+        # Under torch.compile the packed call is one opaque op (`packed_attention`): its eager
+        # implementation reads the sample lengths on the host, which would break the graph.
+        packed = self._packed_op if torch.compiler.is_compiling() else self._packed
         if q.dim() == 3:
-            return self._packed(q, k, v, spec, causal)
+            return packed(q, k, v, spec, causal)
         if q.shape[0] != 1:
             raise ValueError(f"packed attention takes one flat sequence (B = 1), got B = {q.shape[0]}")
-        return self._packed(q[0], k[0], v[0], spec, causal).unsqueeze(0)
+        return packed(q[0], k[0], v[0], spec, causal).unsqueeze(0)
+
+    def _packed_op(self, q, k, v, spec: AttnSpec, causal: bool) -> torch.Tensor:
+        """`_packed` through the `vlmkit::packed_attention` custom op (what a compiled block calls)."""
+        return packed_attention(q, k, v, spec.cu_seqlens, spec.max_seqlen, causal, self.name)
 
     def _packed(self, q, k, v, spec: AttnSpec, causal: bool) -> torch.Tensor:
         """q (T, H, Dh), k / v (T, Hkv, Dh) -> (T, H, Dh)."""
@@ -220,6 +229,62 @@ class AutoBackend(AttentionBackend):
 
 
 BACKENDS: dict[str, type[AttentionBackend]] = {"auto": AutoBackend, "sdpa": AttentionBackend, "flash": FlashBackend}
+
+
+# --- the packed call as one custom op (torch.compile) --------------------------------------------------
+
+
+@torch.library.custom_op("vlmkit::packed_attention", mutates_args=())
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     causal: bool, backend: str) -> torch.Tensor:
+    """Packed attention as one op that dynamo does not trace into: q (T, H, Dh), k / v (T, Hkv,
+    Dh), cu_seqlens (S+1,) -> (T, H, Dh), computed by backend `backend`'s eager packed path (SDPA
+    per group of equal-length samples, or a varlen kernel). A compiled block calls it (the eager
+    path reads `spec.seqlens` on the host, a graph break); the backward recomputes the forward
+    (`packed_attention_backward`)."""
+    return _eager_packed(q, k, v, cu_seqlens, max_seqlen, causal, backend).contiguous()
+
+
+@packed_attention.register_fake
+def _packed_attention_fake(q, k, v, cu_seqlens, max_seqlen, causal, backend):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("vlmkit::packed_attention_backward", mutates_args=())
+def packed_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool,
+                              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `packed_attention` for q, k, v: its eager forward run again and
+    differentiated (an opaque op too, so the compiled backward graph holds it whole)."""
+    # torch.func.vjp, not torch.autograd.grad: an op's kernel runs below the autograd dispatch
+    # key, where plain autograd records nothing; functorch's transform brings it back.
+    _, vjp = torch.func.vjp(lambda *qkv: _eager_packed(*qkv, cu_seqlens, max_seqlen, causal, backend), q, k, v)
+    return tuple(g.contiguous() for g in vjp(grad))
+
+
+@packed_attention_backward.register_fake
+def _packed_attention_backward_fake(grad, q, k, v, cu_seqlens, max_seqlen, causal, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _packed_attention_setup(ctx, inputs, output) -> None:
+    q, k, v, cu_seqlens, max_seqlen, causal, backend = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens)
+    ctx.max_seqlen, ctx.causal, ctx.backend = max_seqlen, causal, backend
+
+
+def _packed_attention_grad(ctx, grad):
+    q, k, v, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = packed_attention_backward(grad, q, k, v, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.backend)
+    return dq, dk, dv, None, None, None, None
+
+
+packed_attention.register_autograd(_packed_attention_grad, setup_context=_packed_attention_setup)
+
+
+def _eager_packed(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool, backend: str) -> torch.Tensor:
+    """The packed path of backend `backend` (a `BACKENDS` name), as an uncompiled call runs it."""
+    return BACKENDS[backend]()._packed(q, k, v, AttnSpec.packed(cu_seqlens, max_seqlen), causal)
 
 
 def select_backend(name: BackendName = "auto") -> AttentionBackend:
@@ -523,6 +588,132 @@ class KVCache:
                                      for i in range(self.num_layers)])
         self.lengths = torch.cat([c.lengths.to(parts[0].lengths.device) for c in parts])
         self._host_lengths = [n for c in parts for n in c._host_lengths]
+
+
+class StaticKVCache:
+    """Keys and values of every layer in storage allocated once, for decode steps whose tensor
+    shapes depend on their batch size only (so that one step per batch size can be captured in a
+    CUDA graph and replayed: infer/static_decode.py).
+
+    Storage per layer: k, v (R, Hkv, L + 1, Dh) for R rows of `capacity` = L tokens, allocated by
+    the first `add_rows` (in the dtype and on the device of the prefilled rows it copies) and
+    never moved. Rows 0 .. len - 1 are live, in order; the others are free. Slot L is scratch:
+    a row whose length is L or more (a free row, or a pad row of a step padded to a larger batch)
+    writes its key there and attends to every slot, finite and ignored.
+
+    A step over the first B rows (`begin(B, 1)`, then each layer's `append`, then `end()`)
+    computes everything from per-row lengths on the device: a row's new key is scattered into
+    slot length, the query attends to all L + 1 slots through a mask of slots <= length, its
+    position is length + offset (a native model's rope delta, models/mrope.py), and `end` adds
+    one to every length. Nothing is read back to the host. Prefill stays in a `KVCache`
+    (variable length); `add_rows` copies its rows in.
+    """
+
+    def __init__(self, num_layers: int, rows: int, capacity: int, position_bound: int):
+        self.num_layers = num_layers
+        self.rows = rows
+        self.capacity = capacity
+        self.position_bound = max(position_bound, capacity + 1)
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.lengths: torch.Tensor | None = None  # (R,) tokens stored per row; >= L for free rows
+        self.offsets: torch.Tensor | None = None  # (R,) position minus slot per row
+        self._live = 0
+        self._step_slot: torch.Tensor | None = None  # (B,) the slot each row writes; between begin() and end()
+
+    def __len__(self) -> int:
+        """Number of live rows."""
+        return self._live
+
+    @property
+    def max_length(self) -> int:
+        """An upper bound on the positions of a step, not the longest row: `LLM.decode` sizes its
+        RoPE table from it, and a fixed bound keeps that table from being rebuilt (moved) between
+        captured steps; the exact longest row would be a device read."""
+        return self.position_bound - 1
+
+    def begin(self, batch: int, length: int, valid: torch.Tensor | None = None,
+              device: torch.device | None = None) -> AttnSpec:
+        """Start a decode step over rows 0 .. batch - 1 (one new token each); returns the spec
+        (a mask over the L + 1 slots) to attend with."""
+        if length != 1 or valid is not None:
+            raise ValueError("a static KV cache takes decode steps of one token per row; prefill into a KVCache")
+        slot = self.lengths[:batch].clamp(max=self.capacity)  # (B,); free and pad rows -> scratch
+        self._step_slot = slot
+        keys = torch.arange(self.capacity + 1, device=slot.device)
+        return AttnSpec.from_mask((keys[None] <= slot[:, None])[:, None, None])  # (B, 1, 1, L + 1)
+
+    def position_ids(self, valid: torch.Tensor | None = None, length: int = 1) -> torch.Tensor:
+        """Positions (B, 1) of the step's tokens: each row's slot plus its offset."""
+        slot = self._step_slot
+        return (slot + self.offsets[:slot.shape[0]])[:, None]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one token per row, k / v (B, Hkv, Dh), at each row's slot; return all keys /
+        values (B, Hkv, L + 1, Dh) of those rows, the same storage every step."""
+        B, Hkv, Dh = k.shape
+        index = self._step_slot.view(B, 1, 1, 1).expand(B, Hkv, 1, Dh)
+        keys, values = self.k[layer][:B], self.v[layer][:B]
+        keys.scatter_(2, index, k[:, :, None].to(keys.dtype))
+        values.scatter_(2, index, v[:, :, None].to(values.dtype))
+        return keys, values
+
+    def end(self) -> None:
+        self.lengths[:self._step_slot.shape[0]].add_(1)
+        self._step_slot = None
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only `rows` (in that order) as the live rows 0 .. len(rows) - 1, in place."""
+        n = len(rows)
+        if self.lengths is not None:
+            idx = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+            for store in (self.k, self.v):
+                for t in store:
+                    t[:n] = t[idx]
+            self.lengths[:n] = self.lengths[idx]
+            self.offsets[:n] = self.offsets[idx]
+            self.lengths[n:] = self.capacity
+            self.offsets[n:] = 0
+        self._live = n
+
+    def add_rows(self, *others: "KVCache | StaticKVCache", offsets: list[int] | None = None) -> None:
+        """Copy the live rows of `others` (e.g. prompts prefilled in a `KVCache` each), in order,
+        after the live rows; `offsets` gives each added row's position offset (default 0)."""
+        count = sum(len(o) for o in others)
+        if self._live + count > self.rows:
+            raise ValueError(f"static KV cache of {self.rows} rows cannot take {count} more after {self._live}")
+        offsets = offsets if offsets is not None else [0] * count
+        for other in others:
+            n = len(other)
+            if n == 0:
+                continue
+            if self.lengths is None:
+                self._allocate(other)
+            slots = min(other.capacity, self.capacity)
+            start, stop = self._live, self._live + n
+            for store, source in ((self.k, other.k), (self.v, other.v)):
+                for layer in range(self.num_layers):
+                    store[layer][start:stop, :, :slots] = source[layer][:n, :, :slots]
+            self.lengths[start:stop] = other.lengths[:n]
+            self.offsets[start:stop] = torch.tensor(offsets[:n], dtype=torch.long)
+            offsets = offsets[n:]
+            self._live = stop
+
+    def resized(self, rows: int, capacity: int) -> "StaticKVCache":
+        """A new cache of `rows` x `capacity` holding this one's live rows (each cut to `capacity`)."""
+        new = StaticKVCache(self.num_layers, rows, capacity, self.position_bound)
+        if self.lengths is not None:
+            new.add_rows(self, offsets=self.offsets[:self._live].tolist())
+        return new
+
+    def _allocate(self, like: "KVCache | StaticKVCache") -> None:
+        """Storage for every layer in the dtype and on the device of `like`'s tensors."""
+        for store, source in ((self.k, like.k), (self.v, like.v)):
+            for layer, t in enumerate(source):
+                store[layer] = t.new_zeros(self.rows, t.shape[1], self.capacity + 1, t.shape[3])
+        device = like.k[0].device
+        self.lengths = torch.full((self.rows,), self.capacity, dtype=torch.long, device=device)
+        self.offsets = torch.zeros(self.rows, dtype=torch.long, device=device)
 
 
 def _slot_mask(q_slot: torch.Tensor, length: int) -> torch.Tensor:

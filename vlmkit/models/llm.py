@@ -15,6 +15,9 @@ skips). Parameter names follow transformers' with the `model.` prefix dropped
 (`layers.{i}.attn.q_proj`, `layers.{i}.mlp.gate_proj`) so that HF key maps stay one line per
 tensor kind (models/hf/llm.py).
 
+Mixed-precision training runs the model under bf16 autocast (`bf16_autocast`): the residual
+stream, norms' outputs and attention are bf16, RMSNorm's statistics and the RoPE tables fp32.
+
 Shape suffixes: B batch, T tokens, D hidden, H heads, Hkv kv heads, Dh head dim, V vocabulary.
 """
 
@@ -27,7 +30,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from vlmkit.models.attention import AttentionBackend, AttnSpec, BackendName, KVCache, decode_attention, select_backend
+from vlmkit.models.attention import (AttentionBackend, AttnSpec, BackendName, KVCache, StaticKVCache, decode_attention,
+                                    select_backend)
 from vlmkit.models.config import MROPE_AXES, LLMConfig
 from vlmkit.models.fused import FusedLinears
 from vlmkit.models.moe import MoE, SwiGLU
@@ -35,7 +39,8 @@ from vlmkit.models.mrope import frequency_axes
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 like the reference."""
+    """x / rms(x) * weight: the statistics in fp32 like the reference, the result in x's dtype (a
+    bf16 residual stream stays bf16 with fp32 master weights, `bf16_autocast`)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -50,7 +55,15 @@ class RMSNorm(nn.Module):
             return torch.rms_norm(x, weight.shape, weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * h.to(x.dtype)
+        out = weight * h.to(x.dtype)
+        return out if out.dtype == x.dtype else out.to(x.dtype)  # an fp32 weight would promote bf16 x
+
+
+def bf16_autocast(device_type: str) -> bool:
+    """Whether the model runs under bf16 autocast on `device_type`: mixed-precision training
+    (train/precision.py). There the decoder's residual stream is bf16 (`LLM.decode`), as it is
+    under FSDP2's bf16 parameters, while RoPE tables, norm statistics and the loss stay fp32."""
+    return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -317,7 +330,8 @@ class LLM(nn.Module):
         width; models/mrope.py): (3, B, T), or (3, T) for flat (T, D) inputs.
         With a cache, spec must be causal or padded (ragged prompts): the step's real tokens are
         appended to each row; with one token per row (a decode step) the blocks run their `step`
-        path (`Block.step`). `deepstack` (Qwen3-VL) adds visual features after the first layers; the
+        path (`Block.step`); a `StaticKVCache` (models/attention.py) takes only such steps, with
+        shapes that never change (`new_static_cache`). `deepstack` (Qwen3-VL) adds visual features after the first layers; the
         prompt's visual tokens carry it, so it goes with a whole-prompt call, never a decode step.
         Returns the final-normed hidden states, shaped like inputs_embeds.
         """
@@ -325,7 +339,11 @@ class LLM(nn.Module):
         x = inputs_embeds[None] if flat else inputs_embeds  # (B, T, D)
         if flat and position_ids is not None and position_ids.dim() == 2 and position_ids.shape[0] == MROPE_AXES:
             position_ids = position_ids[:, None]  # M-RoPE positions of a pack: (3, T) -> (3, 1, T)
-        spec, cos, sin = self._attention_and_rope(x, spec or AttnSpec.causal(), position_ids, cache)
+        mixed = bf16_autocast(x.device.type)
+        spec, cos, sin = self._attention_and_rope(x, spec or AttnSpec.causal(), position_ids, cache,
+                                                  torch.float32 if mixed else x.dtype)
+        if mixed:  # the residual adds and norms on bf16 tensors: half the bytes of an fp32 stream
+            x = x.to(torch.bfloat16)
         if cache is not None and x.shape[1] == 1 and deepstack is None:  # a decode step
             hidden, aux = self._decode_step(x[:, 0], cos[:, 0], sin[:, 0], spec, cache)
             hidden = self.norm(hidden)[:, None]
@@ -338,8 +356,10 @@ class LLM(nn.Module):
         return hidden[0] if flat else hidden
 
     def _attention_and_rope(self, x: torch.Tensor, spec: AttnSpec, position_ids: torch.Tensor | None,
-                            cache: KVCache | None) -> tuple[AttnSpec, torch.Tensor, torch.Tensor]:
-        """The spec the blocks attend with and RoPE's cos / sin (B, T, 1, Dh) for x (B, T, D).
+                            cache: KVCache | None, rope_dtype: torch.dtype
+                            ) -> tuple[AttnSpec, torch.Tensor, torch.Tensor]:
+        """The spec the blocks attend with and RoPE's cos / sin (B, T, 1, Dh, in `rope_dtype`) for
+        x (B, T, D).
 
         With a cache this begins the cache step (`KVCache.begin`: the spec becomes the cache's)
         and positions continue each row's length; without one, positions come from the spec,
@@ -363,9 +383,9 @@ class LLM(nn.Module):
         if bound is None:  # positions given by the caller: one read of their maximum
             bound = int(position_ids.max()) + 1 if position_ids.numel() else 1
         if position_ids.dim() == 3:  # M-RoPE: (3, B, T)
-            cos, sin = self.rope.axes(position_ids.expand(MROPE_AXES, B, T), bound, x.dtype)
+            cos, sin = self.rope.axes(position_ids.expand(MROPE_AXES, B, T), bound, rope_dtype)
         else:
-            cos, sin = self.rope(position_ids.expand(B, T), bound, x.dtype)
+            cos, sin = self.rope(position_ids.expand(B, T), bound, rope_dtype)
         return spec, cos, sin
 
     def _run_blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: AttnSpec,
@@ -430,6 +450,12 @@ class LLM(nn.Module):
     def new_cache(self, capacity: int = 0) -> KVCache:
         """An empty KV cache; `capacity` tokens per row are allocated on first use."""
         return KVCache(self.config.num_layers, capacity)
+
+    def new_static_cache(self, rows: int, capacity: int) -> StaticKVCache:
+        """An empty static KV cache of `rows` rows x `capacity` tokens (models/attention.py), for
+        decode steps of fixed shapes; its RoPE bound is the model's context, so the RoPE table
+        never grows while steps are replayed."""
+        return StaticKVCache(self.config.num_layers, rows, capacity, self.config.max_position_embeddings)
 
     def aux_loss(self) -> torch.Tensor:
         """MoE balance loss of the last forward (0 without MoE or with aux_loss_coef = 0)."""

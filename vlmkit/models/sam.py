@@ -28,6 +28,9 @@ and this tower on the high-resolution one, and `HybridCombiner` joins them:
 - combination: each tower's tokens projected to half the LLM width, concatenated (high-resolution
   first), GELU, one linear layer (the reference's aligner).
 
+`HybridVisionTower.parallel_streams` (off by default) runs the two towers concurrently on two CUDA
+streams (models/streams.py), in training and inference; on the CPU they run one after the other.
+
 In a `VLMModel` (models/vlm.py) an image is one row holding both resolutions, the high-resolution
 pixels then the low-resolution ones, each channels-first and flattened (`split_hybrid_rows`; the
 data side's processor, data/padded_images.py, writes them so), so prompts and packs carry it as
@@ -46,6 +49,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from vlmkit.models.config import HYBRID_DOWNSAMPLE, HybridVisionConfig, SamVisionConfig
+from vlmkit.models.streams import run_branches
 from vlmkit.models.vision import INIT_STD, VisionEncoder, activation, init_dense_and_norms
 
 NECK_NORM_EPS = 1e-6
@@ -308,6 +312,9 @@ class HybridVisionTower(nn.Module):
         self.low_res = VisionEncoder(cfg.low_res)
         self.high_res = SamVisionTower(cfg.high_res)
         self.combiner = HybridCombiner(cfg)
+        self.parallel_streams = False
+        """On a CUDA device, run the two towers concurrently on two CUDA streams (models/streams.py);
+        elsewhere, and when off, one after the other. Same results either way."""
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -320,5 +327,15 @@ class HybridVisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, high_res_pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (N, C, S_lo, S_lo) for SigLIP, high_res_pixel_values (N, C, S_hi, S_hi) for SAM."""
-        high_res = self.high_res(high_res_pixel_values, keep_blocks=(self.config.high_res_block,))
-        return self.combiner(self.low_res(pixel_values), high_res)
+        keep = self.config.high_res_block
+        if not self.parallel_streams:
+            high_res = self.high_res(high_res_pixel_values, keep_blocks=(keep,))
+            return self.combiner(self.low_res(pixel_values), high_res)
+
+        def high_res_branch() -> tuple[torch.Tensor, torch.Tensor]:
+            out = self.high_res(high_res_pixel_values, keep_blocks=(keep,))
+            return out.features, out.block_outputs[keep]
+
+        (features, kept), low_res = run_branches(high_res_branch, lambda: self.low_res(pixel_values),
+                                                 side_inputs=(high_res_pixel_values,))
+        return self.combiner(low_res, SamVisionOutput(features, {keep: kept}))

@@ -50,6 +50,7 @@ from vlmkit.models.anyres import AnyResAdapter, AnyResGeometry
 from vlmkit.models.attention import AttnSpec
 from vlmkit.models.config import MROPE_AXES, VLMConfig
 from vlmkit.models.llm import LLM, Deepstack
+from vlmkit.models.loss import linear_cross_entropy, output_projection
 from vlmkit.models.mrope import MRopeLayout, rope_positions
 from vlmkit.models.native_vision import NativeVisionOutput, NativeVisionTower, merged_token_counts
 from vlmkit.models.sam import HybridVisionTower, split_hybrid_rows
@@ -126,6 +127,11 @@ class DecoderInputs:
 
 class VLMModel(nn.Module):
     """vision -> adapter -> llm, or a native tower -> llm. See the module docstring for the calls."""
+
+    fused_loss: bool = False
+    """`compute_loss` runs the output head and cross-entropy together, chunk by chunk
+    (models/loss.py's `linear_cross_entropy`) instead of materialising the (M, V) logits; the
+    trainer sets it from a stage's `fused_loss`."""
 
     def __init__(self, cfg: VLMConfig):
         super().__init__()
@@ -339,8 +345,7 @@ class VLMModel(nn.Module):
                                  deepstack=deepstack)  # (T, D)
         targets = shift_labels(labels, cu_seqlens)  # (T,)
         supervised = targets != IGNORE_INDEX
-        logits = self.llm.logits(hidden[supervised])  # (M, V)
-        ce = F.cross_entropy(logits.float(), targets[supervised], reduction="none")  # (M,)
+        ce = self._target_losses(hidden[supervised], targets[supervised])  # (M,)
         loss_sum = ce.sum()
         num_targets = supervised.sum()
         aux = self.llm.aux_loss()
@@ -349,6 +354,15 @@ class VLMModel(nn.Module):
         token_loss[1:][supervised[:-1]] = ce
         loss = loss_sum / num_targets.clamp(min=1) + aux
         return LossOutput(loss=loss, loss_sum=loss_sum, num_targets=num_targets, token_loss=token_loss, aux_loss=aux)
+
+    def _target_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (M,) of each target under the output head, hidden (M, D). The fused path
+        takes a head that is a plain linear map; one that adds terms (LoRA) takes the plain path."""
+        projection = output_projection(self.llm.head.modules[0]) if self.fused_loss else None
+        if projection is not None:
+            weight, bias = projection
+            return linear_cross_entropy(hidden, weight, targets, bias=bias)
+        return F.cross_entropy(self.llm.logits(hidden).float(), targets, reduction="none")
 
     def set_gradient_checkpointing(self, on: bool) -> None:
         """Recompute each vision and LLM block in the backward pass instead of storing activations."""

@@ -35,8 +35,6 @@ ConfigError.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 
@@ -52,6 +50,7 @@ from vlmkit.models.config import VisionConfig
 from vlmkit.models.contrastive import ContrastiveHeads
 from vlmkit.train.data import source_modality
 from vlmkit.train.objective import Objective
+from vlmkit.train.precision import forward_precision
 from vlmkit.train.stages import stage_seed
 
 HELD_OUT_SEED = 0
@@ -216,8 +215,7 @@ class ContrastiveObjective(Objective):
         their mean. `tokens`: the captions' tokens plus the images' patches; `batch_i2t`: image ->
         caption top-1 within the step's own micro-batches."""
         accum = self.stage.grad_accum
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.stage.precision == "bf16"
-                    else nullcontext())
+        autocast = forward_precision(self.stage.precision, self.device)
         loss_sum, pairs, tokens, hits = 0.0, 0, 0, 0.0
         for _ in range(accum):
             batch = self.mixture.next_batch("image")

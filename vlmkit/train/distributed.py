@@ -16,6 +16,9 @@ start (a LoRA stage's adapters applied, then merged away) goes through an unshar
 and `shard_model` shards it again. Work whose number of forward passes differs between ranks (a
 GRPO rollout's decoding) runs on such a copy too, free of collectives; a sharded model's passes
 must line up across ranks (`aligned_passes`).
+
+A bf16 run shards with FSDP2's MixedPrecisionPolicy: bf16 parameters and compute, fp32 gradient
+reduction, fp32 shards and optimizer state (train/precision.py).
 """
 
 from __future__ import annotations
@@ -37,9 +40,11 @@ from vlmkit.data.types import PackedBatch
 from vlmkit.errors import CheckpointError
 from vlmkit.models.config import VLMConfig
 from vlmkit.models.lora import LoRAConfig, apply_lora, has_lora, lora_config_of
+from vlmkit.models.compile import block_lists
 from vlmkit.models.moe import MoE
 from vlmkit.models.vlm import VLMModel
 from vlmkit.models.weights import load_state, uninitialised
+from vlmkit.train.precision import fsdp_policy
 
 PassT = TypeVar("PassT")
 
@@ -118,17 +123,9 @@ class Dist:
             dist.destroy_process_group()
 
 
-def block_lists(model: nn.Module) -> list[nn.ModuleList]:
-    """The stacks of repeated blocks (transformer layers of vision and LLM). An MoE layer's experts
-    are not one: they stay in their layer's unit (a unit inside another one would have to be
-    sharded first), where every rank gathers and reduces them together."""
-    experts = {id(m.experts) for m in model.modules() if isinstance(m, MoE)}
-    return [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0 and id(m) not in experts
-            and all(type(b) is type(m[0]) for b in m)]
-
-
-def shard_model(model: VLMModel, ctx: Dist) -> VLMModel:
-    """FSDP2: fully_shard every block, then the root (embeddings, norms, adapter, head)."""
+def shard_model(model: VLMModel, ctx: Dist, precision: str = "fp32") -> VLMModel:
+    """FSDP2: fully_shard every block, then the root (embeddings, norms, adapter, head), all with
+    the mixed-precision policy of the run's `precision` (train/precision.py's `fsdp_policy`)."""
     # Deferred (here and below): FSDP and DCP are slow to import and only multi-process runs use them.
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
@@ -137,8 +134,8 @@ def shard_model(model: VLMModel, ctx: Dist) -> VLMModel:
             module.run_idle_experts = True
     for blocks in block_lists(model):
         for block in blocks:
-            fully_shard(block)
-    fully_shard(model)
+            fully_shard(block, mp_policy=fsdp_policy(precision, root=False))
+    fully_shard(model, mp_policy=fsdp_policy(precision, root=True))
     # Training calls compute_loss, not forward: give it the root's unshard / reshard hooks too.
     register_fsdp_forward_method(model, "compute_loss")
     return model
@@ -193,12 +190,13 @@ def _plain_vlm(config: VLMConfig, lora: LoRAConfig | None) -> VLM:
     return model
 
 
-def resharded(model: VLM, ctx: Dist, surgery: Callable[[VLM], object]) -> VLM:
+def resharded(model: VLM, ctx: Dist, surgery: Callable[[VLM], object], precision: str) -> VLM:
     """`surgery` (e.g. LoRA applied or merged away) done on the unsharded weights of the sharded
-    `model`, returned sharded again (module docstring); every rank calls it at once."""
+    `model`, returned sharded again in the run's `precision` (module docstring); every rank calls
+    it at once."""
     twin = unsharded_copy(model, ctx)
     surgery(twin)
-    return shard_model(twin, ctx)
+    return shard_model(twin, ctx, precision)
 
 
 def pass_kind(batch: PackedBatch) -> tuple[bool, bool]:

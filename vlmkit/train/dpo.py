@@ -51,6 +51,7 @@ from vlmkit.models import lora
 from vlmkit.train.data import source_modality
 from vlmkit.train.distributed import frozen_copy
 from vlmkit.train.objective import Objective
+from vlmkit.train.precision import forward_precision
 from vlmkit.train.stages import stage_seed
 
 PAIR_METRICS = ("loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_logp",
@@ -188,9 +189,7 @@ class DPOObjective(Objective):
         return packs
 
     def _autocast(self):
-        if self.stage.precision == "bf16":
-            return torch.autocast(self.trainer.ctx.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return forward_precision(self.stage.precision, self.trainer.ctx.device)
 
     # ------------------------------------------------------------------------------------------
     def forward_backward(self, step: int) -> dict:

@@ -83,6 +83,7 @@ from vlmkit.infer.sampling import SamplingParams
 from vlmkit.models import lora
 from vlmkit.train.distributed import aligned_passes, frozen_copy, pass_kind, unsharded_copy
 from vlmkit.train.objective import Objective
+from vlmkit.train.precision import forward_precision
 from vlmkit.train.rewards import Reward, RewardRouter, Task, task_from_record
 from vlmkit.train.stages import stage_seed
 
@@ -536,8 +537,7 @@ class GRPOObjective(Objective):
         (n_tokens,) = ctx.all_reduce_sum([float(sum(len(x.reply_ids) for x in rollout.samples))])
         # FSDP would average gradients over ranks: scaling by the world size keeps the global sum.
         scale = ctx.world / max(n_tokens, 1.0)
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if self.stage.precision == "bf16"
-                    else nullcontext())
+        autocast = forward_precision(self.stage.precision, device)
         sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "tokens": 0.0}
         for (batch, targets), real in aligned_passes(packs, ctx, lambda pack: pass_kind(pack[0])):
             if not real:  # FSDP's padding pass (train/distributed.py): gathers and adds nothing

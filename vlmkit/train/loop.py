@@ -32,7 +32,6 @@ import shutil
 import signal
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +45,10 @@ from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.types import Modality, PackedBatch
 from vlmkit.data.world import TOKENIZER_DIR, prepare_world
 from vlmkit.errors import CheckpointError, ConfigError, VlmkitError
+from vlmkit.models.compile import compile_blocks
 from vlmkit.models.config import VLMConfig
 from vlmkit.models.lora import apply_lora, has_lora, merge_and_unload, save_adapter
+from vlmkit.models.loss import fused_loss_wanted
 from vlmkit.models.vlm import LossOutput
 from vlmkit.models.weights import load_state
 from vlmkit.train import checkpoint as ckpt
@@ -59,6 +60,7 @@ from vlmkit.train.dpo import DPOObjective
 from vlmkit.train.grpo import GRPOObjective
 from vlmkit.train.logging import MetricsLogger, plot_loss_curve
 from vlmkit.train.objective import Objective
+from vlmkit.train.precision import BF16, forward_precision, sharded_precision
 from vlmkit.train.stages import apply_freezing, build_optimizer, set_lr, stage_seed
 
 OBJECTIVES: dict[str, type[Objective]] = {"contrastive": ContrastiveObjective, "dpo": DPOObjective,
@@ -284,7 +286,7 @@ class Trainer:
         if inside_stage is not None:  # its LoRA adapters and heads exist before sharding and loading
             self._enter_stage(self.state.stage)
         if self.ctx.is_distributed:
-            shard_model(self.model, self.ctx)
+            shard_model(self.model, self.ctx, sharded_precision(self.cfg.stages))
             self.sharded = True
         if resume_from is not None:
             # Whatever point the checkpoint marks (inside a stage, a stage's end, after the last
@@ -351,6 +353,7 @@ class Trainer:
                 # Its heads (the text side) train outside FSDP: nothing would sum their gradients.
                 raise ConfigError(f"stage {stage.name!r}: contrastive stages run in one process for now; run this "
                                   "config without torchrun")
+        sharded_precision(self.cfg.stages)  # one precision for every stage (train/precision.py)
 
     def _enter_stage(self, index: int) -> None:
         """The model surgery a stage needs before its weights are trained or loaded: its LoRA
@@ -359,7 +362,8 @@ class Trainer:
         stage = self.cfg.stages[index]
         if stage.lora is not None and not has_lora(self.model):
             if self.sharded:
-                self.model = resharded(self.model, self.ctx, lambda model: apply_lora(model, stage.lora))
+                self.model = resharded(self.model, self.ctx, lambda model: apply_lora(model, stage.lora),
+                                       sharded_precision(self.cfg.stages))
             else:
                 apply_lora(self.model, stage.lora)
         self.objective = OBJECTIVES[stage.kind](self, index) if stage.kind != "sft" else None
@@ -373,6 +377,8 @@ class Trainer:
             self._enter_stage(index)
         apply_freezing(self.model, stage)
         self.model.set_gradient_checkpointing(stage.gradient_checkpointing)
+        compile_blocks(self.model, stage.compile)  # after sharding and LoRA: the blocks as they run
+        self.model.fused_loss = fused_loss_wanted(stage.fused_loss, self.ctx.device)
         heads_lr = self.objective.heads_lr if self.objective is not None else 0.0
         optimizer = build_optimizer(self.model, stage, self.heads, heads_lr)
         if resume_from is None:
@@ -418,13 +424,20 @@ class Trainer:
 
     def _leave_stage(self, index: int) -> None:
         """Save and merge the stage's LoRA adapters (the next stage and DIR/final get plain
-        weights), and drop its objective."""
+        weights), and drop its objective. A sharded bf16 run hands the next stage freshly sharded
+        units: FSDP2 fixes each unit's gradient dtype at its first forward from the parameters
+        training then, so a unit this stage froze would give the next stage bf16 gradients for its
+        fp32 shards (an error)."""
         stage = self.cfg.stages[index]
-        if stage.lora is not None:
-            if self.sharded:
-                self.model = resharded(self.model, self.ctx, lambda model: self._save_and_merge(model, stage))
-            else:
-                self._save_and_merge(self.model, stage)
+        if self.sharded:
+            precision = sharded_precision(self.cfg.stages)
+            if stage.lora is not None:
+                self.model = resharded(self.model, self.ctx, lambda model: self._save_and_merge(model, stage),
+                                       precision)
+            elif precision == BF16 and index + 1 < len(self.cfg.stages):
+                self.model = resharded(self.model, self.ctx, _unchanged, precision)
+        elif stage.lora is not None:
+            self._save_and_merge(self.model, stage)
         if self.objective is not None:
             self.objective.close()
         self.objective, self.heads, self.replay = None, None, None
@@ -497,11 +510,9 @@ class Trainer:
         targets = max(targets, 1.0)
         # FSDP averages gradients over ranks: scaling by the world size keeps the global sum.
         loss_scale = weight * self.ctx.world / targets
-        autocast = (torch.autocast(self.ctx.device.type, dtype=torch.bfloat16) if stage.precision == "bf16"
-                    else nullcontext())
         sums, aux_loss = StepSums(), 0.0
         for batch, n_targets in zip(batches, per_sample):
-            with autocast:
+            with forward_precision(stage.precision, self.ctx.device):
                 out = self._compute_loss(batch)
             (out.loss_sum.float() * loss_scale + out.aux_loss.float() / len(batches)).backward()
             sums.add(batch, out, n_targets)
@@ -601,11 +612,14 @@ class Trainer:
                 self.logger.log({"global_step": self.state.global_step, "stage": index, "eval": True, **result})
             return result
         self.model.eval()
+        stage = self.cfg.stages[index]
         for name in self.cfg.eval_sources:
             s, n = 0.0, 0.0
             for batch in eval_batches(self.cfg, name, self.tokenizer, self.processor, self.model.config.tokens_per_tile,
-                                      self.cfg.stages[index].token_budget, rank=self.ctx.rank, world=self.ctx.world):
-                out = self._compute_loss(batch)
+                                      stage.token_budget, rank=self.ctx.rank, world=self.ctx.world):
+                # in the stage's precision: a sharded bf16 model's weights are bf16 in any forward
+                with forward_precision(stage.precision, self.ctx.device):
+                    out = self._compute_loss(batch)
                 s += float(out.loss_sum)
                 n += float(out.num_targets)
             s, n = self.ctx.all_reduce_sum([s, n])
@@ -720,6 +734,10 @@ class Trainer:
                 shutil.rmtree(tmp, ignore_errors=True)
             return str(e)
         return None
+
+
+def _unchanged(model: VLM) -> None:
+    """The surgery that changes nothing: sharding a model afresh (`Trainer._leave_stage`)."""
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, model: VLM | None = None,
