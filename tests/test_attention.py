@@ -180,9 +180,6 @@ def test_kv_cache_rows_leave_and_join():
         cache.begin(3, 1)
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
 def _pad(q, k, v, cu, seqlens):
     """The packed (T, H, Dh) tensors right-padded into (B, Tmax, H, Dh) + mask."""
     B, T = len(seqlens), max(seqlens)
@@ -197,7 +194,6 @@ SEQLENS = [37, 5, 128, 64, 1, 64]
 
 
 @pytest.mark.cuda
-@cuda
 def test_sdpa_packed_matches_padded_on_cuda():
     cu = torch.tensor([0] + SEQLENS).cumsum(0).cuda()
     q, k, v = qkv(sum(SEQLENS), H=8, Hkv=2, Dh=64, device="cuda", dtype=torch.bfloat16)
@@ -211,7 +207,6 @@ def test_sdpa_packed_matches_padded_on_cuda():
 
 
 @pytest.mark.cuda
-@cuda
 def test_flash_varlen_matches_sdpa_packed_and_padded_on_cuda():
     if not flash_available(torch.device("cuda")):
         pytest.skip("no varlen flash kernel: needs flash-attn or PyTorch >= 2.10 on an Ampere+ GPU")

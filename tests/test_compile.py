@@ -239,11 +239,7 @@ def test_the_stage_flag_compiles_the_trainers_blocks(tmp_path, monkeypatch):
         torch.testing.assert_close(compiled[name], want, atol=WEIGHT_ATOL, rtol=0, msg=name)
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
 @pytest.mark.cuda
-@cuda
 def test_compiled_bf16_training_on_cuda_matches_eager():
     """On a GPU under bf16 autocast the op runs the flash varlen kernel (when one exists): the
     compiled steps' losses follow the eager ones within bf16 rounding."""

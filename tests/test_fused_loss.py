@@ -196,11 +196,7 @@ def test_lora_on_the_head_takes_the_plain_path():
     assert all(torch.equal(grads_[k], plain_grads[k]) for k in plain_grads)
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
 @pytest.mark.cuda
-@cuda
 def test_chunked_bf16_on_cuda_matches_the_plain_path():
     g = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(1000, 256, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
@@ -215,7 +211,6 @@ def test_chunked_bf16_on_cuda_matches_the_plain_path():
 
 
 @pytest.mark.cuda
-@cuda
 @pytest.mark.parametrize("weighted", [False, True], ids=["mean", "per_token"])
 def test_liger_matches_the_chunked_path(weighted):
     pytest.importorskip("liger_kernel")

@@ -17,8 +17,6 @@ CONFIG = dict(low_res=dict(image_size=32, patch_size=8, hidden_size=32, intermed
                             num_heads=4, window_size=3, global_attn_indexes=(1, 3), output_channels=16),
               out_hidden_size=48)
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
 
 def _tower(device="cpu") -> HybridVisionTower:
     torch.manual_seed(0)
@@ -74,7 +72,6 @@ def test_run_branches_runs_side_then_main_on_cpu():
 
 
 @pytest.mark.cuda
-@cuda
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 def test_parallel_streams_match_one_stream_on_cuda(autocast_dtype):
     tower = _tower("cuda")
@@ -94,7 +91,6 @@ def test_parallel_streams_match_one_stream_on_cuda(autocast_dtype):
 
 
 @pytest.mark.cuda
-@cuda
 def test_high_res_branch_runs_on_a_side_stream_on_cuda():
     tower = _tower("cuda")
     low, high = _pixels("cuda")

@@ -229,7 +229,6 @@ def test_non_silu_rejected():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("hidden", [48, 64])  # head_dim 12: SDPA; 16: the flash varlen kernel where present
 @torch.no_grad()
 def test_packed_padded_and_cache_agree_on_cuda_bf16(hidden):
@@ -250,7 +249,6 @@ def test_packed_padded_and_cache_agree_on_cuda_bf16(hidden):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_packed_equals_padded_under_bf16_autocast_on_cuda():
     """fp32 weights under bf16 autocast (training on GPUs): packed (a flash kernel where present)
     and padded agree, forward and backward runs."""

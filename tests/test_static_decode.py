@@ -212,12 +212,17 @@ def test_native_model_decodes_the_same(tmp_path):
 # --- CUDA graphs --------------------------------------------------------------------------------------
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_graph_replay_gives_the_eager_tokens_on_cuda(vlm):
+@pytest.fixture
+def cuda_model(vlm):
+    """The test VLM's weights in a plain model on the GPU."""
     model = VLMModel(tiny_config()).eval()
     model.load_state_dict(vlm.state_dict())
-    model = model.cuda()
+    return model.cuda()
+
+
+@pytest.mark.cuda
+def test_graph_replay_gives_the_eager_tokens_on_cuda(cuda_model):
+    model = cuda_model
     prompts = make_prompts(model) * 2  # 8 rows
     ids, logprobs, _ = run_ids(model, prompts, "dynamic")
     static_ids, _, static_engine = run_ids(model, prompts, "static")
@@ -229,11 +234,8 @@ def test_graph_replay_gives_the_eager_tokens_on_cuda(vlm):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_one_capture_per_batch_size_used_on_cuda(vlm):
-    model = VLMModel(tiny_config()).eval()
-    model.load_state_dict(vlm.state_dict())
-    model = model.cuda()
+def test_one_capture_per_batch_size_used_on_cuda(cuda_model):
+    model = cuda_model
     prompts = make_prompts(model, n_images=(0, 1, 0, 2, 0))
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (3, 9, 5, 12, 2)]
 
