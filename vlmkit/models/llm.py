@@ -55,8 +55,7 @@ class RMSNorm(nn.Module):
             return torch.rms_norm(x, weight.shape, weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = weight * h.to(x.dtype)
-        return out if out.dtype == x.dtype else out.to(x.dtype)  # an fp32 weight would promote bf16 x
+        return (weight * h.to(x.dtype)).to(x.dtype)  # an fp32 weight would promote bf16 x (no-op otherwise)
 
 
 def bf16_autocast(device_type: str) -> bool:

@@ -328,14 +328,14 @@ class HybridVisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor, high_res_pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (N, C, S_lo, S_lo) for SigLIP, high_res_pixel_values (N, C, S_hi, S_hi) for SAM."""
         keep = self.config.high_res_block
-        if not self.parallel_streams:
-            high_res = self.high_res(high_res_pixel_values, keep_blocks=(keep,))
-            return self.combiner(self.low_res(pixel_values), high_res)
 
-        def high_res_branch() -> tuple[torch.Tensor, torch.Tensor]:
+        def high_res_branch() -> tuple[torch.Tensor, torch.Tensor]:  # the tensors the combiner reads
             out = self.high_res(high_res_pixel_values, keep_blocks=(keep,))
             return out.features, out.block_outputs[keep]
 
-        (features, kept), low_res = run_branches(high_res_branch, lambda: self.low_res(pixel_values),
-                                                 side_inputs=(high_res_pixel_values,))
+        if self.parallel_streams:
+            (features, kept), low_res = run_branches(high_res_branch, lambda: self.low_res(pixel_values),
+                                                     side_inputs=(high_res_pixel_values,))
+        else:
+            (features, kept), low_res = high_res_branch(), self.low_res(pixel_values)
         return self.combiner(low_res, SamVisionOutput(features, {keep: kept}))

@@ -38,9 +38,9 @@ from torch import nn
 from vlmkit.api import VLM
 from vlmkit.data.types import PackedBatch
 from vlmkit.errors import CheckpointError
+from vlmkit.models.compile import block_lists
 from vlmkit.models.config import VLMConfig
 from vlmkit.models.lora import LoRAConfig, apply_lora, has_lora, lora_config_of
-from vlmkit.models.compile import block_lists
 from vlmkit.models.moe import MoE
 from vlmkit.models.vlm import VLMModel
 from vlmkit.models.weights import load_state, uninitialised
