@@ -10,9 +10,9 @@ as in training.
 
 Shapes: on the CPU (the default) a small VLM, SigLIP-style 2 x 128 tower at 64 px (patch 16: 16
 tokens per image, MLP adapter) + a 4 x 256 decoder (GQA 4/2), vocabulary 2048, fp32, packs of about
-`--budget` 1024 tokens; with `--device cuda` a Qwen2.5-0.5B-shaped decoder (24 x 896, GQA 14/2,
-intermediate 4864, vocabulary 32000, tied) + a SigLIP-B-shaped tower (12 x 768 at 224 px, patch 14,
-pixel shuffle to 64 tokens per image) under bf16 autocast, packs of `--budget` 16384 tokens.
+`--budget` 1024 tokens; with `--device cuda` bench/gpu_train_step.py's 0.5B shape (a
+Qwen2.5-0.5B-shaped decoder + a SigLIP-B-shaped tower at 224 px, pixel shuffle to 64 tokens per
+image) under bf16 autocast, packs of `--budget` 16384 tokens.
 
     python bench/compile_train_step.py [--steps 8] [--budget 1024] [--threads 2]
     python bench/compile_train_step.py --device cuda [--steps 20] [--budget 16384]
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import statistics
 import sys
@@ -34,6 +35,7 @@ from contextlib import nullcontext
 
 import torch
 
+from gpu_train_step import shape as gpu_shape
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.packing import collate
 from vlmkit.data.types import PackedBatch, Sample
@@ -51,23 +53,18 @@ MIN_TEXT, MAX_TEXT = 16, 512
 IMAGE_SHARE = 0.5
 """Share of samples holding one image."""
 
-SHAPES = {
-    "cpu": dict(vision=dict(style="siglip", image_size=64, patch_size=16, hidden_size=128, intermediate_size=512,
-                            num_layers=2, num_heads=4),
-                adapter=dict(kind="mlp"),
-                llm=dict(vocab_size=2048, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
-                         num_kv_heads=2)),
-    "cuda": dict(vision=dict(style="siglip", image_size=224, patch_size=14, hidden_size=768, intermediate_size=3072,
-                             num_layers=12, num_heads=12, feature_layer=-2),
-                 adapter=dict(kind="pixel_shuffle", scale_factor=2),
-                 llm=dict(vocab_size=32000, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
-                          num_kv_heads=2, tie_embeddings=True)),
-}
+CPU_SHAPE = dict(vision=dict(style="siglip", image_size=64, patch_size=16, hidden_size=128, intermediate_size=512,
+                             num_layers=2, num_heads=4),
+                 adapter=dict(kind="mlp"),
+                 llm=dict(vocab_size=2048, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
+                          num_kv_heads=2))
 
 
 def build(device: str) -> VLMModel:
+    cfg = (dataclasses.replace(gpu_shape("0.5b").config, image_token_id=IMAGE_TOKEN_ID) if device == "cuda"
+           else VLMConfig(**copy.deepcopy(CPU_SHAPE), image_token_id=IMAGE_TOKEN_ID))
     torch.manual_seed(0)
-    return VLMModel(VLMConfig(**copy.deepcopy(SHAPES[device]), image_token_id=IMAGE_TOKEN_ID)).to(device)
+    return VLMModel(cfg).to(device)
 
 
 def packs(model: VLMModel, count: int, budget: int, seed: int) -> list[PackedBatch]:
