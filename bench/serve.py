@@ -7,7 +7,12 @@ reports generated tokens per second over the whole run and prints the ratio, wit
 (the machine may be shared: compare ratios from one run).
 
     .venv/bin/python bench/serve.py [--model DIR] [--clients 8] [--requests 3] [--max-tokens 64] [--threads 1]
-                                    [--isa avx2]
+                                    [--isa avx2] [--decoder 4x256]
+
+`--decoder LAYERSxWIDTH` sizes the random checkpoint's decoder (default 4x256: 3.9M parameters,
+15 MB, which the CPU's caches hold, so one row's decode step is bound by arithmetic and dispatch;
+12x512, 41M parameters and 165 MB, must stream its weights from memory at every step, as any
+real checkpoint does).
 
 `--isa avx2` runs both servers on PyTorch's, MKL's and oneDNN's AVX2 kernels only (what an
 AVX2-only CPU runs), also on a machine with AVX-512; without it the servers use the kernels the
@@ -39,8 +44,9 @@ ISA_ENV = {
 """The environment each `--isa` adds for the servers: which kernels PyTorch, MKL and oneDNN may pick."""
 
 
-def build_checkpoint(out: Path) -> Path:
-    """A random VLM (ViT 2x128 on 64 px, pixel shuffle, decoder 4x256) with a tokenizer trained here."""
+def build_checkpoint(out: Path, layers: int = 4, width: int = 256) -> Path:
+    """A random VLM (ViT 2x128 on 64 px, pixel shuffle, a decoder of `layers` x `width`: heads of 32,
+    half as many KV heads, MLP 3x wide) with a tokenizer trained here."""
     import pydoc_data.topics
 
     import torch
@@ -55,8 +61,9 @@ def build_checkpoint(out: Path) -> Path:
     cfg = VLMConfig(vision=VisionConfig(image_size=64, patch_size=8, hidden_size=128, intermediate_size=512,
                                         num_layers=2, num_heads=4),
                     adapter=AdapterConfig(kind="pixel_shuffle", scale_factor=2),
-                    llm=LLMConfig(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=768, num_layers=4,
-                                  num_heads=8, num_kv_heads=4, max_position_embeddings=1024),
+                    llm=LLMConfig(vocab_size=tok.vocab_size, hidden_size=width, intermediate_size=3 * width,
+                                  num_layers=layers, num_heads=width // 32, num_kv_heads=width // 64,
+                                  max_position_embeddings=1024),
                     image_token_id=tok.image_token_id)
     model = VLM(cfg)
     model.tokenizer = tok
@@ -140,9 +147,11 @@ def main() -> None:
                         help="the server's torch threads (1: steadiest on a shared 2-core machine)")
     parser.add_argument("--isa", choices=sorted(ISA_ENV), default=None,
                         help="restrict the servers to these kernels (avx2: as on an AVX2-only CPU)")
+    parser.add_argument("--decoder", default="4x256", type=decoder_shape,
+                        help="the random checkpoint's decoder, LAYERSxWIDTH (ignored with --model)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(args.model) if args.model else build_checkpoint(Path(tmp) / "model")
+        model = Path(args.model) if args.model else build_checkpoint(Path(tmp) / "model", *args.decoder)
         results = {}
         for max_batch in (args.clients, 1):
             proc, port = start_server(model, max_batch, args.threads, env=ISA_ENV.get(args.isa))
@@ -158,8 +167,20 @@ def main() -> None:
                   f"({args.clients} clients x {args.requests} requests x {args.max_tokens} tokens)", flush=True)
     ratio = results[args.clients] / results[1]
     kernels = f"{args.isa} kernels" if args.isa else "the environment's kernels"
-    print(f"continuous batching / one at a time: {ratio:.2f}x (target >= 3x); {kernels}, "
-          f"load average {load_average()}")
+    shape = "given checkpoint" if args.model else f"decoder {args.decoder[0]}x{args.decoder[1]}"
+    print(f"continuous batching / one at a time: {ratio:.2f}x (target >= 3x); {shape}, {kernels}, "
+          f"{args.threads} thread(s), load average {load_average()}")
+
+
+def decoder_shape(text: str) -> tuple[int, int]:
+    """"12x512" -> (12, 512): a decoder's layers and width (a multiple of 64)."""
+    try:
+        layers, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--decoder wants LAYERSxWIDTH, e.g. 4x256, not {text!r}") from None
+    if layers < 1 or width < 64 or width % 64:
+        raise argparse.ArgumentTypeError(f"--decoder {text}: at least one layer, width a multiple of 64")
+    return layers, width
 
 
 def load_average() -> str:
