@@ -9,9 +9,9 @@ reports generated tokens per second over the whole run and prints the ratio, wit
     .venv/bin/python bench/serve.py [--model DIR] [--clients 8] [--requests 3] [--max-tokens 64] [--threads 1]
                                     [--isa avx2] [--decoder 4x256]
 
-`--decoder LAYERSxWIDTH` sizes the random checkpoint's decoder (default 4x256: 3.9M parameters,
-15 MB, which the CPU's caches hold, so one row's decode step is bound by arithmetic and dispatch;
-12x512, 41M parameters and 165 MB, must stream its weights from memory at every step, as any
+`--decoder LAYERSxWIDTH` sizes the random checkpoint's decoder (default 4x256: 4.2M parameters,
+17 MB, which the CPU's caches hold, so one row's decode step is bound by arithmetic and dispatch;
+12x512, 40M parameters and 159 MB, must stream its weights from memory at every step, as any
 real checkpoint does).
 
 `--isa avx2` runs both servers on PyTorch's, MKL's and oneDNN's AVX2 kernels only (what an
