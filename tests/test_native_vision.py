@@ -200,7 +200,69 @@ def test_config_from_hf_converts_qwen2_vl_names_and_whole_vlm_configs():
     (dict(fullatt_block_indexes=(0,)), "needs window attention"),
     (dict(num_position_embeddings=30), "square number"),
     (dict(depth=2, deepstack_visual_indexes=(1, 2)), "distinct blocks in 0..1"),
+    (dict(position_grid="absolute"), "native_vision.position_grid"),
+    (dict(position_init_std=0.0), "position_init_std"),
 ])
 def test_config_checks(fields, message):
     with pytest.raises(ConfigError, match=message):
         NativeVisionConfig(**fields)
+
+
+def _indexed_tower(side: int = 5, std: float = 0.3) -> NativeVisionTower:
+    cfg = NativeVisionConfig(depth=1, hidden_size=32, intermediate_size=40, out_hidden_size=48, **TINY,
+                             num_position_embeddings=side * side, position_grid="indexed", position_init_std=std)
+    torch.manual_seed(0)
+    return NativeVisionTower(cfg, attention_backend="sdpa")
+
+
+def test_indexed_position_grid_gives_each_patch_its_own_row_and_column():
+    """position_grid: indexed: a patch in row i, column j takes entry (i, j) of the grid, on every
+    image size (the top left patches of two images of different sizes share their entries), and
+    rows or columns past the grid's side take its last entry."""
+    tower = _indexed_tower(side=5)
+    table = tower.pos_embed.weight.detach().view(5, 5, -1)
+    grid_thw = torch.tensor([[1, 4, 6], [1, 2, 2]])  # 6 columns: one past the grid's side
+    positions = tower.learned_positions(grid_thw).detach()
+    # the first image in merge-window order: window (0, 0) holds patches (0,0) (0,1) (1,0) (1,1)
+    torch.testing.assert_close(positions[:4], table[[0, 0, 1, 1], [0, 1, 0, 1]])
+    # its last window covers rows 2-3, columns 4-5; column 5 takes the last column's entry
+    torch.testing.assert_close(positions[20:24], table[[2, 2, 3, 3], [4, 4, 4, 4]])
+    # the second image (2 x 2 patches) starts at the same entries as the first
+    torch.testing.assert_close(positions[24:28], positions[:4])
+
+
+def test_indexed_grid_places_by_patch_and_resized_grid_by_fraction():
+    """Patch (1, 1) is the bottom right of a 2 x 2 image and inside a 4 x 4 one: the indexed grid
+    gives it the same entry on both, the resized grid two different ones; the top left corner is
+    entry (0, 0) either way."""
+    indexed = _indexed_tower(side=8)
+    resized = NativeVisionTower(dataclasses.replace(indexed.config, position_grid="resized"), attention_backend="sdpa")
+    resized.load_state_dict(indexed.state_dict())
+    small, large = torch.tensor([[1, 2, 2]]), torch.tensor([[1, 4, 4]])
+    with torch.no_grad():
+        for tower, same in ((indexed, True), (resized, False)):
+            a, b = tower.learned_positions(small), tower.learned_positions(large)
+            assert torch.equal(a[0], b[0])
+            assert torch.equal(a[3], b[3]) is same  # merge-window order: index 3 is patch (1, 1) in both
+
+
+def test_position_init_std_sets_the_grid_scale():
+    weight = _indexed_tower(side=16, std=0.3).pos_embed.weight
+    assert abs(weight.std().item() - 0.3) < 0.01
+
+
+def test_an_indexed_position_grid_is_not_exported_as_a_qwen_vl_tower():
+    from vlmkit.models.config import VLMConfig
+    from vlmkit.models.hf.qwen_vl import check_qwen_vl_exportable
+
+    def config(grid: str) -> VLMConfig:
+        return VLMConfig(native_vision=dict(style="qwen3_vl", out_hidden_size=64, num_position_embeddings=16,
+                                            position_grid=grid),
+                         llm=dict(hidden_size=64, num_heads=2, mrope_section=[4, 6, 6], mrope_interleaved=True))
+
+    # this tiny decoder is not Qwen3-VL's either; only the indexed grid adds the tower's reason
+    with pytest.raises(ConfigError) as resized:
+        check_qwen_vl_exportable(config("resized"))
+    assert "position_grid" not in str(resized.value)
+    with pytest.raises(ConfigError, match="position_grid is 'indexed'"):
+        check_qwen_vl_exportable(config("indexed"))

@@ -124,6 +124,8 @@ class VisionConfig:
 
 
 NATIVE_VISION_STYLES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+POSITION_GRIDS = ("resized", "indexed")
+"""How a native tower's learned position grid meets an image (NativeVisionConfig.position_grid)."""
 
 
 @dataclass
@@ -159,8 +161,16 @@ class NativeVisionConfig:
     fullatt_block_indexes: tuple[int, ...] = ()
     """With window attention: the blocks that attend over the whole frame instead."""
     num_position_embeddings: int = 0
-    """Learned position grid (Qwen3-VL), a square number of entries resized to each image's grid;
-    0 = rotary positions only."""
+    """Learned position grid, a square number of entries added to the patch embeddings; 0 = rotary
+    positions only."""
+    position_grid: Literal["resized", "indexed"] = "resized"
+    """How the learned grid meets an image. resized (Qwen3-VL): resized bilinearly to the image's
+    patch grid, so an entry stands for a fraction of the image's height and width. indexed (the
+    factorised absolute positions of Pix2Struct / NaViT, in one table): the patch in row i, column j
+    takes entry (i, j), so an entry stands for a place counted in patches from the top left, the
+    same on every image size; rows and columns past the grid's side take its last entry."""
+    position_init_std: float = 0.02
+    """Standard deviation of the learned grid at initialisation (training from scratch)."""
     deepstack_visual_indexes: tuple[int, ...] = ()
     """Blocks whose output is also merged and returned for the decoder's early layers (Qwen3-VL)."""
 
@@ -187,6 +197,9 @@ class NativeVisionConfig:
         side = round(self.num_position_embeddings ** 0.5)
         _check(side * side == self.num_position_embeddings,
                f"native_vision.num_position_embeddings {self.num_position_embeddings} must be a square number")
+        _check(self.position_grid in POSITION_GRIDS,
+               f"native_vision.position_grid must be one of {list(POSITION_GRIDS)}, got {self.position_grid!r}")
+        _check(self.position_init_std > 0, f"native_vision.position_init_std must be > 0, got {self.position_init_std}")
         for name in ("fullatt_block_indexes", "deepstack_visual_indexes"):
             indexes = getattr(self, name)
             _check(all(0 <= i < self.depth for i in indexes) and len(set(indexes)) == len(indexes),

@@ -287,19 +287,24 @@ class NativeVisionTower(nn.Module):
     def init_weights(self) -> None:
         """Initialisation for training from scratch (loading a checkpoint overwrites it): linear and
         patch weights truncated normal, std 0.02; biases 0; norms weight 1 (bias 0); the learned
-        position grid normal, std 0.02."""
+        position grid normal, std `position_init_std`."""
         init_dense_and_norms(self)  # linears and every norm, RMSNorm included
         nn.init.trunc_normal_(self.patch_embed.proj.weight, std=INIT_STD)  # a Conv3d: not covered there
         if self.patch_embed.proj.bias is not None:
             nn.init.zeros_(self.patch_embed.proj.bias)
         if self.pos_embed is not None:
-            nn.init.normal_(self.pos_embed.weight, std=INIT_STD)
+            nn.init.normal_(self.pos_embed.weight, std=self.config.position_init_std)
 
     def learned_positions(self, grid_thw: torch.Tensor) -> torch.Tensor:
-        """(P, D): the learned position grid resized bilinearly (align_corners=True) to each item's
-        h x w, in the processor's patch order, repeated for every frame pair. grid_thw on the CPU."""
+        """(P, D): the learned position grid at every patch, in the processor's patch order, repeated
+        for every frame pair: resized bilinearly (align_corners=True) to each item's h x w, or
+        indexed by each patch's row and column (`NativeVisionConfig.position_grid`). grid_thw on
+        the CPU."""
         side = self.config.position_grid_side
         weight = self.pos_embed.weight
+        if self.config.position_grid == "indexed":
+            rows_cols = patch_rows_cols(grid_thw, self.config.spatial_merge_size).clamp(max=side - 1)
+            return weight[(rows_cols[:, 0] * side + rows_cols[:, 1]).to(weight.device)]
         table = weight.t().reshape(1, -1, side, side)  # (1, D, side, side)
         pieces = []
         for t, h, w in grid_thw.tolist():
