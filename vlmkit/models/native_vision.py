@@ -13,7 +13,8 @@ renaming alone (models/hf/native_vision.py):
   each patch.
 - Positions: 2-D rotary embedding (the first half of each head's rotated pairs turns with the
   patch row, the second with its column); Qwen3-VL also adds a learned position grid resized
-  bilinearly (align_corners=True) to each item's grid.
+  bilinearly (align_corners=True) to each item's grid; `position_grid: indexed` gives each patch
+  the grid's entry at its own row and column instead (an absolute place, the same on every size).
 - Attention never crosses a frame: the frames are the samples of a packed `AttnSpec`
   (models/attention.py). Qwen2.5-VL's window attention reorders the tokens so that each window
   of window_size pixels is contiguous and attends within windows, except in the blocks listed in
