@@ -296,15 +296,17 @@ class NativeVisionTower(nn.Module):
         if self.pos_embed is not None:
             nn.init.normal_(self.pos_embed.weight, std=self.config.position_init_std)
 
-    def learned_positions(self, grid_thw: torch.Tensor) -> torch.Tensor:
+    def learned_positions(self, grid_thw: torch.Tensor, rows_cols: torch.Tensor | None = None) -> torch.Tensor:
         """(P, D): the learned position grid at every patch, in the processor's patch order, repeated
         for every frame pair: resized bilinearly (align_corners=True) to each item's h x w, or
-        indexed by each patch's row and column (`NativeVisionConfig.position_grid`). grid_thw on
-        the CPU."""
+        indexed by each patch's row and column (`NativeVisionConfig.position_grid`; `rows_cols`,
+        patch_rows_cols' result where the caller has it). grid_thw and rows_cols on the CPU."""
         side = self.config.position_grid_side
         weight = self.pos_embed.weight
         if self.config.position_grid == "indexed":
-            rows_cols = patch_rows_cols(grid_thw, self.config.spatial_merge_size).clamp(max=side - 1)
+            if rows_cols is None:
+                rows_cols = patch_rows_cols(grid_thw, self.config.spatial_merge_size)
+            rows_cols = rows_cols.clamp(max=side - 1)
             return weight[(rows_cols[:, 0] * side + rows_cols[:, 1]).to(weight.device)]
         table = weight.t().reshape(1, -1, side, side)  # (1, D, side, side)
         pieces = []
@@ -321,10 +323,10 @@ class NativeVisionTower(nn.Module):
         check_grid(grid_thw, pixel_values.shape[0], cfg)
         x = self.patch_embed(pixel_values)  # (P, D)
         device = x.device
+        rows_cols = patch_rows_cols(grid_thw, cfg.spatial_merge_size)  # the rotary and the indexed grid's places
         if self.pos_embed is not None:
-            x = x + self.learned_positions(grid_thw).to(x.dtype)
-        rows_cols = patch_rows_cols(grid_thw, cfg.spatial_merge_size).to(device)
-        cos, sin = rotary_cos_sin(rows_cols, cfg.head_dim, cfg.rope_theta)
+            x = x + self.learned_positions(grid_thw, rows_cols).to(x.dtype)
+        cos, sin = rotary_cos_sin(rows_cols.to(device), cfg.head_dim, cfg.rope_theta)
         frame_spec = _packed_spec(frame_cu_seqlens(grid_thw), device)
         block_specs = [frame_spec] * cfg.depth
         window_index = None
