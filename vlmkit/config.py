@@ -346,6 +346,16 @@ class Stage:
     """step: multiply the learning rate by `step_gamma` every this many steps."""
     step_gamma: float = 0.1
     """step: the decay factor."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw, or muon: Muon for the weights of the linear layers, AdamW for embeddings, the output
+    head, norms, biases and convolutions (train/optim.py); the learning rates and weight decay
+    mean the same under both."""
+    muon_momentum: float = 0.95
+    """optimizer muon: the momentum of Muon's updates (Nesterov)."""
+    muon_lr_scale: float = 1.0
+    """optimizer muon: the Muon matrices' peak learning rate as a multiple of their module's (the
+    AdamW parameters keep the module's own). 1: Muon's update has AdamW's RMS; small models can
+    take more (docs/training.md, "Optimizers")."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
     weight_decay: float = 0.0
@@ -396,6 +406,13 @@ class Stage:
             raise ConfigError(f"{where}: image_share_start must be in [0, 1], got {self.image_share_start}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"{where}: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ConfigError(f"{where}: muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if self.muon_lr_scale <= 0:
+            raise ConfigError(f"{where}: muon_lr_scale must be > 0, got {self.muon_lr_scale}")
+        if self.optimizer == "muon" and self.lora is not None:
+            raise ConfigError(f"{where}: optimizer muon trains whole matrices; a LoRA stage trains low-rank "
+                              "factors, which it leaves to AdamW (set optimizer: adamw)")
         self.betas = tuple(self.betas)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"{where}: betas must be two numbers in [0, 1), got {list(self.betas)}")

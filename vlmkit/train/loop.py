@@ -454,7 +454,10 @@ class Trainer:
         the step's metrics record."""
         stage = self.cfg.stages[index]
         t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["peak_lr"] * set_lr(optimizer, stage, self.state.step)
+        # the logged lr is the first module's (a Muon group's is muon_lr_scale times it)
+        peak = next((g["peak_lr"] for g in optimizer.param_groups if not g.get("muon")),
+                    optimizer.param_groups[0]["peak_lr"] / stage.muon_lr_scale)
+        lr = peak * set_lr(optimizer, stage, self.state.step)
         if self.objective is not None:
             return self._objective_step(index, optimizer, lr, t0)
         modality = data.modality(self.state.step)

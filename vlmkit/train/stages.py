@@ -3,7 +3,8 @@
 A stage gives each of vision / adapter / llm its own peak learning rate; 0 freezes the module
 (requires_grad off, no optimizer state, no weight decay drift). The optimizer is AdamW over the
 trainable parameters only, one param group per (module, decay / no-decay), as nanoVLM and
-LLaVA do. Each stage builds a fresh optimizer: stage hand-off carries the weights, not the
+LLaVA do; with `optimizer: muon` each group's linear-layer weights step with Muon instead
+(train/optim.py). Each stage builds a fresh optimizer: stage hand-off carries the weights, not the
 moments (LLaVA and DeepSeek-VL restart the schedule per stage).
 
 A native-resolution model has no separate adapter: its tower's mergers (the patch merger and
@@ -28,6 +29,7 @@ from torch import nn
 from vlmkit.config import MODULES, RunConfig, Stage
 from vlmkit.errors import ConfigError
 from vlmkit.models.lora import is_lora_parameter
+from vlmkit.train.optim import MuonAdamW, muon_parameters, split_muon_groups
 
 STAGE_SEED_STRIDE = 1000
 """Stage i of a run seeds with `stage.seed * STAGE_SEED_STRIDE + i`: stages that share a `seed`
@@ -109,13 +111,19 @@ def param_groups(model: nn.Module, stage: Stage) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, stage: Stage, heads: nn.Module | None = None,
-                    heads_lr: float = 0.0) -> torch.optim.AdamW:
-    """AdamW over the stage's trainable parameters only (and a stage objective's own `heads`)."""
+                    heads_lr: float = 0.0) -> torch.optim.Optimizer:
+    """The stage's optimizer over its trainable parameters only (and a stage objective's own
+    `heads`): AdamW, or with `optimizer: muon` Muon for the linear layers' weights and AdamW for
+    the rest (train/optim.py), in the same param groups split in two."""
     groups = param_groups(model, stage)
     if heads is not None and heads_lr > 0:
         groups += _decay_groups(list(heads.named_parameters()), heads_lr, stage.weight_decay, "heads")
     if not groups:
         raise ConfigError(f"stage {stage.name!r}: nothing to train (every module frozen and no heads)")
+    if stage.optimizer == "muon":
+        hidden = muon_parameters(model) | (muon_parameters(heads) if heads is not None else set())
+        return MuonAdamW(split_muon_groups(groups, hidden, stage.muon_lr_scale), lr=groups[0]["lr"],
+                         betas=stage.betas, eps=stage.eps, momentum=stage.muon_momentum)
     # foreach=False: the same kernel path every time, so a resumed run matches bit for bit.
     return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=stage.betas, eps=stage.eps, foreach=False)
 
