@@ -8,8 +8,8 @@ bitwise.
 A 2-process run stopped at a checkpoint and resumed under torchrun ends with bit-for-bit the
 weights of the uninterrupted 2-process run: inside the second stage (whose optimizer covers
 modules the first stage froze, and a parameter no gradient reaches), at the first stage's end,
-after the last stage. Without torchrun, DCP's optimizer round trip keeps which parameters have
-state."""
+after the last stage; the same for a run whose stages use Muon, inside a stage. Without torchrun,
+DCP's optimizer round trip keeps which parameters have state."""
 
 import json
 import os
@@ -132,6 +132,25 @@ def test_sharded_run_resumes_bitwise(world, sharded, tmp_path, global_step):
     steps = [json.loads(x)["global_step"] for x in (out / "metrics.jsonl").read_text().splitlines()
              if not json.loads(x).get("eval")]
     assert steps == list(range(1, 8))
+
+
+MUON = ["--set", "stages.0.optimizer=muon", "--set", "stages.1.optimizer=muon"]
+
+
+@pytest.mark.slow
+def test_a_sharded_muon_run_resumes_bitwise_inside_a_stage(world, sharded, tmp_path):
+    """Muon's matrices are gathered for its iterations and cut back to each rank's rows
+    (train/optim.py); DCP saves and restores its momentum shards like AdamW's moments."""
+    run = tmp_path / "muon"
+    torchrun(world, run, *MUON)
+    out = tmp_path / "resumed"
+    stopped_after_checkpoint(run, 5, out)
+    torchrun(world, out, "--resume", *MUON)
+    a = load_file(str(run / "final" / "model.safetensors"))
+    b = load_file(str(out / "final" / "model.safetensors"))
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    adamw_run = load_file(str(sharded / "final" / "model.safetensors"))
+    assert not torch.equal(a["llm.layers.0.mlp.up_proj.weight"], adamw_run["llm.layers.0.mlp.up_proj.weight"])
 
 
 # DCP runs in this one process too (no process group): the optimizer state round trip alone.
