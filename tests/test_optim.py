@@ -7,14 +7,21 @@ a Muon stage resumes bit for bit; which parameters Muon takes; the config's refu
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from tests.train_support import Stopped, assert_same_weights, final_weights, kept_thread_count, prepared_world, stop_after
+from tests.serving_support import free_port
+from tests.train_support import (
+    Stopped,
+    assert_same_weights,
+    final_weights,
+    kept_thread_count,
+    prepared_world,
+    stop_after,
+)
 from vlmkit.config import load_config
 from vlmkit.errors import ConfigError
 from vlmkit.models.config import LLMConfig, VisionConfig, VLMConfig
@@ -124,7 +131,7 @@ def test_a_muon_stage_splits_each_group_into_muon_and_adamw_parts():
 def test_optimizer_state_round_trips_through_the_checkpoint_files_bitwise():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
-    groups = lambda: [{"params": [net[0].weight, net[1].weight], "muon": True},  # noqa: E731
+    groups = lambda: [{"params": [net[0].weight, net[1].weight], "muon": True},
                       {"params": [net[0].bias, net[1].bias]}]
     optimizer = MuonAdamW(groups(), lr=1e-2)
     for _ in range(3):
@@ -178,12 +185,6 @@ def _sharded_steps(rank: int, port: int, result: dict) -> None:
         torch.distributed.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_sharded_matrix_steps_as_the_whole_matrix():
     result = mp.Manager().dict()
     mp.spawn(_sharded_steps, args=(free_port(), result), nprocs=2)
@@ -205,12 +206,11 @@ MUON_RUN = ["num_threads=1", "progress=false", "tensorboard=false", "stages.0.st
 
 
 @pytest.mark.slow
-def test_a_run_stopped_inside_a_muon_stage_resumes_bitwise(tmp_path):
+def test_a_run_stopped_inside_a_muon_stage_resumes_bitwise(tmp_path, monkeypatch):
     world = prepared_world(tmp_path / "world")
-    config = lambda: load_config("tiny", [f"world.dir={world}", *MUON_RUN])  # noqa: E731
+    config = lambda: load_config("tiny", [f"world.dir={world}", *MUON_RUN])
     with kept_thread_count():
         train(config(), tmp_path / "reference")
-        monkeypatch = pytest.MonkeyPatch()
         stop_after(monkeypatch, 5)  # inside sft, after its checkpoint at global step 4, one step past it
         with pytest.raises(Stopped):
             train(config(), tmp_path / "stopped")

@@ -95,8 +95,8 @@ class MuonAdamW(torch.optim.Optimizer):
                  ns_steps: int = NS_STEPS, ns_dtype: torch.dtype | None = None):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"Muon momentum must be in [0, 1), got {momentum}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
-                        nesterov=nesterov, ns_steps=ns_steps, muon=False)
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "momentum": momentum,
+                    "nesterov": nesterov, "ns_steps": ns_steps, "muon": False}
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
         for group in self.param_groups:
