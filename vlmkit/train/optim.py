@@ -12,7 +12,9 @@ LLM's output head, norms, biases and other vectors keep AdamW, as every Muon rec
 
 The update of an (A, B) matrix is scaled by 0.2 * sqrt(max(A, B)) (Moonshot's rule), which gives
 it about the RMS of an AdamW update: a stage's learning rates and weight decay mean the same under
-both optimizers, so switching one stage to Muon needs no new rates (docs/training.md, "Optimizers").
+both optimizers, so switching one stage to Muon needs no new rates. `muon_lr_scale` multiplies
+the Muon matrices' rate where a model wants more (the demo's 192-wide decoder measured best at 4;
+docs/training.md, "Optimizers").
 
 `MuonAdamW` is one `torch.optim.Optimizer`: its param groups carry `muon: True | False`, so the
 schedule (`set_lr`), the checkpoint files and DCP's sharded optimizer state see one optimizer as
