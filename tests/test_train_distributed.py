@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from tests.train_support import prepared_world
+from tests.train_support import assert_same_weights, final_weights, prepared_world
 from vlmkit.errors import CheckpointError
 from vlmkit.train.checkpoint import list_checkpoints
 from vlmkit.train.distributed import dcp_load_optimizer, dcp_save
@@ -146,11 +146,10 @@ def test_a_sharded_muon_run_resumes_bitwise_inside_a_stage(world, sharded, tmp_p
     out = tmp_path / "resumed"
     stopped_after_checkpoint(run, 5, out)
     torchrun(world, out, "--resume", *MUON)
-    a = load_file(str(run / "final" / "model.safetensors"))
-    b = load_file(str(out / "final" / "model.safetensors"))
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    adamw_run = load_file(str(sharded / "final" / "model.safetensors"))
-    assert not torch.equal(a["llm.layers.0.mlp.up_proj.weight"], adamw_run["llm.layers.0.mlp.up_proj.weight"])
+    muon_weights = final_weights(run)
+    assert_same_weights(muon_weights, final_weights(out))
+    key = "llm.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(muon_weights[key], final_weights(sharded)[key])
 
 
 # DCP runs in this one process too (no process group): the optimizer state round trip alone.

@@ -66,8 +66,7 @@ def muon_parameters(model: nn.Module) -> set[int]:
     head (an untied `lm_head`; a tied head is the embedding table, which is not a linear layer).
     Everything else (embeddings, convolutions, norms, biases, routers, position tables) is AdamW's."""
     head = getattr(getattr(model, "llm", None), "lm_head", None)
-    return {id(m.weight) for m in model.modules()
-            if isinstance(m, nn.Linear) and m is not head and m.weight.ndim == 2}
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and m is not head}
 
 
 def split_muon_groups(groups: list[dict], muon_ids: set[int], lr_scale: float = 1.0) -> list[dict]:
