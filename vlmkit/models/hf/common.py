@@ -142,6 +142,12 @@ def config_family(hf_config: dict, architectures: dict[str, str], where: str) ->
     model type names the family): by its architecture, else its model type; None for any other."""
     names = {**{model_type: model_type for model_type in architectures},
              **{name: model_type for model_type, name in architectures.items()}}
+    return named_family(hf_config, names, where)
+
+
+def named_family(hf_config: dict, names: dict[str, str], where: str) -> str | None:
+    """The family `names` ({architecture or model type: family}) gives a config.json's
+    architecture, else its model type; None when it gives neither."""
     for name in (architecture(hf_config, where), hf_config.get("model_type")):
         if name in names:
             return names[name]

@@ -40,8 +40,9 @@ import torch
 from vlmkit.constants import VISION_END, VISION_START
 from vlmkit.errors import CheckpointError, ConfigError
 from vlmkit.models.config import MoEConfig, VLMConfig
-from vlmkit.models.hf.common import (BICUBIC, PROCESSOR_FILE, KeyMap, architecture, load_into, prefixed, read_config,
-                                     read_state_dict, rename, renamed, write_chat_template, write_json, write_weights)
+from vlmkit.models.hf.common import (BICUBIC, PROCESSOR_FILE, KeyMap, architecture, load_into, named_family, prefixed,
+                                     read_config, read_state_dict, rename, renamed, write_chat_template, write_json,
+                                     write_weights)
 from vlmkit.models.hf.llm import (HF_TO_OURS, decoder_ignore, fused_experts, llm_config_from_hf, llm_config_to_hf,
                                   llm_state_dict_to_hf, moe_routing_reasons, moe_tensors_from_hf)
 from vlmkit.models.hf.native_vision import (NATIVE_VISION_EXPORT_KEYS, NATIVE_VISION_KEYS, TOWER_PREFIXES,
@@ -93,11 +94,7 @@ LAYOUTS: KeyMap = (
 def qwen_vl_family(hf_config: dict, where: str) -> str | None:
     """The family of a Qwen-VL config ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"; Qwen3-VL-MoE's is
     "qwen3_vl"), None for any other model."""
-    arch = architecture(hf_config, where)
-    for name in (arch, hf_config.get("model_type")):
-        if name in LOADED_ARCHITECTURES:
-            return LOADED_ARCHITECTURES[name]
-    return None
+    return named_family(hf_config, LOADED_ARCHITECTURES, where)
 
 
 def text_config(hf_config: dict, family: str) -> dict:
