@@ -1,33 +1,35 @@
 """The step loop on a tiny real VLM: freezing per stage, the optimizer over trainable parameters
-only, loss normalisation across micro-batches of different target counts, and the step's sums
-per data source through the all-reduce."""
+only, loss normalisation across micro-batches of different target counts (and under each
+`loss_weighting`), and the step's sums per data source through the all-reduce."""
 
 import copy
 
 import pytest
 import torch
 
+from vlmkit.api import VLM
 from vlmkit.config import Stage
+from vlmkit.errors import ConfigError
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.packing import collate
 from vlmkit.data.types import Sample
 from vlmkit.models.config import VLMConfig
 from vlmkit.models.vlm import VLMModel
 from vlmkit.train.distributed import Dist
-from vlmkit.train.loop import StepSums, targets_per_sample
+from vlmkit.train.loop import StepSums, Trainer, target_weights, targets_per_sample
 from vlmkit.train.stages import apply_freezing, build_optimizer
 
 IMG = 5
 
 
-def tiny_model() -> VLMModel:
+def tiny_model(cls: type[VLMModel] = VLMModel) -> VLMModel:
     torch.manual_seed(0)
     cfg = VLMConfig(vision=dict(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=1,
                                 num_heads=2),
                     adapter=dict(kind="mlp"), llm=dict(vocab_size=64, hidden_size=32, intermediate_size=64,
                                                        num_layers=2, num_heads=2),
                     image_token_id=IMG)
-    return VLMModel(cfg)
+    return cls(cfg)
 
 
 def sample(i: int, n: int, image: bool, gen: torch.Generator) -> Sample:
@@ -119,6 +121,68 @@ def test_loss_over_micro_batches_is_normalised_by_total_targets():
         (model.compute_loss(b.input_ids, b.labels, b.position_ids, b.cu_seqlens).loss_sum / total).backward()
     for g, e in zip((p.grad for p in model.llm.parameters()), expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+def test_target_weights_per_weighting():
+    targets = torch.tensor([4, 1, 0, 9])
+    assert target_weights(targets, "token").tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert target_weights(targets, "square").tolist() == pytest.approx([0.5, 1.0, 0.0, 1 / 3])
+    assert target_weights(targets, "sample").tolist() == pytest.approx([0.25, 1.0, 0.0, 1 / 9])
+
+
+@pytest.mark.parametrize("weighting, power", [("token", 0.0), ("square", 0.5), ("sample", 1.0)])
+def test_trainer_step_weighs_each_sample_as_its_loss_weighting_says(weighting, power):
+    """The trainer's passes over two micro-batches of samples with 25, 7 and 1 targets give the
+    gradient of sum_i n_i^-p * (sum of sample i's token losses) / sum_i n_i^-p * n_i, each sample
+    run alone: its own tokens, whichever micro-batch and pack it sits in."""
+    gen = torch.Generator().manual_seed(6)
+    samples = [sample(0, 30, True, gen), sample(1, 8, False, gen), sample(2, 6, True, gen)]
+    model = tiny_model(VLM)
+    losses, counts = [], []
+    for s in samples:
+        out = model.pack_loss(collate([s], 64))
+        losses.append(out.loss_sum)
+        counts.append(int(out.num_targets))
+    weights = [n ** -power for n in counts]
+    denominator = sum(w * n for w, n in zip(weights, counts))
+    expected_loss = sum(w * loss for w, loss in zip(weights, losses)) / denominator
+    expected_loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    trainer = Trainer.__new__(Trainer)  # the passes need only the model and the process group
+    trainer.model, trainer.ctx = model, Dist()
+    passes = trainer._forward_backward(Stage(llm_lr=1e-3), [collate(samples[:1], 64), collate(samples[1:], 64)],
+                                       weighting=weighting)
+    assert counts == [25, 7, 1] and passes.targets == sum(counts)
+    assert passes.denominator == pytest.approx(denominator)
+    assert passes.sums.weighted_loss_sum / passes.denominator == pytest.approx(float(expected_loss), rel=1e-5)
+    assert passes.sums.loss_sum == pytest.approx(float(sum(losses)), rel=1e-5)  # `loss` stays the token mean
+    got = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys()
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_weightings_give_different_gradients():
+    """square and sample move the gradient away from token's (the samples' target counts differ)."""
+    gen = torch.Generator().manual_seed(7)
+    batch = collate([sample(0, 30, False, gen), sample(1, 6, False, gen)], 64)
+    grads = {}
+    for weighting in ("token", "square", "sample"):
+        model = tiny_model(VLM)
+        trainer = Trainer.__new__(Trainer)
+        trainer.model, trainer.ctx = model, Dist()
+        trainer._forward_backward(Stage(llm_lr=1e-3), [batch], weighting=weighting)
+        grads[weighting] = model.llm.embed_tokens.weight.grad.clone()
+    assert not torch.allclose(grads["token"], grads["square"])
+    assert not torch.allclose(grads["square"], grads["sample"])
+
+
+def test_loss_weighting_belongs_to_sft_stages():
+    assert Stage(llm_lr=1e-3, loss_weighting="square").loss_weighting == "square"
+    with pytest.raises(ConfigError, match="loss_weighting 'square'.*contrastive stage has its own objective"):
+        Stage(kind="contrastive", vision_lr=1e-4, adapter_lr=0.0, loss_weighting="square")
 
 
 class TwoRanks(Dist):

@@ -334,7 +334,14 @@ class Stage:
     """Tokens per packed micro-batch (samples are concatenated up to this budget, no padding)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; the loss is the sum of token losses over all of them
-    divided by their total number of targets."""
+    divided by their total number of targets (weighted as `loss_weighting` says)."""
+    loss_weighting: Literal["token", "square", "sample"] = "token"
+    """How a step weighs its samples' supervised tokens (an sft stage's own data; its replay packs
+    stay at token): token, every token once (the mean over the step's targets); square, each token
+    of a sample with n targets 1/sqrt(n) (InternVL 2.5's square averaging: long answers no longer
+    drown the short ones); sample, 1/n (every sample's mean loss counts once). The step minimises
+    the weighted sum over the weighted number of targets (train/loop.py, `target_weights`), logged
+    as `weighted_loss`; the logged `loss` stays the token mean."""
     # --- optimisation ---------------------------------------------------------------------------
     schedule: Literal["constant", "cosine", "step"] = "cosine"
     """Learning-rate schedule after the warm-up."""
@@ -410,6 +417,9 @@ class Stage:
             raise ConfigError(f"{where}: muon_momentum must be in [0, 1), got {self.muon_momentum}")
         if self.muon_lr_scale <= 0:
             raise ConfigError(f"{where}: muon_lr_scale must be > 0, got {self.muon_lr_scale}")
+        if self.loss_weighting != "token" and self.kind != "sft":
+            raise ConfigError(f"{where}: loss_weighting {self.loss_weighting!r} weighs an sft stage's supervised "
+                              f"tokens; a {self.kind} stage has its own objective (leave loss_weighting: token)")
         if self.optimizer == "muon" and self.lora is not None:
             raise ConfigError(f"{where}: optimizer muon trains whole matrices; a LoRA stage trains low-rank "
                               "factors, which it leaves to AdamW (set optimizer: adamw)")

@@ -171,6 +171,24 @@ def targets_per_sample(batch: PackedBatch) -> torch.Tensor:
     return valid_cum[ends] - valid_cum[torch.clamp(starts + 1, max=ends)]  # (S,)
 
 
+def target_weights(targets: torch.Tensor, weighting: str) -> torch.Tensor:
+    """(S,) per sample, the weight of each of its supervised tokens in the step's loss
+    (`Stage.loss_weighting`), from its number of targets n (`targets_per_sample`): 1 (token),
+    1/sqrt(n) (square), 1/n (sample); 0 for a sample without targets."""
+    if weighting == "token":
+        return torch.ones(targets.shape, dtype=torch.float32)
+    n = targets.double().clamp(min=1)
+    weights = n.rsqrt() if weighting == "square" else n.reciprocal()
+    return torch.where(targets > 0, weights, 0.0).float()
+
+
+def weighted_loss_sum(batch: PackedBatch, out: LossOutput, weights: torch.Tensor) -> torch.Tensor:
+    """The micro-batch's token losses summed, each times its sample's weight (`target_weights`)."""
+    seqlens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+    per_position = torch.repeat_interleave(weights.to(out.token_loss.device), seqlens.to(out.token_loss.device))
+    return (out.token_loss.float() * per_position).sum()
+
+
 @dataclass
 class StepSums:
     """What a step adds up over its micro-batches (then over ranks, `all_reduced`)."""
@@ -185,10 +203,15 @@ class StepSums:
     """Per data source, the summed token loss of its samples."""
     source_targets: dict[str, float] = field(default_factory=dict)
     """Per data source, the supervised targets of its samples."""
+    weighted_loss_sum: float = 0.0
+    """Summed token loss, each token times its sample's weight (`target_weights`)."""
 
-    def add(self, batch: PackedBatch, out: LossOutput, targets: torch.Tensor) -> None:
-        """Add a micro-batch: its loss output and `targets_per_sample(batch)`."""
+    def add(self, batch: PackedBatch, out: LossOutput, targets: torch.Tensor,
+            weighted: torch.Tensor | None = None) -> None:
+        """Add a micro-batch: its loss output, `targets_per_sample(batch)` and its weighted loss
+        sum (`weighted_loss_sum`; None: token weighting, the loss sum itself)."""
         self.loss_sum += float(out.loss_sum.detach())
+        self.weighted_loss_sum += float((out.loss_sum if weighted is None else weighted).detach())
         self.tokens += batch.num_tokens
         self.budget += batch.budget
         cu = batch.cu_seqlens.tolist()
@@ -200,14 +223,16 @@ class StepSums:
     def all_reduced(self, ctx: Dist, sources: list[str]) -> "StepSums":
         """The sums over every rank. `sources` names every data source of the run, the same list
         on every rank (a rank's step may hold no sample of some)."""
-        local = {"loss_sum": self.loss_sum, "tokens": self.tokens, "budget": self.budget}
+        local = {"loss_sum": self.loss_sum, "weighted_loss_sum": self.weighted_loss_sum, "tokens": self.tokens,
+                 "budget": self.budget}
         for name in sources:
             local[f"loss/{name}"] = self.source_loss.get(name, 0.0)
             local[f"targets/{name}"] = self.source_targets.get(name, 0.0)
         total = ctx.all_reduce_named(local)
         return StepSums(loss_sum=total["loss_sum"], tokens=int(total["tokens"]), budget=int(total["budget"]),
                         source_loss={name: total[f"loss/{name}"] for name in sources},
-                        source_targets={name: total[f"targets/{name}"] for name in sources})
+                        source_targets={name: total[f"targets/{name}"] for name in sources},
+                        weighted_loss_sum=total["weighted_loss_sum"])
 
 
 @dataclass
@@ -217,8 +242,11 @@ class ForwardBackward:
     sums: StepSums
     """This rank's sums over its micro-batches."""
     targets: float
-    """Supervised targets of the step over all micro-batches and ranks (at least 1): the loss's
-    denominator."""
+    """Supervised targets of the step over all micro-batches and ranks (at least 1)."""
+    denominator: float
+    """The loss's denominator: `targets`, or under a `loss_weighting` other than token the
+    weighted number of targets (each sample's targets times its weight), over all micro-batches
+    and ranks."""
     aux_loss: float
     """This rank's MoE auxiliary loss, the mean over its micro-batches (0 without MoE)."""
 
@@ -462,7 +490,7 @@ class Trainer:
             return self._objective_step(index, optimizer, lr, t0)
         modality = data.modality(self.state.step)
         batches = [data.next_batch(modality) for _ in range(stage.grad_accum)]
-        passes = self._forward_backward(stage, batches)
+        passes = self._forward_backward(stage, batches, weighting=stage.loss_weighting)
         sums = passes.sums.all_reduced(self.ctx, sorted(self.cfg.data))
         replayed = ({} if self.replay is None else
                     self._replay_step(stage, {"loss": sums.loss_sum / passes.targets, "tokens": sums.tokens}))
@@ -504,23 +532,32 @@ class Trainer:
                 "objective_loss": float(metrics["loss"]), "replay_loss": replay_loss, "replay_tokens": sums.tokens,
                 "tokens": int(metrics.get("tokens", 0)) + sums.tokens}
 
-    def _forward_backward(self, stage: Stage, batches: list[PackedBatch], *, weight: float = 1.0) -> ForwardBackward:
+    def _forward_backward(self, stage: Stage, batches: list[PackedBatch], *, weight: float = 1.0,
+                          weighting: str = "token") -> ForwardBackward:
         """Backpropagate every micro-batch: its summed token loss over the step's targets (all
         micro-batches, all ranks; see the module docstring), times `weight`, plus its share of
-        the MoE aux loss."""
+        the MoE aux loss. Under a `weighting` other than token (`Stage.loss_weighting`) each
+        token's loss is first multiplied by its sample's weight, and the sum is over the step's
+        weighted targets."""
         per_sample = [targets_per_sample(b) for b in batches]
-        (targets,) = self.ctx.all_reduce_sum([float(sum(int(t.sum()) for t in per_sample))])
+        sample_weights = [target_weights(t, weighting) for t in per_sample]
+        counts = [float(sum(int(t.sum()) for t in per_sample)),
+                  float(sum(float((t * w).sum()) for t, w in zip(per_sample, sample_weights)))]
+        targets, weighted_targets = self.ctx.all_reduce_sum(counts)
         targets = max(targets, 1.0)
+        denominator = targets if weighting == "token" else (weighted_targets or 1.0)
         # FSDP averages gradients over ranks: scaling by the world size keeps the global sum.
-        loss_scale = weight * self.ctx.world / targets
+        loss_scale = weight * self.ctx.world / denominator
         sums, aux_loss = StepSums(), 0.0
-        for batch, n_targets in zip(batches, per_sample):
+        for batch, n_targets, weights in zip(batches, per_sample, sample_weights):
             with forward_precision(stage.precision, self.ctx.device):
                 out = self._compute_loss(batch)
-            (out.loss_sum.float() * loss_scale + out.aux_loss.float() / len(batches)).backward()
-            sums.add(batch, out, n_targets)
+            weighted = None if weighting == "token" else weighted_loss_sum(batch, out, weights)
+            objective = out.loss_sum if weighted is None else weighted
+            (objective.float() * loss_scale + out.aux_loss.float() / len(batches)).backward()
+            sums.add(batch, out, n_targets, weighted)
             aux_loss += float(out.aux_loss.detach()) / len(batches)
-        return ForwardBackward(sums, targets, aux_loss)
+        return ForwardBackward(sums, targets, denominator, aux_loss)
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, max_norm: float, loss: float) -> tuple[float, bool]:
         """Clip, step, zero the gradients, update the MoE router biases; returns (grad norm, whether
@@ -572,6 +609,8 @@ class Trainer:
                   "modality": modality, "loss": sums.loss_sum / passes.targets, "targets": int(passes.targets),
                   "lr": lr, "grad_norm": grad_norm, "tokens": sums.tokens, "tokens_per_s": sums.tokens / seconds,
                   "packing_efficiency": sums.tokens / sums.budget, "step_seconds": seconds}
+        if self.cfg.stages[index].loss_weighting != "token":  # what the step minimised; `loss` stays the token mean
+            record["weighted_loss"] = sums.weighted_loss_sum / passes.denominator
         if passes.aux_loss:
             record["aux_loss"] = passes.aux_loss
         for name, n in sums.source_targets.items():
