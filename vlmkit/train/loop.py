@@ -1,10 +1,12 @@
 """The training loop: stages in order; per step, micro-batches -> forward / backward -> clip and
-AdamW step -> metrics -> maybe eval -> maybe checkpoint.
+optimizer step -> metrics -> maybe eval -> maybe checkpoint.
 
 Loss normalisation: a step's micro-batches hold different numbers of supervised targets, so the
 step loss is  sum of token losses over all micro-batches (and ranks) / total targets  -- each
 micro-batch backpropagates loss_sum / total_targets, never its own mean. With FSDP the gradients
-are averaged over ranks, so each rank scales by the world size to keep the global sum.
+are averaged over ranks, so each rank scales by the world size to keep the global sum. An sft
+stage's `loss_weighting` (square, sample) first multiplies each sample's token losses by its
+weight (`target_weights`) and divides by the weighted total instead.
 
 Resume: `Trainer(..., resume=True)` continues from the newest complete checkpoint in
 DIR/checkpoints/ and reaches bit for bit the weights the uninterrupted run would have (same
