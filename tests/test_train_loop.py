@@ -9,10 +9,10 @@ import torch
 
 from vlmkit.api import VLM
 from vlmkit.config import Stage
-from vlmkit.errors import ConfigError
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.packing import collate
 from vlmkit.data.types import Sample
+from vlmkit.errors import ConfigError
 from vlmkit.models.config import VLMConfig
 from vlmkit.models.vlm import VLMModel
 from vlmkit.train.distributed import Dist
@@ -123,6 +123,13 @@ def test_loss_over_micro_batches_is_normalised_by_total_targets():
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
 
 
+def bare_trainer(model: VLM) -> Trainer:
+    """A Trainer holding only what its forward / backward passes read: the model and one process."""
+    trainer = Trainer.__new__(Trainer)
+    trainer.model, trainer.ctx = model, Dist()
+    return trainer
+
+
 def test_target_weights_per_weighting():
     targets = torch.tensor([4, 1, 0, 9])
     assert target_weights(targets, "token").tolist() == [1.0, 1.0, 1.0, 1.0]
@@ -150,10 +157,9 @@ def test_trainer_step_weighs_each_sample_as_its_loss_weighting_says(weighting, p
     expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
 
-    trainer = Trainer.__new__(Trainer)  # the passes need only the model and the process group
-    trainer.model, trainer.ctx = model, Dist()
-    passes = trainer._forward_backward(Stage(llm_lr=1e-3), [collate(samples[:1], 64), collate(samples[1:], 64)],
-                                       weighting=weighting)
+    passes = bare_trainer(model)._forward_backward(Stage(llm_lr=1e-3),
+                                                   [collate(samples[:1], 64), collate(samples[1:], 64)],
+                                                   weighting=weighting)
     assert counts == [25, 7, 1] and passes.targets == sum(counts)
     assert passes.denominator == pytest.approx(denominator)
     assert passes.sums.weighted_loss_sum / passes.denominator == pytest.approx(float(expected_loss), rel=1e-5)
@@ -171,9 +177,7 @@ def test_weightings_give_different_gradients():
     grads = {}
     for weighting in ("token", "square", "sample"):
         model = tiny_model(VLM)
-        trainer = Trainer.__new__(Trainer)
-        trainer.model, trainer.ctx = model, Dist()
-        trainer._forward_backward(Stage(llm_lr=1e-3), [batch], weighting=weighting)
+        bare_trainer(model)._forward_backward(Stage(llm_lr=1e-3), [batch], weighting=weighting)
         grads[weighting] = model.llm.embed_tokens.weight.grad.clone()
     assert not torch.allclose(grads["token"], grads["square"])
     assert not torch.allclose(grads["square"], grads["sample"])
