@@ -28,9 +28,9 @@ from transformers.video_utils import VideoMetadata
 
 from vlmkit.data.native_images import (
     FAMILIES, NativeImageProcessor, NativeProcessorConfig, fit_clip_to_grid, fit_to_grid, group_times, patchify,
-    processor_config_from_dir, sample_frame_indices, stack_videos,
+    processor_config_from_dir, sample_frame_indices, stack_videos, with_sizing,
 )
-from vlmkit.errors import BadRecordError
+from vlmkit.errors import BadRecordError, ConfigError
 
 # Each family with max_pixels lowered so that "above max_pixels" needs no large image (speed).
 SMALL_MAX = 96 * 28 * 28
@@ -110,6 +110,31 @@ def test_visual_tokens_are_known_before_decoding_and_follow_the_grid():
     assert [processor.image_tokens(w, h) for w, h in SIZES] == tokens
     assert images.patches_per_image == [4 * n for n in tokens]
     assert images.grid_thw[:, 0].tolist() == [1] * len(SIZES)
+
+
+def test_a_larger_min_pixels_scales_small_images_up_as_the_reference_does():
+    config = with_sizing(FAMILIES["qwen2_5_vl"], {"min_pixels": 84 * 84})
+    assert (config.min_pixels, config.max_pixels, config.patch_size) == (84 * 84, FAMILIES["qwen2_5_vl"].max_pixels, 14)
+    image = random_image(48, 64)  # 16 px cells of a 4 x 3 scene: 2 x 2 tokens under the family's 56 x 56
+    assert NativeImageProcessor(FAMILIES["qwen2_5_vl"]).images([image]).grid_thw.tolist() == [[1, 4, 4]]
+    pixels, grid = NativeImageProcessor(config).image(image)
+    assert grid == (1, 8, 6)
+    expected = reference_image_processor(config)(images=[image], return_tensors="pt")
+    torch.testing.assert_close(pixels, expected["pixel_values"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("settings, needle", [
+    ({"patch_size": 16}, "patch_size cannot be changed"),
+    ({"mean": [0.5, 0.5, 0.5]}, "mean cannot be changed"),
+    ({"min_pixel": 1000}, "min_pixel cannot be changed"),
+    ({"min_pixels": 100}, "need 784"),
+    ({"min_pixels": 5000, "max_pixels": 4000}, "min_pixels=5000, max_pixels=4000"),
+    ({"video_min_pixels": 10}, "video_min_pixels"),
+    ({"min_pixels": "many"}, "model.processor.min_pixels"),
+])
+def test_sizing_settings_refuse_what_they_cannot_change(settings, needle):
+    with pytest.raises(ConfigError, match=needle):
+        with_sizing(FAMILIES["qwen2_5_vl"], settings)
 
 
 def test_no_images_give_no_pixels():

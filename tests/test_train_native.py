@@ -15,12 +15,13 @@ from safetensors.torch import load_file
 from tests.serving_support import build_qwen2_vl_dir
 from tests.train_support import Stopped, assert_same_weights, kept_thread_count, prepared_world, stop_after
 from vlmkit.api import VLM
-from vlmkit.config import load_config
+from vlmkit.config import ModelSpec, load_config
 from vlmkit.constants import IGNORE_INDEX, IMAGE_PAD, VIDEO_PAD
 from vlmkit.data.packing import SourceStream, collate
 from vlmkit.data.pipeline import SamplePipeline
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.world import TOKENIZER_DIR
+from vlmkit.errors import ConfigError
 from vlmkit.train.loop import build_model, train
 from vlmkit.train.stages import NATIVE_ADAPTER_PARTS, apply_freezing
 
@@ -170,3 +171,28 @@ def test_a_qwen2_vl_directory_trains_as_pretrained(world, one_thread, tmp_path):
     after = dict(model.named_parameters())
     changed = {n for n, p in before.named_parameters() if not torch.equal(p, after[n])}
     assert changed and all(n.startswith(("vision.merger", "llm.")) for n in changed)
+
+
+def test_model_processor_gives_small_images_more_tokens_and_the_model_keeps_it(world, tmp_path):
+    default = build_model(config(world))
+    sized = build_model(load_config("native", [*WORLD, f"world.dir={world}", *SHORT,
+                                               "model.processor={min_pixels: 7056, video_min_pixels: 7056}"]))
+    assert (sized.native_processor_config().min_pixels, sized.native_processor_config().video_min_pixels) == (7056, 7056)
+    # At 84 x 84 pixels or more every scene and clip frame pair takes 9 visual tokens or more; the
+    # family's 56 x 56 leaves the smallest scenes fewer.
+    fewest = {}
+    for name, model in (("default", default), ("sized", sized)):
+        samples = (_samples(model, world / "qa_train.json", "llava", 20)
+                   + _samples(model, world / "clips_train.jsonl", "messages", 8))
+        grids = [g for s in samples for g in (s.image_grid_thw, s.video_grid_thw) if g is not None]
+        fewest[name] = min(h * w // 4 for grid in grids for _, h, w in grid.tolist())
+    assert fewest["default"] < 9 <= fewest["sized"]
+    sized.save_pretrained(tmp_path / "sized")
+    assert VLM.from_pretrained(tmp_path / "sized").native_processor_config() == sized.native_processor_config()
+
+
+def test_model_processor_on_a_model_that_tiles_is_a_config_error(world):
+    cfg = config(world)
+    cfg.model = ModelSpec(config=load_config("tiny").model.config, processor={"min_pixels": 7056})
+    with pytest.raises(ConfigError, match="native-resolution"):
+        build_model(cfg)

@@ -71,6 +71,10 @@ class ModelSpec:
     """A HF Llama / Qwen2 / Qwen3 / Mistral causal-LM directory; used with hf_vision."""
     adapter: dict | None = None
     """AdapterConfig mapping for the hf_vision + hf_llm assembly (default: pixel_shuffle)."""
+    processor: dict | None = None
+    """A native-resolution model's image and video sizing over its checkpoint's or family's
+    (data/native_images.py's SIZING_SETTINGS, e.g. `{min_pixels: 7056}`: small images scaled up to
+    84 x 84 pixels' worth of visual tokens); the trained model keeps them (its processor.json)."""
 
     def __post_init__(self):
         chosen = [name for name in ("config", "pretrained", "hf_llava") if getattr(self, name) is not None]
@@ -85,6 +89,8 @@ class ModelSpec:
             build(VLMConfig, self.config, "model.config")
         if self.adapter is not None and self.hf_vision is None:
             raise ConfigError("model.adapter is only used with hf_vision + hf_llm")
+        if self.processor is not None and not isinstance(self.processor, dict):
+            raise ConfigError(f"model.processor: expected a mapping of sizing settings, got {self.processor!r}")
 
     @property
     def kind(self) -> str:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -44,7 +44,8 @@ from PIL import Image, ImageSequence
 
 from vlmkit.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RESCALE_FACTOR
 from vlmkit.data.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, to_rgb
-from vlmkit.errors import BadRecordError
+from vlmkit.errors import BadRecordError, ConfigError
+from vlmkit.schema import build
 
 HALF_MEAN_STD = (0.5, 0.5, 0.5)
 """Qwen3-VL's mean and std (the reference's IMAGENET_STANDARD values)."""
@@ -111,6 +112,31 @@ class NativeProcessorConfig:
     def patch_dim(self) -> int:
         """Values in one patch row: C * T * p * p."""
         return len(self.mean) * self.temporal_patch_size * self.patch_size ** 2
+
+
+SIZING_SETTINGS = ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels", "video_fps", "min_frames",
+                   "max_frames", "cap_frame_pixels", "max_video_tokens")
+"""The settings a run may change (`with_sizing`): how many pixels and frames an item gets. The
+others (patch, merge and temporal sizes, normalisation, video rules) are the tower's own."""
+
+
+def with_sizing(config: NativeProcessorConfig, settings: dict, where: str = "model.processor"
+                ) -> NativeProcessorConfig:
+    """`config` with some of its SIZING_SETTINGS replaced, as Qwen-VL users set min_pixels /
+    max_pixels: a larger min_pixels gives small images more visual tokens (they are scaled up to
+    it), a smaller max_pixels bounds large ones. ConfigError names a key that is not a sizing
+    setting or a pixel range no image size fits in."""
+    fixed = sorted(set(settings) - set(SIZING_SETTINGS))
+    if fixed:
+        raise ConfigError(f"{where}: {', '.join(fixed)} cannot be changed (a processor setting the tower was "
+                          f"built for, or no setting at all); the sizing settings are {list(SIZING_SETTINGS)}")
+    new = build(NativeProcessorConfig, {**asdict(config), **settings}, where)
+    for low, high in (("min_pixels", "max_pixels"), ("video_min_pixels", "video_max_pixels")):
+        lo, hi = getattr(new, low), getattr(new, high)
+        if not new.window ** 2 <= lo <= hi:
+            raise ConfigError(f"{where}: need {new.window ** 2} (one {new.window} px merge window) <= {low} "
+                              f"<= {high}, got {low}={lo}, {high}={hi}")
+    return new
 
 
 # Published processor settings of each family's checkpoints (Qwen2-VL and Qwen2.5-VL ship no video

@@ -43,6 +43,7 @@ from vlmkit import __version__
 from vlmkit.api import VLM
 from vlmkit.config import MODULES, RunConfig, Stage
 from vlmkit.constants import IGNORE_INDEX
+from vlmkit.data.native_images import with_sizing
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.types import Modality, PackedBatch
 from vlmkit.data.world import TOKENIZER_DIR, prepare_world
@@ -142,6 +143,11 @@ def build_model(cfg: RunConfig) -> VLM:
         model.tokenizer = tokenizer
     if model.tokenizer is None:
         raise CheckpointError("no tokenizer: set tokenizer.path in the config (a model built from `config` has none)")
+    if spec.processor is not None:
+        if not model.config.is_native:
+            raise ConfigError("model.processor sizes a native-resolution model's images (Qwen-VL family); "
+                              "this model tiles them at a fixed size")
+        model.processor_config = with_sizing(model.native_processor_config(), spec.processor)
     return model
 
 
