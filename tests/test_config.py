@@ -46,6 +46,7 @@ def test_yaml_exponent_without_dot_is_a_float():
     (["trainer.steps=1"], "unknown key(s) trainer"),
     (["stages.0.steps"], "KEY=VALUE"),
     (["stages.0.gradient_checkpointing=maybe"], "expected true or false"),
+    (["model.processor={patch_size: 16}"], "model.processor: patch_size cannot be changed"),  # at load, before any data
 ])
 def test_bad_values_name_the_dotted_path(override, needle):
     with pytest.raises(ConfigError, match=None) as info:

@@ -89,8 +89,10 @@ class ModelSpec:
             build(VLMConfig, self.config, "model.config")
         if self.adapter is not None and self.hf_vision is None:
             raise ConfigError("model.adapter is only used with hf_vision + hf_llm")
-        if self.processor is not None and not isinstance(self.processor, dict):
-            raise ConfigError(f"model.processor: expected a mapping of sizing settings, got {self.processor!r}")
+        if self.processor is not None:  # its values are checked against the model's own settings in build_model
+            # Deferred: data/native_images.py imports torch, which loading a config does without.
+            from vlmkit.data.native_images import check_sizing_keys
+            check_sizing_keys(self.processor)
 
     @property
     def kind(self) -> str:

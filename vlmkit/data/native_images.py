@@ -120,16 +120,25 @@ SIZING_SETTINGS = ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pi
 others (patch, merge and temporal sizes, normalisation, video rules) are the tower's own."""
 
 
+def check_sizing_keys(settings: dict, where: str = "model.processor") -> None:
+    """ConfigError unless `settings` is a mapping of SIZING_SETTINGS only: a run config checks this
+    when it loads, before any data is prepared; the values are checked against the model's own
+    settings by `with_sizing`."""
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{where}: expected a mapping of sizing settings, got {settings!r}")
+    fixed = sorted(set(settings) - set(SIZING_SETTINGS))
+    if fixed:
+        raise ConfigError(f"{where}: {', '.join(fixed)} cannot be changed (a processor setting the tower was "
+                          f"built for, or no setting at all); the sizing settings are {list(SIZING_SETTINGS)}")
+
+
 def with_sizing(config: NativeProcessorConfig, settings: dict, where: str = "model.processor"
                 ) -> NativeProcessorConfig:
     """`config` with some of its SIZING_SETTINGS replaced, as Qwen-VL users set min_pixels /
     max_pixels: a larger min_pixels gives small images more visual tokens (they are scaled up to
     it), a smaller max_pixels bounds large ones. ConfigError names a key that is not a sizing
     setting or a pixel range no image size fits in."""
-    fixed = sorted(set(settings) - set(SIZING_SETTINGS))
-    if fixed:
-        raise ConfigError(f"{where}: {', '.join(fixed)} cannot be changed (a processor setting the tower was "
-                          f"built for, or no setting at all); the sizing settings are {list(SIZING_SETTINGS)}")
+    check_sizing_keys(settings, where)
     new = build(NativeProcessorConfig, {**asdict(config), **settings}, where)
     for low, high in (("min_pixels", "max_pixels"), ("video_min_pixels", "video_max_pixels")):
         lo, hi = getattr(new, low), getattr(new, high)
