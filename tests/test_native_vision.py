@@ -202,7 +202,6 @@ def test_config_from_hf_converts_qwen2_vl_names_and_whole_vlm_configs():
     (dict(depth=2, deepstack_visual_indexes=(1, 2)), "distinct blocks in 0..1"),
     (dict(position_grid="absolute"), "native_vision.position_grid"),
     (dict(position_init_std=0.0), "position_init_std"),
-    (dict(num_frame_embeddings=-1), "num_frame_embeddings"),
 ])
 def test_config_checks(fields, message):
     with pytest.raises(ConfigError, match=message):
@@ -252,33 +251,6 @@ def test_position_init_std_sets_the_grid_scale():
     assert abs(weight.std().item() - 0.3) < 0.01
 
 
-def test_frame_table_gives_each_frame_pair_its_own_entry():
-    """num_frame_embeddings: every patch of a video's k-th frame pair takes entry k of the frame
-    table (pairs past the table its last entry), every patch of an image entry 0; so two frame
-    pairs of the same pixels reach the blocks apart, which rotary positions alone never do (they
-    turn with rows and columns only)."""
-    cfg = NativeVisionConfig(depth=1, hidden_size=32, intermediate_size=40, out_hidden_size=48, **TINY,
-                             num_frame_embeddings=3, position_init_std=0.3)
-    torch.manual_seed(0)
-    tower = NativeVisionTower(cfg, attention_backend="sdpa").eval()
-    table = tower.frame_embed.weight.detach()
-    grid_thw = torch.tensor([[1, 2, 2], [4, 2, 4]])  # an image, then a video of 4 frame pairs of 8 patches
-    places = tower.frame_places(grid_thw).detach()
-    expected = [0] * 4 + [0] * 8 + [1] * 8 + [2] * 8 + [2] * 8  # the 4th pair is past the table's 3 entries
-    torch.testing.assert_close(places, table[expected])
-    assert abs(table.std().item() - 0.3) < 0.1
-    # the same frame pair twice in one video: without the table both pairs' tokens are equal, with it not
-    pair = torch.randn(8, PATCH_DIM)
-    video = torch.tensor([[2, 2, 4]])
-    with torch.no_grad():
-        tokens = tower(torch.cat([pair, pair]), video).features  # 2 merged tokens per pair
-        plain = NativeVisionTower(dataclasses.replace(cfg, num_frame_embeddings=0), attention_backend="sdpa").eval()
-        plain.load_state_dict({k: v for k, v in tower.state_dict().items() if not k.startswith("frame_embed")})
-        same = plain(torch.cat([pair, pair]), video).features
-    torch.testing.assert_close(same[:2], same[2:])
-    assert not torch.allclose(tokens[:2], tokens[2:])
-
-
 def test_an_indexed_position_grid_is_not_exported_as_a_qwen_vl_tower():
     from vlmkit.models.config import VLMConfig
     from vlmkit.models.hf.qwen_vl import check_qwen_vl_exportable
@@ -294,7 +266,3 @@ def test_an_indexed_position_grid_is_not_exported_as_a_qwen_vl_tower():
     assert "position_grid" not in str(resized.value)
     with pytest.raises(ConfigError, match="position_grid is 'indexed'"):
         check_qwen_vl_exportable(config("indexed"))
-    framed = config("resized")
-    framed.native_vision.num_frame_embeddings = 4
-    with pytest.raises(ConfigError, match="no frame table"):
-        check_qwen_vl_exportable(framed)

@@ -170,13 +170,7 @@ class NativeVisionConfig:
     takes entry (i, j), so an entry stands for a place counted in patches from the top left, the
     same on every image size; rows and columns past the grid's side take its last entry."""
     position_init_std: float = 0.02
-    """Standard deviation of the learned grid (and of the frame table) at initialisation (training
-    from scratch)."""
-    num_frame_embeddings: int = 0
-    """Learned table of frame-pair places added to the patch embeddings: a video's k-th frame pair
-    takes entry k (pairs past the table its last entry), an image entry 0. Attention never crosses
-    a frame pair, so without it nothing in a video's tokens says which pair they come from: their
-    order is left to the decoder's rotary phases. 0 = none (every Qwen-VL tower)."""
+    """Standard deviation of the learned grid at initialisation (training from scratch)."""
     deepstack_visual_indexes: tuple[int, ...] = ()
     """Blocks whose output is also merged and returned for the decoder's early layers (Qwen3-VL)."""
 
@@ -188,8 +182,7 @@ class NativeVisionConfig:
         require_at_least(self, ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels",
                                 "patch_size", "temporal_patch_size", "spatial_merge_size", "out_hidden_size"),
                          1, "native_vision.")
-        require_at_least(self, ("window_size", "num_position_embeddings", "num_frame_embeddings"), 0,
-                         "native_vision.")
+        require_at_least(self, ("window_size", "num_position_embeddings"), 0, "native_vision.")
         _check(self.hidden_size % self.num_heads == 0,
                f"native_vision.hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
         _check(self.head_dim % 4 == 0,

@@ -277,7 +277,6 @@ class NativeVisionTower(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.pos_embed = (nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
                           if cfg.num_position_embeddings else None)
-        self.frame_embed = nn.Embedding(cfg.num_frame_embeddings, cfg.hidden_size) if cfg.num_frame_embeddings else None
         self.blocks = nn.ModuleList(NativeVisionBlock(cfg, attend) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
         self.deepstack_mergers = nn.ModuleList(PatchMerger(cfg, norm_after_merge=True)
@@ -289,14 +288,13 @@ class NativeVisionTower(nn.Module):
     def init_weights(self) -> None:
         """Initialisation for training from scratch (loading a checkpoint overwrites it): linear and
         patch weights truncated normal, std 0.02; biases 0; norms weight 1 (bias 0); the learned
-        position grid and the frame table normal, std `position_init_std`."""
+        position grid normal, std `position_init_std`."""
         init_dense_and_norms(self)  # linears and every norm, RMSNorm included
         nn.init.trunc_normal_(self.patch_embed.proj.weight, std=INIT_STD)  # a Conv3d: not covered there
         if self.patch_embed.proj.bias is not None:
             nn.init.zeros_(self.patch_embed.proj.bias)
-        for table in (self.pos_embed, self.frame_embed):
-            if table is not None:
-                nn.init.normal_(table.weight, std=self.config.position_init_std)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed.weight, std=self.config.position_init_std)
 
     def learned_positions(self, grid_thw: torch.Tensor, rows_cols: torch.Tensor | None = None) -> torch.Tensor:
         """(P, D): the learned position grid at every patch, in the processor's patch order, repeated
@@ -318,13 +316,6 @@ class NativeVisionTower(nn.Module):
             pieces.append(grid.flatten(2)[0].t()[order].repeat(t, 1))  # (t * h * w, D)
         return torch.cat(pieces)
 
-    def frame_places(self, grid_thw: torch.Tensor) -> torch.Tensor:
-        """(P, D): the frame table's entry of every patch: entry k for the patches of an item's k-th
-        frame pair (the last entry past the table). grid_thw on the CPU."""
-        weight = self.frame_embed.weight
-        pairs = torch.cat([torch.arange(t).repeat_interleave(h * w) for t, h, w in grid_thw.tolist()])
-        return weight[pairs.clamp(max=weight.shape[0] - 1).to(weight.device)]
-
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> NativeVisionOutput:
         """pixel_values (P, C * T * p * p), grid_thw (N, 3) -> merged tokens (and deepstack features)."""
         cfg = self.config
@@ -335,8 +326,6 @@ class NativeVisionTower(nn.Module):
         rows_cols = patch_rows_cols(grid_thw, cfg.spatial_merge_size)  # the rotary and the indexed grid's places
         if self.pos_embed is not None:
             x = x + self.learned_positions(grid_thw, rows_cols).to(x.dtype)
-        if self.frame_embed is not None:
-            x = x + self.frame_places(grid_thw).to(x.dtype)
         cos, sin = rotary_cos_sin(rows_cols.to(device), cfg.head_dim, cfg.rope_theta)
         frame_spec = _packed_spec(frame_cu_seqlens(grid_thw), device)
         block_specs = [frame_spec] * cfg.depth

@@ -233,9 +233,6 @@ def _tower_reasons(cfg: VLMConfig) -> list[str]:
     if v.num_position_embeddings and v.position_grid != "resized":
         reasons.append(f"Qwen-VL towers resize their position grid to each image (native_vision.position_grid "
                        f"is {v.position_grid!r})")
-    if v.num_frame_embeddings:
-        reasons.append(f"Qwen-VL towers have no frame table (native_vision.num_frame_embeddings is "
-                       f"{v.num_frame_embeddings})")
     if family == "qwen2_vl" and int(v.hidden_size * _mlp_ratio(cfg)) != v.intermediate_size:
         reasons.append(f"Qwen2-VL's tower MLP width is a ratio of its width; {v.intermediate_size} is not "
                        f"expressible from {v.hidden_size}")
