@@ -174,7 +174,9 @@ def test_a_qwen2_vl_directory_trains_as_pretrained(world, one_thread, tmp_path):
 
 
 def test_model_processor_gives_small_images_more_tokens_and_the_model_keeps_it(world, tmp_path):
-    default = build_model(config(world))
+    # the family's own sizing (native.yaml sets its own floor, 56 x 84 pixels)
+    default = build_model(load_config("native", [*WORLD, f"world.dir={world}", *SHORT, "model.processor=null"]))
+    assert default.native_processor_config().min_pixels == 56 * 56
     sized = build_model(load_config("native", [*WORLD, f"world.dir={world}", *SHORT,
                                                "model.processor={min_pixels: 7056, video_min_pixels: 7056}"]))
     assert (sized.native_processor_config().min_pixels, sized.native_processor_config().video_min_pixels) == (7056, 7056)
